@@ -1,0 +1,33 @@
+"""geproxy: a forward proxy for corporate egress, on gevent, with pluggy policy plugins.
+
+The public API for plugin authors is what this module exports; plugins import nothing else
+from geproxy (``geproxy.errors`` included, through ``from geproxy import errors``).
+"""
+
+from . import errors
+from .config import Config, OptionRegistry
+from .errors import ConfigError, Denied, DNSError, DNSTimeout, ProxyError
+from .models import Context, Headers, Record, Request, Response, Route
+from .plugins import DEFAULT_PLUGINS, hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "hookimpl",
+    "errors",
+    "Config",
+    "OptionRegistry",
+    "ConfigError",
+    "Context",
+    "Denied",
+    "DNSError",
+    "DNSTimeout",
+    "Headers",
+    "ProxyError",
+    "Record",
+    "Request",
+    "Response",
+    "Route",
+    "DEFAULT_PLUGINS",
+]

@@ -1,0 +1,79 @@
+"""The ``geproxy`` command: run the proxy, or check a configuration.
+
+gevent's monkey patching happens first, before anything else is imported, so that every
+socket, DNS lookup and sleep in geproxy and its plugins is cooperative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from .server import ProxyServer
+
+DEFAULT_CONFIG = "/etc/geproxy/geproxy.ini"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help=f"the INI file (default {DEFAULT_CONFIG})")
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more logging: -v for debug")
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["debug", "info", "warning", "error"],
+                        help="log level (default info)")
+    parser = argparse.ArgumentParser(
+        prog="geproxy", parents=[common],
+        description="A forward proxy for corporate egress: CONNECT tunnels and plain HTTP.")
+    parser.add_argument("--version", action="version", version=f"geproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the proxy (the default)")
+    sub.add_parser("check-config", parents=[common],
+                   help="validate the configuration and exit 0 (valid) or 1 (invalid)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from gevent import monkey
+
+    monkey.patch_all()
+
+    args = _parser().parse_args(argv)
+    config_path = getattr(args, "config", DEFAULT_CONFIG)
+    level = getattr(args, "log_level", None) or (
+        "debug" if getattr(args, "verbose", 0) else "info")
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from .errors import ConfigError
+    from .server import create_server
+
+    try:
+        server = create_server(config_path)
+    except ConfigError as exc:
+        print(f"geproxy: {exc}", file=sys.stderr)
+        return 1 if args.command == "check-config" else 2
+    if args.command == "check-config":
+        print(f"{config_path}: ok")
+        return 0
+    return _run(server)
+
+
+def _run(server: "ProxyServer") -> int:
+    import gevent
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, lambda: gevent.spawn(server.stop))
+    try:
+        server.serve_forever()
+    except OSError as exc:
+        print(f"geproxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0

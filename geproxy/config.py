@@ -1,0 +1,258 @@
+"""INI configuration: declared once, typed, validated at start.
+
+Every option lives in a section: ``[geproxy]`` for the core, one section per plugin, declared
+through the ``add_options`` hook. Values are parsed once, here; nothing is parsed per request.
+Every error names the file, the section and the key, in one line.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "OptionRegistry",
+    "Option",
+    "parse_duration",
+    "parse_size",
+    "parse_bool",
+    "parse_list",
+    "parse_listen",
+    "read_ini",
+    "core_options",
+]
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"([0-9]+)\s*(B|KiB|MiB|GiB|K|M|G|KB|MB|GB)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1024, "m": 1024**2, "mib": 1024**2,
+               "mb": 1024**2, "g": 1024**3, "gib": 1024**3, "gb": 1024**3}
+
+
+def parse_duration(text: str) -> float:
+    """``250ms``, ``3s``, ``5m``, ``1h``, ``2d`` or a plain number of seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 250ms, 3s, 5m, 1h)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """``64KiB``, ``1MiB``, ``512`` (bytes); K, M and G are binary multiples too."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512, 64KiB, 1MiB)")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use on or off)")
+
+
+def parse_list(text: str) -> list[str]:
+    """Items separated by white space, commas or new lines."""
+    return [item for item in re.split(r"[\s,]+", text.strip()) if item]
+
+
+def parse_lines(text: str) -> list[str]:
+    """One item per non-empty line (continuation lines of an INI value); ``#`` comments."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def parse_listen(text: str) -> list[tuple[str, int]]:
+    """Listen addresses: ``127.0.0.1:3128``, ``[::1]:3128``, ``:3128`` (all IPv4), several."""
+    out = []
+    for item in parse_list(text):
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"not host:port: {item!r}")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        host = host or "0.0.0.0"
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise ValueError(f"not an IP address: {host!r}") from None
+        out.append((host, int(port)))
+    if not out:
+        raise ValueError("at least one address is needed")
+    return out
+
+
+def _parse_int(text: str) -> int:
+    return int(text.strip())
+
+
+def _parse_str(text: str) -> str:
+    return text.strip()
+
+
+_KINDS: dict[str, Callable[[str], Any]] = {
+    "str": _parse_str,
+    "path": _parse_str,
+    "int": _parse_int,
+    "float": lambda text: float(text.strip()),
+    "bool": parse_bool,
+    "duration": parse_duration,
+    "size": parse_size,
+    "list": parse_list,
+    "lines": parse_lines,
+    "listen": parse_listen,
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str
+    key: str
+    kind: str
+    default: str
+    help: str
+    minimum: Optional[float] = None
+
+    def parse(self, text: str) -> Any:
+        value = _KINDS[self.kind](text)
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum:g}")
+        return value
+
+
+class _SectionOptions:
+    def __init__(self, registry: "OptionRegistry", name: str) -> None:
+        self._registry = registry
+        self.name = name
+
+    def add(self, key: str, kind: str, default: str, help: str, *,
+            minimum: Optional[float] = None) -> "_SectionOptions":
+        """Declare ``key`` of this section; ``default`` is written as in the INI file."""
+        if kind not in _KINDS:
+            raise ValueError(f"unknown option kind {kind!r}")
+        option = Option(self.name, key, kind, default, help, minimum)
+        option.parse(default)  # a default that does not parse is a bug in the plugin
+        self._registry.options.setdefault(self.name, {})[key] = option
+        return self
+
+
+class OptionRegistry:
+    """Collects the options every plugin declares in ``add_options``."""
+
+    def __init__(self) -> None:
+        self.options: dict[str, dict[str, Option]] = {}
+
+    def section(self, name: str) -> _SectionOptions:
+        return _SectionOptions(self, name)
+
+    def __iter__(self) -> Iterator[Option]:
+        for section in self.options.values():
+            yield from section.values()
+
+
+class Config:
+    """The validated configuration: ``config.section("geproxy")["listen"]``."""
+
+    def __init__(self, path: str, values: dict[str, dict[str, Any]]) -> None:
+        self.path = path
+        self._values = values
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        return self._values[name]
+
+    def __getitem__(self, name: str) -> Mapping[str, Any]:
+        return self._values[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    @property
+    def core(self) -> Mapping[str, Any]:
+        return self._values["geproxy"]
+
+
+def read_ini(path: str) -> configparser.ConfigParser:
+    """Read the INI file (interpolation off); any problem is a one-line ConfigError."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="__no_defaults__")
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    except configparser.Error as exc:
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"not a valid INI file: {message}", path=path) from None
+    return parser
+
+
+def build_config(
+    path: str,
+    parser: configparser.ConfigParser,
+    registry: OptionRegistry,
+    ignored_sections: frozenset[str] = frozenset(),
+) -> Config:
+    """Validate every section and key of ``parser`` against ``registry``."""
+    values: dict[str, dict[str, Any]] = {}
+    for section in parser.sections():
+        if section in ignored_sections:
+            continue
+        if section not in registry.options:
+            raise ConfigError("unknown section (no plugin declares it)", path=path,
+                              section=section)
+        for key in parser[section]:
+            if key not in registry.options[section]:
+                raise ConfigError("unknown option", path=path, section=section, key=key)
+    for section, options in registry.options.items():
+        out = values.setdefault(section, {})
+        for key, option in options.items():
+            text = parser.get(section, key, fallback=option.default)
+            try:
+                out[key] = option.parse(text)
+            except ValueError as exc:
+                raise ConfigError(str(exc), path=path, section=section, key=key) from None
+    return Config(path, values)
+
+
+def core_options(registry: OptionRegistry) -> None:
+    """The ``[geproxy]`` section: the core's own options."""
+    (
+        registry.section("geproxy")
+        .add("listen", "listen", "127.0.0.1:3128",
+             "Addresses to accept proxy clients on: host:port, [IPv6]:port, several.")
+        .add("plugins", "list", "", "Extra plugin modules to load: module or module:attr.")
+        .add("disable", "list", "", "Built-in plugins to leave out, by name.")
+        .add("max_connections", "int", "10000",
+             "Client connections served at once; more are answered 503.", minimum=1)
+        .add("header_timeout", "duration", "10s",
+             "Time for a client to send a whole request head.", minimum=0.001)
+        .add("connect_timeout", "duration", "10s",
+             "Time to resolve and connect to an upstream, all addresses together.",
+             minimum=0.001)
+        .add("idle_timeout", "duration", "5m",
+             "A tunnel, or a wait for an upstream or client, with no byte moving for this "
+             "long is closed.", minimum=0.001)
+        .add("graceful_timeout", "duration", "30s",
+             "On SIGTERM or SIGINT, time open requests and tunnels get to finish.", minimum=0)
+        .add("max_header_size", "size", "64KiB",
+             "Largest request or response head accepted.", minimum=1024)
+        .add("via", "str", "geproxy",
+             "Pseudonym in the Via header added to forwarded messages; off to add none.")
+        .add("access_log", "str", "-",
+             "Where the access log goes: a file path, - for standard output, off for none.")
+        .add("upstream_keepalive", "int", "32",
+             "Idle upstream connections kept per host:port for reuse; 0 disables reuse.",
+             minimum=0)
+        .add("upstream_idle_timeout", "duration", "60s",
+             "An idle pooled upstream connection is closed after this long.", minimum=0.001)
+    )

@@ -1,0 +1,265 @@
+"""The per-connection handler: the way of one client connection, and nothing else.
+
+accept -> on_connect -> [read head -> on_request -> local | CONNECT | forward]* -> close.
+Everything that decides is a hook; everything that moves bytes is in tunnel.py or forward.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Optional
+
+import gevent
+
+from . import forward, http11
+from .errors import (
+    ClientError,
+    ClientGone,
+    Denied,
+    HeaderTimeout,
+    InternalError,
+    LoopDetected,
+    ProxyError,
+)
+from .local import call_wsgi, local_app
+from .log import ConnLogger
+from .models import Context, Headers, Record, Request, Response, Route
+from .tunnel import relay
+from .upstream import connect, parent_connect
+
+if TYPE_CHECKING:
+    from .server import ProxyServer
+
+__all__ = ["Connection"]
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 64 * 1024
+
+
+class Connection:
+    """One accepted client connection, served by one greenlet."""
+
+    def __init__(self, server: "ProxyServer", sock: socket.socket,
+                 address: tuple[str, int]) -> None:
+        self.server = server
+        self.sock = sock
+        self.settings = server.config.core
+        self.hooks = server.hooks
+        self.ctx = Context(client_addr=(address[0], address[1]),
+                           server_addr=sock.getsockname()[:2], config=server.config)
+        self.log = ConnLogger(log, self.ctx)
+        #: Bytes read from the client and not yet consumed (pipelined requests, bodies).
+        self.buf = b""
+        #: Whether any byte of the current answer went to the client.
+        self.answered = False
+
+    # -- the way of one connection ------------------------------------------------------
+
+    def handle(self) -> None:
+        ctx = self.ctx
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            denied = self.hooks.on_connect(ctx)
+            if denied is not None:
+                raise denied if isinstance(denied, ProxyError) else Denied("on_connect")
+        except Denied as exc:
+            self.log.info("refused at connect: %s", exc.detail or "denied")
+            record = Record(ctx, status=0, error=exc.error, close_reason="denied", rule=exc.rule)
+            self._close_record(record)
+            return
+        except Exception:
+            self.log.exception("on_connect failed; closing")
+            self._close_record(Record(ctx, error="proxy_internal_error", close_reason="error"))
+            return
+        while self._serve_one():
+            pass
+
+    def _serve_one(self) -> bool:
+        """Read and serve one request; True to read another on this connection."""
+        record = Record(self.ctx)
+        self.answered = False
+        keep_alive = False
+        try:
+            request = self._read_request(record)
+            if request is None:
+                return False
+            self.ctx.requests += 1
+            record.method, record.target, record.version = (
+                request.method, request.target, request.version)
+            keep_alive = self._dispatch(request, record)
+        except ProxyError as exc:
+            keep_alive = self._fail(exc, record)
+        except Exception as exc:  # a bug, or a plugin that raised: fail closed
+            self.log.exception("internal error")
+            keep_alive = self._fail(InternalError(repr(exc)), record)
+        self._close_record(record)
+        return keep_alive and not self.server.stopping
+
+    def _dispatch(self, request: Request, record: Record) -> bool:
+        answer = self.hooks.on_request(self.ctx, request)
+        if answer is not None:
+            if isinstance(answer, ProxyError):
+                raise answer
+            return self.answer(answer, record, request)
+        if self.server.is_local(request, self.ctx):
+            if request.is_connect:
+                raise LoopDetected("CONNECT to the proxy itself")
+            return self._serve_local(request, record)
+        if request.is_connect:
+            self._tunnel(request, record)
+            return False
+        return forward.forward(self, request, record)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def recv(self) -> bytes:
+        """The next bytes from the client: what is buffered first, then the socket."""
+        if self.buf:
+            data, self.buf = self.buf, b""
+            return data
+        return self.sock.recv(RECV_SIZE)
+
+    def _read_request(self, record: Record) -> Optional[Request]:
+        parser = http11.RequestHeadParser(self.settings["max_header_size"])
+        if not self.buf:
+            # Between requests the connection is idle: graceful stop may end it here.
+            self.server.idle.add(gevent.getcurrent())
+            wait = (self.settings["header_timeout"] if self.ctx.requests == 0
+                    else self.settings["idle_timeout"])
+            try:
+                with gevent.Timeout(wait, False):
+                    self.buf = self.sock.recv(RECV_SIZE)
+            except OSError:
+                self.buf = b""
+            finally:
+                self.server.idle.discard(gevent.getcurrent())
+            if not self.buf:
+                return None
+        record.started = time.time()
+        try:
+            with gevent.Timeout(self.settings["header_timeout"],
+                                HeaderTimeout("request head not received in time")):
+                while True:
+                    data = self.recv()
+                    if not data:
+                        if parser.started:
+                            raise ClientGone("client closed in the middle of a head")
+                        return None
+                    request = parser.feed(data)
+                    if request is not None:
+                        self.buf = parser.rest
+                        return request
+        except OSError as exc:
+            raise ClientGone(f"reading the head: {exc}") from None
+
+    # -- answers --------------------------------------------------------------------------
+
+    def send(self, data: bytes, record: Record) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise ClientGone(f"writing to the client: {exc}") from None
+        self.answered = True
+        record.bytes_out += len(data)
+
+    def answer(self, response: Response, record: Record, request: Optional[Request] = None,
+               close: bool = False) -> bool:
+        """Send a complete answer made here (or by a plugin); True if the connection may
+        serve another request."""
+        close = close or self.server.stopping or (
+            request is not None and not forward.client_keeps_alive(request))
+        if request is not None and forward.request_has_body(request):
+            close = True  # its body was not read: the stream's framing is in doubt
+        headers = response.headers.copy()
+        for name in ("content-length", "transfer-encoding", "connection"):
+            headers.remove(name)
+        if response.status >= 200 and response.status not in (204, 304):
+            headers.add("Content-Length", str(len(response.body)))
+        if close:
+            headers.add("Connection", "close")
+        elif request is not None and request.version == "HTTP/1.0":
+            headers.add("Connection", "keep-alive")
+        reason = response.reason or http11.reason_phrase(response.status)
+        head = http11.serialize_head(f"HTTP/1.1 {response.status} {reason}", headers)
+        body = b"" if request is not None and request.method == "HEAD" else response.body
+        record.status = response.status
+        self.send(head + body, record)
+        return not close
+
+    def error_response(self, exc: ProxyError) -> Response:
+        reason = http11.reason_phrase(exc.status)
+        headers = Headers([
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Proxy-Status", f"{self.server.proxy_name}; {exc.proxy_status_params()}"),
+            ("Cache-Control", "no-store"),
+        ])
+        return Response(exc.status, headers, f"{exc.status} {reason}\n".encode(), reason)
+
+    def _fail(self, exc: ProxyError, record: Record) -> bool:
+        record.error = exc.error
+        if isinstance(exc, Denied):
+            record.rule = exc.rule
+        if exc.client_fault:
+            self.log.info("%s %s: %s", exc.status, exc.error, exc.detail)
+        if isinstance(exc, ClientGone) or self.answered:
+            # Nothing sensible can be sent: close, so the client sees the cut.
+            record.close_reason = record.close_reason or "error"
+            return False
+        if isinstance(exc, HeaderTimeout):
+            record.close_reason = "header timeout"
+        try:
+            return self.answer(self.error_response(exc), record, None, close=exc.close)
+        except ClientGone:
+            return False
+
+    def _close_record(self, record: Record) -> None:
+        record.finish()
+        self.hooks.on_close(self.ctx, record)
+
+    # -- local answers and tunnels --------------------------------------------------------
+
+    def _serve_local(self, request: Request, record: Record) -> bool:
+        body = forward.read_small_body(self, request, limit=64 * 1024)
+        response = call_wsgi(local_app, self.ctx, request, body)
+        return self.answer(response, record, request)
+
+    def _tunnel(self, request: Request, record: Record) -> None:
+        route = self.hooks.route(self.ctx, request)
+        upstream, early = self.open_upstream(request, record, route)
+        try:
+            head = http11.serialize_head("HTTP/1.1 200 Connection Established", [])
+            self.send(head, record)
+            record.status = 200
+            record.close_reason = relay(self.sock, upstream, record,
+                                        self.settings["idle_timeout"], to_upstream=self.buf,
+                                        to_client=early)
+            self.buf = b""
+        finally:
+            upstream.close()
+
+    def open_upstream(self, request: Request, record: Record,
+                      route: Optional[Route]) -> tuple[socket.socket, bytes]:
+        """Resolve and connect for ``request`` (to the parent ``route`` names, if any); the
+        timings go to ``record``. Returns the socket and any bytes a parent proxy sent after
+        its CONNECT answer."""
+        host, port = (route.host, route.port) if route is not None else (request.host,
+                                                                           request.port)
+        addresses = self.hooks.resolve(self.ctx, host, port)
+        started = time.time()
+        sock = connect(addresses, self.settings["connect_timeout"])
+        record.connect_time = time.time() - started
+        record.upstream_addr = sock.getpeername()[:2]
+        early = b""
+        if route is not None and request.is_connect:
+            try:
+                early = parent_connect(sock, route, request.authority,
+                                       self.settings["connect_timeout"],
+                                       self.settings["max_header_size"])
+            except BaseException:
+                sock.close()
+                raise
+        return sock, early
+

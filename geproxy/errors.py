@@ -1,0 +1,209 @@
+"""Exceptions that carry their meaning: the status to answer with and the Proxy-Status error.
+
+The connection handler turns any ProxyError into a generated answer (DESIGN.md section 6) when
+nothing has been sent to the client yet, and into a closed connection otherwise. The ``detail``
+text goes to the log, never to the client: the body a client sees is the status's reason only.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ProxyError",
+    "ClientError",
+    "RequestLineTooLong",
+    "HeadTooLarge",
+    "HeaderTimeout",
+    "Denied",
+    "DNSError",
+    "DNSTimeout",
+    "DestinationProhibited",
+    "ConnectRefused",
+    "DestinationUnreachable",
+    "ConnectionTerminated",
+    "ConnectTimeout",
+    "LoopDetected",
+    "TooManyConnections",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "ClientGone",
+    "InternalError",
+    "ConfigError",
+]
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy answers for itself.
+
+    Subclasses set ``status`` (the HTTP status of the generated answer), ``error`` (the RFC 9209
+    Proxy-Status error type) and ``close`` (whether the client connection must be closed after
+    the answer because the framing of the rest of its stream is in doubt).
+    """
+
+    status = 500
+    error = "proxy_internal_error"
+    close = True
+    #: Client faults are logged in one line; anything else with its traceback.
+    client_fault = False
+
+    def __init__(self, detail: str = "", *, rcode: str | None = None) -> None:
+        super().__init__(detail or self.__class__.__name__)
+        self.detail = detail
+        #: Extra Proxy-Status parameters, such as ``rcode`` for DNS errors (RFC 9209 2.3.2).
+        self.rcode = rcode
+
+    def proxy_status_params(self) -> str:
+        """The parameters that follow ``error=`` in the Proxy-Status header."""
+        params = f"error={self.error}"
+        if self.rcode:
+            params += f'; rcode="{self.rcode}"'
+        return params
+
+
+class ClientError(ProxyError):
+    """Malformed request, bad CONNECT authority, unsupported framing: 400 and close."""
+
+    status = 400
+    error = "http_request_error"
+    client_fault = True
+
+
+class RequestLineTooLong(ClientError):
+    status = 414
+
+
+class HeadTooLarge(ClientError):
+    status = 431
+
+
+class HeaderTimeout(ClientError):
+    """The request head did not arrive within header_timeout."""
+
+    status = 408
+
+
+class Denied(ProxyError):
+    """Refused by policy: 403. Plugins raise or return it; the body never names the rule."""
+
+    status = 403
+    error = "http_request_denied"
+    close = False
+    client_fault = True
+
+    def __init__(self, detail: str = "", *, rule: str | None = None) -> None:
+        super().__init__(detail)
+        #: The id of the rule that denied, for the access log.
+        self.rule = rule
+
+
+class DNSError(ProxyError):
+    status = 502
+    error = "dns_error"
+    close = False
+    client_fault = True
+
+
+class DNSTimeout(ProxyError):
+    status = 504
+    error = "dns_timeout"
+    close = False
+    client_fault = True
+
+
+class DestinationProhibited(ProxyError):
+    status = 502
+    error = "destination_ip_prohibited"
+    close = False
+    client_fault = True
+
+
+class ConnectRefused(ProxyError):
+    status = 502
+    error = "connection_refused"
+    close = False
+    client_fault = True
+
+
+class DestinationUnreachable(ConnectRefused):
+    """No route to the destination network or host."""
+
+    error = "destination_ip_unroutable"
+
+
+class ConnectionTerminated(ProxyError):
+    """The upstream reset or closed the connection before a complete answer."""
+
+    status = 502
+    error = "connection_terminated"
+    client_fault = True
+
+
+class ConnectTimeout(ProxyError):
+    status = 504
+    error = "connection_timeout"
+    close = False
+    client_fault = True
+
+
+class LoopDetected(ProxyError):
+    status = 502
+    error = "proxy_loop_detected"
+    close = False
+    client_fault = True
+
+
+class TooManyConnections(ProxyError):
+    status = 503
+    error = "connection_limit_reached"
+    client_fault = True
+
+
+class UpstreamError(ProxyError):
+    """The upstream's response was malformed: never reuse that connection."""
+
+    status = 502
+    error = "http_response_incomplete"
+    client_fault = True
+
+
+class UpstreamTimeout(ProxyError):
+    """The upstream sent nothing for idle_timeout while a response was due."""
+
+    status = 504
+    error = "http_response_timeout"
+    client_fault = True
+
+
+class ClientGone(ProxyError):
+    """The client closed, reset or stalled: nothing can be answered, the connection ends."""
+
+    client_fault = True
+
+
+class InternalError(ProxyError):
+    """A bug, or a plugin that raised: fail closed."""
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported in one line naming the file, section and key."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        section: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.message = message
+        self.path = path
+        self.section = section
+        self.key = key
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = []
+        if self.path:
+            where.append(self.path)
+        if self.section:
+            where.append(f"[{self.section}]" + (f" {self.key}" if self.key else ""))
+        return ": ".join(where + [self.message])

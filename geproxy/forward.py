@@ -1,0 +1,393 @@
+"""Plain HTTP forwarding: one absolute-form request to its origin and the response back.
+
+The request goes upstream in origin-form (absolute-form to a parent proxy) with hop-by-hop
+fields removed, Host rewritten from the target and Via added; both bodies are streamed piece
+by piece, re-framed where needed, never held whole. Upstream connections are reused from the
+server's pool only after a response whose framing ended cleanly.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Optional
+
+import gevent
+
+from . import http11
+from .errors import (
+    ClientError,
+    ClientGone,
+    ConnectionTerminated,
+    ProxyError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from .models import Headers, Record, Request, Response, Route
+from .tunnel import relay
+from .upstream import basic_credentials
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = ["forward", "client_keeps_alive", "request_has_body", "read_small_body"]
+
+RECV_SIZE = 64 * 1024
+#: How long to wait for an origin's "100 Continue" before sending the body anyway (as curl).
+EXPECT_WAIT = 1.0
+
+
+def client_keeps_alive(request: Request) -> bool:
+    tokens = request.headers.tokens("connection")
+    if request.version == "HTTP/1.1":
+        return "close" not in tokens
+    return "keep-alive" in tokens
+
+
+def request_has_body(request: Request) -> bool:
+    headers = request.headers
+    return "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0"
+
+
+def read_small_body(conn: "Connection", request: Request, limit: int) -> bytes:
+    """Read a request body meant for the proxy itself, up to ``limit`` bytes."""
+    reader = http11.request_body_reader(request)
+    out: list[bytes] = []
+    size = 0
+    conn.sock.settimeout(conn.settings["idle_timeout"])
+    try:
+        while not reader.done:
+            data = conn.recv()
+            if not data:
+                raise ClientGone("client closed in the middle of a body")
+            for piece in reader.feed(data):
+                size += len(piece)
+                if size > limit:
+                    raise ClientError("body too large for a local request")
+                out.append(piece)
+    except OSError as exc:
+        raise ClientGone(f"reading a body: {exc}") from None
+    conn.buf = reader.rest
+    return b"".join(out)
+
+
+def _connection_tokens(headers: Headers) -> set[str]:
+    return set(headers.tokens("connection"))
+
+
+def _end_to_end(headers: Headers) -> list[tuple[str, str]]:
+    """The fields of ``headers`` that may cross the proxy."""
+    named = _connection_tokens(headers)
+    return [(k, v) for k, v in headers
+            if k.lower() not in http11.HOP_BY_HOP and k.lower() not in named]
+
+
+def _wants_upgrade(request: Request) -> bool:
+    return "upgrade" in request.headers and "upgrade" in _connection_tokens(request.headers)
+
+
+def _upstream_head(conn: "Connection", request: Request, route: Optional[Route],
+                   chunked: bool) -> bytes:
+    authority = request.authority
+    if request.port == 80:
+        authority = authority[: -len(":80")]
+    headers = [("Host", authority)]
+    headers.extend((k, v) for k, v in _end_to_end(request.headers) if k.lower() != "host")
+    if request.method in ("OPTIONS", "TRACE") and "max-forwards" in request.headers:
+        headers = [(k, v) for k, v in headers if k.lower() != "max-forwards"]
+        headers.append(("Max-Forwards", str(_max_forwards(request) - 1)))
+    if _wants_upgrade(request):
+        headers.append(("Connection", "Upgrade"))
+        headers.append(("Upgrade", request.headers.get("upgrade") or ""))
+    if chunked:
+        headers.append(("Transfer-Encoding", "chunked"))
+    via = conn.server.via
+    if via:
+        headers.append(("Via", f"{request.version[5:]} {via}"))
+    target = request.path
+    if route is not None:
+        target = f"http://{authority}{request.path}"
+        if route.username or route.password:
+            headers.append(("Proxy-Authorization", basic_credentials(route)))
+    return http11.serialize_head(f"{request.method} {target} HTTP/1.1", headers)
+
+
+def _max_forwards(request: Request) -> int:
+    value = (request.headers.get("max-forwards") or "").strip()
+    if not value.isdigit():
+        raise ClientError("bad Max-Forwards")
+    return int(value)
+
+
+def _answer_max_forwards(conn: "Connection", request: Request, record: Record) -> bool:
+    """OPTIONS or TRACE with ``Max-Forwards: 0`` is answered by the proxy (RFC 9110 7.6.2)."""
+    headers = Headers([("Allow", "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, CONNECT")])
+    body = b""
+    if request.method == "TRACE":
+        fields = [(k, v) for k, v in request.headers if k.lower() != "proxy-authorization"]
+        body = http11.serialize_head(f"TRACE {request.target} {request.version}", fields)
+        headers.add("Content-Type", "message/http")
+    return conn.answer(Response(200, headers, body), record, request)
+
+
+class _Upstream:
+    """One upstream connection while a request is on it."""
+
+    def __init__(self, sock: socket.socket, reused: bool) -> None:
+        self.sock = sock
+        self.reused = reused
+        self.buf = b""
+        #: Whether any byte of a response arrived (a stale pooled connection sends none).
+        self.heard = False
+        #: The origin answered Expect with a final status: the request body was never sent.
+        self.body_skipped = False
+
+    def recv(self) -> bytes:
+        if self.buf:
+            data, self.buf = self.buf, b""
+            return data
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except socket.timeout:
+            raise UpstreamTimeout("upstream sent nothing for idle_timeout") from None
+        except OSError as exc:
+            raise ConnectionTerminated(f"upstream: {exc}") from None
+        if data:
+            self.heard = True
+        return data
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise UpstreamTimeout("upstream took no bytes for idle_timeout") from None
+        except OSError as exc:
+            raise ConnectionTerminated(f"upstream: {exc}") from None
+
+    def read_head(self, method: str, max_size: int) -> Response:
+        parser = http11.ResponseHeadParser(max_size)
+        while True:
+            data = self.recv()
+            if not data:
+                raise ConnectionTerminated("upstream closed before a complete response head")
+            response = parser.feed(data)
+            if response is not None:
+                self.buf = parser.rest
+                return response
+
+
+class _Stale(Exception):
+    """A reused upstream connection failed before answering: retry on a new one."""
+
+
+def forward(conn: "Connection", request: Request, record: Record) -> bool:
+    """Forward one plain request; True if the client connection may serve another."""
+    body = http11.request_body_reader(request)
+    if request.method in ("OPTIONS", "TRACE") and "max-forwards" in request.headers:
+        if _max_forwards(request) == 0:
+            return _answer_max_forwards(conn, request, record)
+    route = conn.hooks.route(conn.ctx, request)
+    key = (route, request.host, request.port)
+    pool = conn.server.pool
+    pooled = pool.get(key)
+    if pooled is not None:
+        try:
+            return _exchange(conn, request, record, _Upstream(pooled, True), body, route, key)
+        except _Stale:
+            conn.log.debug("pooled upstream connection was stale; opening a new one")
+    sock, _ = conn.open_upstream(request, record, route)
+    return _exchange(conn, request, record, _Upstream(sock, False), body, route, key)
+
+
+def _exchange(conn: "Connection", request: Request, record: Record, upstream: _Upstream,
+              body: http11.BodyReader, route: Optional[Route], key: tuple) -> bool:
+    settings = conn.settings
+    idle = settings["idle_timeout"]
+    upstream.sock.settimeout(idle)
+    conn.sock.settimeout(idle)
+    reusable = False
+    try:
+        chunked = isinstance(body, http11.ChunkedReader)
+        head = _upstream_head(conn, request, route, chunked)
+        record.upstream_addr = record.upstream_addr or _peer(upstream.sock)
+        try:
+            upstream.send(head)
+            if body.done:
+                response = _read_final(conn, request, record, upstream)
+            else:
+                response = _send_body(conn, request, record, upstream, body, chunked)
+        except ConnectionTerminated:
+            if upstream.reused and not upstream.heard and not request_has_body(request):
+                raise _Stale() from None
+            raise
+        if response.status == 101:
+            return _switch(conn, request, record, upstream, response)
+        keep, reusable = _relay_response(conn, request, record, upstream, response, body)
+        return keep
+    finally:
+        conn.sock.settimeout(None)
+        if reusable and not conn.server.stopping:
+            upstream.sock.settimeout(None)
+            conn.server.pool.put(key, upstream.sock)
+        else:
+            upstream.sock.close()
+
+
+def _peer(sock: socket.socket) -> Optional[tuple[str, int]]:
+    try:
+        return sock.getpeername()[:2]
+    except OSError:
+        return None
+
+
+def _send_body(conn: "Connection", request: Request, record: Record, upstream: _Upstream,
+               body: http11.BodyReader, chunked: bool) -> Response:
+    """Stream the request body upstream; honours ``Expect: 100-continue``.
+
+    Returns the final response head (read after the body, or before it when the origin
+    answered the expectation with a final status).
+    """
+    if "100-continue" in request.headers.tokens("expect"):
+        early = _await_continue(conn, request, record, upstream)
+        if early is not None:
+            return early  # the body was never sent; the upstream cannot be reused
+    while not body.done:
+        data = conn.recv()
+        if not data:
+            raise ClientGone("client closed in the middle of the request body")
+        record.bytes_in += len(data)
+        pieces = body.feed(data)
+        if pieces:
+            out = b"".join(http11.encode_chunk(p) for p in pieces if p) if chunked else (
+                pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            if out:
+                upstream.send(out)
+    conn.buf = body.rest
+    record.bytes_in -= len(body.rest)
+    if chunked:
+        upstream.send(http11.LAST_CHUNK)
+    return _read_final(conn, request, record, upstream)
+
+
+def _await_continue(conn: "Connection", request: Request, record: Record,
+                    upstream: _Upstream) -> Optional[Response]:
+    """Wait briefly for the origin's answer to Expect: relay a 100, or return a final
+    answer; None after the wait (the origin ignores Expect) or after a 100."""
+    try:
+        with gevent.Timeout(EXPECT_WAIT, _Waited):
+            response = upstream.read_head(request.method, conn.settings["max_header_size"])
+    except _Waited:
+        return None
+    if response.status == 100:
+        if request.version == "HTTP/1.1":
+            conn.send(b"HTTP/1.1 100 Continue\r\n\r\n", record)
+        return None
+    if 100 < response.status < 200:
+        upstream.buf = _head_bytes_again(response) + upstream.buf
+        return None
+    upstream.body_skipped = True
+    return response
+
+
+class _Waited(Exception):
+    pass
+
+
+def _head_bytes_again(response: Response) -> bytes:
+    reason = response.reason or http11.reason_phrase(response.status)
+    return http11.serialize_head(f"{response.version} {response.status} {reason}",
+                                 response.headers)
+
+
+def _read_final(conn: "Connection", request: Request, record: Record,
+                upstream: _Upstream) -> Response:
+    """Read response heads, relaying interim 1xx answers, until a final one (or a 101)."""
+    while True:
+        response = upstream.read_head(request.method, conn.settings["max_header_size"])
+        if response.status >= 200 or response.status == 101:
+            if response.status == 101 and not _wants_upgrade(request):
+                raise UpstreamError("101 without an Upgrade request")
+            return response
+        if request.version == "HTTP/1.1":
+            fields = _end_to_end(response.headers)
+            conn.send(http11.serialize_head(
+                f"HTTP/1.1 {response.status} {http11.reason_phrase(response.status)}",
+                fields), record)
+
+
+def _switch(conn: "Connection", request: Request, record: Record, upstream: _Upstream,
+            response: Response) -> bool:
+    """101 Switching Protocols: pass the head on, then relay bytes both ways."""
+    fields = _end_to_end(response.headers)
+    fields += [("Connection", "Upgrade"), ("Upgrade", response.headers.get("upgrade") or "")]
+    conn.send(http11.serialize_head("HTTP/1.1 101 Switching Protocols", fields), record)
+    record.status = 101
+    to_client, upstream.buf = upstream.buf, b""
+    to_upstream, conn.buf = conn.buf, b""
+    record.close_reason = relay(conn.sock, upstream.sock, record, conn.settings["idle_timeout"],
+                                to_upstream=to_upstream, to_client=to_client)
+    return False
+
+
+def _relay_response(conn: "Connection", request: Request, record: Record,
+                    upstream: _Upstream, response: Response,
+                    body: http11.BodyReader) -> tuple[bool, bool]:
+    """Send the response head and stream its body; (client keep-alive, upstream reusable)."""
+    skipped = upstream.body_skipped
+    reader = http11.response_body_reader(request.method, response)
+    upstream_keeps = (response.version == "HTTP/1.1" and
+                      "close" not in response.headers.tokens("connection")) or (
+        "keep-alive" in response.headers.tokens("connection"))
+    length = response.headers.get("content-length")
+    headers = Headers(_end_to_end(response.headers))
+    via = conn.server.via
+    if via:
+        headers.add("Via", f"{response.version[5:]} {via}")
+    edited = Response(response.status, headers, b"", response.reason, response.version)
+    conn.hooks.on_response(conn.ctx, request, edited)
+    # Framing is the core's: whatever a plugin did, it is set here from the reader.
+    headers = edited.headers
+    for name in ("content-length", "transfer-encoding", "connection"):
+        headers.remove(name)
+    chunk = False
+    client_keep = client_keeps_alive(request) and body.done and not skipped
+    if isinstance(reader, http11.LengthReader) or (
+            isinstance(reader, http11.NoBody) and length is not None
+            and response.status not in (204, 304) and response.status >= 200):
+        headers.add("Content-Length", (length or "0").strip())
+    elif isinstance(reader, (http11.ChunkedReader, http11.UntilCloseReader)):
+        if request.version == "HTTP/1.1":
+            headers.add("Transfer-Encoding", "chunked")
+            chunk = True
+        else:
+            client_keep = False
+    client_keep = client_keep and not conn.server.stopping
+    if not client_keep:
+        headers.add("Connection", "close")
+    elif request.version == "HTTP/1.0":
+        headers.add("Connection", "keep-alive")
+    reason = edited.reason or http11.reason_phrase(edited.status)
+    out = http11.serialize_head(f"HTTP/1.1 {edited.status} {reason}", headers)
+    record.status = edited.status
+    data = upstream.buf
+    upstream.buf = b""
+    while True:
+        pieces = reader.feed(data) if data else []
+        for piece in pieces:
+            if piece:
+                out += http11.encode_chunk(piece) if chunk else piece
+        if reader.done:
+            break
+        if out:
+            conn.send(out, record)
+            out = b""
+        data = upstream.recv()
+        if not data:
+            reader.eof()  # fine for a close-delimited body; an error for any other
+            break
+    if chunk:
+        out += http11.LAST_CHUNK
+    if out:
+        conn.send(out, record)
+    reusable = (reader.delimited and reader.done and not reader.rest and upstream_keeps
+                and body.done and not skipped)
+    return client_keep, reusable

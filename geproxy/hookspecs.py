@@ -1,0 +1,155 @@
+"""The hooks of geproxy: the plugin author's manual.
+
+Every decision about who may go where is made by a plugin through these hooks; the core only
+carries bytes. Implement a hook with ``@geproxy.hookimpl`` on a function of the same name in a
+module or class registered as a plugin (see docs/plugins.md).
+
+Conventions shared by every hook:
+
+- ``None`` means "no opinion": the next plugin is asked, and the core's default applies when
+  nobody answers. No return value means "allow regardless": a plugin cannot overrule another
+  plugin's denial by running first, it can only stay silent.
+- Hooks run in the connection's greenlet. They may block only on gevent-cooperative I/O (a
+  gevent socket, ``gevent.sleep``, a threadpool call); a CPU-heavy or OS-blocking call stalls
+  every connection of the process.
+- A policy hook that raises fails closed: the client gets 500 (or the connection is closed)
+  and the traceback is logged. To refuse on purpose, raise or return ``geproxy.errors.Denied``
+  (or another ``ProxyError``), which carries its status and Proxy-Status error.
+- ``ctx`` (:class:`geproxy.Context`) is per connection: use ``ctx.stash[<plugin name>]`` for
+  per-connection state, and never keep ``ctx`` after ``on_close``.
+- ``request`` (:class:`geproxy.Request`) is immutable: its headers cannot be changed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .config import Config, OptionRegistry
+    from .errors import Denied
+    from .models import Context, Record, Request, Response, Route
+
+PROJECT = "geproxy"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec(historic=True)
+def add_options(registry: "OptionRegistry") -> None:
+    """Declare the INI options of this plugin's section.
+
+    Called once per plugin, as soon as it is registered (historic: plugins registered later
+    are called too), before the configuration file is read.
+
+    :param registry: call ``registry.section("name").add(key, kind, default, help)`` for each
+        key. ``kind`` is one of ``str int float bool duration size list path``. Options
+        declared here are validated at start with the file, section and key in every error,
+        and documented by ``geproxy check-config --describe``.
+
+    Must not read files or open sockets; return value ignored.
+    """
+
+
+@hookspec(historic=True)
+def configure(config: "Config") -> None:
+    """Build the plugin's state from the validated configuration.
+
+    Called once at start, after every plugin's ``add_options``, and again for a fresh set of
+    plugin instances at each reload.
+
+    :param config: ``config.section("name")`` is a mapping of the section's typed values
+        (defaults filled in); ``config.path`` is the file it came from.
+
+    Raise ``geproxy.errors.ConfigError`` (with ``section`` and ``key``) for a value that is
+    well-typed but unusable, such as a file that does not exist: the start stops with that one
+    line. Must not start long-lived greenlets that outlive the server.
+    """
+
+
+@hookspec(firstresult=True)
+def on_connect(ctx: "Context") -> Optional["Denied"]:
+    """Decide on an accepted client connection before any byte is read from it.
+
+    Called once per accepted connection, after the PROXY protocol header (when configured),
+    so ``ctx.client_addr`` is the real client.
+
+    :returns: ``None`` to allow (no opinion), or a ``Denied`` to close the connection
+        without sending anything. Raising ``Denied`` does the same.
+
+    Must not read from or write to the client: there is no socket in ``ctx``, on purpose.
+    """
+
+
+@hookspec(firstresult=True)
+def on_request(ctx: "Context", request: "Request") -> Optional["Response"]:
+    """Decide on a request head: CONNECT, absolute-form, and origin-form alike.
+
+    Called once per request (every request of a keep-alive connection), after the head was
+    read and validated, before anything is resolved or connected.
+
+    :param request: the immutable head: ``method``, ``target``, ``host``, ``port``,
+        ``path``, ``headers``. For CONNECT, ``host`` and ``port`` are the tunnel's target.
+    :returns: ``None`` to let the request go on, or a ``Response`` to answer with it instead
+        (403, 407, a local page ...). Raising a ``ProxyError`` answers with its status.
+
+    Must not mutate ``request``; use ``ctx.user`` to record an authenticated identity.
+    """
+
+
+@hookspec(firstresult=True)
+def route(ctx: "Context", request: "Request") -> Optional["Route"]:
+    """Choose how to reach the request's destination.
+
+    Called once per upstream connection the request needs (not for pooled reuse), after
+    ``on_request`` allowed it.
+
+    :returns: ``None`` to connect directly, or a ``Route`` naming a parent proxy
+        (host, port, optional Basic credentials) to go through.
+    """
+
+
+@hookspec(firstresult=True)
+def resolve(ctx: "Context", host: str, port: int) -> Optional[Sequence[tuple[Any, ...]]]:
+    """Turn a host name (or IP literal) into the socket addresses to connect to.
+
+    Called once per direct upstream connection, with the host exactly as validated from the
+    target (lower-case, no trailing dot; IPv6 literals without brackets).
+
+    :returns: a list of socket addresses as ``socket.getaddrinfo`` gives them: ``(ip, port)``
+        for IPv4 and ``(ip, port, flowinfo, scope_id)`` for IPv6, in the order to try (the
+        core interleaves families for Happy Eyeballs). ``None`` passes to the next resolver;
+        the built-in ``system_resolver`` runs last. An empty list, or raising
+        ``geproxy.errors.DNSError``, answers 502; ``DNSTimeout`` answers 504.
+
+    Caches, timeouts and the destination guard are ``wrapper=True`` implementations around
+    this hook. Must block only cooperatively (gevent sockets, the gevent resolver).
+    """
+
+
+@hookspec
+def on_response(ctx: "Context", request: "Request", response: "Response") -> None:
+    """Look at, and edit, a plain-HTTP response head before it goes to the client.
+
+    Called once per upstream response (not for CONNECT tunnels, not for 1xx interim
+    responses), after hop-by-hop fields were removed and Via added.
+
+    :param response: ``status`` and ``headers`` may be changed in place (add, set, remove);
+        framing fields are the core's and are set after this hook.
+
+    Return value ignored. Must not read the body: bodies are streamed, never held.
+    """
+
+
+@hookspec
+def on_close(ctx: "Context", record: "Record") -> None:
+    """Observe a finished request or tunnel: access logs, metrics, audit.
+
+    Called once per request or tunnel, including those refused or failed, after its last
+    byte. Every implementation is called even if another raises; errors are logged, never
+    passed to the client.
+
+    Must not block for long (it runs before the connection's next request) and must not
+    keep ``record.ctx``.
+    """

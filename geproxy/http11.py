@@ -1,0 +1,485 @@
+"""HTTP/1.1 parsing and serialising with no I/O: bytes in, heads and body pieces out.
+
+This module imports neither socket nor gevent. Heads are tokenised and validated by llhttp
+(through httptools) in its strict mode, which already refuses the classic smuggling vectors
+(Content-Length with Transfer-Encoding, duplicate lengths, obs-fold, bare CR or LF, NUL and
+control bytes, whitespace before a colon, invalid chunk sizes). On top of it this module applies
+the proxy's own rules (DESIGN.md section 7), the size limits, and decides each body's framing.
+Bodies are decoded by the small incremental readers below, which hand back exactly the bytes
+that follow a message so that nothing after a CONNECT head, a pipelined request or a reused
+upstream response is lost or misread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Optional, Union
+
+import httptools
+
+from .errors import ClientError, HeadTooLarge, RequestLineTooLong, UpstreamError
+from .models import Headers, Request, Response
+
+__all__ = [
+    "RequestHeadParser",
+    "ResponseHeadParser",
+    "BodyReader",
+    "LengthReader",
+    "ChunkedReader",
+    "UntilCloseReader",
+    "request_body_reader",
+    "response_body_reader",
+    "parse_authority",
+    "serialize_head",
+    "encode_chunk",
+    "LAST_CHUNK",
+    "HOP_BY_HOP",
+]
+
+MAX_REQUEST_LINE = 8 * 1024
+MAX_CHUNK_LINE = 4 * 1024
+LAST_CHUNK = b"0\r\n\r\n"
+
+#: Fields that describe one connection, never forwarded (RFC 9110 7.6.1), plus the proxy's own.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] ); only visible chars and blanks.
+_CHUNK_EXT = re.compile(rb"(?:[ \t]*;[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+                        rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+|\"[^\"\r\n\x00]*\"))?)*")
+
+
+class _HeadDone(Exception):
+    """Raised from the llhttp callback to stop at the end of the head: bodies are ours."""
+
+
+class _Callbacks:
+    __slots__ = ("url", "headers", "done", "status", "max_line", "too_long")
+
+    def __init__(self, max_line: int) -> None:
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.done = False
+        self.max_line = max_line
+        self.too_long = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.max_line:
+            self.too_long = True
+            raise _HeadDone()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.done = True
+        raise _HeadDone()
+
+
+class _HeadParser:
+    """Shared incremental head parsing: feed bytes until a head is complete."""
+
+    _parser_class: type = httptools.HttpRequestParser
+
+    def __init__(self, max_size: int, max_line: int = MAX_REQUEST_LINE) -> None:
+        self.max_size = max_size
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._cb = _Callbacks(max_line)
+        self._parser = self._parser_class(self._cb)
+        #: Bytes that followed the head, once it is complete.
+        self.rest = b""
+
+    @property
+    def started(self) -> bool:
+        return bool(self._buf)
+
+    def _feed(self, data: bytes) -> bool:
+        """Feed bytes; True once the head is complete (then ``rest`` holds what followed)."""
+        start = len(self._buf)
+        self._buf += data
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserCallbackError, httptools.HttpParserUpgrade):
+            pass
+        except httptools.HttpParserError as exc:
+            if self._cb.too_long:
+                raise self._line_error() from None
+            raise self._error(f"malformed: {exc}") from None
+        if self._cb.too_long:
+            raise self._line_error()
+        if not self._cb.done:
+            if len(self._buf) > self.max_size:
+                raise self._size_error()
+            return False
+        # llhttp insists on CRLF line endings, so the head ends at the first empty line.
+        end = self._buf.find(b"\r\n\r\n", max(0, start - 3)) + 4
+        if end < 4 or end > self.max_size:
+            raise self._size_error()
+        self.rest = bytes(self._buf[end:])
+        self._buf = bytearray()
+        return True
+
+    def _error(self, detail: str) -> Exception:
+        return ClientError(detail)
+
+    def _size_error(self) -> Exception:
+        return HeadTooLarge("request head over max_header_size")
+
+    def _line_error(self) -> Exception:
+        return RequestLineTooLong("request line too long")
+
+    def _version(self) -> str:
+        version = self._parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise self._error(f"unsupported HTTP version {version!r}")
+        return "HTTP/" + version
+
+
+class RequestHeadParser(_HeadParser):
+    """Incremental request-head parser. ``feed`` returns the Request once the head is whole."""
+
+    def feed(self, data: bytes) -> Optional[Request]:
+        if not self._feed(data):
+            return None
+        cb = self._cb
+        version = self._version()
+        method = self._parser.get_method().decode("ascii")
+        target = cb.url.decode("latin-1")
+        headers = Headers(cb.headers, frozen=True)
+        if len(headers.get_all("host")) > 1:
+            raise ClientError("more than one Host field")
+        if method == "CONNECT":
+            host, port = parse_authority(target)
+            if "content-length" in headers and headers.get("content-length") != "0" or (
+                "transfer-encoding" in headers
+            ):
+                raise ClientError("CONNECT with a body")
+            return Request(method, target, version, headers, "", host, port, "")
+        if target.startswith("/") or target == "*":
+            if version == "HTTP/1.1" and "host" not in headers:
+                raise ClientError("HTTP/1.1 request without Host")
+            return Request(method, target, version, headers, "", "", 0, target)
+        scheme, host, port, path = _parse_absolute(target)
+        return Request(method, target, version, headers, scheme, host, port, path)
+
+
+class ResponseHeadParser(_HeadParser):
+    """Incremental response-head parser; errors are the upstream's fault (502)."""
+
+    _parser_class = httptools.HttpResponseParser
+
+    def feed(self, data: bytes) -> Optional[Response]:
+        if not self._feed(data):
+            return None
+        version = self._version()
+        status = self._parser.get_status_code()
+        if not 100 <= status <= 999:
+            raise self._error(f"bad status {status}")
+        return Response(status, Headers(self._cb.headers), b"", "", version)
+
+    def _error(self, detail: str) -> Exception:
+        return UpstreamError(f"upstream response {detail}")
+
+    def _size_error(self) -> Exception:
+        return UpstreamError("upstream response head over max_header_size")
+
+    _line_error = _size_error
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+def _check_host(host: str) -> str:
+    """Validate a host from a target: a DNS name, an IPv4 literal or a bracketed IPv6."""
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ClientError("bad IPv6 literal")
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise ClientError("bad IPv6 literal") from None
+    if not _HOSTNAME.fullmatch(host):
+        raise ClientError("bad host name")
+    return host.rstrip(".").lower()
+
+
+def _check_port(port: str) -> int:
+    if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise ClientError("bad port")
+    return int(port)
+
+
+def parse_authority(target: str) -> tuple[str, int]:
+    """Parse a CONNECT target ``host:port`` (authority-form, port required) strictly."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not host:
+        raise ClientError("CONNECT target needs host:port")
+    return _check_host(host), _check_port(port)
+
+
+def _parse_absolute(target: str) -> tuple[str, str, int, str]:
+    scheme, sep, rest = target.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme != "http":
+        raise ClientError("only http:// targets are forwarded; use CONNECT for https")
+    cut = len(rest)
+    for ch in "/?#":
+        pos = rest.find(ch)
+        if pos != -1 and pos < cut:
+            cut = pos
+    authority, path = rest[:cut], rest[cut:]
+    if "@" in authority:
+        raise ClientError("userinfo in the target")
+    path = path.partition("#")[0]
+    if not path.startswith("/"):
+        path = "/" + path
+    if authority.endswith("]") or ":" not in authority:
+        host, port = authority, 80
+    else:
+        host_part, _, port_part = authority.rpartition(":")
+        host, port = host_part, (_check_port(port_part) if port_part else 80)
+    if not host:
+        raise ClientError("empty host in the target")
+    return scheme, _check_host(host), port, path
+
+
+# -- bodies ---------------------------------------------------------------------------------
+
+
+class BodyReader:
+    """Incremental body decoder. ``feed`` returns the payload pieces in the bytes given;
+    once ``done``, ``rest`` holds the bytes after the body (the next message)."""
+
+    done = False
+    rest = b""
+    #: Whether the end of this body is known from its framing (not from a closed connection).
+    delimited = True
+
+    def feed(self, data: bytes) -> list[bytes]:
+        raise NotImplementedError
+
+    def eof(self) -> None:
+        """The peer closed: fine for a close-delimited body, an error for any other."""
+        if not self.done:
+            raise _incomplete()
+
+
+def _incomplete() -> Exception:
+    from .errors import ConnectionTerminated
+
+    return ConnectionTerminated("connection closed in the middle of a body")
+
+
+class NoBody(BodyReader):
+    done = True
+
+    def __init__(self, rest: bytes = b"") -> None:
+        self.rest = rest
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.rest += data
+        return []
+
+
+class LengthReader(BodyReader):
+    def __init__(self, length: int) -> None:
+        self.remaining = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.done:
+            self.rest += data
+            return []
+        if len(data) < self.remaining:
+            self.remaining -= len(data)
+            return [data]
+        piece, self.rest = data[: self.remaining], data[self.remaining :]
+        self.remaining = 0
+        self.done = True
+        return [piece]
+
+
+class UntilCloseReader(BodyReader):
+    """A response body delimited by the upstream closing the connection."""
+
+    delimited = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return [data]
+
+    def eof(self) -> None:
+        self.done = True
+
+
+class ChunkedReader(BodyReader):
+    """Decodes ``Transfer-Encoding: chunked`` strictly; trailers are read and dropped."""
+
+    def __init__(self, error: type = ClientError, max_trailers: int = 64 * 1024) -> None:
+        self._error = error
+        self._max_trailers = max_trailers
+        self._buf = b""
+        self._remaining = 0  # bytes of chunk data still due
+        self._state = "size"  # size, data, crlf, trailer
+        self._trailer_bytes = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.done:
+            self.rest += data
+            return []
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        out: list[bytes] = []
+        pos = 0
+        end = len(buf)
+        while pos < end:
+            state = self._state
+            if state == "data":
+                take = min(self._remaining, end - pos)
+                out.append(buf[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = "crlf"
+            elif state == "crlf":
+                if end - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise self._error("chunk data not followed by CRLF")
+                pos += 2
+                self._state = "size"
+            else:
+                nl = buf.find(b"\r\n", pos)
+                limit = MAX_CHUNK_LINE if state == "size" else self._max_trailers
+                if nl == -1:
+                    if end - pos > limit or b"\n" in buf[pos:end] or (
+                        b"\r" in buf[pos : end - 1]
+                    ):
+                        raise self._error("bad chunk line")
+                    break
+                line = buf[pos:nl]
+                pos = nl + 2
+                if b"\r" in line or b"\n" in line or b"\x00" in line:
+                    raise self._error("bare CR or LF in chunked framing")
+                if state == "size":
+                    self._size_line(line)
+                else:
+                    self._trailer_line(line)
+                    if self.done:
+                        self.rest = buf[pos:end]
+                        return out
+        self._buf = buf[pos:end]
+        return out
+
+    def _size_line(self, line: bytes) -> None:
+        match = _HEX.match(line)
+        if not match or not _CHUNK_EXT.fullmatch(line, match.end()):
+            raise self._error("invalid chunk size")
+        size = int(match.group(), 16)
+        if size:
+            self._remaining = size
+            self._state = "data"
+        else:
+            self._state = "trailer"
+
+    def _trailer_line(self, line: bytes) -> None:
+        if not line:
+            self.done = True
+            return
+        self._trailer_bytes += len(line) + 2
+        if self._trailer_bytes > self._max_trailers:
+            raise self._error("trailers too large")
+        name, colon, _ = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise self._error("malformed trailer")
+
+
+def _framing_error(error: type, what: str) -> Exception:
+    return error(f"unsupported framing: {what}")
+
+
+def _body_reader(headers: Headers, error: type) -> Optional[BodyReader]:
+    """The reader for a message with a body framed by its own headers, None if unframed."""
+    te = headers.tokens("transfer-encoding")
+    if te:
+        if te != ["chunked"]:
+            raise _framing_error(error, "Transfer-Encoding " + ", ".join(te))
+        return ChunkedReader(error)
+    cls = headers.get_all("content-length")
+    if cls:
+        value = cls[0].strip()
+        if len(cls) > 1 or not value.isdigit() or not value.isascii() or len(value) > 18:
+            raise _framing_error(error, "Content-Length")
+        return LengthReader(int(value))
+    return None
+
+
+def request_body_reader(request: Request) -> BodyReader:
+    """The body reader for a request: chunked, a Content-Length, or none."""
+    return _body_reader(request.headers, ClientError) or NoBody()
+
+
+def response_body_reader(method: str, response: Response) -> BodyReader:
+    """The body reader for a response to ``method`` (RFC 9112 section 6.3)."""
+    status = response.status
+    if method == "HEAD" or status < 200 or status in (204, 304):
+        return NoBody()
+    return _body_reader(response.headers, UpstreamError) or UntilCloseReader()
+
+
+# -- serialising ----------------------------------------------------------------------------
+
+_REASONS = {
+    100: "Continue",
+    101: "Switching Protocols",
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    407: "Proxy Authentication Required",
+    408: "Request Timeout",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status, "Unknown")
+
+
+def serialize_head(start_line: str, headers: Union[Headers, list[tuple[str, str]]]) -> bytes:
+    """A head as bytes. Refuses CR or LF inside a field, so no plugin can inject a header."""
+    lines = [start_line]
+    for name, value in headers:
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            raise ValueError(f"invalid header field {name!r}")
+        lines.append(f"{name}: {value}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)

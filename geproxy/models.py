@@ -1,0 +1,195 @@
+"""What hooks see: the connection Context, the immutable Request, a Response, and the Record.
+
+Plugins never see sockets, greenlets or parser state; these few objects are the whole API.
+Header names and values are ``str`` decoded as latin-1, so any byte the wire carried survives
+a round trip.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional, Tuple
+
+__all__ = ["Headers", "Request", "Response", "Context", "Record", "Route"]
+
+HeaderList = Iterable[Tuple[str, str]]
+
+
+class Headers:
+    """An ordered, case-insensitive multi-map of header fields.
+
+    A Request's headers are frozen (``frozen=True``); a Response's may be edited by
+    ``on_response`` plugins.
+    """
+
+    __slots__ = ("_items", "_frozen")
+
+    def __init__(self, items: HeaderList = (), *, frozen: bool = False) -> None:
+        self._items: list[tuple[str, str]] = list(items)
+        self._frozen = frozen
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        """The first value of ``name``, or ``default``."""
+        lname = name.lower()
+        for key, value in self._items:
+            if key.lower() == lname:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [value for key, value in self._items if key.lower() == lname]
+
+    def tokens(self, name: str) -> list[str]:
+        """The comma-separated tokens of every ``name`` field, lower-cased and stripped."""
+        out = []
+        for value in self.get_all(name):
+            out.extend(t.strip().lower() for t in value.split(",") if t.strip())
+        return out
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and self._items == other._items
+
+    def _check(self) -> None:
+        if self._frozen:
+            raise TypeError("these headers are read-only")
+
+    def add(self, name: str, value: str) -> None:
+        self._check()
+        self._items.append((name, value))
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every ``name`` field with one field holding ``value``."""
+        self.remove(name)
+        self._items.append((name, value))
+
+    def remove(self, name: str) -> None:
+        self._check()
+        lname = name.lower()
+        self._items = [(k, v) for k, v in self._items if k.lower() != lname]
+
+    def copy(self, *, frozen: bool = False) -> "Headers":
+        return Headers(self._items, frozen=frozen)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request head as the client sent it. Immutable: plugins read it, never change it.
+
+    ``host`` and ``port`` are the destination (from the CONNECT authority or the absolute-form
+    target); ``path`` is the origin-form target that would be sent upstream. For an
+    origin-form request (addressed to the proxy itself) ``host`` is empty.
+    """
+
+    method: str
+    target: str
+    version: str
+    headers: Headers
+    scheme: str = ""
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def is_connect(self) -> bool:
+        return self.method == "CONNECT"
+
+    @property
+    def authority(self) -> str:
+        """``host:port`` with IPv6 literals in brackets, as a CONNECT target spells it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass
+class Response:
+    """A response head (and, for answers made by the proxy or a plugin, a small body).
+
+    Returned from ``on_request`` it is sent to the client as is, with Content-Length set from
+    ``body``. Passed to ``on_response`` it is the upstream's head, whose headers may be edited.
+    """
+
+    status: int
+    headers: Headers = field(default_factory=Headers)
+    body: bytes = b""
+    reason: str = ""
+    version: str = "HTTP/1.1"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where ``route`` sends a request: a parent proxy, with optional Basic credentials."""
+
+    host: str
+    port: int
+    username: str = ""
+    password: str = ""
+
+
+_conn_ids = itertools.count(1)
+
+
+@dataclass
+class Context:
+    """Per connection. Lives from accept to close; plugins must not keep it after on_close.
+
+    ``stash`` is free for plugins, keyed by the plugin's own name.
+    """
+
+    client_addr: tuple[str, int]
+    server_addr: tuple[str, int]
+    config: Any
+    conn_id: str = ""
+    user: Optional[str] = None
+    stash: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.conn_id:
+            self.conn_id = f"c{next(_conn_ids)}"
+
+    @property
+    def client_ip(self) -> str:
+        return self.client_addr[0]
+
+
+@dataclass
+class Record:
+    """What happened to one request or tunnel, handed to ``on_close`` observers.
+
+    Durations are in seconds (None when the step did not happen); byte counts are what
+    crossed the client socket: ``bytes_in`` from the client, ``bytes_out`` to it.
+    """
+
+    ctx: Context
+    method: str = "-"
+    target: str = "-"
+    version: str = "-"
+    status: int = 0
+    error: Optional[str] = None
+    upstream_addr: Optional[tuple[str, int]] = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: float = field(default_factory=time.time)
+    duration: float = 0.0
+    connect_time: Optional[float] = None
+    close_reason: str = ""
+    rule: Optional[str] = None
+
+    def finish(self) -> None:
+        self.duration = time.time() - self.started

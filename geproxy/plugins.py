@@ -1,0 +1,148 @@
+"""The plugin manager factory and the typed façade the core calls hooks through.
+
+Plugins come from three places, in this order: the built-ins of DEFAULT_PLUGINS, the
+``plugins =`` line of the configuration, and the ``geproxy`` entry-point group of installed
+distributions. ``disable =`` blocks plugins by name before any is registered. Every manager is
+built fresh for one server (or one reload): nothing is registered at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Iterable, Optional, Sequence
+
+import pluggy
+
+from . import hookspecs
+from .config import Config, OptionRegistry, build_config, core_options, parse_list, read_ini
+from .errors import ConfigError, Denied, DNSError, ProxyError
+from .models import Context, Record, Request, Response, Route
+
+__all__ = ["DEFAULT_PLUGINS", "hookimpl", "get_plugin_manager", "load", "Hooks"]
+
+log = logging.getLogger(__name__)
+
+hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
+
+#: The built-in plugins: (name, "module:attr"). Registered exactly like third-party plugins.
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("system_resolver", "geproxy_plugins.system_resolver:SystemResolver"),
+    ("access_log", "geproxy_plugins.access_log:AccessLog"),
+)
+
+
+class _CoreOptions:
+    """Declares the ``[geproxy]`` section, like any plugin declares its own."""
+
+    @hookimpl
+    def add_options(self, registry: OptionRegistry) -> None:
+        core_options(registry)
+
+
+def load_object(spec: str) -> Any:
+    """Import ``module`` or ``module:attr``; a class is instantiated with no arguments."""
+    module_name, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return obj() if isinstance(obj, type) else obj
+
+
+def get_plugin_manager(
+    extra: Sequence[str] = (),
+    disable: Iterable[str] = (),
+    objects: Sequence[Any] = (),
+    entry_points: bool = True,
+) -> pluggy.PluginManager:
+    """A new plugin manager: built-ins, then ``extra`` specs, plugin ``objects`` (tests and
+    embedding), then the ``geproxy`` entry points; ``disable`` names are blocked first."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in disable:
+        pm.set_blocked(name)
+    pm.register(_CoreOptions(), name="geproxy")
+    for name, spec in DEFAULT_PLUGINS:
+        if not pm.is_blocked(name):
+            pm.register(load_object(spec), name=name)
+    for spec in extra:
+        obj = load_object(spec)
+        pm.register(obj, name=getattr(obj, "name", None) or spec)
+    for obj in objects:
+        pm.register(obj, name=getattr(obj, "name", None))
+    if entry_points:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    return pm
+
+
+def load(
+    path: str, objects: Sequence[Any] = (), entry_points: bool = True
+) -> tuple[pluggy.PluginManager, Config]:
+    """Read ``path``, build its plugin manager, validate every section, configure plugins.
+
+    Raises ConfigError (one line: file, section, key) for any problem.
+    """
+    parser = read_ini(path)
+    section = parser["geproxy"] if parser.has_section("geproxy") else {}
+    extra = parse_list(section.get("plugins", ""))
+    disable = parse_list(section.get("disable", ""))
+    known = {name for name, _ in DEFAULT_PLUGINS}
+    for name in disable:
+        if name not in known:
+            raise ConfigError(f"no built-in plugin named {name!r}", path=path,
+                              section="geproxy", key="disable")
+    try:
+        pm = get_plugin_manager(extra, disable, objects, entry_points)
+    except (ImportError, AttributeError, pluggy.PluginValidationError) as exc:
+        raise ConfigError(f"cannot load plugin: {exc}", path=path, section="geproxy",
+                          key="plugins") from None
+    registry = OptionRegistry()
+    pm.hook.add_options.call_historic(kwargs={"registry": registry})
+    config = build_config(path, parser, registry, frozenset(disable))
+    for name in disable:
+        if parser.has_section(name):
+            log.warning("%s: [%s] is ignored: the plugin is disabled", path, name)
+    pm.hook.configure.call_historic(kwargs={"config": config})
+    return pm, config
+
+
+def plugin_names(pm: pluggy.PluginManager) -> list[str]:
+    return [name for name, _ in pm.list_name_plugin() if name != "geproxy"]
+
+
+class Hooks:
+    """The typed façade of the hook relay: what the core calls, and nothing else."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._hook = pm.hook
+
+    def on_connect(self, ctx: Context) -> Optional[Denied]:
+        return self._hook.on_connect(ctx=ctx)
+
+    def on_request(self, ctx: Context, request: Request) -> Optional[Response]:
+        return self._hook.on_request(ctx=ctx, request=request)
+
+    def route(self, ctx: Context, request: Request) -> Optional[Route]:
+        return self._hook.route(ctx=ctx, request=request)
+
+    def resolve(self, ctx: Context, host: str, port: int) -> list[tuple[Any, ...]]:
+        addresses = self._hook.resolve(ctx=ctx, host=host, port=port)
+        if not addresses:
+            raise DNSError(f"no address for {host}")
+        return list(addresses)
+
+    def on_response(self, ctx: Context, request: Request, response: Response) -> None:
+        self._hook.on_response(ctx=ctx, request=request, response=response)
+
+    def on_close(self, ctx: Context, record: Record) -> None:
+        # Observers are isolated: one that raises must not keep the others from their record.
+        kwargs = {"ctx": ctx, "record": record}
+        for impl in reversed(self._hook.on_close.get_hookimpls()):
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except ProxyError:
+                log.warning("[%s] on_close of %s raised a ProxyError", ctx.conn_id,
+                            impl.plugin_name)
+            except Exception:
+                log.exception("[%s] on_close of %s failed", ctx.conn_id, impl.plugin_name)

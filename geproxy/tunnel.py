@@ -1,0 +1,118 @@
+"""The byte relay behind CONNECT (and Upgrade): both directions until both are done.
+
+A FIN from one side is passed on as a half-close of the other, and the opposite direction
+keeps flowing. The relay ends when both directions ended, or when nothing moved in either
+direction for ``idle_timeout`` (counted from the first moment), or when a side resets.
+Memory per tunnel is one receive buffer per direction while bytes are in flight, nothing while
+idle.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Optional
+
+import gevent
+from gevent import get_hub
+
+from .models import Record
+
+__all__ = ["relay"]
+
+BUFFER = 64 * 1024
+
+
+class _Tunnel:
+    __slots__ = ("client", "upstream", "record", "idle_timeout", "last", "reason", "_timer")
+
+    def __init__(self, client: socket.socket, upstream: socket.socket, record: Record,
+                 idle_timeout: float) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.record = record
+        self.idle_timeout = idle_timeout
+        self.last = time.monotonic()
+        self.reason = ""
+        self._timer = None
+
+    def pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        record = self.record
+        try:
+            while True:
+                data = src.recv(BUFFER)
+                if not data:
+                    break
+                dst.sendall(data)
+                self.last = time.monotonic()
+                if upward:
+                    record.bytes_in += len(data)
+                else:
+                    record.bytes_out += len(data)
+        except OSError:
+            # A reset (or the idle watchdog shutting both sides): end the whole tunnel.
+            self.abort("client" if (src is self.client) else "upstream")
+            return
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def abort(self, reason: str) -> None:
+        if not self.reason:
+            self.reason = reason
+        for sock in (self.client, self.upstream):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def arm(self, delay: float) -> None:
+        self._timer = get_hub().loop.timer(delay)
+        self._timer.start(self._check)
+
+    def _check(self) -> None:
+        # Runs in the hub: must not block. Shutting the sockets wakes both pumps.
+        idle_for = time.monotonic() - self.last
+        if idle_for >= self.idle_timeout:
+            self.abort("idle timeout")
+        else:
+            self._timer.close()
+            self.arm(self.idle_timeout - idle_for)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
+
+def relay(client: socket.socket, upstream: socket.socket, record: Record,
+          idle_timeout: float, to_upstream: bytes = b"", to_client: bytes = b"") -> str:
+    """Relay until both directions are done; returns the close reason for the record.
+
+    ``to_upstream`` and ``to_client`` are bytes already read past a head on either side
+    (a client's TLS ClientHello sent right after CONNECT, say); they go first.
+    """
+    tunnel = _Tunnel(client, upstream, record, idle_timeout)
+    client.settimeout(None)
+    upstream.settimeout(None)
+    tunnel.arm(idle_timeout)
+    down: Optional[gevent.Greenlet] = None
+    try:
+        if to_upstream:
+            upstream.sendall(to_upstream)
+            record.bytes_in += len(to_upstream)
+        if to_client:
+            client.sendall(to_client)
+            record.bytes_out += len(to_client)
+        down = gevent.spawn(tunnel.pump, upstream, client, False)
+        tunnel.pump(client, upstream, True)
+        down.join()
+    except OSError:
+        tunnel.abort("client")
+    finally:
+        tunnel.disarm()
+        if down is not None and not down.dead:
+            tunnel.abort("shutdown")
+            down.kill()
+    return tunnel.reason or "done"

@@ -1,0 +1,235 @@
+"""Reaching upstreams: Happy Eyeballs connects and the pool of idle upstream connections."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import logging
+import socket
+import time
+from collections import deque
+from typing import Any, Optional, Sequence
+
+import gevent
+import gevent.event
+from gevent import select
+
+from .errors import (
+    ConnectionTerminated,
+    ConnectRefused,
+    ConnectTimeout,
+    DestinationUnreachable,
+    ProxyError,
+)
+from .http11 import ResponseHeadParser, serialize_head
+from .models import Route
+
+__all__ = ["connect", "interleave", "parent_connect", "UpstreamPool", "HAPPY_EYEBALLS_DELAY"]
+
+log = logging.getLogger(__name__)
+
+#: RFC 8305's recommended "Connection Attempt Delay".
+HAPPY_EYEBALLS_DELAY = 0.25
+
+_UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.ENETDOWN}
+
+
+def _family(address: Sequence[Any]) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+
+
+def interleave(addresses: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Alternate address families, starting with the first one given (RFC 8305 4)."""
+    first = [a for a in addresses if _family(a) == _family(addresses[0])]
+    other = [a for a in addresses if _family(a) != _family(addresses[0])]
+    out: list[tuple[Any, ...]] = []
+    for i in range(max(len(first), len(other))):
+        out.extend(group[i] for group in (first, other) if i < len(group))
+    return out
+
+
+def _error_for(exc: OSError, address: Sequence[Any]) -> ProxyError:
+    where = f"{address[0]}:{address[1]}"
+    if exc.errno in _UNREACHABLE:
+        return DestinationUnreachable(f"{where}: {exc.strerror}")
+    return ConnectRefused(f"{where}: {exc.strerror or exc}")
+
+
+def _open(address: tuple[Any, ...]) -> socket.socket:
+    sock = socket.socket(_family(address), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect(addresses: Sequence[tuple[Any, ...]], timeout: float,
+            delay: float = HAPPY_EYEBALLS_DELAY) -> socket.socket:
+    """Connect to the first of ``addresses`` that answers.
+
+    One address is tried in this greenlet. Several race as RFC 8305 describes: a new attempt
+    starts every ``delay`` seconds, or as soon as the previous one failed; the first to
+    connect wins and the others are cancelled and closed. ``timeout`` bounds the whole race.
+    """
+    if not addresses:
+        raise ConnectRefused("no address to connect to")
+    if len(addresses) == 1:
+        try:
+            with gevent.Timeout(timeout, ConnectTimeout(f"{addresses[0][0]}: no answer")):
+                return _open(addresses[0])
+        except OSError as exc:
+            raise _error_for(exc, addresses[0]) from None
+    return _race(interleave(addresses), timeout, delay)
+
+
+def _race(order: list[tuple[Any, ...]], timeout: float, delay: float) -> socket.socket:
+    winner: list[socket.socket] = []
+    errors: list[ProxyError] = []
+    changed = gevent.event.Event()
+
+    def attempt(address: tuple[Any, ...]) -> None:
+        try:
+            sock = _open(address)
+        except OSError as exc:
+            errors.append(_error_for(exc, address))
+        else:
+            if winner:
+                sock.close()
+            else:
+                winner.append(sock)
+        changed.set()
+
+    attempts: list[gevent.Greenlet] = []
+    deadline = time.monotonic() + timeout
+    try:
+        for address in order:
+            attempts.append(gevent.spawn(attempt, address))
+            failed_before = len(errors)
+            changed.clear()
+            # Wait for a winner, a failure (start the next at once) or the stagger delay.
+            while not winner and len(errors) == failed_before:
+                if not changed.wait(min(delay, max(0.0, deadline - time.monotonic()))):
+                    break
+                changed.clear()
+            if winner or time.monotonic() >= deadline:
+                break
+        while not winner and len(errors) < len(attempts):
+            left = deadline - time.monotonic()
+            if left <= 0 or not changed.wait(left):
+                break
+            changed.clear()
+    finally:
+        gevent.killall([g for g in attempts if not g.dead])
+    if winner:
+        return winner[0]
+    if len(errors) == len(order):
+        raise errors[0]
+    raise ConnectTimeout(f"{order[0][0]} and {len(order) - 1} more: no answer")
+
+
+class UpstreamPool:
+    """Idle upstream connections kept for reuse, per key (host, port), bounded and expiring.
+
+    A connection is only put back after a response whose framing ended cleanly, and is
+    checked on the way out: one that became readable while idle (the upstream closed it, or
+    sent bytes nobody asked for) is closed instead of reused.
+    """
+
+    def __init__(self, per_key: int, idle_timeout: float, max_total: int = 4096) -> None:
+        self.per_key = per_key
+        self.idle_timeout = idle_timeout
+        self.max_total = max_total
+        self._idle: dict[Any, deque[tuple[float, socket.socket]]] = {}
+        self._total = 0
+        self._sweeper: Optional[gevent.Greenlet] = None
+
+    def __len__(self) -> int:
+        return self._total
+
+    def get(self, key: Any) -> Optional[socket.socket]:
+        entries = self._idle.get(key)
+        now = time.monotonic()
+        while entries:
+            expires, sock = entries.pop()
+            self._total -= 1
+            if expires > now and _still_idle(sock):
+                return sock
+            sock.close()
+        return None
+
+    def put(self, key: Any, sock: socket.socket) -> None:
+        entries = self._idle.setdefault(key, deque())
+        if len(entries) >= self.per_key or self._total >= self.max_total:
+            sock.close()
+            return
+        entries.append((time.monotonic() + self.idle_timeout, sock))
+        self._total += 1
+        if self._sweeper is None or self._sweeper.dead:
+            self._sweeper = gevent.spawn(self._sweep)
+
+    def _sweep(self) -> None:
+        # Runs while anything is pooled; closes expired entries so descriptors go back.
+        while self._total:
+            gevent.sleep(min(1.0, self.idle_timeout))
+            now = time.monotonic()
+            for key in list(self._idle):
+                entries = self._idle[key]
+                while entries and entries[0][0] <= now:
+                    entries.popleft()[1].close()
+                    self._total -= 1
+                if not entries:
+                    del self._idle[key]
+
+    def clear(self) -> None:
+        for entries in self._idle.values():
+            for _, sock in entries:
+                sock.close()
+        self._idle.clear()
+        self._total = 0
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+            self._sweeper = None
+
+
+def _still_idle(sock: socket.socket) -> bool:
+    """True when nothing is readable: an idle HTTP connection has nothing to say."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def parent_connect(sock: socket.socket, route: Route, authority: str, timeout: float,
+                   max_head: int) -> bytes:
+    """Ask a parent proxy for a tunnel to ``authority``; returns bytes that followed its 200.
+
+    Anything but a 2xx from the parent fails the attempt with 502 (or 504 on no answer).
+    """
+    headers = [("Host", authority)]
+    if route.username or route.password:
+        headers.append(("Proxy-Authorization", basic_credentials(route)))
+    parser = ResponseHeadParser(max_head)
+    with gevent.Timeout(timeout, ConnectTimeout(f"parent {route.host}: no answer to CONNECT")):
+        try:
+            sock.sendall(serialize_head(f"CONNECT {authority} HTTP/1.1", headers))
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionTerminated(f"parent {route.host} closed during CONNECT")
+                response = parser.feed(data)
+                if response is not None:
+                    break
+        except OSError as exc:
+            raise ConnectionTerminated(f"parent {route.host}: {exc}") from None
+    if not 200 <= response.status < 300:
+        raise ConnectRefused(f"parent {route.host} answered CONNECT with {response.status}")
+    return parser.rest
+
+
+def basic_credentials(route: Route) -> str:
+    token = f"{route.username}:{route.password}".encode("utf-8")
+    return "Basic " + base64.b64encode(token).decode("ascii")

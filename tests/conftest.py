@@ -1,0 +1,37 @@
+"""Test setup: gevent patched in first, the geproxy test kit, and a leak check on every test."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+import gevent  # noqa: E402
+import pytest  # noqa: E402
+
+pytest_plugins = ["geproxy.testing"]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Warm up what gevent creates once per process (the resolver's thread pool, the child
+    # watcher), so that the leak check counts only what a test itself leaves behind.
+    gevent.get_hub().threadpool.apply(lambda: None)
+    if shutil.which("curl"):
+        subprocess.run(["curl", "--version"], capture_output=True, timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _leak_check(no_leaks: None) -> None:
+    """Every test: no descriptor or greenlet left behind (see geproxy.testing.no_leaks)."""
+
+
+def require(tool: str) -> str:
+    """The path of ``tool``; CI (GEPROXY_REQUIRE_TOOLS=1) fails instead of skipping."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("GEPROXY_REQUIRE_TOOLS"):
+            pytest.fail(f"{tool} is required here but not installed")
+        pytest.skip(f"{tool} is not installed")
+    return path
