@@ -93,8 +93,11 @@ def load(
                               section="geproxy", key="disable")
     try:
         pm = get_plugin_manager(extra, disable, objects, entry_points)
-    except (ImportError, AttributeError, pluggy.PluginValidationError) as exc:
-        raise ConfigError(f"cannot load plugin: {exc}", path=path, section="geproxy",
+    # ValueError: an empty module name, or a name registered twice (pluggy).
+    except (ImportError, AttributeError, ValueError, pluggy.PluginValidationError) as exc:
+        # One line: pluggy's duplicate-name message goes on to dump every plugin.
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot load plugin: {first}", path=path, section="geproxy",
                           key="plugins") from None
     registry = OptionRegistry()
     pm.hook.add_options.call_historic(kwargs={"registry": registry})
@@ -107,7 +110,9 @@ def load(
 
 
 def plugin_names(pm: pluggy.PluginManager) -> list[str]:
-    return [name for name, _ in pm.list_name_plugin() if name != "geproxy"]
+    # A blocked (disabled) name is listed with None as its plugin: it is not loaded.
+    return [name for name, plugin in pm.list_name_plugin()
+            if name != "geproxy" and plugin is not None]
 
 
 class Hooks:

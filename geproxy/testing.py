@@ -43,6 +43,7 @@ __all__ = [
     "HookRecorder",
     "pattern",
     "pattern_sha256",
+    "wait_for_records",
     "open_fds",
     "live_greenlets",
 ]
@@ -199,6 +200,16 @@ def start_proxy(tmp_path: Path, ini: str = "", plugins: Sequence[Any] = (),
                            entry_points=False)
     server.start()
     return Proxy(server, resolver, records)
+
+
+def wait_for_records(proxy: Proxy, count: int, limit: float = 10.0) -> list[Record]:
+    """The proxy's on_close records, once there are ``count`` of them (bounded wait)."""
+    deadline = time.monotonic() + limit
+    while len(proxy.records.records) < count and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert len(proxy.records.records) >= count, (
+        f"{len(proxy.records.records)} records, expected {count}")
+    return proxy.records.records
 
 
 # -- origins -------------------------------------------------------------------------------
@@ -374,13 +385,13 @@ def open_fds() -> int:
 
 
 def live_greenlets() -> int:
+    """Spawned greenlets still alive (the hub and gevent's own thread-pool workers, which
+    come and go with load, are not counted)."""
     import gc
 
-    import greenlet
-
     return sum(1 for obj in gc.get_objects()
-               if isinstance(obj, greenlet.greenlet) and not obj.dead
-               and obj is not greenlet.getcurrent() and obj.parent is not None)
+               if isinstance(obj, gevent.Greenlet) and not obj.dead
+               and obj is not gevent.getcurrent())
 
 
 def settle(baseline_fds: int, baseline_greenlets: int, limit: float = 5.0) -> tuple[int, int]:

@@ -1,0 +1,300 @@
+"""CONNECT tunnels end to end: real clients, real origins, real sockets on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import subprocess
+import time
+
+import gevent
+import pytest
+
+from conftest import require
+from geproxy import hookimpl
+from geproxy.testing import curl, exchange, pattern_sha256, wait_for_records
+
+
+def _open_tunnel(proxy, target: str, extra: bytes = b"") -> tuple[socket.socket, bytes]:
+    """CONNECT through ``proxy``; returns the socket and the answer head (plus any bytes)."""
+    sock = proxy.connect()
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + extra)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        head += piece
+    return sock, head
+
+
+def _read_all(sock: socket.socket, limit: float = 10) -> bytes:
+    out = b""
+    sock.settimeout(limit)
+    while True:
+        try:
+            piece = sock.recv(65536)
+        except (socket.timeout, ConnectionResetError):
+            break
+        if not piece:
+            break
+        out += piece
+    return out
+
+
+def test_curl_https_through_connect(proxy, tls_origin, ca_file):
+    size = 3 * 1024 * 1024 + 17
+    out = curl("--cacert", ca_file, "-x", proxy.url,
+               tls_origin.url(f"/bytes/{size}", host="origin.test"))
+    assert out.returncode == 0, out.stderr
+    assert hashlib.sha256(out.stdout).hexdigest() == pattern_sha256(size)
+    record = wait_for_records(proxy, 1)[-1]
+    assert (record.method, record.status) == ("CONNECT", 200)
+    assert record.target == f"origin.test:{tls_origin.port}"
+    assert record.bytes_out > size  # the TLS records on top of the body
+    assert record.upstream_addr == ("127.0.0.1", tls_origin.port)
+
+
+def test_curl_proxytunnel_for_http(proxy, origin):
+    out = curl("-p", "-x", proxy.url, origin.url("/echo", host="origin.test"))
+    assert out.returncode == 0, out.stderr
+    assert b'"path": "/echo"' in out.stdout
+    # Inside a tunnel the proxy adds nothing: no Via reaches the origin.
+    assert "via" not in origin.seen[-1].headers
+
+
+def test_curl_http2_over_the_tunnel(proxy, tls_ca, ca_file, tmp_path):
+    nginx = require("nginx")
+    cert = tls_ca.issue_cert("origin.test")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "origin.pem"))
+    (tmp_path / "index.html").write_text("over h2\n")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""
+daemon off; master_process off; user root; pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};
+  fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};
+  server {{
+    listen 127.0.0.1:{port} ssl http2;
+    ssl_certificate {tmp_path}/origin.pem; ssl_certificate_key {tmp_path}/origin.pem;
+    root {tmp_path};
+  }}
+}}
+""")
+    process = subprocess.Popen([nginx, "-c", str(conf), "-e", str(tmp_path / "error.log")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                gevent.sleep(0.05)
+        out = curl("--http2", "--cacert", ca_file, "-x", proxy.url, "-w", "%{http_version}",
+                   f"https://origin.test:{port}/index.html")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == b"over h2\n2"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_bytes_after_the_connect_head_go_into_the_tunnel(proxy, origin):
+    request = b"GET /echo HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n"
+    sock, head = _open_tunnel(proxy, f"origin.test:{origin.port}", extra=request)
+    try:
+        data = head + _read_all(sock)
+    finally:
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 200 Connection Established\r\n")
+    answer = data.split(b"\r\n\r\n", 1)[1]
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b'"path": "/echo"' in answer
+
+
+def test_connect_to_an_ipv6_literal(proxy_factory, raw_origin):
+    try:
+        listener = socket.socket(socket.AF_INET6)
+        listener.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(b"hello over v6")
+        conn.close()
+
+    server = gevent.spawn(serve)
+    try:
+        proxy = proxy_factory()
+        sock, head = _open_tunnel(proxy, f"[::1]:{port}")
+        try:
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert (head.split(b"\r\n\r\n", 1)[1] + _read_all(sock)) == b"hello over v6"
+        finally:
+            sock.close()
+    finally:
+        server.kill()
+        listener.close()
+
+
+def test_half_close_from_the_client(proxy, raw_origin):
+    """The client's FIN reaches the origin, which still answers on its half."""
+
+    def echo_after_eof(sock: socket.socket) -> None:
+        data = b""
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+        sock.sendall(b"got:" + data)
+
+    server = raw_origin(echo_after_eof)
+    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    try:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"ping" * 1000)
+        sock.shutdown(socket.SHUT_WR)
+        assert _read_all(sock) == b"got:" + b"ping" * 1000
+    finally:
+        sock.close()
+
+
+def test_half_close_from_the_origin(proxy, raw_origin):
+    """The origin's FIN reaches the client, whose bytes still flow to the origin."""
+    received = []
+
+    def speak_then_listen(sock: socket.socket) -> None:
+        sock.sendall(b"banner")
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+        received.append(data)
+
+    server = raw_origin(speak_then_listen)
+    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    try:
+        body = head.split(b"\r\n\r\n", 1)[1]
+        sock.settimeout(10)
+        while len(body) < len(b"banner"):
+            body += sock.recv(100)
+        assert body == b"banner"
+        assert sock.recv(100) == b""  # the origin's half-close arrived as EOF
+        sock.sendall(b"late words")  # our half is still open
+        sock.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(10):
+            while not received:
+                gevent.sleep(0.01)
+        assert received == [b"late words"]
+    finally:
+        sock.close()
+
+
+def test_idle_timeout_from_the_first_moment(proxy_factory, raw_origin):
+    """A tunnel where nothing ever moves is closed after idle_timeout."""
+    proxy = proxy_factory("idle_timeout = 300ms\n")
+    server = raw_origin(lambda sock: sock.recv(1))
+    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    try:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sock.settimeout(10)
+        assert sock.recv(100) == b""  # closed by the proxy, long before our 10 s
+    finally:
+        sock.close()
+    assert wait_for_records(proxy, 1)[-1].close_reason == "idle timeout"
+
+
+def test_activity_keeps_a_tunnel_open_past_idle_timeout(proxy_factory, raw_origin):
+    def echo(sock: socket.socket) -> None:
+        while True:
+            piece = sock.recv(100)
+            if not piece:
+                return
+            sock.sendall(piece)
+
+    proxy = proxy_factory("idle_timeout = 1s\n")
+    server = raw_origin(echo)
+    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    try:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sock.settimeout(10)
+        for _ in range(12):  # about 2.4 s in all, never 1 s of silence
+            sock.sendall(b"x")
+            assert sock.recv(10) == b"x"
+            gevent.sleep(0.2)
+    finally:
+        sock.close()
+
+
+def test_happy_eyeballs_skips_a_silent_address(proxy_factory, origin, blackhole):
+    """The first address drops SYNs; the second answers and wins long before the timeout."""
+    silent = ("127.0.0.1", blackhole)
+    good = ("127.0.0.1", origin.port)
+
+    class TwoPorts:
+        @hookimpl(tryfirst=True)
+        def resolve(self, ctx, host, port):
+            return [silent, good] if host == "dual.test" else None
+
+    # With one attempt at a time, the silent address would use up connect_timeout: 504.
+    proxy = proxy_factory("connect_timeout = 20s\n", plugins=[TwoPorts()])
+    sock, head = _open_tunnel(proxy, "dual.test:443")
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert wait_for_records(proxy, 1)[-1].upstream_addr == good
+
+
+@pytest.fixture
+def blackhole():
+    """A port whose accept queue is full: further SYNs are dropped, connects hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    yield port
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+def test_connect_timeout_answers_504(proxy_factory, blackhole):
+    proxy = proxy_factory("connect_timeout = 300ms\n")
+    answer = exchange(proxy.address, f"CONNECT 127.0.0.1:{blackhole} HTTP/1.1\r\n\r\n".encode(),
+                      until_close=False)
+    assert answer.startswith(b"HTTP/1.1 504 ")
+    assert b"Proxy-Status: geproxy; error=connection_timeout\r\n" in answer
+
+
+def test_tls_through_the_tunnel_with_python_ssl(proxy, tls_origin, ca_file):
+    """A Python TLS client inside a raw tunnel: the proxy never touches the TLS bytes."""
+    sock, head = _open_tunnel(proxy, f"origin.test:{tls_origin.port}")
+    assert head == b"HTTP/1.1 200 Connection Established\r\n\r\n"
+    context = ssl.create_default_context(cafile=ca_file)
+    with context.wrap_socket(sock, server_hostname="origin.test") as tls:
+        tls.sendall(b"GET /echo HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n")
+        data = _read_all(tls)
+    assert data.startswith(b"HTTP/1.1 200 OK") and b'"path": "/echo"' in data

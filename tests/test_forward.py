@@ -1,0 +1,311 @@
+"""Plain HTTP forwarding end to end: curl, requests and urllib through the proxy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import urllib.request
+
+import gevent
+import gevent.pool
+import requests
+
+from geproxy.testing import curl, exchange, pattern, pattern_sha256, wait_for_records
+
+
+def _json(out) -> dict:
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_get_is_forwarded_in_origin_form(proxy, origin):
+    echo = _json(curl("-x", proxy.url, origin.url("/echo?a=1", host="origin.test")))
+    assert echo["path"] == "/echo" and echo["query"] == "a=1"
+    assert echo["headers"]["host"] == f"origin.test:{origin.port}"
+    assert echo["headers"]["via"] == "1.1 geproxy"
+
+
+def test_head(proxy, origin):
+    out = curl("-I", "-x", proxy.url, origin.url("/bytes/12345"))
+    assert out.returncode == 0, out.stderr
+    head = out.stdout.decode()
+    assert head.startswith("HTTP/1.1 200 ")
+    assert "Content-Length: 12345\r\n" in head  # the length the GET would have
+    assert origin.seen[-1].method == "HEAD"
+
+
+def test_post_with_content_length(proxy, origin, tmp_path):
+    body = b"".join(pattern(300_000))
+    (tmp_path / "body").write_bytes(body)
+    answer = _json(curl("-x", proxy.url, "--data-binary", f"@{tmp_path / 'body'}",
+                        origin.url("/sha256")))
+    assert answer == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert origin.seen[-1].headers["content-length"] == str(len(body))
+
+
+def test_chunked_upload(proxy, origin, tmp_path):
+    body = b"".join(pattern(200_001))
+    (tmp_path / "body").write_bytes(body)
+    answer = _json(curl("-x", proxy.url, "-H", "Transfer-Encoding: chunked",
+                        "--data-binary", f"@{tmp_path / 'body'}", origin.url("/sha256")))
+    assert answer == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+
+def test_put_upload_with_T(proxy, origin, tmp_path):
+    body = b"".join(pattern(150_000))
+    (tmp_path / "file").write_bytes(body)
+    answer = _json(curl("-x", proxy.url, "-T", str(tmp_path / "file"), origin.url("/sha256")))
+    assert answer["sha256"] == hashlib.sha256(body).hexdigest()
+    assert origin.seen[-1].method == "PUT"
+
+
+def test_upload_from_a_pipe_is_chunked(proxy, origin):
+    body = b"".join(pattern(100_000))
+    answer = _json(curl("-x", proxy.url, "-T", "-", origin.url("/sha256"), input=body))
+    assert answer["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_chunked_response_reaches_the_client_whole(proxy, origin):
+    out = curl("-x", proxy.url, origin.url("/chunked/500000"))
+    assert out.returncode == 0, out.stderr
+    assert hashlib.sha256(out.stdout).hexdigest() == pattern_sha256(500000)
+
+
+def test_expect_100_continue(proxy, origin, tmp_path):
+    body = b"".join(pattern(2_000_000))
+    (tmp_path / "body").write_bytes(body)
+    out = curl("-x", proxy.url, "-H", "Expect: 100-continue", "--data-binary",
+               f"@{tmp_path / 'body'}", "-w", "\n%{http_code}", origin.url("/sha256"))
+    data, _, code = out.stdout.rpartition(b"\n")
+    assert code == b"200"
+    assert json.loads(data)["sha256"] == hashlib.sha256(body).hexdigest()
+    assert origin.seen[-1].headers.get("expect") == "100-continue"
+
+
+def test_expect_answered_with_a_final_status(proxy, raw_origin):
+    """The origin refuses before the body: the client gets that answer, no body is sent."""
+
+    def refuse(sock: socket.socket) -> None:
+        server.read_head(sock)
+        sock.sendall(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 4\r\n\r\nnope")
+        gevent.sleep(0.5)
+
+    server = raw_origin(refuse)
+    request = (f"PUT http://127.0.0.1:{server.port}/ HTTP/1.1\r\nHost: x\r\n"
+               "Expect: 100-continue\r\nContent-Length: 10\r\n\r\n").encode()
+    answer = exchange(proxy.address, request)  # the body is never sent
+    assert answer.startswith(b"HTTP/1.1 417 ")
+    assert answer.endswith(b"\r\n\r\nnope")
+    assert b"Connection: close" in answer  # the unsent body leaves the framing in doubt
+
+
+def test_hop_by_hop_fields_are_removed(proxy, origin):
+    echo = _json(curl(
+        "-x", proxy.url, "-H", "Connection: X-Private, keep-alive", "-H", "X-Private: 1",
+        "-H", "Keep-Alive: timeout=5", "-H", "Proxy-Connection: keep-alive",
+        "-H", "Proxy-Authorization: Basic Zm9vOmJhcg==", "-H", "TE: trailers",
+        "-H", "X-End-To-End: kept", origin.url("/echo")))
+    headers = echo["headers"]
+    for name in ("x-private", "keep-alive", "proxy-connection", "proxy-authorization", "te"):
+        assert name not in headers, name
+    assert headers["x-end-to-end"] == "kept"
+
+
+def test_host_is_rewritten_from_the_target(proxy, origin):
+    echo = _json(curl("-x", proxy.url, "-H", "Host: elsewhere.example",
+                      origin.url("/echo", host="origin.test")))
+    assert echo["headers"]["host"] == f"origin.test:{origin.port}"
+
+
+def test_response_hop_by_hop_fields_are_removed(proxy, raw_origin):
+    def answer(sock: socket.socket) -> None:
+        server.read_head(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\n"
+                     b"Keep-Alive: timeout=3\r\nX-Kept: 2\r\nContent-Length: 2\r\n\r\nok")
+
+    server = raw_origin(answer)
+    out = curl("-i", "-x", proxy.url, f"http://127.0.0.1:{server.port}/")
+    head = out.stdout.split(b"\r\n\r\n")[0].decode().lower()
+    assert "x-hop" not in head and "keep-alive" not in head
+    assert "x-kept: 2" in head and "via: 1.1 geproxy" in head
+    assert out.stdout.endswith(b"\r\n\r\nok")
+
+
+def test_close_delimited_response_is_rechunked_for_http11(proxy, raw_origin):
+    def answer(sock: socket.socket) -> None:
+        server.read_head(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        for piece in pattern(100_000):
+            sock.sendall(piece)
+
+    server = raw_origin(answer)
+    request = f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    sock = proxy.connect()
+    try:
+        sock.sendall(request)
+        head, body = _read_response(sock)
+        assert b"Transfer-Encoding: chunked" in head
+        assert hashlib.sha256(body).hexdigest() == pattern_sha256(100_000)
+        # The client connection survives: chunked framing told it where the body ended.
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        head, body = _read_response(sock)
+        assert head.startswith(b"HTTP/1.1 200 ") and body == b"ok\n"
+    finally:
+        sock.close()
+
+
+def _read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read one response with a Content-Length or chunked body from a raw socket."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, "closed before a complete head"
+        data += piece
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            while b"\r\n" not in rest:
+                rest += sock.recv(65536)
+            line, _, rest = rest.partition(b"\r\n")
+            size = int(line.split(b";")[0], 16)
+            while len(rest) < size + 2:
+                rest += sock.recv(65536)
+            if size == 0:
+                return head, body
+            body += rest[:size]
+            rest = rest[size + 2:]
+    length = 0
+    for line in lower.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head, rest[:length]
+
+
+def test_http10_client(proxy, origin):
+    answer = exchange(proxy.address,
+                      f"GET http://127.0.0.1:{origin.port}/chunked/1000 HTTP/1.0\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(1000)
+    assert origin.seen[-1].headers["via"] == "1.0 geproxy"
+
+
+def test_http10_keep_alive(proxy, origin):
+    sock = proxy.connect()
+    try:
+        for _ in range(2):
+            sock.sendall(f"GET http://127.0.0.1:{origin.port}/ HTTP/1.0\r\n"
+                         "Connection: keep-alive\r\n\r\n".encode())
+            head, body = _read_response(sock)
+            assert b"Connection: keep-alive" in head and body == b"hello\n"
+    finally:
+        sock.close()
+
+
+def test_requests_reuse_connections_both_sides(proxy, origin):
+    proxies = {"http": proxy.url}
+    with requests.Session() as session:
+        session.trust_env = False
+        for _ in range(3):
+            answer = session.get(origin.url("/"), proxies=proxies, timeout=10)
+            assert answer.text == "hello\n"
+    # One upstream connection carried all three requests, and one client connection too.
+    assert len({seen.remote_port for seen in origin.seen}) == 1
+    records = wait_for_records(proxy, 3)
+    assert len({record.ctx.conn_id for record in records}) == 1
+
+
+def test_urllib_through_the_proxy(proxy, origin):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url}))
+    with opener.open(origin.url("/echo", host="origin.test"), timeout=10) as answer:
+        echo = json.loads(answer.read())
+    assert echo["headers"]["host"] == f"origin.test:{origin.port}"
+
+
+def test_200_concurrent_clients(proxy, origin):
+    def one(i: int) -> str:
+        with requests.Session() as session:
+            session.trust_env = False
+            return session.get(origin.url(f"/echo?i={i}"), proxies={"http": proxy.url},
+                               timeout=30).json()["query"]
+
+    pool = gevent.pool.Pool(200)
+    results = pool.map(one, range(200))
+    assert results == [f"i={i}" for i in range(200)]
+
+
+def test_pipelined_requests_are_answered_in_order(proxy, origin):
+    request = "GET http://127.0.0.1:{}/echo?n={} HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock = proxy.connect()
+    try:
+        sock.sendall(b"".join(request.format(origin.port, n).encode() for n in range(5)))
+        for n in range(5):
+            _, body = _read_response(sock)
+            assert json.loads(body)["query"] == f"n={n}"
+    finally:
+        sock.close()
+
+
+def test_upgrade_switches_to_a_tunnel(proxy, raw_origin):
+    def websocket_like(sock: socket.socket) -> None:
+        head = server.read_head(sock)
+        assert b"upgrade: websocket" in head.lower()
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\n")
+        while True:
+            piece = sock.recv(100)
+            if not piece:
+                return
+            sock.sendall(piece.upper())
+
+    server = raw_origin(websocket_like)
+    sock = proxy.connect()
+    try:
+        sock.sendall(f"GET http://127.0.0.1:{server.port}/ws HTTP/1.1\r\nHost: x\r\n"
+                     "Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n".encode())
+        sock.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1000)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b"Upgrade: websocket" in head
+        sock.sendall(b"frames")
+        assert sock.recv(100) == b"FRAMES"
+    finally:
+        sock.close()
+
+
+def test_origin_form_is_answered_locally(proxy):
+    out = curl("-i", f"{proxy.url}/healthz")
+    assert out.stdout.startswith(b"HTTP/1.1 200 ") and out.stdout.endswith(b"ok\n")
+    out = curl("-i", f"{proxy.url}/elsewhere")
+    assert out.stdout.startswith(b"HTTP/1.1 404 ")
+
+
+def test_target_on_the_proxy_itself_is_local(proxy):
+    out = curl("-i", "-x", proxy.url, f"{proxy.url}/healthz")
+    assert out.stdout.startswith(b"HTTP/1.1 200 ") and out.stdout.endswith(b"ok\n")
+    assert "via" not in out.stdout.decode().lower()  # answered, not forwarded to itself
+
+
+def test_connect_to_the_proxy_itself_is_a_loop(proxy):
+    answer = exchange(proxy.address, f"CONNECT 127.0.0.1:{proxy.port} HTTP/1.1\r\n\r\n".encode(),
+                      until_close=False)
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    assert b"error=proxy_loop_detected" in answer
+
+
+def test_max_forwards_zero_is_answered_by_the_proxy(proxy, origin):
+    out = curl("-i", "-X", "OPTIONS", "-H", "Max-Forwards: 0", "-x", proxy.url, origin.url("/"))
+    assert out.stdout.startswith(b"HTTP/1.1 200 ")
+    assert origin.seen == []
+    echo = _json(curl("-X", "OPTIONS", "-H", "Max-Forwards: 3", "-x", proxy.url,
+                      origin.url("/echo")))
+    assert echo["headers"]["max-forwards"] == "2"
