@@ -102,11 +102,15 @@ def on_request(ctx: "Context", request: "Request") -> Optional["Response"]:
 def route(ctx: "Context", request: "Request") -> Optional["Route"]:
     """Choose how to reach the request's destination.
 
-    Called once per upstream connection the request needs (not for pooled reuse), after
-    ``on_request`` allowed it.
+    Called once per CONNECT or plain request, after ``on_request`` allowed it and before
+    an upstream connection is taken from the pool or opened: pooled connections are kept
+    per route, so a request only reuses one that went the same way.
 
     :returns: ``None`` to connect directly, or a ``Route`` naming a parent proxy
-        (host, port, optional Basic credentials) to go through.
+        (host, port, optional Basic credentials) to go through: CONNECT is then asked of the
+        parent, and plain requests are sent to it in absolute-form.
+
+    Must not connect anywhere itself; the core resolves and connects to what it returns.
     """
 
 
@@ -114,7 +118,8 @@ def route(ctx: "Context", request: "Request") -> Optional["Route"]:
 def resolve(ctx: "Context", host: str, port: int) -> Optional[Sequence[tuple[Any, ...]]]:
     """Turn a host name (or IP literal) into the socket addresses to connect to.
 
-    Called once per direct upstream connection, with the host exactly as validated from the
+    Called once per new upstream connection (for the parent's host when ``route`` chose
+    one; not when a pooled connection is reused), with the host exactly as validated from the
     target (lower-case, no trailing dot; IPv6 literals without brackets).
 
     :returns: a list of socket addresses as ``socket.getaddrinfo`` gives them: ``(ip, port)``
@@ -124,7 +129,7 @@ def resolve(ctx: "Context", host: str, port: int) -> Optional[Sequence[tuple[Any
         ``geproxy.errors.DNSError``, answers 502; ``DNSTimeout`` answers 504.
 
     Caches, timeouts and the destination guard are ``wrapper=True`` implementations around
-    this hook. Must block only cooperatively (gevent sockets, the gevent resolver).
+    this hook. Must not block except cooperatively (gevent sockets, the gevent resolver).
     """
 
 

@@ -104,7 +104,10 @@ class StaticResolver:
 
 
 class HookRecorder:
-    """Records every hook call, in order, as ``(hook name, detail)``."""
+    """Records every hook call, in order, as ``(hook name, detail)``.
+
+    Its implementations are wrappers, so it sees each call whatever the other plugins answer.
+    """
 
     name = "hook_recorder"
 
@@ -115,25 +118,30 @@ class HookRecorder:
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]
 
-    @hookimpl
-    def on_connect(self, ctx: Context) -> None:
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_connect(self, ctx: Context) -> Any:
         self.calls.append(("on_connect", ctx.client_addr[0]))
+        return (yield)
 
-    @hookimpl
-    def on_request(self, ctx: Context, request: Request) -> None:
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_request(self, ctx: Context, request: Request) -> Any:
         self.calls.append(("on_request", f"{request.method} {request.target}"))
+        return (yield)
 
-    @hookimpl
-    def route(self, ctx: Context, request: Request) -> None:
+    @hookimpl(wrapper=True, tryfirst=True)
+    def route(self, ctx: Context, request: Request) -> Any:
         self.calls.append(("route", request.host))
+        return (yield)
 
-    @hookimpl
-    def resolve(self, ctx: Context, host: str, port: int) -> None:
+    @hookimpl(wrapper=True, tryfirst=True)
+    def resolve(self, ctx: Context, host: str, port: int) -> Any:
         self.calls.append(("resolve", f"{host}:{port}"))
+        return (yield)
 
-    @hookimpl
-    def on_response(self, ctx: Context, request: Request, response: Response) -> None:
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_response(self, ctx: Context, request: Request, response: Response) -> Any:
         self.calls.append(("on_response", str(response.status)))
+        return (yield)
 
     @hookimpl
     def on_close(self, ctx: Context, record: Record) -> None:

@@ -1,0 +1,138 @@
+"""The hook core: exact call order, contracts, and the built-ins registered like any plugin."""
+
+from __future__ import annotations
+
+import inspect
+
+from geproxy import DEFAULT_PLUGINS, Route, hookimpl, hookspecs
+from geproxy.plugins import plugin_names
+from geproxy.testing import HookRecorder, curl, wait_for_records
+
+
+def test_hook_order_for_connect(proxy_factory, origin):
+    recorder = HookRecorder()
+    proxy = proxy_factory(plugins=[recorder])
+    proxy.resolver.add("origin.test", "127.0.0.1")
+    out = curl("-p", "-x", proxy.url, origin.url("/", host="origin.test"))
+    assert out.returncode == 0, out.stderr
+    wait_for_records(proxy, 1)
+    assert recorder.calls == [
+        ("on_connect", "127.0.0.1"),
+        ("on_request", f"CONNECT origin.test:{origin.port}"),
+        ("route", "origin.test"),
+        ("resolve", f"origin.test:{origin.port}"),
+        ("on_close", "CONNECT 200"),
+    ]
+
+
+def test_hook_order_for_a_plain_get(proxy_factory, origin):
+    recorder = HookRecorder()
+    proxy = proxy_factory(plugins=[recorder])
+    proxy.resolver.add("origin.test", "127.0.0.1")
+    out = curl("-x", proxy.url, origin.url("/", host="origin.test"))
+    assert out.returncode == 0, out.stderr
+    wait_for_records(proxy, 1)
+    assert recorder.calls == [
+        ("on_connect", "127.0.0.1"),
+        ("on_request", f"GET {origin.url('/', host='origin.test')}"),
+        ("route", "origin.test"),
+        ("resolve", f"origin.test:{origin.port}"),
+        ("on_response", "200"),
+        ("on_close", "GET 200"),
+    ]
+
+
+def test_a_reused_upstream_connection_skips_resolve(proxy_factory, origin):
+    recorder = HookRecorder()
+    proxy = proxy_factory(plugins=[recorder])
+    url = origin.url("/")
+    out = curl("-x", proxy.url, url, url)  # one client connection, two requests
+    assert out.stdout == b"hello\nhello\n"
+    wait_for_records(proxy, 2)
+    assert recorder.names.count("resolve") == 1
+    assert recorder.names.count("on_request") == 2
+
+
+def test_on_response_may_edit_headers(proxy_factory, origin):
+    class Stamp:
+        @hookimpl
+        def on_response(self, ctx, request, response):
+            response.headers.set("X-Checked-By", "policy")
+            response.headers.set("Content-Length", "1")  # framing stays the core's
+
+    proxy = proxy_factory(plugins=[Stamp()])
+    out = curl("-i", "-x", proxy.url, origin.url("/"))
+    assert b"X-Checked-By: policy\r\n" in out.stdout
+    assert out.stdout.endswith(b"\r\n\r\nhello\n")
+    assert b"Content-Length: 6\r\n" in out.stdout
+
+
+def test_on_close_observers_are_isolated(proxy_factory, origin):
+    seen = []
+
+    class Broken:
+        @hookimpl
+        def on_close(self, ctx, record):
+            raise RuntimeError("observer bug")
+
+    class Counter:
+        @hookimpl
+        def on_close(self, record):  # an impl may take only the arguments it needs
+            seen.append(record.status)
+
+    proxy = proxy_factory(plugins=[Counter(), Broken()])
+    out = curl("-x", proxy.url, origin.url("/"))
+    assert out.stdout == b"hello\n"
+    wait_for_records(proxy, 1)
+    assert seen == [200]
+
+
+def test_builtin_plugins_are_registered_by_name(proxy):
+    names = plugin_names(proxy.server.pm)
+    for name, _ in DEFAULT_PLUGINS:
+        assert name in names
+
+
+def test_every_hook_has_a_contract():
+    """Each hookspec documents when it is called and what its return values mean."""
+    specs = [obj for name, obj in inspect.getmembers(hookspecs, inspect.isfunction)
+             if hasattr(obj, "geproxy_spec")]
+    assert {spec.__name__ for spec in specs} == {
+        "add_options", "configure", "on_connect", "on_request", "route", "resolve",
+        "on_response", "on_close"}
+    for spec in specs:
+        doc = inspect.getdoc(spec) or ""
+        assert "Called" in doc, spec.__name__
+        assert "Must not" in doc or "must not" in doc, spec.__name__
+
+
+def test_route_through_a_parent_proxy(proxy_factory, origin):
+    """``route`` returning a Route sends CONNECT to the parent, and plain requests to it in
+    absolute-form, with the parent's credentials; the client's own never leave."""
+    seen_by_parent = []
+
+    class Watch:
+        @hookimpl
+        def on_request(self, ctx, request):
+            seen_by_parent.append((request.method, request.target,
+                                   request.headers.get("proxy-authorization")))
+
+    parent = proxy_factory(plugins=[Watch()])
+
+    class ViaParent:
+        @hookimpl
+        def route(self, ctx, request):
+            return Route(parent.address[0], parent.port, "egress", "s3cret")
+
+    child = proxy_factory(plugins=[ViaParent()])
+    out = curl("-p", "-x", child.url, origin.url("/echo"))
+    assert out.returncode == 0 and b'"path": "/echo"' in out.stdout, out.stderr
+    out = curl("-x", child.url, "-U", "client:secret", origin.url("/echo"))
+    assert out.returncode == 0, out.stderr
+    assert "proxy-authorization" not in out.stdout.decode()
+    credentials = "Basic ZWdyZXNzOnMzY3JldA=="
+    assert seen_by_parent == [
+        ("CONNECT", f"127.0.0.1:{origin.port}", credentials),
+        ("GET", origin.url("/echo"), credentials),
+    ]
+    assert wait_for_records(child, 2)[-1].upstream_addr == parent.address
