@@ -38,6 +38,7 @@ from .server import ProxyServer, create_server
 __all__ = [
     "Proxy",
     "Origin",
+    "ProxyProcess",
     "RawOrigin",
     "StaticResolver",
     "HookRecorder",
@@ -218,6 +219,62 @@ def wait_for_records(proxy: Proxy, count: int, limit: float = 10.0) -> list[Reco
     assert len(proxy.records.records) >= count, (
         f"{len(proxy.records.records)} records, expected {count}")
     return proxy.records.records
+
+
+class ProxyProcess:
+    """geproxy run as its users run it: ``python -m geproxy --config PATH``, in a process.
+
+    The bound address is read from the "listening on" line it logs; the rest of its standard
+    error is kept in ``log`` (bounded) while it runs.
+    """
+
+    def __init__(self, config_path: str, limit: float = 20.0) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "geproxy", "--config", config_path],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log: list[str] = []
+        self.address: Optional[tuple[str, int]] = None
+        with gevent.Timeout(limit, AssertionError("geproxy did not start listening in time")):
+            while self.address is None:
+                line = self.process.stderr.readline().decode(errors="replace")  # type: ignore
+                if not line:
+                    raise AssertionError("geproxy exited: " + "".join(self.log[-20:]))
+                self.log.append(line)
+                found = re.search(r"listening on (\S+):(\d+)[;,]", line)
+                if found:
+                    self.address = (found.group(1).strip("[]"), int(found.group(2)))
+        self._reader = gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:  # type: ignore[union-attr]
+            self.log.append(line.decode(errors="replace"))
+            del self.log[:-1000]
+
+    @property
+    def url(self) -> str:
+        assert self.address is not None
+        return f"http://{self.address[0]}:{self.address[1]}"
+
+    def status(self, field_name: str) -> int:
+        """A field of /proc/PID/status in KiB (VmRSS, VmHWM)."""
+        with open(f"/proc/{self.process.pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+        raise KeyError(field_name)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(timeout=5)
+        self._reader.join(timeout=5)
+        self._reader.kill()
+        self.process.stderr.close()  # type: ignore[union-attr]
+        return code
 
 
 # -- origins -------------------------------------------------------------------------------
@@ -448,6 +505,25 @@ def proxy(proxy_factory: Callable[..., Proxy]) -> Proxy:
     """A proxy with the default configuration; ``*.test`` names resolve to 127.0.0.1."""
     resolver = StaticResolver({"origin.test": ["127.0.0.1"], "localhost.test": ["127.0.0.1"]})
     return proxy_factory(resolver=resolver)
+
+
+@pytest.fixture
+def proxy_process(tmp_path: Path) -> Iterator[Callable[[str], ProxyProcess]]:
+    """``proxy_process(ini)`` runs geproxy in its own process; stopped at teardown."""
+    started: list[ProxyProcess] = []
+
+    def factory(ini: str = "") -> ProxyProcess:
+        path = tmp_path / f"process-{len(started)}.ini"
+        text = ini if "[geproxy]" in ini else "[geproxy]\n" + ini
+        if not re.search(r"^listen\s*=", text, re.M):
+            text = text.replace("[geproxy]\n", "[geproxy]\nlisten = 127.0.0.1:0\n", 1)
+        path.write_text(text)
+        started.append(ProxyProcess(str(path)))
+        return started[-1]
+
+    yield factory
+    for process in started:
+        process.stop()
 
 
 @pytest.fixture
