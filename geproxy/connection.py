@@ -124,13 +124,16 @@ class Connection:
 
     def _read_request(self, record: Record) -> Optional[Request]:
         parser = http11.RequestHeadParser(self.settings["max_header_size"])
+        header_timeout = self.settings["header_timeout"]
+        # A new connection's first head is due header_timeout after accept; a later one
+        # may wait idle_timeout for its first byte, then has header_timeout for the rest.
+        deadline = self.ctx.started + header_timeout if self.ctx.requests == 0 else None
         if not self.buf:
             # Between requests the connection is idle: graceful stop may end it here.
             self.server.idle.add(gevent.getcurrent())
-            wait = (self.settings["header_timeout"] if self.ctx.requests == 0
-                    else self.settings["idle_timeout"])
+            wait = deadline - time.time() if deadline else self.settings["idle_timeout"]
             try:
-                with gevent.Timeout(wait, False):
+                with gevent.Timeout(max(wait, 0.001), False):
                     self.buf = self.sock.recv(RECV_SIZE)
             except OSError:
                 self.buf = b""
@@ -139,8 +142,9 @@ class Connection:
             if not self.buf:
                 return None
         record.started = time.time()
+        limit = deadline - time.time() if deadline else header_timeout
         try:
-            with gevent.Timeout(self.settings["header_timeout"],
+            with gevent.Timeout(max(limit, 0.001),
                                 HeaderTimeout("request head not received in time")):
                 while True:
                     data = self.recv()

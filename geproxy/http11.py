@@ -104,6 +104,7 @@ class _HeadParser:
         self._buf = bytearray()
         self._cb = _Callbacks(max_line)
         self._parser = self._parser_class(self._cb)
+        self._start_line = b""
         #: Bytes that followed the head, once it is complete.
         self.rest = b""
 
@@ -129,10 +130,13 @@ class _HeadParser:
             if len(self._buf) > self.max_size:
                 raise self._size_error()
             return False
-        # llhttp insists on CRLF line endings, so the head ends at the first empty line.
-        end = self._buf.find(b"\r\n\r\n", max(0, start - 3)) + 4
+        # llhttp skips empty lines before the start line and insists on CRLF line endings
+        # after it, so the head ends at the first empty line after the start line.
+        head_start = len(self._buf) - len(self._buf.lstrip(b"\r\n"))
+        end = self._buf.find(b"\r\n\r\n", max(head_start, start - 3)) + 4
         if end < 4 or end > self.max_size:
             raise self._size_error()
+        self._start_line = bytes(self._buf[head_start : self._buf.find(b"\r\n", head_start)])
         self.rest = bytes(self._buf[end:])
         self._buf = bytearray()
         return True
@@ -150,7 +154,14 @@ class _HeadParser:
         version = self._parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise self._error(f"unsupported HTTP version {version!r}")
+        # llhttp also takes RTSP/1.0 and ICE/1.0 and reports their version alike.
+        if not self._names_http("HTTP/" + version):
+            raise self._error(f"not HTTP: {self._start_line[:64]!r}")
         return "HTTP/" + version
+
+    def _names_http(self, version: str) -> bool:
+        """Whether the start line carries ``version``: last in a request line."""
+        return self._start_line.endswith(b" " + version.encode())
 
 
 class RequestHeadParser(_HeadParser):
@@ -197,6 +208,9 @@ class ResponseHeadParser(_HeadParser):
 
     def _error(self, detail: str) -> Exception:
         return UpstreamError(f"upstream response {detail}")
+
+    def _names_http(self, version: str) -> bool:
+        return self._start_line.startswith(version.encode() + b" ")
 
     def _size_error(self) -> Exception:
         return UpstreamError("upstream response head over max_header_size")
@@ -415,11 +429,12 @@ def _framing_error(error: type, what: str) -> Exception:
     return error(f"unsupported framing: {what}")
 
 
-def _body_reader(headers: Headers, error: type) -> Optional[BodyReader]:
+def _body_reader(headers: Headers, version: str, error: type) -> Optional[BodyReader]:
     """The reader for a message with a body framed by its own headers, None if unframed."""
     te = headers.tokens("transfer-encoding")
     if te:
-        if te != ["chunked"]:
+        # RFC 9112 section 6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
+        if te != ["chunked"] or version == "HTTP/1.0":
             raise _framing_error(error, "Transfer-Encoding " + ", ".join(te))
         return ChunkedReader(error)
     cls = headers.get_all("content-length")
@@ -433,7 +448,7 @@ def _body_reader(headers: Headers, error: type) -> Optional[BodyReader]:
 
 def request_body_reader(request: Request) -> BodyReader:
     """The body reader for a request: chunked, a Content-Length, or none."""
-    return _body_reader(request.headers, ClientError) or NoBody()
+    return _body_reader(request.headers, request.version, ClientError) or NoBody()
 
 
 def response_body_reader(method: str, response: Response) -> BodyReader:
@@ -441,7 +456,8 @@ def response_body_reader(method: str, response: Response) -> BodyReader:
     status = response.status
     if method == "HEAD" or status < 200 or status in (204, 304):
         return NoBody()
-    return _body_reader(response.headers, UpstreamError) or UntilCloseReader()
+    return _body_reader(response.headers, response.version, UpstreamError) or (
+        UntilCloseReader())
 
 
 # -- serialising ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ built fresh for one server (or one reload): nothing is registered at import time
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
 from typing import Any, Iterable, Optional, Sequence
 
@@ -71,7 +72,11 @@ def get_plugin_manager(
     for obj in objects:
         pm.register(obj, name=getattr(obj, "name", None))
     if entry_points:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        for entry_point in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+            if pm.is_blocked(entry_point.name) or pm.has_plugin(entry_point.name):
+                continue
+            obj = entry_point.load()
+            pm.register(obj() if isinstance(obj, type) else obj, name=entry_point.name)
     return pm
 
 
@@ -87,18 +92,19 @@ def load(
     extra = parse_list(section.get("plugins", ""))
     disable = parse_list(section.get("disable", ""))
     known = {name for name, _ in DEFAULT_PLUGINS}
+    known.update(ep.name for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT))
     for name in disable:
         if name not in known:
-            raise ConfigError(f"no built-in plugin named {name!r}", path=path,
+            raise ConfigError(f"no built-in or installed plugin named {name!r}", path=path,
                               section="geproxy", key="disable")
     try:
         pm = get_plugin_manager(extra, disable, objects, entry_points)
-    # ValueError: an empty module name, or a name registered twice (pluggy).
-    except (ImportError, AttributeError, ValueError, pluggy.PluginValidationError) as exc:
+    except Exception as exc:  # whatever a plugin's import raises is a configuration problem
+        log.debug("loading plugins failed", exc_info=True)
         # One line: pluggy's duplicate-name message goes on to dump every plugin.
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"cannot load plugin: {first}", path=path, section="geproxy",
-                          key="plugins") from None
+        first = (str(exc).splitlines() or [""])[0]
+        raise ConfigError(f"cannot load plugin: {type(exc).__name__}: {first}", path=path,
+                          section="geproxy", key="plugins") from None
     registry = OptionRegistry()
     pm.hook.add_options.call_historic(kwargs={"registry": registry})
     config = build_config(path, parser, registry, frozenset(disable))

@@ -76,6 +76,8 @@ class ProxyServer:
                 self._refuse(conn)
                 return
             conn.handle()
+        except OSError as exc:  # the client went away before or while being served
+            log.debug("connection from %s ended: %s", address[0], exc)
         except Exception:
             log.exception("connection from %s failed", address[0])
         finally:

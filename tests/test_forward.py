@@ -309,3 +309,41 @@ def test_max_forwards_zero_is_answered_by_the_proxy(proxy, origin):
     echo = _json(curl("-X", "OPTIONS", "-H", "Max-Forwards: 3", "-x", proxy.url,
                       origin.url("/echo")))
     assert echo["headers"]["max-forwards"] == "2"
+
+
+def test_idle_pooled_connections_expire(proxy_factory, origin):
+    proxy = proxy_factory("upstream_idle_timeout = 200ms\n")
+    first = curl("-x", proxy.url, origin.url("/"))
+    assert first.stdout == b"hello\n"
+    assert len(proxy.server.pool) == 1
+    for _ in range(300):  # bounded: 3 s at most
+        if len(proxy.server.pool) == 0:
+            break
+        gevent.sleep(0.01)
+    assert len(proxy.server.pool) == 0
+    second = curl("-x", proxy.url, origin.url("/"))
+    assert second.stdout == b"hello\n"
+    assert len({seen.remote_port for seen in origin.seen}) == 2  # a new connection
+
+
+def test_an_upstream_that_closed_while_pooled_is_not_reused(proxy, raw_origin):
+    """The origin answers once and closes its side: the next request opens a new one."""
+
+    def answer_once(sock: socket.socket) -> None:
+        server.read_head(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
+
+    server = raw_origin(answer_once)
+    url = f"http://127.0.0.1:{server.port}/"
+    for _ in range(2):
+        out = curl("-x", proxy.url, url)
+        assert out.stdout == b"one", out.stderr
+    assert server.accepted == 2
+
+
+def test_requests_https_through_connect(proxy, tls_origin, ca_file):
+    with requests.Session() as session:
+        session.trust_env = False
+        answer = session.get(tls_origin.url("/echo", host="origin.test"),
+                             proxies={"https": proxy.url}, verify=ca_file, timeout=10)
+    assert answer.status_code == 200 and answer.json()["path"] == "/echo"

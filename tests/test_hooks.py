@@ -136,3 +136,26 @@ def test_route_through_a_parent_proxy(proxy_factory, origin):
         ("GET", origin.url("/echo"), credentials),
     ]
     assert wait_for_records(child, 2)[-1].upstream_addr == parent.address
+
+
+def test_plugins_from_the_entry_point_group(tmp_path, monkeypatch):
+    """An installed distribution offering a ``geproxy`` entry point is loaded at start."""
+    (tmp_path / "stamp_plugin.py").write_text(
+        "from geproxy import hookimpl\n"
+        "class Stamp:\n"
+        "    @hookimpl\n"
+        "    def on_response(self, ctx, request, response):\n"
+        "        response.headers.set('X-Stamped', 'entry-point')\n")
+    dist = tmp_path / "stamp_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: stamp-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[geproxy]\nstamp = stamp_plugin:Stamp\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from geproxy.plugins import load
+
+    path = tmp_path / "ep.ini"
+    path.write_text("[geproxy]\nlisten = 127.0.0.1:0\naccess_log = off\n")
+    pm, _ = load(str(path))
+    assert "stamp" in plugin_names(pm)
+    assert type(pm.get_plugin("stamp")).__name__ == "Stamp"
+    assert len(pm.hook.on_response.get_hookimpls()) == 1
