@@ -15,7 +15,6 @@ import gevent
 
 from . import forward, http11
 from .errors import (
-    ClientError,
     ClientGone,
     Denied,
     HeaderTimeout,

@@ -18,7 +18,6 @@ from .errors import (
     ClientError,
     ClientGone,
     ConnectionTerminated,
-    ProxyError,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -45,7 +44,7 @@ def client_keeps_alive(request: Request) -> bool:
 
 def request_has_body(request: Request) -> bool:
     headers = request.headers
-    return "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0"
+    return "transfer-encoding" in headers or (headers.get("content-length") or "0").strip() != "0"
 
 
 def read_small_body(conn: "Connection", request: Request, limit: int) -> bytes:

@@ -44,7 +44,7 @@ class Headers:
 
     def tokens(self, name: str) -> list[str]:
         """The comma-separated tokens of every ``name`` field, lower-cased and stripped."""
-        out = []
+        out: list[str] = []
         for value in self.get_all(name):
             out.extend(t.strip().lower() for t in value.split(",") if t.strip())
         return out

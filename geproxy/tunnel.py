@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import gevent
 from gevent import get_hub
@@ -34,7 +34,7 @@ class _Tunnel:
         self.idle_timeout = idle_timeout
         self.last = time.monotonic()
         self.reason = ""
-        self._timer = None
+        self._timer: Any = None  # a gevent timer watcher while armed
 
     def pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
         record = self.record
@@ -68,8 +68,9 @@ class _Tunnel:
                 pass
 
     def arm(self, delay: float) -> None:
-        self._timer = get_hub().loop.timer(delay)
-        self._timer.start(self._check)
+        timer = get_hub().loop.timer(delay)
+        timer.start(self._check)
+        self._timer = timer
 
     def _check(self) -> None:
         # Runs in the hub: must not block. Shutting the sockets wakes both pumps.

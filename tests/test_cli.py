@@ -20,8 +20,8 @@ from typing import IO, Callable, Iterator, Optional
 
 import gevent
 import pytest
-
 from conftest import require
+
 from geproxy import __version__
 from geproxy.testing import Origin, curl
 

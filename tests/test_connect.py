@@ -10,8 +10,8 @@ import time
 
 import gevent
 import pytest
-
 from conftest import require
+
 from geproxy import hookimpl
 from geproxy.testing import curl, exchange, pattern_sha256, wait_for_records
 

@@ -51,6 +51,9 @@ def _field(head: bytes, name: bytes) -> bytes | None:
     return None
 
 
+HEALTHZ_CLOSE = b"GET /healthz HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+
+
 def _still_serves(proxy, origin) -> None:
     out = curl("-x", proxy.url, origin.url("/"))
     assert out.returncode == 0 and out.stdout == b"hello\n", out.stderr
@@ -185,7 +188,7 @@ def test_too_many_connections_is_503(proxy_factory, origin):
         for holder in holders:  # make sure both are accepted and being served
             holder.sendall(b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n")
             assert holder.recv(1000).startswith(b"HTTP/1.1 200 ")
-        answer = exchange(proxy.address, b"GET /healthz HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+        answer = exchange(proxy.address, HEALTHZ_CLOSE)
         assert answer.startswith(b"HTTP/1.1 503 ")
         assert _field(answer, b"proxy-status") == b"geproxy; error=connection_limit_reached"
     finally:
@@ -193,7 +196,7 @@ def test_too_many_connections_is_503(proxy_factory, origin):
             holder.close()
     # Once the holders left, the proxy serves again.
     for _ in range(100):
-        answer = exchange(proxy.address, b"GET /healthz HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+        answer = exchange(proxy.address, HEALTHZ_CLOSE)
         if answer.startswith(b"HTTP/1.1 200 "):
             break
         gevent.sleep(0.02)
