@@ -154,6 +154,7 @@ class Connection:
                     request = parser.feed(data)
                     if request is not None:
                         self.buf = parser.rest
+                        record.bytes_in += parser.size
                         return request
         except OSError as exc:
             raise ClientGone(f"reading the head: {exc}") from None

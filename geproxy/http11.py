@@ -107,6 +107,8 @@ class _HeadParser:
         self._start_line = b""
         #: Bytes that followed the head, once it is complete.
         self.rest = b""
+        #: The size of the head on the wire, once it is complete.
+        self.size = 0
 
     @property
     def started(self) -> bool:
@@ -138,6 +140,7 @@ class _HeadParser:
             raise self._size_error()
         self._start_line = bytes(self._buf[head_start : self._buf.find(b"\r\n", head_start)])
         self.rest = bytes(self._buf[end:])
+        self.size = end
         self._buf = bytearray()
         return True
 

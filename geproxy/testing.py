@@ -46,6 +46,7 @@ __all__ = [
     "pattern_sha256",
     "wait_for_records",
     "open_fds",
+    "recv_all",
     "live_greenlets",
 ]
 
@@ -415,6 +416,20 @@ def curl(*args: str, timeout: float = 60, input: Optional[bytes] = None
     cmd = ["curl", "-q", "--silent", "--show-error", "--noproxy", "", *args]
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     return subprocess.run(cmd, capture_output=True, timeout=timeout, input=input, env=env)
+
+
+def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Read until EOF or a reset; ``timeout`` seconds of silence raise socket.timeout."""
+    data = b""
+    sock.settimeout(timeout)
+    while True:
+        try:
+            piece = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not piece:
+            return data
+        data += piece
 
 
 def exchange(address: tuple[str, int], data: bytes, timeout: float = 10,

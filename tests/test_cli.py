@@ -23,7 +23,7 @@ import pytest
 from conftest import require
 
 from geproxy import __version__
-from geproxy.testing import Origin, curl
+from geproxy.testing import Origin, curl, recv_all
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -141,20 +141,6 @@ def recv_head(sock: socket.socket, timeout: float = 10) -> bytes:
             break
         data += piece
     return data
-
-
-def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
-    """Read until EOF (or a reset); fails if it takes longer than ``timeout``."""
-    data = b""
-    sock.settimeout(timeout)
-    while True:
-        try:
-            piece = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not piece:
-            return data
-        data += piece
 
 
 def open_tunnel(port: int, origin_port: int) -> socket.socket:

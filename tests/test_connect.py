@@ -13,7 +13,7 @@ import pytest
 from conftest import require
 
 from geproxy import hookimpl
-from geproxy.testing import curl, exchange, pattern_sha256, wait_for_records
+from geproxy.testing import curl, exchange, pattern_sha256, recv_all, wait_for_records
 
 
 def _open_tunnel(proxy, target: str, extra: bytes = b"") -> tuple[socket.socket, bytes]:
@@ -27,20 +27,6 @@ def _open_tunnel(proxy, target: str, extra: bytes = b"") -> tuple[socket.socket,
             break
         head += piece
     return sock, head
-
-
-def _read_all(sock: socket.socket, limit: float = 10) -> bytes:
-    out = b""
-    sock.settimeout(limit)
-    while True:
-        try:
-            piece = sock.recv(65536)
-        except (socket.timeout, ConnectionResetError):
-            break
-        if not piece:
-            break
-        out += piece
-    return out
 
 
 def test_curl_https_through_connect(proxy, tls_origin, ca_file):
@@ -112,7 +98,7 @@ def test_bytes_after_the_connect_head_go_into_the_tunnel(proxy, origin):
     request = b"GET /echo HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n"
     sock, head = _open_tunnel(proxy, f"origin.test:{origin.port}", extra=request)
     try:
-        data = head + _read_all(sock)
+        data = head + recv_all(sock)
     finally:
         sock.close()
     assert data.startswith(b"HTTP/1.1 200 Connection Established\r\n")
@@ -140,7 +126,7 @@ def test_connect_to_an_ipv6_literal(proxy_factory, raw_origin):
         sock, head = _open_tunnel(proxy, f"[::1]:{port}")
         try:
             assert head.startswith(b"HTTP/1.1 200 ")
-            assert (head.split(b"\r\n\r\n", 1)[1] + _read_all(sock)) == b"hello over v6"
+            assert (head.split(b"\r\n\r\n", 1)[1] + recv_all(sock)) == b"hello over v6"
         finally:
             sock.close()
     finally:
@@ -152,13 +138,7 @@ def test_half_close_from_the_client(proxy, raw_origin):
     """The client's FIN reaches the origin, which still answers on its half."""
 
     def echo_after_eof(sock: socket.socket) -> None:
-        data = b""
-        while True:
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            data += piece
-        sock.sendall(b"got:" + data)
+        sock.sendall(b"got:" + recv_all(sock))
 
     server = raw_origin(echo_after_eof)
     sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
@@ -166,7 +146,7 @@ def test_half_close_from_the_client(proxy, raw_origin):
         assert head.startswith(b"HTTP/1.1 200 ")
         sock.sendall(b"ping" * 1000)
         sock.shutdown(socket.SHUT_WR)
-        assert _read_all(sock) == b"got:" + b"ping" * 1000
+        assert recv_all(sock) == b"got:" + b"ping" * 1000
     finally:
         sock.close()
 
@@ -178,13 +158,7 @@ def test_half_close_from_the_origin(proxy, raw_origin):
     def speak_then_listen(sock: socket.socket) -> None:
         sock.sendall(b"banner")
         sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            data += piece
-        received.append(data)
+        received.append(recv_all(sock))
 
     server = raw_origin(speak_then_listen)
     sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
@@ -296,5 +270,5 @@ def test_tls_through_the_tunnel_with_python_ssl(proxy, tls_origin, ca_file):
     context = ssl.create_default_context(cafile=ca_file)
     with context.wrap_socket(sock, server_hostname="origin.test") as tls:
         tls.sendall(b"GET /echo HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n")
-        data = _read_all(tls)
+        data = recv_all(tls)
     assert data.startswith(b"HTTP/1.1 200 OK") and b'"path": "/echo"' in data
