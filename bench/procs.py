@@ -1,0 +1,179 @@
+"""Processes the bench starts: free ports, readiness, stopping by PID, /proc readings.
+
+Every wait here is bounded in attempts and in time; nothing sleeps to wait for readiness
+without checking.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+READY_TIMEOUT = 20.0
+READY_ATTEMPTS = 400
+STOP_TIMEOUT = 10.0
+WANTED_NOFILE = 65536
+
+
+class StartError(Exception):
+    """A server did not come up; the message says why, for the results table."""
+
+
+@dataclass
+class Server:
+    """A running child process listening on 127.0.0.1:port."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    leftovers: tuple[str, ...] = ()  # glob patterns of files it leaves behind when stopped
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def raise_nofile() -> int:
+    """Raise this process's RLIMIT_NOFILE (children inherit it); return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (WANTED_NOFILE, max(hard, WANTED_NOFILE)))
+    except (ValueError, OSError):  # not root: the hard limit is as far as we may go
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def free_port() -> int:
+    """A port that was free on 127.0.0.1 a moment ago (bind port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(
+    name: str, argv: list[str], port: int, workdir: Path, leftovers: tuple[str, ...] = (),
+) -> Server:
+    """Start argv with its output in workdir/NAME.log and wait until it accepts on port.
+
+    The child gets its own session, so a Ctrl-C reaches only the bench, which then stops
+    it by PID like any other child.
+    """
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            cwd=workdir, start_new_session=True,
+        )
+    server = Server(name, port, process, log, leftovers)
+    try:
+        wait_port(server)
+    except StartError:
+        stop_server(server)
+        raise
+    return server
+
+
+def wait_port(server: Server) -> None:
+    """Return once 127.0.0.1:port accepts; StartError if the process exits or time runs out."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    for _ in range(READY_ATTEMPTS):
+        code = server.process.poll()
+        if code is not None:
+            raise StartError(f"exited with code {code}: {last_line(server.log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=0.2):
+                return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    raise StartError(f"not listening on port {server.port} after {READY_TIMEOUT:.0f} s")
+
+
+def last_line(log: Path) -> str:
+    """The last non-empty line of a log, shortened for a table cell."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:160] if lines else "no output"
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM the process by its PID, SIGKILL it if it lingers, and reap it."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=STOP_TIMEOUT)
+
+
+def stop_server(server: Server) -> None:
+    """Stop the server by its PID and remove what it leaves behind."""
+    stop(server.process)
+    for pattern in server.leftovers:
+        for path in glob.glob(pattern):
+            os.remove(path)
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (field 3, the state, is [0])."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (a proxy that forks workers is measured whole)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(_stat_fields(int(entry))[1])
+        except (OSError, ValueError):  # the process ended while we looked
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of the process tree, from /proc/PID/status."""
+    total = 0
+    for member in process_tree(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process tree, from /proc/PID/stat (all threads included)."""
+    ticks = 0
+    for member in process_tree(pid):
+        fields = _stat_fields(member)
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def build_c(source: Path, workdir: Path) -> Path:
+    """Compile one C file with gcc -O2 into workdir; return the binary."""
+    if shutil.which("gcc") is None:
+        raise SystemExit("bench: gcc is needed to build the load generator (apt-get install gcc)")
+    binary = workdir / source.stem
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source)], check=True, timeout=120)
+    return binary
