@@ -71,6 +71,9 @@ def _run(server: "ProxyServer") -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, lambda: gevent.spawn(server.stop))
+    # Without a handler SIGHUP would end the process at once, dropping every tunnel.
+    gevent.signal_handler(signal.SIGHUP, lambda: logging.getLogger("geproxy").warning(
+        "SIGHUP: reloading is not supported yet; restart to apply a new configuration"))
     try:
         server.serve_forever()
     except OSError as exc:

@@ -72,24 +72,38 @@ def parse_lines(text: str) -> list[str]:
 
 
 def parse_listen(text: str) -> list[tuple[str, int]]:
-    """Listen addresses: ``127.0.0.1:3128``, ``[::1]:3128``, ``:3128`` (all IPv4), several."""
+    """Listen addresses: ``127.0.0.1:3128``, ``[::1]:3128``, ``:3128`` (all IPv4),
+    ``[::]:3128`` (all IPv6), ``localhost:3128`` (127.0.0.1), several."""
     out = []
     for item in parse_list(text):
         host, sep, port = item.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise ValueError(f"not host:port: {item!r}")
-        if host.startswith("[") and host.endswith("]"):
+        bracketed = host.startswith("[") and host.endswith("]")
+        if bracketed:
             host = host[1:-1]
-        host = host or "0.0.0.0"
+        host = {"": "0.0.0.0", "localhost": "127.0.0.1"}.get(host, host)
         try:
-            ipaddress.ip_address(host)
+            address = ipaddress.ip_address(host)
         except ValueError:
-            if host != "localhost":
-                raise ValueError(f"not an IP address: {host!r}") from None
-        out.append((host, int(port)))
+            raise ValueError(f"not an IP address: {host!r}") from None
+        if (address.version == 6) != bracketed:
+            raise ValueError(f"IPv6 addresses go in brackets, IPv4 ones not: {item!r}")
+        out.append((str(address), int(port)))
     if not out:
         raise ValueError("at least one address is needed")
     return out
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def parse_token(text: str) -> str:
+    """An HTTP token (RFC 9110 5.6.2): a name that can stand in a header unquoted."""
+    value = text.strip()
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"not a token (letters, digits, -._~ and the like): {text!r}")
+    return value
 
 
 def _parse_int(text: str) -> int:
@@ -103,6 +117,7 @@ def _parse_str(text: str) -> str:
 _KINDS: dict[str, Callable[[str], Any]] = {
     "str": _parse_str,
     "path": _parse_str,
+    "token": parse_token,
     "int": _parse_int,
     "float": lambda text: float(text.strip()),
     "bool": parse_bool,
@@ -246,7 +261,7 @@ def core_options(registry: OptionRegistry) -> None:
              "On SIGTERM or SIGINT, time open requests and tunnels get to finish.", minimum=0)
         .add("max_header_size", "size", "64KiB",
              "Largest request or response head accepted.", minimum=1024)
-        .add("via", "str", "geproxy",
+        .add("via", "token", "geproxy",
              "Pseudonym in the Via header added to forwarded messages; off to add none.")
         .add("access_log", "str", "-",
              "Where the access log goes: a file path, - for standard output, off for none.")

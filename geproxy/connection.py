@@ -25,6 +25,7 @@ from .errors import (
 from .local import call_wsgi, local_app
 from .log import ConnLogger
 from .models import Context, Headers, Record, Request, Response, Route
+from .sockets import send_all
 from .tunnel import relay
 from .upstream import connect, parent_connect
 
@@ -42,13 +43,13 @@ class Connection:
     """One accepted client connection, served by one greenlet."""
 
     def __init__(self, server: "ProxyServer", sock: socket.socket,
-                 address: tuple[str, int]) -> None:
+                 address: tuple[str, int], local: tuple[str, int]) -> None:
         self.server = server
         self.sock = sock
         self.settings = server.config.core
         self.hooks = server.hooks
-        self.ctx = Context(client_addr=(address[0], address[1]),
-                           server_addr=sock.getsockname()[:2], config=server.config)
+        self.ctx = Context(client_addr=(address[0], address[1]), server_addr=local,
+                           config=server.config)
         self.log = ConnLogger(log, self.ctx)
         #: Bytes read from the client and not yet consumed (pipelined requests, bodies).
         self.buf = b""
@@ -60,7 +61,6 @@ class Connection:
     def handle(self) -> None:
         ctx = self.ctx
         try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             denied = self.hooks.on_connect(ctx)
             if denied is not None:
                 raise denied if isinstance(denied, ProxyError) else Denied("on_connect")
@@ -81,6 +81,7 @@ class Connection:
         record = Record(self.ctx)
         self.answered = False
         keep_alive = False
+        request: Optional[Request] = None
         try:
             request = self._read_request(record)
             if request is None:
@@ -90,10 +91,10 @@ class Connection:
                 request.method, request.target, request.version)
             keep_alive = self._dispatch(request, record)
         except ProxyError as exc:
-            keep_alive = self._fail(exc, record)
+            keep_alive = self._fail(exc, record, request)
         except Exception as exc:  # a bug, or a plugin that raised: fail closed
             self.log.exception("internal error")
-            keep_alive = self._fail(InternalError(repr(exc)), record)
+            keep_alive = self._fail(InternalError(repr(exc)), record, request)
         self._close_record(record)
         return keep_alive and not self.server.stopping
 
@@ -124,38 +125,50 @@ class Connection:
     def _read_request(self, record: Record) -> Optional[Request]:
         parser = http11.RequestHeadParser(self.settings["max_header_size"])
         header_timeout = self.settings["header_timeout"]
+        sock = self.sock
         # A new connection's first head is due header_timeout after accept; a later one
         # may wait idle_timeout for its first byte, then has header_timeout for the rest.
-        deadline = self.ctx.started + header_timeout if self.ctx.requests == 0 else None
+        # Socket timeouts cost nothing when the bytes are already there, unlike a timer.
+        if self.ctx.requests == 0:
+            deadline = self.ctx.started + header_timeout
+        else:
+            deadline = 0.0
         if not self.buf:
             # Between requests the connection is idle: graceful stop may end it here.
-            self.server.idle.add(gevent.getcurrent())
-            wait = deadline - time.time() if deadline else self.settings["idle_timeout"]
+            idle = self.server.idle
+            idle.add(gevent.getcurrent())
             try:
-                with gevent.Timeout(max(wait, 0.001), False):
-                    self.buf = self.sock.recv(RECV_SIZE)
-            except OSError:
+                sock.settimeout(max(deadline - time.time(), 0.001) if deadline
+                                else self.settings["idle_timeout"])
+                self.buf = sock.recv(RECV_SIZE)
+            except OSError:  # a timeout, a reset: nothing was asked, nothing to answer
                 self.buf = b""
             finally:
-                self.server.idle.discard(gevent.getcurrent())
+                idle.discard(gevent.getcurrent())
             if not self.buf:
                 return None
         record.started = time.time()
-        limit = deadline - time.time() if deadline else header_timeout
+        if not deadline:
+            deadline = record.started + header_timeout
         try:
-            with gevent.Timeout(max(limit, 0.001),
-                                HeaderTimeout("request head not received in time")):
-                while True:
-                    data = self.recv()
-                    if not data:
-                        if parser.started:
-                            raise ClientGone("client closed in the middle of a head")
-                        return None
-                    request = parser.feed(data)
-                    if request is not None:
-                        self.buf = parser.rest
-                        record.bytes_in += parser.size
-                        return request
+            while True:
+                data = self.recv()
+                if not data:
+                    if parser.started:
+                        raise ClientGone("client closed in the middle of a head")
+                    return None
+                request = parser.feed(data)
+                if request is not None:
+                    self.buf = parser.rest
+                    record.bytes_in += parser.size
+                    sock.settimeout(self.settings["idle_timeout"])
+                    return request
+                left = deadline - time.time()
+                if left <= 0:
+                    raise HeaderTimeout("request head not received in time")
+                sock.settimeout(left)
+        except socket.timeout:
+            raise HeaderTimeout("request head not received in time") from None
         except OSError as exc:
             raise ClientGone(f"reading the head: {exc}") from None
 
@@ -163,7 +176,7 @@ class Connection:
 
     def send(self, data: bytes, record: Record) -> None:
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data)
         except OSError as exc:
             raise ClientGone(f"writing to the client: {exc}") from None
         self.answered = True
@@ -202,7 +215,10 @@ class Connection:
         ])
         return Response(exc.status, headers, f"{exc.status} {reason}\n".encode(), reason)
 
-    def _fail(self, exc: ProxyError, record: Record) -> bool:
+    def _fail(self, exc: ProxyError, record: Record, request: Optional[Request]) -> bool:
+        """Answer ``exc`` if nothing was sent yet; True if the connection may go on (never
+        when ``request`` had a body: unread, or partly read, it leaves the framing in
+        doubt)."""
         record.error = exc.error
         if isinstance(exc, Denied):
             record.rule = exc.rule
@@ -215,7 +231,7 @@ class Connection:
         if isinstance(exc, HeaderTimeout):
             record.close_reason = "header timeout"
         try:
-            return self.answer(self.error_response(exc), record, None, close=exc.close)
+            return self.answer(self.error_response(exc), record, request, close=exc.close)
         except ClientGone:
             return False
 
@@ -232,7 +248,7 @@ class Connection:
 
     def _tunnel(self, request: Request, record: Record) -> None:
         route = self.hooks.route(self.ctx, request)
-        upstream, early = self.open_upstream(request, record, route)
+        upstream, _, early = self.open_upstream(request, record, route)
         try:
             head = http11.serialize_head("HTTP/1.1 200 Connection Established", [])
             self.send(head, record)
@@ -245,17 +261,17 @@ class Connection:
             upstream.close()
 
     def open_upstream(self, request: Request, record: Record,
-                      route: Optional[Route]) -> tuple[socket.socket, bytes]:
+                      route: Optional[Route]) -> tuple[socket.socket, tuple, bytes]:
         """Resolve and connect for ``request`` (to the parent ``route`` names, if any); the
-        timings go to ``record``. Returns the socket and any bytes a parent proxy sent after
-        its CONNECT answer."""
+        timings go to ``record``. Returns the socket, its peer address, and any bytes a
+        parent proxy sent after its CONNECT answer."""
         host, port = (route.host, route.port) if route is not None else (request.host,
                                                                            request.port)
         addresses = self.hooks.resolve(self.ctx, host, port)
         started = time.time()
-        sock = connect(addresses, self.settings["connect_timeout"])
+        sock, address = connect(addresses, self.settings["connect_timeout"])
         record.connect_time = time.time() - started
-        record.upstream_addr = sock.getpeername()[:2]
+        record.upstream_addr = address[:2]
         early = b""
         if route is not None and request.is_connect:
             try:
@@ -265,5 +281,5 @@ class Connection:
             except BaseException:
                 sock.close()
                 raise
-        return sock, early
+        return sock, address, early
 

@@ -22,6 +22,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .models import Headers, Record, Request, Response, Route
+from .sockets import send_all
 from .tunnel import relay
 from .upstream import basic_credentials
 
@@ -52,7 +53,6 @@ def read_small_body(conn: "Connection", request: Request, limit: int) -> bytes:
     reader = http11.request_body_reader(request)
     out: list[bytes] = []
     size = 0
-    conn.sock.settimeout(conn.settings["idle_timeout"])
     try:
         while not reader.done:
             data = conn.recv()
@@ -131,8 +131,9 @@ def _answer_max_forwards(conn: "Connection", request: Request, record: Record) -
 class _Upstream:
     """One upstream connection while a request is on it."""
 
-    def __init__(self, sock: socket.socket, reused: bool) -> None:
+    def __init__(self, sock: socket.socket, address: tuple, reused: bool) -> None:
         self.sock = sock
+        self.address = address
         self.reused = reused
         self.buf = b""
         #: Whether any byte of a response arrived (a stale pooled connection sends none).
@@ -156,7 +157,7 @@ class _Upstream:
 
     def send(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data)
         except socket.timeout:
             raise UpstreamTimeout("upstream took no bytes for idle_timeout") from None
         except OSError as exc:
@@ -190,11 +191,13 @@ def forward(conn: "Connection", request: Request, record: Record) -> bool:
     pooled = pool.get(key)
     if pooled is not None:
         try:
-            return _exchange(conn, request, record, _Upstream(pooled, True), body, route, key)
+            return _exchange(conn, request, record, _Upstream(*pooled, reused=True), body,
+                             route, key)
         except _Stale:
             conn.log.debug("pooled upstream connection was stale; opening a new one")
-    sock, _ = conn.open_upstream(request, record, route)
-    return _exchange(conn, request, record, _Upstream(sock, False), body, route, key)
+    sock, address, _ = conn.open_upstream(request, record, route)
+    upstream = _Upstream(sock, address, reused=False)
+    return _exchange(conn, request, record, upstream, body, route, key)
 
 
 def _exchange(conn: "Connection", request: Request, record: Record, upstream: _Upstream,
@@ -202,12 +205,11 @@ def _exchange(conn: "Connection", request: Request, record: Record, upstream: _U
     settings = conn.settings
     idle = settings["idle_timeout"]
     upstream.sock.settimeout(idle)
-    conn.sock.settimeout(idle)
     reusable = False
     try:
         chunked = isinstance(body, http11.ChunkedReader)
         head = _upstream_head(conn, request, route, chunked)
-        record.upstream_addr = record.upstream_addr or _peer(upstream.sock)
+        record.upstream_addr = upstream.address[:2]
         try:
             upstream.send(head)
             if body.done:
@@ -223,19 +225,11 @@ def _exchange(conn: "Connection", request: Request, record: Record, upstream: _U
         keep, reusable = _relay_response(conn, request, record, upstream, response, body)
         return keep
     finally:
-        conn.sock.settimeout(None)
         if reusable and not conn.server.stopping:
             upstream.sock.settimeout(None)
-            conn.server.pool.put(key, upstream.sock)
+            conn.server.pool.put(key, upstream.sock, upstream.address)
         else:
             upstream.sock.close()
-
-
-def _peer(sock: socket.socket) -> Optional[tuple[str, int]]:
-    try:
-        return sock.getpeername()[:2]
-    except OSError:
-        return None
 
 
 def _send_body(conn: "Connection", request: Request, record: Record, upstream: _Upstream,

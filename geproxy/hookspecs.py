@@ -44,9 +44,9 @@ def add_options(registry: "OptionRegistry") -> None:
     are called too), before the configuration file is read.
 
     :param registry: call ``registry.section("name").add(key, kind, default, help)`` for each
-        key. ``kind`` is one of ``str int float bool duration size list path``. Options
-        declared here are validated at start with the file, section and key in every error,
-        and documented by ``geproxy check-config --describe``.
+        key. ``kind`` is one of ``str token int float bool duration size list lines
+        path listen``. Options declared here are validated at start, with the file, section
+        and key in every error.
 
     Must not read files or open sockets; return value ignored.
     """
@@ -56,8 +56,8 @@ def add_options(registry: "OptionRegistry") -> None:
 def configure(config: "Config") -> None:
     """Build the plugin's state from the validated configuration.
 
-    Called once at start, after every plugin's ``add_options``, and again for a fresh set of
-    plugin instances at each reload.
+    Called once per plugin manager, after every plugin's ``add_options``: at start, and by
+    ``geproxy check-config`` (so it must not act on the world beyond checking it can).
 
     :param config: ``config.section("name")`` is a mapping of the section's typed values
         (defaults filled in); ``config.path`` is the file it came from.
@@ -153,7 +153,7 @@ def on_close(ctx: "Context", record: "Record") -> None:
 
     Called once per request or tunnel, including those refused or failed, after its last
     byte. Every implementation is called even if another raises; errors are logged, never
-    passed to the client.
+    passed to the client. For that isolation, implementations may not be wrappers.
 
     Must not block for long (it runs before the connection's next request) and must not
     keep ``record.ctx``.

@@ -391,6 +391,8 @@ class ChunkedReader(BodyReader):
                     ):
                         raise self._error("bad chunk line")
                     break
+                if nl - pos >= limit:  # the same verdict as when the line comes in pieces
+                    raise self._error("bad chunk line")
                 line = buf[pos:nl]
                 pos = nl + 2
                 if b"\r" in line or b"\n" in line or b"\x00" in line:
@@ -501,4 +503,5 @@ def serialize_head(start_line: str, headers: Union[Headers, list[tuple[str, str]
 
 
 def encode_chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
+    """One chunk of a chunked body; empty data gives nothing (an empty chunk would end it)."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""

@@ -21,36 +21,43 @@ class Headers:
     """An ordered, case-insensitive multi-map of header fields.
 
     A Request's headers are frozen (``frozen=True``); a Response's may be edited by
-    ``on_response`` plugins.
+    ``on_response`` plugins. Look-ups go through an index by lower-case name, built on first
+    use and dropped on any change.
     """
 
-    __slots__ = ("_items", "_frozen")
+    __slots__ = ("_items", "_frozen", "_index")
 
     def __init__(self, items: HeaderList = (), *, frozen: bool = False) -> None:
         self._items: list[tuple[str, str]] = list(items)
         self._frozen = frozen
+        self._index: Optional[dict[str, list[str]]] = None
+
+    def _lookup(self) -> dict[str, list[str]]:
+        index = self._index
+        if index is None:
+            index = {}
+            for key, value in self._items:
+                index.setdefault(key.lower(), []).append(value)
+            self._index = index
+        return index
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
         """The first value of ``name``, or ``default``."""
-        lname = name.lower()
-        for key, value in self._items:
-            if key.lower() == lname:
-                return value
-        return default
+        values = self._lookup().get(name.lower())
+        return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [value for key, value in self._items if key.lower() == lname]
+        return list(self._lookup().get(name.lower(), ()))
 
     def tokens(self, name: str) -> list[str]:
         """The comma-separated tokens of every ``name`` field, lower-cased and stripped."""
         out: list[str] = []
-        for value in self.get_all(name):
+        for value in self._lookup().get(name.lower(), ()):
             out.extend(t.strip().lower() for t in value.split(",") if t.strip())
         return out
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
+        return isinstance(name, str) and name.lower() in self._lookup()
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._items)
@@ -64,12 +71,13 @@ class Headers:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Headers) and self._items == other._items
 
-    def _check(self) -> None:
+    def _change(self) -> None:
         if self._frozen:
             raise TypeError("these headers are read-only")
+        self._index = None
 
     def add(self, name: str, value: str) -> None:
-        self._check()
+        self._change()
         self._items.append((name, value))
 
     def set(self, name: str, value: str) -> None:
@@ -78,9 +86,10 @@ class Headers:
         self._items.append((name, value))
 
     def remove(self, name: str) -> None:
-        self._check()
+        self._change()
         lname = name.lower()
-        self._items = [(k, v) for k, v in self._items if k.lower() != lname]
+        if any(k.lower() == lname for k, _ in self._items):
+            self._items = [(k, v) for k, v in self._items if k.lower() != lname]
 
     def copy(self, *, frozen: bool = False) -> "Headers":
         return Headers(self._items, frozen=frozen)

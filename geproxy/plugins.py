@@ -105,6 +105,10 @@ def load(
         first = (str(exc).splitlines() or [""])[0]
         raise ConfigError(f"cannot load plugin: {type(exc).__name__}: {first}", path=path,
                           section="geproxy", key="plugins") from None
+    for impl in pm.hook.on_close.get_hookimpls():
+        if impl.wrapper or impl.hookwrapper:
+            raise ConfigError(f"plugin {impl.plugin_name!r}: on_close may not be a wrapper",
+                              path=path, section="geproxy", key="plugins")
     registry = OptionRegistry()
     pm.hook.add_options.call_historic(kwargs={"registry": registry})
     config = build_config(path, parser, registry, frozenset(disable))

@@ -13,11 +13,10 @@ import gevent.event
 import gevent.pool
 from gevent.server import StreamServer
 
-from . import http11
 from .config import Config
 from .connection import Connection
-from .errors import TooManyConnections
-from .models import Context, Request
+from .errors import ProxyError, TooManyConnections
+from .models import Context, Record, Request
 from .plugins import Hooks, load, plugin_names
 from .upstream import UpstreamPool
 
@@ -49,10 +48,7 @@ class ProxyServer:
         self.idle: set[gevent.Greenlet] = set()
         self.stopping = False
         self._stopped = gevent.event.Event()
-        self.servers: list[StreamServer] = [
-            StreamServer(address, self._handle, spawn=self.connections.spawn, backlog=BACKLOG)
-            for address in core["listen"]
-        ]
+        self.servers: list[StreamServer] = []
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -60,8 +56,21 @@ class ProxyServer:
         return [tuple(server.address[:2]) for server in self.servers]  # type: ignore[misc]
 
     def start(self) -> None:
-        for server in self.servers:
-            server.start()
+        """Bind every listen address and accept; raises OSError if one cannot be bound."""
+        try:
+            for host, port in self.config.core["listen"]:
+                listener = _listener(host, port)
+                bound = listener.getsockname()[:2]
+                # A wildcard listener learns each connection's local address from the
+                # kernel; a specific one knows it already.
+                local = None if _is_wildcard(host) else bound
+                server = StreamServer(listener, self._handler(local),
+                                      spawn=self.connections.spawn)
+                self.servers.append(server)
+                server.start()
+        except OSError:
+            self.close_listeners()
+            raise
         log.info("listening on %s; plugins: %s",
                  ", ".join(_fmt(a) for a in self.addresses), ", ".join(plugin_names(self.pm)))
 
@@ -69,9 +78,20 @@ class ProxyServer:
         self.start()
         self._stopped.wait()
 
-    def _handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def _handler(self, local: Optional[tuple[str, int]]) -> Any:
+        def handle(sock: socket.socket, address: tuple[str, int]) -> None:
+            self._handle(sock, address, local)
+
+        return handle
+
+    def close_listeners(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def _handle(self, sock: socket.socket, address: tuple[str, int],
+                local: Optional[tuple[str, int]]) -> None:
         try:
-            conn = Connection(self, sock, address)
+            conn = Connection(self, sock, address, local or sock.getsockname()[:2])
             if len(self.connections) > self.max_connections:
                 self._refuse(conn)
                 return
@@ -85,13 +105,10 @@ class ProxyServer:
 
     def _refuse(self, conn: Connection) -> None:
         exc = TooManyConnections("max_connections reached")
+        conn.sock.settimeout(1.0)
         try:
-            conn.sock.settimeout(1.0)
-            conn.sock.sendall(http11.serialize_head(
-                f"HTTP/1.1 {exc.status} {http11.reason_phrase(exc.status)}",
-                list(conn.error_response(exc).headers) + [("Content-Length", "0"),
-                                                          ("Connection", "close")]))
-        except OSError:
+            conn.answer(conn.error_response(exc), Record(conn.ctx), close=True)
+        except ProxyError:
             pass
         log.warning("refused %s: max_connections (%d) reached", conn.ctx.client_addr[0],
                     self.max_connections)
@@ -121,8 +138,7 @@ class ProxyServer:
         self.stopping = True
         if timeout is None:
             timeout = self.config.core["graceful_timeout"]
-        for server in self.servers:
-            server.close()
+        self.close_listeners()
         busy = len(self.connections) - len(self.idle)
         log.info("stopping: %d connections busy, waiting up to %gs", busy, timeout)
         gevent.killall(list(self.idle), block=False)
@@ -132,6 +148,28 @@ class ProxyServer:
         self.pool.clear()
         self._stopped.set()
         log.info("stopped")
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
+
+
+def _listener(host: str, port: int) -> socket.socket:
+    """A listening socket. TCP_NODELAY is set here once: accepted sockets inherit it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if family == socket.AF_INET6:
+            # [::]:3128 beside 0.0.0.0:3128: each family on its own listener.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"{exc.strerror}: {_fmt((host, port))}") from None
+    return sock
 
 
 def _fmt(address: Sequence[Any]) -> str:

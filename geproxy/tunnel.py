@@ -17,6 +17,7 @@ import gevent
 from gevent import get_hub
 
 from .models import Record
+from .sockets import send_all
 
 __all__ = ["relay"]
 
@@ -43,7 +44,7 @@ class _Tunnel:
                 data = src.recv(BUFFER)
                 if not data:
                     break
-                dst.sendall(data)
+                send_all(dst, data)
                 self.last = time.monotonic()
                 if upward:
                     record.bytes_in += len(data)
@@ -101,10 +102,10 @@ def relay(client: socket.socket, upstream: socket.socket, record: Record,
     down: Optional[gevent.Greenlet] = None
     try:
         if to_upstream:
-            upstream.sendall(to_upstream)
+            send_all(upstream, to_upstream)
             record.bytes_in += len(to_upstream)
         if to_client:
-            client.sendall(to_client)
+            send_all(client, to_client)
             record.bytes_out += len(to_client)
         down = gevent.spawn(tunnel.pump, upstream, client, False)
         tunnel.pump(client, upstream, True)

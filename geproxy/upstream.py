@@ -12,7 +12,6 @@ from typing import Any, Optional, Sequence
 
 import gevent
 import gevent.event
-from gevent import select
 
 from .errors import (
     ConnectionTerminated,
@@ -23,6 +22,7 @@ from .errors import (
 )
 from .http11 import ResponseHeadParser, serialize_head
 from .models import Route
+from .sockets import send_all, still_idle
 
 __all__ = ["connect", "interleave", "parent_connect", "UpstreamPool", "HAPPY_EYEBALLS_DELAY"]
 
@@ -67,8 +67,8 @@ def _open(address: tuple[Any, ...]) -> socket.socket:
 
 
 def connect(addresses: Sequence[tuple[Any, ...]], timeout: float,
-            delay: float = HAPPY_EYEBALLS_DELAY) -> socket.socket:
-    """Connect to the first of ``addresses`` that answers.
+            delay: float = HAPPY_EYEBALLS_DELAY) -> tuple[socket.socket, tuple[Any, ...]]:
+    """Connect to the first of ``addresses`` that answers; returns the socket and address.
 
     One address is tried in this greenlet. Several race as RFC 8305 describes: a new attempt
     starts every ``delay`` seconds, or as soon as the previous one failed; the first to
@@ -79,14 +79,15 @@ def connect(addresses: Sequence[tuple[Any, ...]], timeout: float,
     if len(addresses) == 1:
         try:
             with gevent.Timeout(timeout, ConnectTimeout(f"{addresses[0][0]}: no answer")):
-                return _open(addresses[0])
+                return _open(addresses[0]), addresses[0]
         except OSError as exc:
             raise _error_for(exc, addresses[0]) from None
     return _race(interleave(addresses), timeout, delay)
 
 
-def _race(order: list[tuple[Any, ...]], timeout: float, delay: float) -> socket.socket:
-    winner: list[socket.socket] = []
+def _race(order: list[tuple[Any, ...]], timeout: float,
+          delay: float) -> tuple[socket.socket, tuple[Any, ...]]:
+    winner: list[tuple[socket.socket, tuple[Any, ...]]] = []
     errors: list[ProxyError] = []
     changed = gevent.event.Event()
 
@@ -99,7 +100,7 @@ def _race(order: list[tuple[Any, ...]], timeout: float, delay: float) -> socket.
             if winner:
                 sock.close()
             else:
-                winner.append(sock)
+                winner.append((sock, address))
         changed.set()
 
     attempts: list[gevent.Greenlet] = []
@@ -142,30 +143,31 @@ class UpstreamPool:
         self.per_key = per_key
         self.idle_timeout = idle_timeout
         self.max_total = max_total
-        self._idle: dict[Any, deque[tuple[float, socket.socket]]] = {}
+        self._idle: dict[Any, deque[tuple[float, socket.socket, tuple[Any, ...]]]] = {}
         self._total = 0
         self._sweeper: Optional[gevent.Greenlet] = None
 
     def __len__(self) -> int:
         return self._total
 
-    def get(self, key: Any) -> Optional[socket.socket]:
+    def get(self, key: Any) -> Optional[tuple[socket.socket, tuple[Any, ...]]]:
+        """The most recently used idle connection for ``key`` and its peer address."""
         entries = self._idle.get(key)
         now = time.monotonic()
         while entries:
-            expires, sock = entries.pop()
+            expires, sock, address = entries.pop()
             self._total -= 1
-            if expires > now and _still_idle(sock):
-                return sock
+            if expires > now and still_idle(sock):
+                return sock, address
             sock.close()
         return None
 
-    def put(self, key: Any, sock: socket.socket) -> None:
+    def put(self, key: Any, sock: socket.socket, address: tuple[Any, ...]) -> None:
         entries = self._idle.setdefault(key, deque())
         if len(entries) >= self.per_key or self._total >= self.max_total:
             sock.close()
             return
-        entries.append((time.monotonic() + self.idle_timeout, sock))
+        entries.append((time.monotonic() + self.idle_timeout, sock, address))
         self._total += 1
         if self._sweeper is None or self._sweeper.dead:
             self._sweeper = gevent.spawn(self._sweep)
@@ -178,29 +180,20 @@ class UpstreamPool:
             for key in list(self._idle):
                 entries = self._idle[key]
                 while entries and entries[0][0] <= now:
-                    entries.popleft()[1].close()
+                    entries.popleft()[1].close()  # (expires, sock, address)
                     self._total -= 1
                 if not entries:
                     del self._idle[key]
 
     def clear(self) -> None:
         for entries in self._idle.values():
-            for _, sock in entries:
+            for _, sock, _ in entries:
                 sock.close()
         self._idle.clear()
         self._total = 0
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
             self._sweeper = None
-
-
-def _still_idle(sock: socket.socket) -> bool:
-    """True when nothing is readable: an idle HTTP connection has nothing to say."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return not readable
 
 
 def parent_connect(sock: socket.socket, route: Route, authority: str, timeout: float,
@@ -215,7 +208,7 @@ def parent_connect(sock: socket.socket, route: Route, authority: str, timeout: f
     parser = ResponseHeadParser(max_head)
     with gevent.Timeout(timeout, ConnectTimeout(f"parent {route.host}: no answer to CONNECT")):
         try:
-            sock.sendall(serialize_head(f"CONNECT {authority} HTTP/1.1", headers))
+            send_all(sock, serialize_head(f"CONNECT {authority} HTTP/1.1", headers))
             while True:
                 data = sock.recv(65536)
                 if not data:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import sys
 from typing import Optional
 
@@ -36,11 +37,11 @@ class AccessLog:
         if target == "-":
             handler = logging.StreamHandler(sys.stdout)
         else:
-            try:
-                handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"cannot open: {exc.strerror}", path=config.path,
-                                  section="geproxy", key="access_log") from None
+            # Opened on the first line, so check-config creates no file; checked now.
+            if not _writable(target):
+                raise ConfigError("cannot write there", path=config.path,
+                                  section="geproxy", key="access_log")
+            handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8", delay=True)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         self._logger = logger
@@ -65,3 +66,9 @@ class AccessLog:
             ctx.user or "-",
             ctx.conn_id,
         )
+
+
+def _writable(path: str) -> bool:
+    if os.path.exists(path):
+        return os.path.isfile(path) and os.access(path, os.W_OK)
+    return os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)

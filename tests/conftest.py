@@ -23,8 +23,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _leak_check(no_leaks: None) -> None:
-    """Every test: no descriptor or greenlet left behind (see geproxy.testing.no_leaks)."""
+def _leak_check(request: pytest.FixtureRequest) -> None:
+    """Every test that does I/O: no descriptor or greenlet left behind (see
+    geproxy.testing.no_leaks). Tests marked ``pure`` (bytes in, events out) are spared."""
+    if request.node.get_closest_marker("pure") is None:
+        request.getfixturevalue("no_leaks")
 
 
 def require(tool: str) -> str:

@@ -117,7 +117,7 @@ def test_parse_listen() -> None:
     assert parse_listen("127.0.0.1:3128 [::1]:3128 :3128") == [
         ("127.0.0.1", 3128), ("::1", 3128), ("0.0.0.0", 3128)]
     assert parse_listen("127.0.0.1:0, localhost:8080") == [("127.0.0.1", 0),
-                                                           ("localhost", 8080)]
+                                                           ("127.0.0.1", 8080)]
     assert parse_listen("[::]:65535") == [("::", 65535)]
 
 
@@ -133,6 +133,9 @@ def test_parse_listen() -> None:
     "[::1]",
     "[::1]:",
     "::1",
+    "::1:3128",
+    "[127.0.0.1]:3128",
+    "127.0.0.1:\u0663",
     "127.0.0.1:3128 nonsense",
 ])
 def test_parse_listen_rejects(text: str) -> None:

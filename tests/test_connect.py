@@ -272,3 +272,22 @@ def test_tls_through_the_tunnel_with_python_ssl(proxy, tls_origin, ca_file):
         tls.sendall(b"GET /echo HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n")
         data = recv_all(tls)
     assert data.startswith(b"HTTP/1.1 200 OK") and b'"path": "/echo"' in data
+
+
+def test_listens_on_several_addresses_ipv4_and_ipv6(proxy_factory, origin):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    proxy = proxy_factory("listen = 127.0.0.1:0 [::1]:0\n")
+    assert [host for host, _ in proxy.server.addresses] == ["127.0.0.1", "::1"]
+    for host, port in proxy.server.addresses:
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        out = curl("-p", "-x", url, origin.url("/"))
+        assert out.stdout == b"hello\n", out.stderr
+    clients = {record.ctx.client_addr[0] for record in wait_for_records(proxy, 2)}
+    assert clients == {"127.0.0.1", "::1"}

@@ -12,7 +12,7 @@ import gevent
 import pytest
 
 from geproxy import Denied, Response, hookimpl
-from geproxy.testing import curl, exchange
+from geproxy.testing import curl, exchange, recv_all
 
 
 def _answer_and_state(address, data: bytes, timeout: float = 10) -> tuple[bytes, bool]:
@@ -289,3 +289,36 @@ def _unused_port() -> int:
     port = sock.getsockname()[1]
     sock.close()
     return port
+
+
+def test_a_refused_request_body_is_never_read_as_a_request(proxy_factory, origin):
+    """A denied POST whose body looks like a request: the connection closes after the 403,
+    so the smuggled request never reaches the origin."""
+
+    class DenyPosts:
+        @hookimpl
+        def on_request(self, ctx, request):
+            if request.method == "POST":
+                raise Denied("no posts")
+
+    proxy = proxy_factory(plugins=[DenyPosts()])
+    smuggled = f"GET http://127.0.0.1:{origin.port}/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    data = (f"POST http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {len(smuggled)}\r\n\r\n{smuggled}").encode()
+    answer, closed = _answer_and_state(proxy.address, data)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert _field(answer, b"connection") == b"close" and closed
+    assert origin.seen == []
+
+
+def test_an_error_for_a_request_without_body_keeps_the_connection(proxy, origin):
+    sock = proxy.connect()
+    try:
+        sock.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 502 ") and b"Connection: close" not in first
+        sock.sendall(f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: x\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        assert recv_all(sock).endswith(b"\r\n\r\nhello\n")
+    finally:
+        sock.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 from geproxy import DEFAULT_PLUGINS, Route, hookimpl, hookspecs
 from geproxy.plugins import plugin_names
 from geproxy.testing import HookRecorder, curl, wait_for_records
@@ -159,3 +161,18 @@ def test_plugins_from_the_entry_point_group(tmp_path, monkeypatch):
     assert "stamp" in plugin_names(pm)
     assert type(pm.get_plugin("stamp")).__name__ == "Stamp"
     assert len(pm.hook.on_response.get_hookimpls()) == 1
+
+
+def test_on_close_wrappers_are_refused(tmp_path):
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def on_close(self, ctx, record):
+            return (yield)
+
+    from geproxy.errors import ConfigError
+    from geproxy.plugins import load
+
+    path = tmp_path / "w.ini"
+    path.write_text("[geproxy]\naccess_log = off\n")
+    with pytest.raises(ConfigError, match="on_close may not be a wrapper"):
+        load(str(path), objects=[Wrapping()], entry_points=False)
