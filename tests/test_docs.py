@@ -1,0 +1,282 @@
+"""The documentation is tested: options, hooks, errors, the example plugin, links, the unit.
+
+A test here fails when an option or a hook is added without its documentation, when the docs
+describe one that no longer exists, when the example plugin stops working, or when a link
+breaks.
+"""
+
+from __future__ import annotations
+
+import configparser
+import inspect
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from geproxy import DEFAULT_PLUGINS, ConfigError, errors, hookimpl, hookspecs
+from geproxy.config import OptionRegistry, parse_duration
+from geproxy.plugins import load
+from geproxy.testing import curl, exchange, wait_for_records
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+EXAMPLES = DOCS / "examples"
+CONFIGURATION = DOCS / "configuration.md"
+PLUGINS = DOCS / "plugins.md"
+SAMPLE = ROOT / "etc" / "geproxy.ini"
+UNIT = ROOT / "etc" / "geproxy.service"
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+class _RegistryProbe:
+    """Receives the registry every plugin declares its options into (add_options is historic,
+    so this plugin is called with the same registry as the others)."""
+
+    name = "registry_probe"
+
+    def __init__(self) -> None:
+        self.registry: OptionRegistry | None = None
+
+    @hookimpl
+    def add_options(self, registry: OptionRegistry) -> None:
+        self.registry = registry
+
+
+def _declared_options() -> OptionRegistry:
+    """Every option of the core and the built-in plugins, loaded as a real start does."""
+    probe = _RegistryProbe()
+    pm, _ = load(str(SAMPLE), objects=[probe], entry_points=False)
+    assert probe.registry is not None
+    names = {name for name, _ in pm.list_name_plugin()}
+    assert {name for name, _ in DEFAULT_PLUGINS} <= names
+    return probe.registry
+
+
+def _part(text: str, level: int, pattern: str) -> str:
+    """The text under the first heading of ``level`` matching ``pattern``, up to the next
+    heading of the same or a higher level ('' when there is none)."""
+    hashes = "#" * level
+    heading = re.search(rf"^{hashes} (?:{pattern}).*$", text, re.MULTILINE)
+    if heading is None:
+        return ""
+    end = re.compile(rf"^#{{1,{level}}} ", re.MULTILINE).search(text, heading.end())
+    return text[heading.start(): end.start() if end else len(text)]
+
+
+def _headings(text: str) -> list[str]:
+    """Markdown headings, outside fenced code blocks."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            out.append(line.lstrip("#").strip())
+    return out
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _fenced_after(text: str, marker: str) -> str:
+    """The fenced code block right after an HTML comment ``marker``."""
+    pattern = re.escape(marker) + r"\n```[a-z]*\n(.*?)^```$"
+    found = re.search(pattern, text, re.DOTALL | re.MULTILINE)
+    assert found, f"no code block after {marker} in plugins.md"
+    return found.group(1)
+
+
+def _hookspecs() -> list[Any]:
+    return [obj for _, obj in inspect.getmembers(hookspecs, inspect.isfunction)
+            if hasattr(obj, "geproxy_spec")]
+
+
+# -- (a) every option is documented -------------------------------------------------------
+
+
+def test_every_declared_option_is_documented() -> None:
+    text = CONFIGURATION.read_text(encoding="utf-8")
+    registry = _declared_options()
+    assert "geproxy" in registry.options
+    for section, options in registry.options.items():
+        part = _part(text, 2, rf"`\[{re.escape(section)}\]`")
+        assert part, f"configuration.md has no '## `[{section}]`' section"
+        for key, option in options.items():
+            sub = _part(part, 3, rf"`{re.escape(key)}`")
+            assert sub, f"configuration.md: [{section}] has no '### `{key}`'"
+            assert f"`{option.kind}`" in sub, f"[{section}] {key}: type {option.kind} not given"
+            default = f"`{option.default}`" if option.default else "(empty)"
+            assert f"Default {default}" in sub, (
+                f"[{section}] {key}: the default {default} is not given as 'Default {default}'")
+
+
+def test_no_documented_option_is_undeclared() -> None:
+    text = CONFIGURATION.read_text(encoding="utf-8")
+    registry = _declared_options()
+    for heading in re.findall(r"^## `\[(\w+)\]`", text, re.MULTILINE):
+        assert heading in registry.options, f"configuration.md documents [{heading}]"
+        part = _part(text, 2, rf"`\[{heading}\]`")
+        for key in re.findall(r"^### `(\w+)`", part, re.MULTILINE):
+            assert key in registry.options[heading], f"[{heading}] {key} is not declared"
+
+
+def test_every_error_is_in_the_table() -> None:
+    """Each ProxyError the proxy can answer with has its status and Proxy-Status error."""
+    rows = [line for line in CONFIGURATION.read_text(encoding="utf-8").splitlines()
+            if line.startswith("| `")]
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        if not (isinstance(cls, type) and issubclass(cls, errors.ProxyError)):
+            continue
+        if cls is errors.ProxyError:
+            continue
+        row = next((r for r in rows if r.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"configuration.md: no row for errors.{name}"
+        if cls is errors.ClientGone:  # nothing is ever sent for it
+            continue
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1] == str(cls.status), f"{name}: status {cls.status}, docs {cells[1]}"
+        assert cells[2] == f"`{cls.error}`", f"{name}: error {cls.error}, docs {cells[2]}"
+        assert cells[3] == ("closed" if cls.close else "kept"), f"{name}: connection"
+
+
+# -- (b) every hook is documented ---------------------------------------------------------
+
+
+def test_every_hook_has_a_heading_with_its_signature() -> None:
+    headings = _headings(PLUGINS.read_text(encoding="utf-8"))
+    specs = _hookspecs()
+    assert len(specs) >= 8
+    for spec in specs:
+        params = ", ".join(inspect.signature(spec).parameters)
+        signature = f"`{spec.__name__}({params})`"
+        assert signature in headings, f"plugins.md has no heading {signature}"
+
+
+def test_no_documented_hook_is_undeclared() -> None:
+    known = {spec.__name__ for spec in _hookspecs()}
+    part = _part(PLUGINS.read_text(encoding="utf-8"), 2, "The hooks")
+    for name in re.findall(r"^### `(\w+)\(", part, re.MULTILINE):
+        assert name in known, f"plugins.md documents a hook {name} that does not exist"
+
+
+# -- (c) the example plugin is real ------------------------------------------------------
+
+
+def test_the_example_plugin_in_the_docs_is_the_file() -> None:
+    shown = _fenced_after(PLUGINS.read_text(encoding="utf-8"),
+                          "<!-- include: examples/deny_ports.py -->")
+    assert shown == (EXAMPLES / "deny_ports.py").read_text(encoding="utf-8")
+
+
+def test_the_example_plugin_refuses_other_connect_ports(proxy_factory, origin, raw_origin,
+                                                       monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    proxy = proxy_factory(
+        "[geproxy]\nplugins = deny_ports:DenyPorts\n"
+        f"[deny_ports]\nallowed = 443, {origin.port}\n")
+    assert "deny_ports" in [name for name, _ in proxy.server.pm.list_name_plugin()]
+
+    out = curl("-p", "-x", proxy.url, origin.url("/"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"hello\n"
+
+    other = raw_origin(lambda sock: None)  # listening, so only the policy can refuse
+    answer = exchange(proxy.address, f"CONNECT 127.0.0.1:{other.port} HTTP/1.1\r\n\r\n".encode(),
+                      until_close=False)
+    assert answer.startswith(b"HTTP/1.1 403 "), answer
+    assert b"\r\nProxy-Status: geproxy; error=http_request_denied\r\n" in answer
+    assert b"deny_ports" not in answer  # the rule stays in the log
+    assert other.accepted == 0
+
+    records = wait_for_records(proxy, 2)
+    assert sorted((r.method, r.status, r.rule or "") for r in records) == [
+        ("CONNECT", 200, ""), ("CONNECT", 403, "deny_ports")]
+
+
+def test_the_example_plugin_reports_a_bad_value(tmp_path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    path = tmp_path / "bad.ini"
+    path.write_text("[geproxy]\nplugins = deny_ports:DenyPorts\naccess_log = off\n"
+                    "[deny_ports]\nallowed = 443 https\n")
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), entry_points=False)
+    assert str(caught.value) == (
+        f"{path}: [deny_ports] allowed: not a port or a port range: 'https'")
+
+
+def test_the_test_kit_example_runs(tmp_path) -> None:
+    """The conftest.py and test file shown in plugins.md pass, as a plugin author runs them."""
+    text = PLUGINS.read_text(encoding="utf-8")
+    for name in ("conftest.py", "test_deny_ports.py"):
+        (tmp_path / name).write_text(_fenced_after(text, f"<!-- file: {name} -->"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=120",
+         str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, timeout=240, check=False)
+    output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    assert result.returncode == 0, output
+    assert "4 passed" in output, output
+
+
+def test_python_blocks_in_the_docs_compile() -> None:
+    for doc in sorted(DOCS.glob("*.md")):
+        text = doc.read_text(encoding="utf-8")
+        blocks = re.findall(r"^( *)```python\n(.*?)^\1```$", text, re.DOTALL | re.MULTILINE)
+        for number, (indent, block) in enumerate(blocks):
+            code = textwrap.dedent(block) if indent else block
+            compile(code, f"{doc.name}, python block {number + 1}", "exec")
+
+
+# -- (d) links ---------------------------------------------------------------------------
+
+
+def _markdown_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_point_to_existing_files(doc: Path) -> None:
+    text = doc.read_text(encoding="utf-8")
+    text = re.sub(r"^```.*?^```$", "", text, flags=re.DOTALL | re.MULTILINE)  # not in code blocks
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (doc.parent / path).resolve() if path else doc
+        assert linked.exists(), f"{doc.name}: link to {target}: no such file"
+        if anchor and linked.suffix == ".md":
+            slugs = {_slug(h) for h in _headings(linked.read_text(encoding="utf-8"))}
+            assert anchor in slugs, f"{doc.name}: link to {target}: no such heading"
+
+
+# -- (e) the systemd unit ----------------------------------------------------------------
+
+
+def test_the_systemd_unit_runs_geproxy_with_its_config() -> None:
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(UNIT.read_text(encoding="utf-8"))
+    service = unit["Service"]
+    command = service["ExecStart"].split()
+    assert command[0].endswith("/geproxy")
+    assert "--config" in command and command[command.index("--config") + 1].endswith(".ini")
+    assert service["KillSignal"] == "SIGTERM"
+    assert int(service["LimitNOFILE"]) >= 2 * 10000 + 4096
+    # The stop timeout leaves room for the sample's graceful_timeout and the 5 s kill grace.
+    sample = configparser.ConfigParser(interpolation=None)
+    sample.read(SAMPLE, encoding="utf-8")
+    graceful = parse_duration(sample["geproxy"]["graceful_timeout"])
+    assert parse_duration(service["TimeoutStopSec"]) > graceful + 5
+    assert "ExecReload" not in service  # reload is not built: SIGHUP would end the process
