@@ -116,11 +116,19 @@ class Connection:
     # -- reading ------------------------------------------------------------------------
 
     def recv(self) -> bytes:
-        """The next bytes from the client: what is buffered first, then the socket."""
+        """The next bytes from the client (buffered ones first); b"" when it closed.
+
+        A client that sends nothing for idle_timeout, or resets, ends the connection.
+        """
         if self.buf:
             data, self.buf = self.buf, b""
             return data
-        return self.sock.recv(RECV_SIZE)
+        try:
+            return self.sock.recv(RECV_SIZE)
+        except socket.timeout:
+            raise ClientGone("client sent nothing for idle_timeout") from None
+        except OSError as exc:
+            raise ClientGone(f"reading from the client: {exc}") from None
 
     def _read_request(self, record: Record) -> Optional[Request]:
         parser = http11.RequestHeadParser(self.settings["max_header_size"])
@@ -152,7 +160,7 @@ class Connection:
             deadline = record.started + header_timeout
         try:
             while True:
-                data = self.recv()
+                data, self.buf = (self.buf, b"") if self.buf else (sock.recv(RECV_SIZE), b"")
                 if not data:
                     if parser.started:
                         raise ClientGone("client closed in the middle of a head")

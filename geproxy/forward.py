@@ -53,18 +53,15 @@ def read_small_body(conn: "Connection", request: Request, limit: int) -> bytes:
     reader = http11.request_body_reader(request)
     out: list[bytes] = []
     size = 0
-    try:
-        while not reader.done:
-            data = conn.recv()
-            if not data:
-                raise ClientGone("client closed in the middle of a body")
-            for piece in reader.feed(data):
-                size += len(piece)
-                if size > limit:
-                    raise ClientError("body too large for a local request")
-                out.append(piece)
-    except OSError as exc:
-        raise ClientGone(f"reading a body: {exc}") from None
+    while not reader.done:
+        data = conn.recv()
+        if not data:
+            raise ClientGone("client closed in the middle of a body")
+        for piece in reader.feed(data):
+            size += len(piece)
+            if size > limit:
+                raise ClientError("body too large for a local request")
+            out.append(piece)
     conn.buf = reader.rest
     return b"".join(out)
 
@@ -188,7 +185,7 @@ def forward(conn: "Connection", request: Request, record: Record) -> bool:
     route = conn.hooks.route(conn.ctx, request)
     key = (route, request.host, request.port)
     pool = conn.server.pool
-    pooled = pool.get(key)
+    pooled = pool.get(key, retryable=not request_has_body(request))
     if pooled is not None:
         try:
             return _exchange(conn, request, record, _Upstream(*pooled, reused=True), body,

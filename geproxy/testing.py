@@ -52,14 +52,20 @@ __all__ = [
 
 # -- data ----------------------------------------------------------------------------------
 
-_BLOCK = hashlib.sha256(b"geproxy").digest() * 2047  # 65504 bytes: not a power of two
+# 2047 different digests: 65504 bytes with no shorter period, and not a power of two, so
+# a relay that drops, repeats or reorders buffer-sized pieces changes the digest.
+_BLOCK = b"".join(hashlib.sha256(b"geproxy %d" % i).digest() for i in range(2047))
+_DOUBLE = _BLOCK * 2
 
 
 def pattern(size: int, block: int = 64 * 1024) -> Iterator[bytes]:
-    """``size`` bytes of a fixed, non-repeating-at-buffer-size pattern, in pieces."""
+    """The first ``size`` bytes of an endless repetition of a 65504-byte block, in pieces
+    of at most ``block`` bytes; the bytes do not depend on the piece size."""
     sent = 0
+    period = len(_BLOCK)
     while sent < size:
-        piece = _BLOCK[: min(len(_BLOCK), size - sent, block)]
+        start = sent % period
+        piece = _DOUBLE[start: start + min(block, period, size - sent)]
         sent += len(piece)
         yield piece
 

@@ -25,7 +25,8 @@ BUFFER = 64 * 1024
 
 
 class _Tunnel:
-    __slots__ = ("client", "upstream", "record", "idle_timeout", "last", "reason", "_timer")
+    __slots__ = ("client", "upstream", "record", "idle_timeout", "last", "reason", "_timer",
+                 "_ended")
 
     def __init__(self, client: socket.socket, upstream: socket.socket, record: Record,
                  idle_timeout: float) -> None:
@@ -36,6 +37,7 @@ class _Tunnel:
         self.last = time.monotonic()
         self.reason = ""
         self._timer: Any = None  # a gevent timer watcher while armed
+        self._ended = 0  # directions that saw their EOF
 
     def pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
         record = self.record
@@ -54,6 +56,9 @@ class _Tunnel:
             # A reset (or the idle watchdog shutting both sides): end the whole tunnel.
             self.abort("client" if (src is self.client) else "upstream")
             return
+        self._ended += 1
+        if self._ended == 2:
+            return  # both directions are done: closing the sockets sends the last FIN
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:

@@ -12,7 +12,7 @@ import gevent
 import pytest
 
 from geproxy import Denied, Response, hookimpl
-from geproxy.testing import curl, exchange, recv_all
+from geproxy.testing import curl, exchange, recv_all, wait_for_records
 
 
 def _answer_and_state(address, data: bytes, timeout: float = 10) -> tuple[bytes, bool]:
@@ -322,3 +322,19 @@ def test_an_error_for_a_request_without_body_keeps_the_connection(proxy, origin)
         assert recv_all(sock).endswith(b"\r\n\r\nhello\n")
     finally:
         sock.close()
+
+
+def test_a_client_stalling_in_its_body_is_cut_without_a_traceback(proxy_factory, origin,
+                                                                   caplog):
+    proxy = proxy_factory("idle_timeout = 300ms\n")
+    data = (f"POST http://127.0.0.1:{origin.port}/sha256 HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 100\r\n\r\nonly ten b").encode()
+    sock = proxy.connect()
+    try:
+        sock.sendall(data)
+        assert recv_all(sock) == b""  # cut: the upstream got a partial body, nothing to say
+    finally:
+        sock.close()
+    record = wait_for_records(proxy, 1)[-1]
+    assert record.close_reason == "error"
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
