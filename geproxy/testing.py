@@ -554,6 +554,28 @@ def origin() -> Iterator[Origin]:
     server.server.stop(timeout=1)
 
 
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port whose accept queue is full: further SYNs are dropped, connects hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    yield port
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
 @pytest.fixture(scope="session")
 def tls_ca() -> Any:
     trustme = pytest.importorskip("trustme")

@@ -233,28 +233,6 @@ def test_happy_eyeballs_skips_a_silent_address(proxy_factory, origin, blackhole)
     assert wait_for_records(proxy, 1)[-1].upstream_addr == good
 
 
-@pytest.fixture
-def blackhole():
-    """A port whose accept queue is full: further SYNs are dropped, connects hang."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(8):
-        filler = socket.socket()
-        filler.setblocking(False)
-        try:
-            filler.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(filler)
-    yield port
-    for filler in fillers:
-        filler.close()
-    listener.close()
-
-
 def test_connect_timeout_answers_504(proxy_factory, blackhole):
     proxy = proxy_factory("connect_timeout = 300ms\n")
     answer = exchange(proxy.address, f"CONNECT 127.0.0.1:{blackhole} HTTP/1.1\r\n\r\n".encode(),
