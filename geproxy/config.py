@@ -252,7 +252,8 @@ def core_options(registry: OptionRegistry) -> None:
         .add("header_timeout", "duration", "10s",
              "Time for a client to send a whole request head.", minimum=0.001)
         .add("connect_timeout", "duration", "10s",
-             "Time to resolve and connect to an upstream, all addresses together.",
+             "Time to connect to an upstream, all its addresses together (Happy Eyeballs); "
+             "name resolution is not counted.",
              minimum=0.001)
         .add("idle_timeout", "duration", "5m",
              "A tunnel, or a wait for an upstream or client, with no byte moving for this "

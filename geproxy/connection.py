@@ -64,9 +64,10 @@ class Connection:
             denied = self.hooks.on_connect(ctx)
             if denied is not None:
                 raise denied if isinstance(denied, ProxyError) else Denied("on_connect")
-        except Denied as exc:
-            self.log.info("refused at connect: %s", exc.detail or "denied")
-            record = Record(ctx, status=0, error=exc.error, close_reason="denied", rule=exc.rule)
+        except ProxyError as exc:
+            self.log.info("refused at connect: %s", exc.detail or exc.error)
+            record = Record(ctx, status=0, error=exc.error, close_reason="denied",
+                            rule=getattr(exc, "rule", None))
             self._close_record(record)
             return
         except Exception:
@@ -95,6 +96,12 @@ class Connection:
         except Exception as exc:  # a bug, or a plugin that raised: fail closed
             self.log.exception("internal error")
             keep_alive = self._fail(InternalError(repr(exc)), record, request)
+        except gevent.GreenletExit:
+            # Cut by a stop past graceful_timeout: the request or tunnel still gets its record.
+            if request is not None:
+                record.close_reason = "shutdown"
+                self._close_record(record)
+            raise
         self._close_record(record)
         return keep_alive and not self.server.stopping
 

@@ -269,3 +269,21 @@ def test_listens_on_several_addresses_ipv4_and_ipv6(proxy_factory, origin):
         assert out.stdout == b"hello\n", out.stderr
     clients = {record.ctx.client_addr[0] for record in wait_for_records(proxy, 2)}
     assert clients == {"127.0.0.1", "::1"}
+
+
+def test_a_stop_drains_then_cuts_tunnels_and_records_them(proxy_factory, raw_origin):
+    proxy = proxy_factory("graceful_timeout = 300ms\n")
+    server = raw_origin(lambda sock: sock.recv(1))
+    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    try:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        stopper = gevent.spawn(proxy.server.stop)
+        assert recv_all(sock) == b""  # cut once graceful_timeout is over
+        stopper.join(timeout=10)
+        assert stopper.dead
+    finally:
+        sock.close()
+    record = wait_for_records(proxy, 1)[-1]
+    assert (record.method, record.status, record.close_reason) == ("CONNECT", 200, "shutdown")
+    with pytest.raises(OSError):
+        socket.create_connection(proxy.address, timeout=2).close()  # no longer listening

@@ -1,0 +1,179 @@
+"""The test kit: a pytest plugin with a running proxy, real origins, a DNS server, fakes.
+
+Use it from a conftest.py whose first lines patch gevent in::
+
+    from gevent import monkey; monkey.patch_all()
+    pytest_plugins = ["geproxy.testing"]
+
+Everything listens on loopback, on port 0. Names are resolved by :class:`StaticResolver`
+(the names a test adds) or the :class:`DNSServer` fixture, never by the system resolver, so
+no test sends a packet beyond loopback.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import pytest
+
+from .clients import curl, exchange, live_greenlets, open_fds, recv_all, settle
+from .data import pattern, pattern_sha256
+from .fakes import HookRecorder, RecordCollector, StaticResolver
+from .servers import (
+    Origin,
+    Proxy,
+    ProxyProcess,
+    RawOrigin,
+    start_origin,
+    start_proxy,
+    wait_for_records,
+)
+
+__all__ = [
+    "Proxy",
+    "Origin",
+    "ProxyProcess",
+    "RawOrigin",
+    "StaticResolver",
+    "HookRecorder",
+    "RecordCollector",
+    "curl",
+    "exchange",
+    "recv_all",
+    "pattern",
+    "pattern_sha256",
+    "wait_for_records",
+    "open_fds",
+    "live_greenlets",
+    "settle",
+    "start_origin",
+    "start_proxy",
+]
+
+
+# -- pytest fixtures -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fails the test if descriptors or greenlets are left behind once it tore down."""
+    fds, greenlets = open_fds(), live_greenlets()
+    yield
+    after_fds, after_greenlets = settle(fds, greenlets)
+    assert after_fds <= fds, f"descriptors leaked: {fds} before, {after_fds} after"
+    assert after_greenlets <= greenlets, (
+        f"greenlets leaked: {greenlets} before, {after_greenlets} after")
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    """``proxy_factory(ini="", plugins=())`` starts a proxy; all are stopped at teardown."""
+    started: list[Proxy] = []
+
+    def factory(ini: str = "", plugins: Sequence[Any] = (),
+                resolver: Optional[StaticResolver] = None) -> Proxy:
+        proxy = start_proxy(tmp_path, ini, plugins, resolver)
+        started.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in started:
+        proxy.server.stop(timeout=2)
+
+
+@pytest.fixture
+def proxy(proxy_factory: Callable[..., Proxy]) -> Proxy:
+    """A proxy with the default configuration; ``*.test`` names resolve to 127.0.0.1."""
+    resolver = StaticResolver({"origin.test": ["127.0.0.1"], "localhost.test": ["127.0.0.1"]})
+    return proxy_factory(resolver=resolver)
+
+
+@pytest.fixture
+def proxy_process(tmp_path: Path) -> Iterator[Callable[[str], ProxyProcess]]:
+    """``proxy_process(ini)`` runs geproxy in its own process; stopped at teardown."""
+    started: list[ProxyProcess] = []
+
+    def factory(ini: str = "") -> ProxyProcess:
+        path = tmp_path / f"process-{len(started)}.ini"
+        text = ini if "[geproxy]" in ini else "[geproxy]\n" + ini
+        if not re.search(r"^listen\s*=", text, re.M):
+            text = text.replace("[geproxy]\n", "[geproxy]\nlisten = 127.0.0.1:0\n", 1)
+        path.write_text(text)
+        started.append(ProxyProcess(str(path)))
+        return started[-1]
+
+    yield factory
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    server = start_origin()
+    yield server
+    server.server.stop(timeout=1)
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port whose accept queue is full: further SYNs are dropped, connects hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    yield port
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> Any:
+    trustme = pytest.importorskip("trustme")
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(tls_ca: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def tls_origin(tls_ca: Any) -> Iterator[Origin]:
+    """An HTTPS origin whose certificate (from ``tls_ca``) names ``origin.test``."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("origin.test", "127.0.0.1").configure_cert(context)
+    server = start_origin(context)
+    yield server
+    server.server.stop(timeout=1)
+
+
+@pytest.fixture
+def raw_origin() -> Iterator[Callable[..., RawOrigin]]:
+    """``raw_origin(handler)`` starts a RawOrigin; all are stopped at teardown."""
+    started: list[RawOrigin] = []
+
+    def factory(handler: Callable[[socket.socket], None]) -> RawOrigin:
+        server = RawOrigin(handler)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()

@@ -1,0 +1,88 @@
+"""Clients and checks for tests: curl, raw exchanges, and the leak counters."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from typing import Optional
+
+import gevent
+
+# -- clients -------------------------------------------------------------------------------
+
+
+def curl(*args: str, timeout: float = 60, input: Optional[bytes] = None
+         ) -> subprocess.CompletedProcess:
+    """Run curl (quiet, no config files, no proxy from the environment) and capture."""
+    cmd = ["curl", "-q", "--silent", "--show-error", "--noproxy", "", *args]
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    return subprocess.run(cmd, capture_output=True, timeout=timeout, input=input, env=env)
+
+
+def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Read until EOF or a reset; ``timeout`` seconds of silence raise socket.timeout."""
+    data = b""
+    sock.settimeout(timeout)
+    while True:
+        try:
+            piece = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not piece:
+            return data
+        data += piece
+
+
+def exchange(address: tuple[str, int], data: bytes, timeout: float = 10,
+             until_close: bool = True) -> bytes:
+    """Send raw bytes to the proxy and read until it closes (or ``timeout``)."""
+    sock = socket.create_connection(address, timeout=timeout)
+    try:
+        sock.sendall(data)
+        out = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                piece = sock.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                break
+            if not piece:
+                break
+            out += piece
+            if not until_close and b"\r\n\r\n" in out:
+                break
+        return out
+    finally:
+        sock.close()
+
+
+# -- leak accounting -----------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def live_greenlets() -> int:
+    """Spawned greenlets still alive (the hub and gevent's own thread-pool workers, which
+    come and go with load, are not counted)."""
+    import gc
+
+    return sum(1 for obj in gc.get_objects()
+               if isinstance(obj, gevent.Greenlet) and not obj.dead
+               and obj is not gevent.getcurrent())
+
+
+def settle(baseline_fds: int, baseline_greenlets: int, limit: float = 5.0) -> tuple[int, int]:
+    """Wait (bounded) for descriptors and greenlets to come back to the baseline."""
+    deadline = time.monotonic() + limit
+    fds, greenlets = open_fds(), live_greenlets()
+    while (fds > baseline_fds or greenlets > baseline_greenlets) and (
+            time.monotonic() < deadline):
+        gevent.sleep(0.02)
+        fds, greenlets = open_fds(), live_greenlets()
+    return fds, greenlets

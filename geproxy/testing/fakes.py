@@ -1,0 +1,98 @@
+"""Plugins for tests: a static resolver, a hook-call recorder, a record collector."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Optional, Sequence
+
+from .. import errors, hookimpl
+from ..models import Context, Record, Request, Response
+
+
+class StaticResolver:
+    """A ``resolve`` plugin answering from a mapping; unknown names are NXDOMAIN.
+
+    IP literals pass through (``None``) to the system resolver, which answers them without
+    any lookup; ``localhost`` too. Counts lookups per name in ``queries``.
+    """
+
+    name = "static_resolver"
+
+    def __init__(self, names: Optional[dict[str, Sequence[str]]] = None) -> None:
+        self.names: dict[str, list[str]] = {k: list(v) for k, v in (names or {}).items()}
+        self.queries: dict[str, int] = {}
+
+    def add(self, name: str, *addresses: str) -> None:
+        self.names[name] = list(addresses)
+
+    @hookimpl(tryfirst=True)
+    def resolve(self, ctx: Context, host: str, port: int) -> Optional[list[tuple[Any, ...]]]:
+        try:
+            ipaddress.ip_address(host)
+            return None
+        except ValueError:
+            pass
+        if host == "localhost":
+            return None
+        self.queries[host] = self.queries.get(host, 0) + 1
+        if host not in self.names:
+            raise errors.DNSError(f"{host}: not in the test resolver", rcode="NXDOMAIN")
+        return [(a, port, 0, 0) if ":" in a else (a, port) for a in self.names[host]]
+
+
+class HookRecorder:
+    """Records every hook call, in order, as ``(hook name, detail)``.
+
+    Its implementations are wrappers, so it sees each call whatever the other plugins answer.
+    """
+
+    name = "hook_recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_connect(self, ctx: Context) -> Any:
+        self.calls.append(("on_connect", ctx.client_addr[0]))
+        return (yield)
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_request(self, ctx: Context, request: Request) -> Any:
+        self.calls.append(("on_request", f"{request.method} {request.target}"))
+        return (yield)
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def route(self, ctx: Context, request: Request) -> Any:
+        self.calls.append(("route", request.host))
+        return (yield)
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def resolve(self, ctx: Context, host: str, port: int) -> Any:
+        self.calls.append(("resolve", f"{host}:{port}"))
+        return (yield)
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_response(self, ctx: Context, request: Request, response: Response) -> Any:
+        self.calls.append(("on_response", str(response.status)))
+        return (yield)
+
+    @hookimpl
+    def on_close(self, ctx: Context, record: Record) -> None:
+        self.calls.append(("on_close", f"{record.method} {record.status}"))
+
+
+class RecordCollector:
+    """Keeps every Record handed to ``on_close``."""
+
+    name = "record_collector"
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    @hookimpl
+    def on_close(self, ctx: Context, record: Record) -> None:
+        self.records.append(record)

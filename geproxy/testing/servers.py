@@ -1,0 +1,269 @@
+"""Real servers for tests, all on loopback port 0: the proxy in-process or as a process,
+an HTTP(S) origin, and a raw TCP origin for misbehaviour."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import gevent
+import gevent.pywsgi
+import gevent.server
+
+from ..models import Record
+from ..server import ProxyServer, create_server
+from .data import pattern
+from .fakes import RecordCollector, StaticResolver
+
+if TYPE_CHECKING:
+    import ssl
+
+# -- the proxy -----------------------------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    """A running in-process proxy; ``url`` is what clients put in ``-x``."""
+
+    server: ProxyServer
+    resolver: StaticResolver
+    records: RecordCollector
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.addresses[0]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address[0]}:{self.address[1]}"
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(self.address, timeout=10)
+        return sock
+
+
+def start_proxy(tmp_path: Path, ini: str = "", plugins: Sequence[Any] = (),
+                resolver: Optional[StaticResolver] = None) -> Proxy:
+    """Start a proxy from ``ini`` (its ``[geproxy]`` section gets ``listen`` and
+    ``access_log`` defaults for tests) with extra plugin objects."""
+    text = ini if "[geproxy]" in ini else "[geproxy]\n" + ini
+    head, sep, rest = text.partition("[geproxy]\n")
+    defaults = ""
+    if not re.search(r"^listen\s*=", rest, re.M):
+        defaults += "listen = 127.0.0.1:0\n"
+    if not re.search(r"^access_log\s*=", rest, re.M):
+        defaults += "access_log = off\n"
+    path = tmp_path / f"geproxy-{time.monotonic_ns()}.ini"
+    path.write_text(head + sep + defaults + rest)
+    resolver = resolver or StaticResolver()
+    records = RecordCollector()
+    server = create_server(str(path), objects=[resolver, records, *plugins],
+                           entry_points=False)
+    server.start()
+    return Proxy(server, resolver, records)
+
+
+def wait_for_records(proxy: Proxy, count: int, limit: float = 10.0) -> list[Record]:
+    """The proxy's on_close records, once there are ``count`` of them (bounded wait)."""
+    deadline = time.monotonic() + limit
+    while len(proxy.records.records) < count and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert len(proxy.records.records) >= count, (
+        f"{len(proxy.records.records)} records, expected {count}")
+    return proxy.records.records
+
+
+class ProxyProcess:
+    """geproxy run as its users run it: ``python -m geproxy --config PATH``, in a process.
+
+    The bound address is read from the "listening on" line it logs; the rest of its standard
+    error is kept in ``log`` (bounded) while it runs.
+    """
+
+    def __init__(self, config_path: str, limit: float = 20.0) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "geproxy", "--config", config_path],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log: list[str] = []
+        self.address: Optional[tuple[str, int]] = None
+        with gevent.Timeout(limit, AssertionError("geproxy did not start listening in time")):
+            while self.address is None:
+                line = self.process.stderr.readline().decode(errors="replace")  # type: ignore
+                if not line:
+                    raise AssertionError("geproxy exited: " + "".join(self.log[-20:]))
+                self.log.append(line)
+                found = re.search(r"listening on (\S+):(\d+)[;,]", line)
+                if found:
+                    self.address = (found.group(1).strip("[]"), int(found.group(2)))
+        self._reader = gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:  # type: ignore[union-attr]
+            self.log.append(line.decode(errors="replace"))
+            del self.log[:-1000]
+
+    @property
+    def url(self) -> str:
+        assert self.address is not None
+        return f"http://{self.address[0]}:{self.address[1]}"
+
+    def status(self, field_name: str) -> int:
+        """A field of /proc/PID/status in KiB (VmRSS, VmHWM)."""
+        with open(f"/proc/{self.process.pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+        raise KeyError(field_name)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(timeout=5)
+        self._reader.join(timeout=5)
+        self._reader.kill()
+        self.process.stderr.close()  # type: ignore[union-attr]
+        return code
+
+
+# -- origins -------------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    remote_port: int
+    body_len: int = 0
+
+
+@dataclass
+class Origin:
+    """A real HTTP/1.1 origin (gevent.pywsgi), optionally over TLS.
+
+    Paths: ``/`` hello; ``/echo`` the request as JSON; ``/bytes/N`` N pattern bytes with a
+    Content-Length; ``/chunked/N`` the same, chunked; ``/sha256`` the body's length and
+    digest; ``/status/N``; ``/sleep/SECONDS``. ``seen`` lists every request.
+    """
+
+    server: gevent.pywsgi.WSGIServer
+    scheme: str = "http"
+    seen: list[Seen] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.server.address[1]
+
+    def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.port}{path}"
+
+    def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ["PATH_INFO"]
+        headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
+                   if k.startswith("HTTP_")}
+        if environ.get("CONTENT_LENGTH"):
+            headers["content-length"] = environ["CONTENT_LENGTH"]
+        seen = Seen(environ["REQUEST_METHOD"], path, headers, int(environ["REMOTE_PORT"]))
+        self.seen.append(seen)
+        body_in = environ["wsgi.input"]
+        digest = hashlib.sha256()
+        while True:
+            piece = body_in.read(65536)
+            if not piece:
+                break
+            digest.update(piece)
+            seen.body_len += len(piece)
+        parts = path.strip("/").split("/")
+        if parts[0] == "bytes" or parts[0] == "chunked":
+            size = int(parts[1])
+            fields = [("Content-Type", "application/octet-stream")]
+            if parts[0] == "bytes":
+                fields.append(("Content-Length", str(size)))
+            start_response("200 OK", fields)
+            return pattern(size)
+        if parts[0] == "sha256":
+            out = json.dumps({"length": seen.body_len, "sha256": digest.hexdigest()})
+            return _reply(start_response, "200 OK", out.encode())
+        if parts[0] == "echo":
+            out = json.dumps({"method": seen.method, "path": path,
+                              "query": environ.get("QUERY_STRING", ""), "headers": headers,
+                              "body_length": seen.body_len, "sha256": digest.hexdigest()})
+            return _reply(start_response, "200 OK", out.encode(), "application/json")
+        if parts[0] == "status":
+            return _reply(start_response, f"{int(parts[1])} Status", b"status\n")
+        if parts[0] == "sleep":
+            gevent.sleep(float(parts[1]))
+            return _reply(start_response, "200 OK", b"slept\n")
+        return _reply(start_response, "200 OK", b"hello\n")
+
+
+def _reply(start_response: Callable[..., Any], status: str, body: bytes,
+           ctype: str = "text/plain") -> list[bytes]:
+    start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def start_origin(ssl_context: "Optional[ssl.SSLContext]" = None) -> Origin:
+    origin = Origin(server=None, scheme="https" if ssl_context else "http")  # type: ignore
+    kwargs: dict[str, Any] = {"log": None, "error_log": None}
+    if ssl_context is not None:
+        kwargs["ssl_context"] = ssl_context
+    origin.server = gevent.pywsgi.WSGIServer(("127.0.0.1", 0), origin.app, **kwargs)
+    origin.server.start()
+    return origin
+
+
+class RawOrigin:
+    """A TCP server whose behaviour is a function of the accepted socket: for origins that
+    misbehave in ways a real server library would not. ``accepted`` counts connections."""
+
+    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        self.accepted = 0
+        self.received = b""
+
+        def handle(sock: socket.socket, address: Any) -> None:
+            self.accepted += 1
+            try:
+                handler(sock)
+            except OSError:
+                pass
+            finally:
+                sock.close()
+
+        self.server = gevent.server.StreamServer(("127.0.0.1", 0), handle)
+        self.server.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.address[1]
+
+    def read_head(self, sock: socket.socket, limit: float = 10) -> bytes:
+        """Read one request head from ``sock`` (for handlers); keeps what it read."""
+        data = b""
+        with gevent.Timeout(limit, False):
+            while b"\r\n\r\n" not in data:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                data += piece
+        self.received += data
+        return data
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)
