@@ -19,6 +19,7 @@ setup(
         "pluggy>=1.3",
         "cachetools>=5.3",
         "httptools>=0.6",
+        "dnspython>=2.4",
     ],
     extras_require={
         "test": [
@@ -26,6 +27,8 @@ setup(
             "pytest-timeout>=2.2",
             "trustme>=1.1",
             "requests>=2.31",
+            "dnslib>=0.9.23",
+            "hypothesis>=6.80",
         ],
     },
     entry_points={

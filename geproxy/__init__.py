@@ -7,7 +7,7 @@ from geproxy (``geproxy.errors`` included, through ``from geproxy import errors`
 from . import errors
 from .config import Config, OptionRegistry
 from .errors import ConfigError, Denied, DNSError, DNSTimeout, ProxyError
-from .models import Context, Headers, Record, Request, Response, Route
+from .models import Context, Headers, Record, Request, Resolved, Response, Route
 from .plugins import DEFAULT_PLUGINS, hookimpl
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "ProxyError",
     "Record",
     "Request",
+    "Resolved",
     "Response",
     "Route",
     "DEFAULT_PLUGINS",

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Tuple
 
-__all__ = ["Headers", "Request", "Response", "Context", "Record", "Route"]
+__all__ = ["Headers", "Request", "Response", "Context", "Record", "Route", "Resolved"]
 
 HeaderList = Iterable[Tuple[str, str]]
 
@@ -137,6 +137,22 @@ class Response:
     body: bytes = b""
     reason: str = ""
     version: str = "HTTP/1.1"
+
+
+class Resolved(list):  # type: ignore[type-arg]
+    """What a resolver returns: socket addresses in the order to try, plus the TTL (seconds)
+    the answer may be cached for, None when the resolver cannot tell (the system resolver).
+
+    A plain list of addresses is accepted from ``resolve`` too; it counts as ``ttl=None``.
+    """
+
+    def __init__(self, addresses: Iterable[tuple[Any, ...]] = (),
+                 ttl: Optional[float] = None) -> None:
+        super().__init__(addresses)
+        self.ttl = ttl
+
+    def __repr__(self) -> str:
+        return f"Resolved({list.__repr__(self)}, ttl={self.ttl!r})"
 
 
 @dataclass(frozen=True)

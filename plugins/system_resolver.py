@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import gevent.socket
 
-from geproxy import Context, errors, hookimpl
+from geproxy import Context, Resolved, errors, hookimpl
 
 
 class SystemResolver:
@@ -22,13 +22,14 @@ class SystemResolver:
     def resolve(self, ctx: Context, host: str, port: int) -> Optional[list[tuple[Any, ...]]]:
         literal = _literal(host, port)
         if literal is not None:
-            return [literal]
+            return Resolved([literal])
         try:
             infos = gevent.socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM,
                                               socket.IPPROTO_TCP)
         except socket.gaierror as exc:
             raise errors.DNSError(f"{host}: {exc.strerror}", rcode=_rcode(exc)) from None
-        return [info[4] for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
+        return Resolved(info[4] for info in infos
+                        if info[0] in (socket.AF_INET, socket.AF_INET6))
 
 
 def _literal(host: str, port: int) -> Optional[tuple[Any, ...]]:

@@ -31,3 +31,29 @@ def test_the_pattern_does_not_depend_on_the_piece_size():
     assert b"".join(pattern(200_003, block=7_001)) == whole
     assert whole[:65504] == whole[65504:131008]  # the block repeats
     assert whole[:65536] != whole[65536:131072]  # but not at a power-of-two period
+
+
+def test_the_dns_server_answers_counts_truncates_and_fails(dns_server):
+    import dns.flags
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    port = dns_server.address[1]
+    dns_server.add("a.test", "A", "127.0.0.1", "127.0.0.2", ttl=30)
+    query = dns.message.make_query("a.test", "A")
+    answer = dns.query.udp(query, "127.0.0.1", port=port, timeout=5)
+    assert sorted(r.address for r in answer.answer[0]) == ["127.0.0.1", "127.0.0.2"]
+    assert answer.answer[0].ttl == 30
+    dns_server.truncate = True
+    assert dns.query.udp(query, "127.0.0.1", port=port, timeout=5).flags & dns.flags.TC
+    assert len(dns.query.tcp(query, "127.0.0.1", port=port, timeout=5).answer[0]) == 2
+    missing = dns.message.make_query("nowhere.test", "A")
+    assert dns.query.udp(missing, "127.0.0.1", port=port, timeout=5).rcode() == dns.rcode.NXDOMAIN
+    assert dns_server.count("a.test") == 3 and dns_server.count("nowhere.test", "A") == 1
+
+
+def test_the_fake_clock(fake_clock):
+    start = fake_clock()
+    fake_clock.advance(90)
+    assert fake_clock() == start + 90

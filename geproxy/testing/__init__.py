@@ -21,6 +21,7 @@ import pytest
 
 from .clients import curl, exchange, live_greenlets, open_fds, recv_all, settle
 from .data import pattern, pattern_sha256
+from .dns import DNSServer, FakeClock
 from .fakes import HookRecorder, RecordCollector, StaticResolver
 from .servers import (
     Origin,
@@ -38,6 +39,8 @@ __all__ = [
     "ProxyProcess",
     "RawOrigin",
     "StaticResolver",
+    "DNSServer",
+    "FakeClock",
     "HookRecorder",
     "RecordCollector",
     "curl",
@@ -177,3 +180,16 @@ def raw_origin() -> Iterator[Callable[..., RawOrigin]]:
     yield factory
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DNSServer]:
+    """A scripted DNS server on loopback; see :class:`DNSServer`."""
+    server = DNSServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
