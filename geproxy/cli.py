@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="run the proxy (the default)")
     sub.add_parser("check-config", parents=[common],
                    help="validate the configuration and exit 0 (valid) or 1 (invalid)")
+    explain = sub.add_parser(
+        "explain", parents=[common],
+        help="dry-run the policy for one request: every plugin's verdict, no connection; "
+             "exit 0 if it would be allowed, 1 if refused")
+    explain.add_argument("method", help="CONNECT, GET, ...")
+    explain.add_argument("target", help="host:port for CONNECT, http://host/path otherwise")
+    explain.add_argument("--from", dest="client", default="127.0.0.1", metavar="IP",
+                         help="the client address (default 127.0.0.1)")
+    explain.add_argument("--user", default=None, help="the authenticated user name")
+    explain.add_argument("--no-resolve", action="store_true", help="skip name resolution")
     return parser
 
 
@@ -55,6 +65,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import ConfigError
     from .server import create_server
 
+    if args.command == "explain":
+        from .explain import explain
+
+        try:
+            return explain(config_path, args.method, args.target, args.client, args.user,
+                           resolve=not args.no_resolve)
+        except ConfigError as exc:
+            print(f"geproxy: {exc}", file=sys.stderr)
+            return 2
     try:
         server = create_server(config_path)
     except ConfigError as exc:

@@ -7,6 +7,8 @@ text goes to the log, never to the client: the body a client sees is the status'
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ProxyError",
     "ClientError",
@@ -28,7 +30,20 @@ __all__ = [
     "ClientGone",
     "InternalError",
     "ConfigError",
+    "proxy_name",
 ]
+
+
+_SF_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]*")
+
+
+def proxy_name(via: str) -> str:
+    """The proxy's name as the first item of Proxy-Status (an RFC 8941 token or string):
+    the Via pseudonym, or ``geproxy`` when Via is off."""
+    name = via or "geproxy"
+    if _SF_TOKEN.fullmatch(name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class ProxyError(Exception):

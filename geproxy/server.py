@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import socket
 from typing import Any, Optional, Sequence
 
@@ -15,7 +14,7 @@ from gevent.server import StreamServer
 
 from .config import Config
 from .connection import Connection
-from .errors import ProxyError, TooManyConnections
+from .errors import ProxyError, TooManyConnections, proxy_name
 from .models import Context, Record, Request
 from .plugins import Hooks, load, plugin_names
 from .upstream import UpstreamPool
@@ -40,7 +39,7 @@ class ProxyServer:
         self.hooks = Hooks(pm)
         core = config.core
         self.via: str = "" if core["via"].lower() == "off" else core["via"]
-        self.proxy_name = _sf_item(self.via or "geproxy")
+        self.proxy_name = proxy_name(self.via)
         self.max_connections: int = core["max_connections"]
         self.pool = UpstreamPool(core["upstream_keepalive"], core["upstream_idle_timeout"])
         self.connections = gevent.pool.Group()
@@ -175,13 +174,6 @@ def _listener(host: str, port: int) -> socket.socket:
 def _fmt(address: Sequence[Any]) -> str:
     host = address[0]
     return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-
-
-def _sf_item(name: str) -> str:
-    """The proxy's name as a Structured Field item for Proxy-Status (token or string)."""
-    if re.fullmatch(r"[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]*", name):
-        return name
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def create_server(path: str, objects: Sequence[Any] = (),
