@@ -33,6 +33,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["geproxy = geproxy.cli:main"],
+        "pytest11": ["geproxy = geproxy.testing"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

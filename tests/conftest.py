@@ -11,7 +11,7 @@ import subprocess  # noqa: E402
 import gevent  # noqa: E402
 import pytest  # noqa: E402
 
-pytest_plugins = ["geproxy.testing"]
+# The kit (geproxy.testing) comes in through its pytest11 entry point.
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -1,9 +1,9 @@
 """The test kit: a pytest plugin with a running proxy, real origins, a DNS server, fakes.
 
-Use it from a conftest.py whose first lines patch gevent in::
+Installing geproxy registers it with pytest (the ``pytest11`` entry point), so its fixtures
+are there in any test suite; the suite's conftest.py must patch gevent in, first thing::
 
     from gevent import monkey; monkey.patch_all()
-    pytest_plugins = ["geproxy.testing"]
 
 Everything listens on loopback, on port 0. Names are resolved by :class:`StaticResolver`
 (the names a test adds) or the :class:`DNSServer` fixture, never by the system resolver, so
@@ -71,9 +71,18 @@ def no_leaks() -> Iterator[None]:
         f"greenlets leaked: {greenlets} before, {after_greenlets} after")
 
 
+def _require_patched() -> None:
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        pytest.fail("geproxy.testing runs the proxy in the test process: call "
+                    "gevent.monkey.patch_all() at the top of conftest.py")
+
+
 @pytest.fixture
 def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     """``proxy_factory(ini="", plugins=())`` starts a proxy; all are stopped at teardown."""
+    _require_patched()
     started: list[Proxy] = []
 
     def factory(ini: str = "", plugins: Sequence[Any] = (),

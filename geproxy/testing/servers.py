@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import gevent
-import gevent.pywsgi
 import gevent.server
 
 from ..models import Record
@@ -25,6 +24,8 @@ from .fakes import RecordCollector, StaticResolver
 
 if TYPE_CHECKING:
     import ssl
+
+    import gevent.pywsgi
 
 # -- the proxy -----------------------------------------------------------------------------
 
@@ -162,7 +163,7 @@ class Origin:
     digest; ``/status/N``; ``/sleep/SECONDS``. ``seen`` lists every request.
     """
 
-    server: gevent.pywsgi.WSGIServer
+    server: "gevent.pywsgi.WSGIServer"
     scheme: str = "http"
     seen: list[Seen] = field(default_factory=list)
 
@@ -220,6 +221,8 @@ def _reply(start_response: Callable[..., Any], status: str, body: bytes,
 
 
 def start_origin(ssl_context: "Optional[ssl.SSLContext]" = None) -> Origin:
+    import gevent.pywsgi  # imports ssl: not before the test's monkey-patching
+
     origin = Origin(server=None, scheme="https" if ssl_context else "http")  # type: ignore
     kwargs: dict[str, Any] = {"log": None, "error_log": None}
     if ssl_context is not None:
