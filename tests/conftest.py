@@ -4,7 +4,6 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 
@@ -28,13 +27,3 @@ def _leak_check(request: pytest.FixtureRequest) -> None:
     geproxy.testing.no_leaks). Tests marked ``pure`` (bytes in, events out) are spared."""
     if request.node.get_closest_marker("pure") is None:
         request.getfixturevalue("no_leaks")
-
-
-def require(tool: str) -> str:
-    """The path of ``tool``; CI (GEPROXY_REQUIRE_TOOLS=1) fails instead of skipping."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("GEPROXY_REQUIRE_TOOLS"):
-            pytest.fail(f"{tool} is required here but not installed")
-        pytest.skip(f"{tool} is not installed")
-    return path

@@ -20,10 +20,9 @@ from typing import IO, Callable, Iterator, Optional
 
 import gevent
 import pytest
-from conftest import require
 
 from geproxy import __version__
-from geproxy.testing import Origin, curl, recv_all
+from geproxy.testing import Origin, curl, recv_all, require_tool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -270,7 +269,7 @@ def test_log_level_options(tmp_path: Path, args: list[str], debug: bool, info: b
 
 def test_serves_and_logs_access(tmp_path: Path, origin: Origin,
                                 geproxy_process: Callable[..., Running]) -> None:
-    require("curl")
+    require_tool("curl")
     path = write_ini(tmp_path, "[geproxy]\nlisten = 127.0.0.1:0\naccess_log = -\n")
     proxy = geproxy_process("--config", path)
     port = proxy.wait_listening()

@@ -10,10 +10,9 @@ import time
 
 import gevent
 import pytest
-from conftest import require
 
 from geproxy import hookimpl
-from geproxy.testing import curl, exchange, pattern_sha256, recv_all, wait_for_records
+from geproxy.testing import curl, exchange, pattern_sha256, recv_all, require_tool, wait_for_records
 
 
 def _open_tunnel(proxy, target: str, extra: bytes = b"") -> tuple[socket.socket, bytes]:
@@ -51,7 +50,7 @@ def test_curl_proxytunnel_for_http(proxy, origin):
 
 
 def test_curl_http2_over_the_tunnel(proxy, tls_ca, ca_file, tmp_path):
-    nginx = require("nginx")
+    nginx = require_tool("nginx")
     cert = tls_ca.issue_cert("origin.test")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "origin.pem"))
     (tmp_path / "index.html").write_text("over h2\n")

@@ -19,7 +19,15 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pytest
 
-from .clients import curl, exchange, live_greenlets, open_fds, recv_all, settle
+from .clients import (
+    curl,
+    exchange,
+    live_greenlets,
+    open_fds,
+    recv_all,
+    require_tool,
+    settle,
+)
 from .data import pattern, pattern_sha256
 from .dns import DNSServer, FakeClock
 from .fakes import HookRecorder, RecordCollector, StaticResolver
@@ -52,6 +60,7 @@ __all__ = [
     "open_fds",
     "live_greenlets",
     "settle",
+    "require_tool",
     "start_origin",
     "start_proxy",
 ]

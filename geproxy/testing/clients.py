@@ -86,3 +86,18 @@ def settle(baseline_fds: int, baseline_greenlets: int, limit: float = 5.0) -> tu
         gevent.sleep(0.02)
         fds, greenlets = open_fds(), live_greenlets()
     return fds, greenlets
+
+
+def require_tool(tool: str) -> str:
+    """The path of a command a test needs; skips the test when it is missing, or fails it
+    when ``GEPROXY_REQUIRE_TOOLS`` is set (CI, where every tool must be there)."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("GEPROXY_REQUIRE_TOOLS"):
+            pytest.fail(f"{tool} is required here but not installed")
+        pytest.skip(f"{tool} is not installed")
+    return path
