@@ -46,6 +46,10 @@ def geproxy_config(port: int) -> str:
         "max_connections = 20000\n"
         "idle_timeout = 5m\n"
         "access_log = off\n"
+        "\n[acl]\n"
+        "connect_ports = 1-65535\n"
+        "\n[destinations]\n"
+        "allow = 127.0.0.0/8\n"
     )
 
 

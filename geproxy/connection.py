@@ -238,7 +238,8 @@ class Connection:
         if isinstance(exc, Denied):
             record.rule = exc.rule
         if exc.client_fault:
-            self.log.info("%s %s: %s", exc.status, exc.error, exc.detail)
+            self.log.info("%s %s: %s%s", exc.status, exc.error, exc.detail,
+                          f" (rcode {exc.rcode})" if exc.rcode else "")
         if isinstance(exc, ClientGone) or self.answered:
             # Nothing sensible can be sent: close, so the client sees the cut.
             record.close_reason = record.close_reason or "error"

@@ -59,6 +59,7 @@ HOP_BY_HOP = frozenset(
 _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
                        r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
 _PORT = re.compile(r"[0-9]{1,5}")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] ); only visible chars and blanks.
 _CHUNK_EXT = re.compile(rb"(?:[ \t]*;[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -235,7 +236,16 @@ def _check_host(host: str) -> str:
             raise ClientError("bad IPv6 literal") from None
     if not _HOSTNAME.fullmatch(host):
         raise ClientError("bad host name")
-    return host.rstrip(".").lower()
+    name = host.rstrip(".").lower()
+    if _NUMERIC_LABEL.fullmatch(name.rpartition(".")[2]):
+        # A last label of digits (or 0x hex) makes an IPv4 address for inet_aton and most
+        # resolvers ("127.1", "2130706433", "0x7f.1"): only the dotted-quad form is taken,
+        # so policies see one spelling of every address.
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            raise ClientError("IPv4 address not in dotted-quad form") from None
+    return name
 
 
 def _check_port(port: str) -> int:

@@ -18,7 +18,7 @@ import pluggy
 from . import hookspecs
 from .config import Config, OptionRegistry, build_config, core_options, parse_list, read_ini
 from .errors import ConfigError, Denied, DNSError, ProxyError
-from .models import Context, Record, Request, Response, Route
+from .models import Context, Record, Request, Resolved, Response, Route
 
 __all__ = ["DEFAULT_PLUGINS", "hookimpl", "get_plugin_manager", "load", "Hooks"]
 
@@ -29,6 +29,9 @@ hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
 #: The built-in plugins: (name, "module:attr"). Registered exactly like third-party plugins.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("system_resolver", "geproxy_plugins.system_resolver:SystemResolver"),
+    ("resolver", "geproxy_plugins.resolver:Resolver"),
+    ("acl", "geproxy_plugins.acl:ACL"),
+    ("destinations", "geproxy_plugins.destinations:Destinations"),
     ("access_log", "geproxy_plugins.access_log:AccessLog"),
 )
 
@@ -141,11 +144,11 @@ class Hooks:
     def route(self, ctx: Context, request: Request) -> Optional[Route]:
         return self._hook.route(ctx=ctx, request=request)
 
-    def resolve(self, ctx: Context, host: str, port: int) -> list[tuple[Any, ...]]:
+    def resolve(self, ctx: Context, host: str, port: int) -> Resolved:
         addresses = self._hook.resolve(ctx=ctx, host=host, port=port)
         if not addresses:
             raise DNSError(f"no address for {host}")
-        return list(addresses)
+        return addresses if isinstance(addresses, Resolved) else Resolved(addresses)
 
     def on_response(self, ctx: Context, request: Request, response: Response) -> None:
         self._hook.on_response(ctx=ctx, request=request, response=response)

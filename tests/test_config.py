@@ -22,6 +22,7 @@ from geproxy.config import (
     parse_list,
     parse_listen,
     parse_size,
+    read_ini,
 )
 from geproxy.plugins import DEFAULT_PLUGINS, get_plugin_manager, load, plugin_names
 
@@ -158,13 +159,14 @@ def _sample_entries() -> dict[tuple[str, str], tuple[str, str]]:
     entries: dict[tuple[str, str], tuple[str, str]] = {}
     section = ""
     previous = ""
+    values = read_ini(str(SAMPLE))  # whole values, continuation lines included
     for line in SAMPLE.read_text().splitlines():
         header = re.fullmatch(r"\[([^\]]+)\]\s*", line)
         option = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)", line)
         if header:
             section = header.group(1)
         elif option:
-            entries[(section, option.group(1))] = (option.group(2), previous)
+            entries[(section, option.group(1))] = (values[section][option.group(1)], previous)
         previous = line
     return entries
 

@@ -48,7 +48,9 @@ def config(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     path = tmp_path / "explain.ini"
     path.write_text("[geproxy]\nplugins = policy_mod:Policy policy_mod:Names\n"
-                    "access_log = off\n")
+                    "access_log = off\n"
+                    "[acl]\nconnect_ports = 443\nrules = allow all\n"
+                    "[destinations]\nallow = 127.0.0.0/8\n")
     return str(path)
 
 

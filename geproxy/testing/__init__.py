@@ -12,7 +12,6 @@ no test sends a packet beyond loopback.
 
 from __future__ import annotations
 
-import re
 import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -36,6 +35,7 @@ from .servers import (
     Proxy,
     ProxyProcess,
     RawOrigin,
+    kit_ini,
     start_origin,
     start_proxy,
     wait_for_records,
@@ -63,6 +63,7 @@ __all__ = [
     "require_tool",
     "start_origin",
     "start_proxy",
+    "kit_ini",
 ]
 
 
@@ -119,10 +120,7 @@ def proxy_process(tmp_path: Path) -> Iterator[Callable[[str], ProxyProcess]]:
 
     def factory(ini: str = "") -> ProxyProcess:
         path = tmp_path / f"process-{len(started)}.ini"
-        text = ini if "[geproxy]" in ini else "[geproxy]\n" + ini
-        if not re.search(r"^listen\s*=", text, re.M):
-            text = text.replace("[geproxy]\n", "[geproxy]\nlisten = 127.0.0.1:0\n", 1)
-        path.write_text(text)
+        path.write_text(kit_ini(ini, access_log="-"))
         started.append(ProxyProcess(str(path)))
         return started[-1]
 

@@ -93,16 +93,34 @@ class DNSServer:
         if qname in self.rcodes:
             reply.header.rcode = getattr(RCODE, self.rcodes[qname])
             return reply.pack()
-        records = self.records.get((qname, qtype), [])
-        if not records and not any(name == qname for name, _ in self.records):
+        if not any(name == qname for name, _ in self.records):
             reply.header.rcode = RCODE.NXDOMAIN  # the name does not exist at all
             return reply.pack()
-        if udp and self.truncate and records:
+        answers = self._chain(qname, qtype)
+        if udp and self.truncate and answers:
             reply.header.tc = 1
             return reply.pack()
-        for value, ttl in records:
-            reply.add_answer(*RR.fromZone(f"{qname}. {ttl} IN {qtype} {value}"))
+        for line in answers:
+            reply.add_answer(*RR.fromZone(line))
         return reply.pack()
+
+    def _chain(self, qname: str, qtype: str) -> list[str]:
+        """The answer as zone lines, following CNAMEs as a recursive server does."""
+        lines: list[str] = []
+        name = qname
+        for _ in range(8):  # a CNAME loop in the test's own records ends here
+            records = self.records.get((name, qtype), [])
+            if records or qtype == "CNAME":
+                lines.extend(f"{name}. {ttl} IN {qtype} {value}" for value, ttl in records)
+                return lines
+            aliases = self.records.get((name, "CNAME"))
+            if not aliases:
+                return lines
+            target, ttl = aliases[0]
+            target = target.rstrip(".").lower()
+            lines.append(f"{name}. {ttl} IN CNAME {target}.")
+            name = target
+        return lines
 
     def _on_datagram(self, data: bytes, address: tuple[str, int]) -> None:
         answer = self._answer(data, udp=True)

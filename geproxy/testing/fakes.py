@@ -13,13 +13,17 @@ class StaticResolver:
     """A ``resolve`` plugin answering from a mapping; unknown names are NXDOMAIN.
 
     IP literals pass through (``None``) to the system resolver, which answers them without
-    any lookup; ``localhost`` too. Counts lookups per name in ``queries``.
+    any lookup; ``localhost`` too. Counts lookups per name in ``queries``. With
+    ``fallthrough=True`` unknown names pass through as well: for testing a resolver plugin
+    (point it at the ``dns_server`` fixture, never at a real nameserver).
     """
 
     name = "static_resolver"
 
-    def __init__(self, names: Optional[dict[str, Sequence[str]]] = None) -> None:
+    def __init__(self, names: Optional[dict[str, Sequence[str]]] = None,
+                 fallthrough: bool = False) -> None:
         self.names: dict[str, list[str]] = {k: list(v) for k, v in (names or {}).items()}
+        self.fallthrough = fallthrough
         self.queries: dict[str, int] = {}
 
     def add(self, name: str, *addresses: str) -> None:
@@ -35,6 +39,8 @@ class StaticResolver:
         if host == "localhost":
             return None
         self.queries[host] = self.queries.get(host, 0) + 1
+        if host not in self.names and self.fallthrough:
+            return None
         if host not in self.names:
             raise errors.DNSError(f"{host}: not in the test resolver", rcode="NXDOMAIN")
         return [(a, port, 0, 0) if ":" in a else (a, port) for a in self.names[host]]

@@ -55,19 +55,37 @@ class Proxy:
         return sock
 
 
-def start_proxy(tmp_path: Path, ini: str = "", plugins: Sequence[Any] = (),
-                resolver: Optional[StaticResolver] = None) -> Proxy:
-    """Start a proxy from ``ini`` (its ``[geproxy]`` section gets ``listen`` and
-    ``access_log`` defaults for tests) with extra plugin objects."""
+#: Sections a test proxy gets unless its ini has them: the loopback origins of the tests
+#: listen on any port, and the built-in policy would refuse tunnels to most of them.
+TEST_SECTIONS = {
+    "acl": "connect_ports = 1-65535\n",
+    "destinations": "allow = 127.0.0.0/8 ::1\n",
+}
+
+
+def kit_ini(ini: str = "", access_log: str = "off") -> str:
+    """A test configuration from ``ini``: ``[geproxy]`` gets ``listen = 127.0.0.1:0`` and
+    ``access_log`` unless given, and the sections of TEST_SECTIONS are added unless the
+    test wrote its own (a test of a policy writes the policy it tests)."""
     text = ini if "[geproxy]" in ini else "[geproxy]\n" + ini
     head, sep, rest = text.partition("[geproxy]\n")
     defaults = ""
     if not re.search(r"^listen\s*=", rest, re.M):
         defaults += "listen = 127.0.0.1:0\n"
     if not re.search(r"^access_log\s*=", rest, re.M):
-        defaults += "access_log = off\n"
+        defaults += f"access_log = {access_log}\n"
+    text = head + sep + defaults + rest
+    for section, body in TEST_SECTIONS.items():
+        if not re.search(rf"^\[{section}\]", text, re.M):
+            text += f"\n[{section}]\n{body}"
+    return text
+
+
+def start_proxy(tmp_path: Path, ini: str = "", plugins: Sequence[Any] = (),
+                resolver: Optional[StaticResolver] = None) -> Proxy:
+    """Start a proxy from ``kit_ini(ini)`` with extra plugin objects."""
     path = tmp_path / f"geproxy-{time.monotonic_ns()}.ini"
-    path.write_text(head + sep + defaults + rest)
+    path.write_text(kit_ini(ini))
     resolver = resolver or StaticResolver()
     records = RecordCollector()
     server = create_server(str(path), objects=[resolver, records, *plugins],
