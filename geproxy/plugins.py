@@ -30,6 +30,7 @@ hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("system_resolver", "geproxy_plugins.system_resolver:SystemResolver"),
     ("resolver", "geproxy_plugins.resolver:Resolver"),
+    ("dnscache", "geproxy_plugins.dnscache:DNSCache"),
     ("acl", "geproxy_plugins.acl:ACL"),
     ("destinations", "geproxy_plugins.destinations:Destinations"),
     ("access_log", "geproxy_plugins.access_log:AccessLog"),
