@@ -58,6 +58,7 @@ CONDITIONS = ("src", "dst", "port", "method", "user")
 #: Rule ids the plugin gives its own denials; a rule may not take them.
 DEFAULT_ID = "default"
 CONNECT_PORTS_ID = "connect_ports"
+REQUEST_KEY = "acl.request"
 
 _ID = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)\s*:\s*(.*)")
 _PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
@@ -170,6 +171,9 @@ class Verdict:
     allow: bool
     rule: str
 
+    def __str__(self) -> str:
+        return f"{'allow' if self.allow else 'deny'} (rule {self.rule})"
+
 
 DEFAULT_DENY = Verdict(False, DEFAULT_ID)
 
@@ -182,6 +186,11 @@ class Plan:
     policy: "Policy"
     verdict: Optional[Verdict]
     candidates: tuple[Rule, ...] = ()
+
+    def __str__(self) -> str:
+        if self.verdict is not None:
+            return f"decided at connect: {self.verdict}"
+        return "decided per request, by rules " + ", ".join(r.id for r in self.candidates)
 
     def decide(self, ctx: Context, request: Request) -> Verdict:
         if self.verdict is not None:
@@ -420,6 +429,7 @@ class ACL:
             self._deny(ctx, request, policy, CONNECT_PORTS_ID)
             return None
         verdict = plan.decide(ctx, request)
+        ctx.stash[REQUEST_KEY] = verdict  # the last request's verdict, for geproxy explain
         if not verdict.allow:
             self._deny(ctx, request, policy, verdict.rule)
         return None

@@ -108,3 +108,23 @@ def test_the_command_line(config):
                            config + ".missing", "GET", "http://ok.test/"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "cannot read" in done.stderr
+
+
+def test_the_acl_rule_that_decides_is_shown(tmp_path):
+    path = tmp_path / "acl.ini"
+    path.write_text("[geproxy]\naccess_log = off\n"
+                    "[acl]\nconnect_ports = 443\nrules =\n"
+                    "    staff: allow src 10.0.0.0/8 dst .example.com\n"
+                    "    others: deny all\n")
+    out = io.StringIO()
+    assert explain(str(path), "CONNECT", "api.example.com:443", client="10.2.3.4",
+                   resolve=False, out=out) == 0
+    assert "acl.request: allow (rule staff)" in out.getvalue()
+    out = io.StringIO()
+    assert explain(str(path), "CONNECT", "evil.example.net:443", client="10.2.3.4",
+                   resolve=False, out=out) == 1
+    assert "(rule others)" in out.getvalue() and "<- decides" in out.getvalue()
+    out = io.StringIO()
+    assert explain(str(path), "CONNECT", "api.example.com:443", client="192.0.2.1",
+                   resolve=False, out=out) == 1
+    assert "acl: decided at connect: deny (rule others)" in out.getvalue()
