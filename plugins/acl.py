@@ -33,6 +33,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
+from cachetools import LRUCache
+
 from geproxy import (
     Config,
     ConfigError,
@@ -59,6 +61,7 @@ CONDITIONS = ("src", "dst", "port", "method", "user")
 DEFAULT_ID = "default"
 CONNECT_PORTS_ID = "connect_ports"
 REQUEST_KEY = "acl.request"
+PLAN_CACHE_SIZE = 4096
 
 _ID = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)\s*:\s*(.*)")
 _PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
@@ -372,6 +375,8 @@ class ACL:
     def __init__(self) -> None:
         # Replaced by configure(); the defaults until then, never "allow everything".
         self.policy = _default_policy()
+        #: Bounded: one entry per recent client address.
+        self._plans: LRUCache[str, Plan] = LRUCache(maxsize=PLAN_CACHE_SIZE)
 
     @hookimpl
     def add_options(self, registry: OptionRegistry) -> None:
@@ -435,7 +440,12 @@ class ACL:
         return None
 
     def _plan(self, ctx: Context) -> Plan:
-        plan = self.policy.plan(client_ip(ctx))
+        # Plans depend only on the policy and the client address: clients come back, and
+        # parsing an address and walking the rules per connection is the costly part.
+        policy, key = self.policy, ctx.client_addr[0]
+        plan = self._plans.get(key)
+        if plan is None or plan.policy is not policy:
+            plan = self._plans[key] = policy.plan(client_ip(ctx))
         ctx.stash[SECTION] = plan
         return plan
 
