@@ -11,7 +11,7 @@ import configparser
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from .errors import ConfigError
 
@@ -137,11 +137,14 @@ class Option:
     default: str
     help: str
     minimum: Optional[float] = None
+    choices: tuple[str, ...] = ()
 
     def parse(self, text: str) -> Any:
         value = _KINDS[self.kind](text)
         if self.minimum is not None and value < self.minimum:
             raise ValueError(f"must be at least {self.minimum:g}")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"must be one of {', '.join(self.choices)}, not {value!r}")
         return value
 
 
@@ -151,11 +154,13 @@ class _SectionOptions:
         self.name = name
 
     def add(self, key: str, kind: str, default: str, help: str, *,
-            minimum: Optional[float] = None) -> "_SectionOptions":
-        """Declare ``key`` of this section; ``default`` is written as in the INI file."""
+            minimum: Optional[float] = None,
+            choices: Sequence[str] = ()) -> "_SectionOptions":
+        """Declare ``key`` of this section; ``default`` is written as in the INI file.
+        ``minimum`` bounds a number; ``choices`` lists the only values a ``str`` may take."""
         if kind not in _KINDS:
             raise ValueError(f"unknown option kind {kind!r}")
-        option = Option(self.name, key, kind, default, help, minimum)
+        option = Option(self.name, key, kind, default, help, minimum, tuple(choices))
         option.parse(default)  # a default that does not parse is a bug in the plugin
         self._registry.options.setdefault(self.name, {})[key] = option
         return self
@@ -263,7 +268,12 @@ def core_options(registry: OptionRegistry) -> None:
         .add("max_header_size", "size", "64KiB",
              "Largest request or response head accepted.", minimum=1024)
         .add("via", "token", "geproxy",
-             "Pseudonym in the Via header added to forwarded messages; off to add none.")
+             "Pseudonym in the Via header added to forwarded messages, and how loops are "
+             "recognised; off to add none.")
+        .add("forwarded_for", "str", "off",
+             "X-Forwarded-For and Forwarded: off passes the client's own unchanged and adds "
+             "none, on adds the client address, delete removes them.",
+             choices=("off", "on", "delete"))
         .add("access_log", "str", "-",
              "Where the access log goes: a file path, - for standard output, off for none.")
         .add("upstream_keepalive", "int", "32",

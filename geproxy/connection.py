@@ -115,6 +115,8 @@ class Connection:
             if request.is_connect:
                 raise LoopDetected("CONNECT to the proxy itself")
             return self._serve_local(request, record)
+        if self.server.via and forward.via_loop(request.headers, self.server.via):
+            raise LoopDetected(f"Via already names {self.server.via}")
         if request.is_connect:
             self._tunnel(request, record)
             return False
@@ -293,7 +295,7 @@ class Connection:
             try:
                 early = parent_connect(sock, route, request.authority,
                                        self.settings["connect_timeout"],
-                                       self.settings["max_header_size"])
+                                       self.settings["max_header_size"], self.server.via)
             except BaseException:
                 sock.close()
                 raise

@@ -29,7 +29,7 @@ from .upstream import basic_credentials
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["forward", "client_keeps_alive", "request_has_body", "read_small_body"]
+__all__ = ["forward", "client_keeps_alive", "request_has_body", "read_small_body", "via_loop"]
 
 RECV_SIZE = 64 * 1024
 #: How long to wait for an origin's "100 Continue" before sending the body anyway (as curl).
@@ -96,6 +96,7 @@ def _upstream_head(conn: "Connection", request: Request, route: Optional[Route],
         headers.append(("Upgrade", request.headers.get("upgrade") or ""))
     if chunked:
         headers.append(("Transfer-Encoding", "chunked"))
+    headers = _forwarded_for(headers, conn.settings["forwarded_for"], conn.ctx.client_ip)
     via = conn.server.via
     if via:
         headers.append(("Via", f"{request.version[5:]} {via}"))
@@ -105,6 +106,33 @@ def _upstream_head(conn: "Connection", request: Request, route: Optional[Route],
         if route.username or route.password:
             headers.append(("Proxy-Authorization", basic_credentials(route)))
     return http11.serialize_head(f"{request.method} {target} HTTP/1.1", headers)
+
+
+def _forwarded_for(headers: list[tuple[str, str]], mode: str,
+                   client: str) -> list[tuple[str, str]]:
+    """X-Forwarded-For and Forwarded: ``off`` passes the client's own on, ``delete`` removes
+    them, ``on`` appends the client's address (RFC 7239 for Forwarded)."""
+    if mode == "off":
+        return headers
+    kept = [(k, v) for k, v in headers if k.lower() not in ("x-forwarded-for", "forwarded")]
+    if mode == "delete":
+        return kept
+    earlier_xff = [v for k, v in headers if k.lower() == "x-forwarded-for"]
+    earlier_fwd = [v for k, v in headers if k.lower() == "forwarded"]
+    node = f'"[{client}]"' if ":" in client else client
+    kept.append(("X-Forwarded-For", ", ".join(earlier_xff + [client])))
+    kept.append(("Forwarded", ", ".join(earlier_fwd + [f"for={node}"])))
+    return kept
+
+
+def via_loop(headers: Headers, via: str) -> bool:
+    """Whether a Via field already names this proxy (received-by, RFC 9110 7.6.3)."""
+    name = via.lower()
+    for entry in headers.tokens("via"):
+        parts = entry.split()
+        if len(parts) >= 2 and parts[1] == name:
+            return True
+    return False
 
 
 def _max_forwards(request: Request) -> int:

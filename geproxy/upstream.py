@@ -205,12 +205,14 @@ class UpstreamPool:
 
 
 def parent_connect(sock: socket.socket, route: Route, authority: str, timeout: float,
-                   max_head: int) -> bytes:
+                   max_head: int, via: str = "") -> bytes:
     """Ask a parent proxy for a tunnel to ``authority``; returns bytes that followed its 200.
 
     Anything but a 2xx from the parent fails the attempt with 502 (or 504 on no answer).
     """
     headers = [("Host", authority)]
+    if via:  # lets a chain of proxies see a loop
+        headers.append(("Via", f"1.1 {via}"))
     if route.username or route.password:
         headers.append(("Proxy-Authorization", basic_credentials(route)))
     parser = ResponseHeadParser(max_head)

@@ -347,3 +347,30 @@ def test_requests_https_through_connect(proxy, tls_origin, ca_file):
         answer = session.get(tls_origin.url("/echo", host="origin.test"),
                              proxies={"https": proxy.url}, verify=ca_file, timeout=10)
     assert answer.status_code == 200 and answer.json()["path"] == "/echo"
+
+
+def test_a_request_that_went_through_this_proxy_is_a_loop(proxy, origin):
+    for data in (f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: x\r\n"
+                 "Via: 1.1 upstream-cache, 1.1 GEPROXY\r\n\r\n",
+                 f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nVia: 1.0 geproxy\r\n\r\n"):
+        answer = exchange(proxy.address, data.encode(), until_close=False)
+        assert answer.startswith(b"HTTP/1.1 502 ")
+        assert b"error=proxy_loop_detected" in answer
+    assert origin.seen == []
+    # Another proxy's name, or a comment that merely mentions ours, is no loop.
+    echo = _json(curl("-x", proxy.url, "-H", "Via: 1.1 other (geproxy)", origin.url("/echo")))
+    vias = [v.strip() for v in echo["headers"]["via"].split(",")]
+    assert vias == ["1.1 other (geproxy)", "1.1 geproxy"]
+
+
+def test_forwarded_for_off_on_delete(proxy_factory, origin):
+    client_headers = ("-H", "X-Forwarded-For: 10.9.8.7", "-H", "Forwarded: for=10.9.8.7")
+    seen = {}
+    for mode in ("off", "on", "delete"):
+        proxy = proxy_factory(f"forwarded_for = {mode}\n")
+        seen[mode] = _json(curl("-x", proxy.url, *client_headers, origin.url("/echo")))["headers"]
+    assert seen["off"]["x-forwarded-for"] == "10.9.8.7"  # passed on, nothing added
+    assert seen["off"]["forwarded"] == "for=10.9.8.7"
+    assert seen["on"]["x-forwarded-for"] == "10.9.8.7, 127.0.0.1"
+    assert seen["on"]["forwarded"] == "for=10.9.8.7, for=127.0.0.1"
+    assert "x-forwarded-for" not in seen["delete"] and "forwarded" not in seen["delete"]

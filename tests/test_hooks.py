@@ -119,7 +119,7 @@ def test_route_through_a_parent_proxy(proxy_factory, origin):
             seen_by_parent.append((request.method, request.target,
                                    request.headers.get("proxy-authorization")))
 
-    parent = proxy_factory(plugins=[Watch()])
+    parent = proxy_factory("via = parent-proxy\n", plugins=[Watch()])  # names must differ
 
     class ViaParent:
         @hookimpl
