@@ -106,6 +106,17 @@ def parse_token(text: str) -> str:
     return value
 
 
+def parse_networks(text: str) -> list[Any]:
+    """IP networks (CIDRs) and addresses, as ``ipaddress`` network objects."""
+    out = []
+    for item in parse_list(text):
+        try:
+            out.append(ipaddress.ip_network(item, strict=True))
+        except ValueError as exc:
+            raise ValueError(f"not a network: {item!r} ({exc})") from None
+    return out
+
+
 def _parse_int(text: str) -> int:
     return int(text.strip())
 
@@ -126,6 +137,7 @@ _KINDS: dict[str, Callable[[str], Any]] = {
     "list": parse_list,
     "lines": parse_lines,
     "listen": parse_listen,
+    "networks": parse_networks,
 }
 
 
@@ -276,6 +288,12 @@ def core_options(registry: OptionRegistry) -> None:
              choices=("off", "on", "delete"))
         .add("access_log", "str", "-",
              "Where the access log goes: a file path, - for standard output, off for none.")
+        .add("proxy_protocol", "str", "off",
+             "PROXY protocol header expected before each connection's bytes (from a load "
+             "balancer): off, v1, v2 or any.", choices=("off", "v1", "v2", "any"))
+        .add("proxy_protocol_from", "networks", "",
+             "Senders allowed to send the PROXY header; connections from anywhere else are "
+             "closed. Required when proxy_protocol is on.")
         .add("upstream_keepalive", "int", "32",
              "Idle upstream connections kept per host:port for reuse; 0 disables reuse.",
              minimum=0)

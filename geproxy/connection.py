@@ -6,14 +6,15 @@ Everything that decides is a hook; everything that moves bytes is in tunnel.py o
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import gevent
 
-from . import forward, http11
+from . import forward, http11, proxyproto
 from .errors import (
     ClientGone,
     Denied,
@@ -60,6 +61,8 @@ class Connection:
 
     def handle(self) -> None:
         ctx = self.ctx
+        if self.server.proxy_protocol != "off" and not self._read_proxy_header():
+            return
         try:
             denied = self.hooks.on_connect(ctx)
             if denied is not None:
@@ -123,6 +126,38 @@ class Connection:
         return forward.forward(self, request, record)
 
     # -- reading ------------------------------------------------------------------------
+
+    def _read_proxy_header(self) -> bool:
+        """Take the client's address from the load balancer's PROXY header; False (close,
+        say nothing) when the sender may not send one or the header is bad or late."""
+        peer: Any = ipaddress.ip_address(self.ctx.client_addr[0])
+        peer = getattr(peer, "ipv4_mapped", None) or peer
+        if not any(peer in network for network in self.server.proxy_protocol_from):
+            self.log.warning("refused: not in proxy_protocol_from")
+            return False
+        deadline = self.ctx.started + self.settings["header_timeout"]
+        data = b""
+        try:
+            while True:
+                self.sock.settimeout(max(deadline - time.time(), 0.001))
+                piece = self.sock.recv(RECV_SIZE)
+                if not piece:
+                    return False
+                data += piece
+                found = proxyproto.parse(data, self.server.proxy_protocol)
+                if found is not None:
+                    break
+        except proxyproto.ProxyHeaderError as exc:
+            self.log.warning("bad PROXY header: %s", exc)
+            return False
+        except OSError as exc:  # a timeout or a reset before the header was whole
+            self.log.info("no PROXY header: %s", exc)
+            return False
+        length, client = found
+        if client is not None:
+            self.ctx.client_addr = client
+        self.buf = data[length:]
+        return True
 
     def recv(self) -> bytes:
         """The next bytes from the client (buffered ones first); b"" when it closed.

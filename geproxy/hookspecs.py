@@ -68,6 +68,17 @@ def configure(config: "Config") -> None:
     """
 
 
+@hookspec
+def unconfigure(config: "Config") -> None:
+    """Release what ``configure`` built: close files, stop greenlets.
+
+    Called once when the server has stopped (after its last connection ended), for every
+    plugin that was configured; also when the test kit stops a proxy. Errors are logged.
+
+    Must not expect any further hook call on this plugin instance.
+    """
+
+
 @hookspec(firstresult=True)
 def on_connect(ctx: "Context") -> Optional["Denied"]:
     """Decide on an accepted client connection before any byte is read from it.

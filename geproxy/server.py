@@ -14,7 +14,7 @@ from gevent.server import StreamServer
 
 from .config import Config
 from .connection import Connection
-from .errors import ProxyError, TooManyConnections, proxy_name
+from .errors import ConfigError, ProxyError, TooManyConnections, proxy_name
 from .models import Context, Record, Request
 from .plugins import Hooks, load, plugin_names
 from .upstream import UpstreamPool
@@ -41,6 +41,12 @@ class ProxyServer:
         self.via: str = "" if core["via"].lower() == "off" else core["via"]
         self.proxy_name = proxy_name(self.via)
         self.max_connections: int = core["max_connections"]
+        self.proxy_protocol: str = core["proxy_protocol"]
+        self.proxy_protocol_from = core["proxy_protocol_from"]
+        if self.proxy_protocol != "off" and not self.proxy_protocol_from:
+            raise ConfigError("proxy_protocol needs the balancers' addresses in "
+                              "proxy_protocol_from", path=config.path, section="geproxy",
+                              key="proxy_protocol_from")
         self.pool = UpstreamPool(core["upstream_keepalive"], core["upstream_idle_timeout"])
         self.connections = gevent.pool.Group()
         #: Greenlets of connections waiting for a request: safe to end at once on stop.
@@ -145,6 +151,10 @@ class ProxyServer:
             log.warning("graceful_timeout over: closing %d connections", len(self.connections))
             self.connections.kill(timeout=5)
         self.pool.clear()
+        try:
+            self.pm.hook.unconfigure(config=self.config)
+        except Exception:
+            log.exception("a plugin failed to release its resources")
         self._stopped.set()
         log.info("stopped")
 

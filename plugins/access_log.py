@@ -48,6 +48,13 @@ class AccessLog:
         self._logger = logger
 
     @hookimpl
+    def unconfigure(self) -> None:
+        if self._logger is not None:
+            for handler in self._logger.handlers:
+                handler.close()
+            self._logger = None
+
+    @hookimpl
     def on_close(self, ctx: Context, record: Record) -> None:
         if self._logger is None:
             return

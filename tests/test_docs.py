@@ -1,8 +1,10 @@
 """The documentation is tested: options, hooks, errors, the example plugin, links, the unit.
 
 A test here fails when an option or a hook is added without its documentation, when the docs
-describe one that no longer exists, when the example plugin stops working, or when a link
-breaks.
+describe one that no longer exists, when a hook's docstring summary is not quoted in its
+section, when the built-ins' place among the hooks changes without the docs, when the example
+plugin, its tests or the ``geproxy explain`` transcripts stop matching what the code does, when
+a test-kit fixture or helper is undocumented, or when a link breaks.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import configparser
 import inspect
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -19,6 +22,7 @@ from typing import Any
 
 import pytest
 
+import geproxy.testing
 from geproxy import DEFAULT_PLUGINS, ConfigError, errors, hookimpl, hookspecs
 from geproxy.config import OptionRegistry, parse_duration
 from geproxy.plugins import load
@@ -169,6 +173,101 @@ def test_no_documented_hook_is_undeclared() -> None:
         assert name in known, f"plugins.md documents a hook {name} that does not exist"
 
 
+def test_every_hook_section_quotes_its_docstring_summary() -> None:
+    """The first line of each hookspec's docstring appears, word for word, in its section."""
+    text = PLUGINS.read_text(encoding="utf-8")
+    for spec in _hookspecs():
+        summary = (inspect.getdoc(spec) or "").splitlines()[0].strip()
+        assert summary, f"{spec.__name__} has no docstring summary"
+        signature = f"`{spec.__name__}({', '.join(inspect.signature(spec).parameters)})`"
+        section = _part(text, 3, re.escape(signature))
+        assert section, f"plugins.md has no '### {signature}'"
+        assert summary in section, (
+            f"plugins.md, {signature}: the docstring summary is not quoted verbatim: {summary!r}")
+
+
+# -- (b2) the built-ins' place among the hooks -------------------------------------------
+
+
+def _loaded_builtins() -> Any:
+    pm, _ = load(str(SAMPLE), entry_points=False)
+    return pm
+
+
+def _impl_label(impl: Any, hook: str) -> str:
+    """``plugin``, or ``plugin.function`` for an implementation named with specname."""
+    name = impl.function.__name__
+    return impl.plugin_name if name == hook else f"{impl.plugin_name}.{name}"
+
+
+def _builtin_order(pm: Any, hook: str) -> list[str]:
+    """The built-in implementations of ``hook``, in the order pluggy calls them."""
+    builtins = {name for name, _ in DEFAULT_PLUGINS}
+    impls = reversed(getattr(pm.hook, hook).get_hookimpls())
+    return [_impl_label(impl, hook) for impl in impls if impl.plugin_name in builtins]
+
+
+def _labels_in_order(text: str, labels: set[str]) -> list[str]:
+    """The ``labels`` quoted in ``text`` (as `label`), in order of first appearance."""
+    seen: list[str] = []
+    for word in re.findall(r"`([\w.]+)`", text):
+        if word in labels and word not in seen:
+            seen.append(word)
+    return seen
+
+
+def test_the_order_table_matches_the_built_ins() -> None:
+    """Each row of 'Where the built-ins sit' lists the built-ins in pluggy's call order."""
+    pm = _loaded_builtins()
+    part = _part(PLUGINS.read_text(encoding="utf-8"), 3, "Where the built-ins sit")
+    assert part, "plugins.md has no '### Where the built-ins sit'"
+    for spec in _hookspecs():
+        hook = spec.__name__
+        if hook in ("add_options", "configure"):
+            continue  # every plugin with options has them; their order does not matter
+        row = next((line for line in part.splitlines() if line.startswith(f"| `{hook}` |")),
+                   None)
+        assert row is not None, f"'Where the built-ins sit' has no row for {hook}"
+        real = _builtin_order(pm, hook)
+        labels = {_impl_label(impl, hook) for impl in getattr(pm.hook, hook).get_hookimpls()}
+        labels |= {name for name, _ in DEFAULT_PLUGINS}
+        cell = row.split("|")[2]
+        assert _labels_in_order(cell, labels) == real, (
+            f"{hook}: the docs give {_labels_in_order(cell, labels)}, pluggy calls {real}")
+    # The nesting drawn for resolve, first word of each line.
+    drawn = re.search(r"^```text\n(destinations.*?)^```$", part, re.DOTALL | re.MULTILINE)
+    assert drawn, "no drawing of the resolve nesting"
+    firsts = [line.split()[0] for line in drawn.group(1).splitlines() if line.strip()]
+    resolve_labels = set(_builtin_order(pm, "resolve"))
+    assert [w for w in firsts if w in resolve_labels] == _builtin_order(pm, "resolve")
+
+
+def test_the_built_in_table_gives_each_implementation_and_its_marker() -> None:
+    """'What the built-in plugins leave for yours' names every hook implementation of every
+    built-in, with tryfirst, trylast and wrapper as the code marks it."""
+    pm = _loaded_builtins()
+    part = _part(PLUGINS.read_text(encoding="utf-8"), 2, "What the built-in plugins leave")
+    assert part, "plugins.md has no '## What the built-in plugins leave for yours'"
+    for name, _ in DEFAULT_PLUGINS:
+        row = next((line for line in part.splitlines() if line.startswith(f"| `{name}` |")),
+                   None)
+        assert row is not None, f"no row for the built-in {name}"
+        given = {m.group(1): m.group(2) or "" for m in
+                 re.finditer(r"`(\w+)`(?: \(([^)]*)\))?", row.split("|")[2])}
+        impls = [impl for spec in _hookspecs()
+                 for impl in getattr(pm.hook, spec.__name__).get_hookimpls()
+                 if impl.plugin_name == name]
+        assert sorted(given) == sorted(impl.function.__name__ for impl in impls), (
+            f"{name}: the docs list {sorted(given)}")
+        for impl in impls:
+            markers = given[impl.function.__name__]
+            for marker, marked in (("tryfirst", impl.tryfirst), ("trylast", impl.trylast),
+                                   ("wrapper", impl.wrapper)):
+                assert (marker in markers) == bool(marked), (
+                    f"{name}.{impl.function.__name__}: {marker} is "
+                    f"{'missing from' if marked else 'wrong in'} the docs")
+
+
 # -- (c) the example plugin is real ------------------------------------------------------
 
 
@@ -228,6 +327,54 @@ def test_the_test_kit_example_runs(tmp_path) -> None:
     output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
     assert result.returncode == 0, output
     assert "4 passed" in output, output
+
+
+def _comparable(transcript: str, known: set[str]) -> list[str]:
+    """The lines of an explain transcript, without trailing blanks and without the lines of
+    plugins outside ``known``: entry points installed in one environment and not another."""
+    lines = []
+    for line in transcript.splitlines():
+        plugin = re.match(r"  (\S+) ", line)
+        if plugin and plugin.group(1) not in known:
+            continue
+        lines.append(line.rstrip())
+    return lines
+
+
+def test_the_explain_transcripts_are_what_explain_prints(tmp_path) -> None:
+    """Each ``geproxy explain`` run shown in plugins.md, rerun on the configuration shown."""
+    text = PLUGINS.read_text(encoding="utf-8")
+    (tmp_path / "geproxy.ini").write_text(_fenced_after(text, "<!-- file: geproxy.ini -->"))
+    blocks = re.findall(r"<!-- explain -->\n```console\n(.*?)^```$", text,
+                        re.DOTALL | re.MULTILINE)
+    assert len(blocks) >= 3
+    known = {name for name, _ in DEFAULT_PLUGINS} | {"deny_ports"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    # This checkout's geproxy, as the in-process tests import it.
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(EXAMPLES), str(ROOT), env.get("PYTHONPATH")]))
+    for block in blocks:
+        command, *shown = block.splitlines()
+        assert command.startswith("$ geproxy explain "), command
+        result = subprocess.run(
+            [sys.executable, "-m", "geproxy", *shlex.split(command[2:])[1:]],
+            cwd=tmp_path, env=env, capture_output=True, timeout=60, check=False)
+        printed = result.stdout.decode(errors="replace")
+        assert _comparable(printed, known) == _comparable("\n".join(shown), known), (
+            f"{command}\n{printed}{result.stderr.decode(errors='replace')}")
+        refused = shown[-1].split() == ["verdict", "refused"]
+        assert result.returncode == (1 if refused else 0), command
+
+
+def test_every_kit_fixture_and_helper_is_documented() -> None:
+    part = _part(PLUGINS.read_text(encoding="utf-8"), 2, "The test kit")
+    assert part, "plugins.md has no '## The test kit'"
+    source = inspect.getsource(geproxy.testing)
+    fixtures = re.findall(r"^@pytest\.fixture[^\n]*\ndef (\w+)", source, re.MULTILINE)
+    assert "proxy_factory" in fixtures and "dns_server" in fixtures
+    for name in [*fixtures, *geproxy.testing.__all__]:
+        assert re.search(rf"`{re.escape(name)}[`(]", part), (
+            f"plugins.md, The test kit: {name} is not documented")
 
 
 def test_python_blocks_in_the_docs_compile() -> None:

@@ -100,7 +100,8 @@ def test_every_hook_has_a_contract():
     specs = [obj for name, obj in inspect.getmembers(hookspecs, inspect.isfunction)
              if hasattr(obj, "geproxy_spec")]
     assert {spec.__name__ for spec in specs} == {
-        "add_options", "configure", "on_connect", "on_request", "route", "resolve",
+        "add_options", "configure", "unconfigure", "on_connect", "on_request", "route",
+        "resolve",
         "on_response", "on_close"}
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
