@@ -300,8 +300,8 @@ class Connection:
         return self.answer(response, record, request)
 
     def _tunnel(self, request: Request, record: Record) -> None:
-        route = self.hooks.route(self.ctx, request)
-        upstream, _, early = self.open_upstream(request, record, route)
+        routes = self.hooks.route(self.ctx, request)
+        upstream, _, early, _ = self.open_upstream(request, record, routes)
         try:
             head = http11.serialize_head("HTTP/1.1 200 Connection Established", [])
             self.send(head, record)
@@ -313,11 +313,30 @@ class Connection:
         finally:
             upstream.close()
 
-    def open_upstream(self, request: Request, record: Record,
-                      route: Optional[Route]) -> tuple[socket.socket, tuple, bytes]:
-        """Resolve and connect for ``request`` (to the parent ``route`` names, if any); the
-        timings go to ``record``. Returns the socket, its peer address, and any bytes a
-        parent proxy sent after its CONNECT answer."""
+    def open_upstream(self, request: Request, record: Record, routes: list[Optional[Route]]
+                      ) -> tuple[socket.socket, tuple, bytes, Optional[Route]]:
+        """Connect for ``request`` by the first of ``routes`` that works (None: direct; a
+        Route: through that parent, ``route_failed`` telling of each one that did not).
+
+        Returns the socket, its peer address, any bytes a parent sent after its CONNECT
+        answer, and the route taken; raises the last failure when none worked."""
+        failure: Optional[ProxyError] = None
+        for route in routes:
+            try:
+                sock, address, early = self._connect_by(request, record, route)
+            except ProxyError as exc:
+                if route is None:
+                    raise
+                self.log.info("parent %s:%d failed: %s", route.host, route.port, exc.detail)
+                self.hooks.route_failed(self.ctx, request, route, exc)
+                failure = exc
+                continue
+            return sock, address, early, route
+        assert failure is not None  # routes is never empty
+        raise failure
+
+    def _connect_by(self, request: Request, record: Record,
+                    route: Optional[Route]) -> tuple[socket.socket, tuple, bytes]:
         host, port = (route.host, route.port) if route is not None else (request.host,
                                                                            request.port)
         addresses = self.hooks.resolve(self.ctx, host, port)
@@ -335,4 +354,3 @@ class Connection:
                 sock.close()
                 raise
         return sock, address, early
-

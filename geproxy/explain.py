@@ -93,9 +93,11 @@ class _Explainer:
         if is_local(request):
             self.say("answer", "answered by the proxy itself (local request)")
             return None
-        route = self.hooks.route(ctx, request)
+        routes = self.hooks.route(ctx, request)
+        route = routes[0]
         host, port = (route.host, route.port) if route else (request.host, request.port)
-        self.say("route", f"parent proxy {route.host}:{route.port}" if route else "direct")
+        self.say("route", " then ".join(f"parent proxy {r.host}:{r.port}" if r else "direct"
+                                        for r in routes))
         if resolve:
             addresses = self.hooks.resolve(ctx, host, port)
             ttl = getattr(addresses, "ttl", None)

@@ -210,19 +210,23 @@ def forward(conn: "Connection", request: Request, record: Record) -> bool:
     if request.method in ("OPTIONS", "TRACE") and "max-forwards" in request.headers:
         if _max_forwards(request) == 0:
             return _answer_max_forwards(conn, request, record)
-    route = conn.hooks.route(conn.ctx, request)
-    key = (route, request.host, request.port)
+    routes = conn.hooks.route(conn.ctx, request)
     pool = conn.server.pool
-    pooled = pool.get(key, retryable=not request_has_body(request))
-    if pooled is not None:
-        try:
-            return _exchange(conn, request, record, _Upstream(*pooled, reused=True), body,
-                             route, key)
-        except _Stale:
-            conn.log.debug("pooled upstream connection was stale; opening a new one")
-    sock, address, _ = conn.open_upstream(request, record, route)
+    retryable = not request_has_body(request)
+    for route in routes:  # a pooled connection by any of the routes, in their order
+        key = (route, request.host, request.port)
+        pooled = pool.get(key, retryable=retryable)
+        if pooled is not None:
+            try:
+                return _exchange(conn, request, record, _Upstream(*pooled, reused=True),
+                                 body, route, key)
+            except _Stale:
+                conn.log.debug("pooled upstream connection was stale; opening a new one")
+            break
+    sock, address, _, route = conn.open_upstream(request, record, routes)
     upstream = _Upstream(sock, address, reused=False)
-    return _exchange(conn, request, record, upstream, body, route, key)
+    return _exchange(conn, request, record, upstream, body, route,
+                     (route, request.host, request.port))
 
 
 def _exchange(conn: "Connection", request: Request, record: Record, upstream: _Upstream,

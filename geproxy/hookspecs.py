@@ -28,7 +28,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .config import Config, OptionRegistry
-    from .errors import Denied
+    from .errors import Denied, ProxyError
     from .models import Context, Record, Request, Response, Route
 
 PROJECT = "geproxy"
@@ -110,18 +110,36 @@ def on_request(ctx: "Context", request: "Request") -> Optional["Response"]:
 
 
 @hookspec(firstresult=True)
-def route(ctx: "Context", request: "Request") -> Optional["Route"]:
+def route(ctx: "Context", request: "Request") -> Any:
     """Choose how to reach the request's destination.
 
     Called once per CONNECT or plain request, after ``on_request`` allowed it and before
     an upstream connection is taken from the pool or opened: pooled connections are kept
     per route, so a request only reuses one that went the same way.
 
-    :returns: ``None`` to connect directly, or a ``Route`` naming a parent proxy
-        (host, port, optional Basic credentials) to go through: CONNECT is then asked of the
-        parent, and plain requests are sent to it in absolute-form.
+    :returns: ``None`` to connect directly, a ``Route`` naming a parent proxy (host, port,
+        optional Basic credentials) to go through, or a list of routes to try in order (a
+        ``None`` in it means "direct"): when connecting through one fails, ``route_failed``
+        is called and the next is tried; when all fail the client gets the last failure.
+        CONNECT is asked of the parent, and plain requests are sent to it in absolute-form.
 
     Must not connect anywhere itself; the core resolves and connects to what it returns.
+    """
+
+
+@hookspec
+def route_failed(ctx: "Context", request: "Request", route: "Route",
+                 error: "ProxyError") -> None:
+    """Learn that a parent proxy chosen by ``route`` could not be used.
+
+    Called once per failed attempt through a parent: it could not be resolved or connected
+    to in time, it closed, or it answered CONNECT with anything but 2xx. The core then tries
+    the next route of the list ``route`` returned.
+
+    :param error: the ProxyError the attempt ended with (its ``error`` is the Proxy-Status
+        type, its ``detail`` says what happened).
+
+    Return value ignored. Must not block: mark the parent down and return.
     """
 
 

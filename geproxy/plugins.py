@@ -17,7 +17,7 @@ import pluggy
 
 from . import hookspecs
 from .config import Config, OptionRegistry, build_config, core_options, parse_list, read_ini
-from .errors import ConfigError, Denied, DNSError, ProxyError
+from .errors import ConfigError, ConnectRefused, Denied, DNSError, ProxyError
 from .models import Context, Record, Request, Resolved, Response, Route
 
 __all__ = ["DEFAULT_PLUGINS", "hookimpl", "get_plugin_manager", "load", "Hooks"]
@@ -142,8 +142,19 @@ class Hooks:
     def on_request(self, ctx: Context, request: Request) -> Optional[Response]:
         return self._hook.on_request(ctx=ctx, request=request)
 
-    def route(self, ctx: Context, request: Request) -> Optional[Route]:
-        return self._hook.route(ctx=ctx, request=request)
+    def route(self, ctx: Context, request: Request) -> list[Optional[Route]]:
+        """The routes to try in order: ``[None]`` means direct."""
+        answer = self._hook.route(ctx=ctx, request=request)
+        if answer is None or isinstance(answer, Route):
+            return [answer]
+        routes = list(answer)
+        if not routes:
+            raise ConnectRefused("no route: every parent proxy is down")
+        return routes
+
+    def route_failed(self, ctx: Context, request: Request, route: Route,
+                     error: ProxyError) -> None:
+        self._hook.route_failed(ctx=ctx, request=request, route=route, error=error)
 
     def resolve(self, ctx: Context, host: str, port: int) -> Resolved:
         addresses = self._hook.resolve(ctx=ctx, host=host, port=port)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import socket
 
 import pytest
 
 from geproxy import DEFAULT_PLUGINS, Route, hookimpl, hookspecs
 from geproxy.plugins import plugin_names
-from geproxy.testing import HookRecorder, curl, wait_for_records
+from geproxy.testing import HookRecorder, curl, exchange, wait_for_records
 
 
 def test_hook_order_for_connect(proxy_factory, origin):
@@ -101,8 +102,7 @@ def test_every_hook_has_a_contract():
              if hasattr(obj, "geproxy_spec")]
     assert {spec.__name__ for spec in specs} == {
         "add_options", "configure", "unconfigure", "on_connect", "on_request", "route",
-        "resolve",
-        "on_response", "on_close"}
+        "route_failed", "resolve", "on_response", "on_close"}
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert "Called" in doc, spec.__name__
@@ -177,3 +177,37 @@ def test_on_close_wrappers_are_refused(tmp_path):
     path.write_text("[geproxy]\naccess_log = off\n")
     with pytest.raises(ConfigError, match="on_close may not be a wrapper"):
         load(str(path), objects=[Wrapping()], entry_points=False)
+
+
+def test_routes_are_tried_in_order_and_failures_reported(proxy_factory, origin):
+    """``route`` may return several routes: a failing parent is reported through
+    ``route_failed`` and the next one is tried; when all fail the client gets the last error."""
+    parent = proxy_factory("via = parent-proxy\n")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    failed = []
+
+    class Parents:
+        routes = [Route("127.0.0.1", dead_port), Route(parent.address[0], parent.port)]
+
+        @hookimpl
+        def route(self, ctx, request):
+            return self.routes
+
+        @hookimpl
+        def route_failed(self, ctx, request, route, error):
+            failed.append((route.port, error.error))
+
+    plugin = Parents()
+    child = proxy_factory(plugins=[plugin])
+    for flag in ("-p", ""):
+        out = curl(*([flag] if flag else []), "-x", child.url, origin.url("/"))
+        assert out.stdout == b"hello\n", out.stderr
+    assert failed == [(dead_port, "connection_refused")] * 2
+    assert wait_for_records(child, 2)[-1].upstream_addr == parent.address
+    plugin.routes = [Route("127.0.0.1", dead_port)]
+    answer = exchange(child.address, f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n"
+                      .encode(), until_close=False)
+    assert answer.startswith(b"HTTP/1.1 502 ") and b"error=connection_refused" in answer
