@@ -4,9 +4,10 @@ The public API for plugin authors is what this module exports; plugins import no
 from geproxy (``geproxy.errors`` included, through ``from geproxy import errors``).
 """
 
-from . import errors
+from . import errors, hosts
 from .config import Config, OptionRegistry
 from .errors import ConfigError, Denied, DNSError, DNSTimeout, ProxyError
+from .hosts import HostPatterns
 from .models import Context, Headers, Record, Request, Resolved, Response, Route
 from .plugins import DEFAULT_PLUGINS, hookimpl
 
@@ -16,6 +17,7 @@ __all__ = [
     "__version__",
     "hookimpl",
     "errors",
+    "hosts",
     "Config",
     "OptionRegistry",
     "ConfigError",
@@ -24,6 +26,7 @@ __all__ = [
     "DNSError",
     "DNSTimeout",
     "Headers",
+    "HostPatterns",
     "ProxyError",
     "Record",
     "Request",

@@ -25,11 +25,9 @@ otherwise each request is decided in ``on_request``. The per-client plan is kept
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import logging
 import re
-import socket
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -40,11 +38,13 @@ from geproxy import (
     ConfigError,
     Context,
     Denied,
+    HostPatterns,
     OptionRegistry,
     Request,
     Response,
     hookimpl,
 )
+from geproxy.hosts import ip_literal, parse_network, unmapped
 
 log = logging.getLogger(__name__)
 
@@ -65,65 +65,14 @@ PLAN_CACHE_SIZE = 4096
 
 _ID = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)\s*:\s*(.*)")
 _PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
-_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_GLOB = re.compile(r"[a-z0-9_.*?!\[\]-]+")
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]+")
-#: What inet_aton could take for an IPv4 address: 127.1, 2130706433, 0x7f.0.0.1, 0177.0.0.1.
-_NUMERIC_HOST = re.compile(r"[0-9][0-9a-fx.]*")
 
 
 # -- matching -------------------------------------------------------------------------------
 
 
-def _unmapped(address: IPAddress) -> IPAddress:
-    """``::ffff:10.1.2.3`` is 10.1.2.3: a dual-stack socket reaches the IPv4 host."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def ip_literal(host: str) -> Optional[IPAddress]:
-    """The address a target host denotes by itself, without DNS; None for a name.
-
-    Besides canonical literals this takes the numeric forms the system resolver turns into
-    an IPv4 address without asking DNS (``127.1``, ``2130706433``, ``0x7f.1``), so they cannot
-    slip past a ``dst`` network.
-    """
-    try:
-        return _unmapped(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    if _NUMERIC_HOST.fullmatch(host):
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
-            return None
-    return None
-
-
 def client_ip(ctx: Context) -> IPAddress:
-    return _unmapped(ipaddress.ip_address(ctx.client_addr[0]))
-
-
-@dataclass(frozen=True)
-class Destinations:
-    """The values of one ``dst`` condition. Names match names, networks match IP literals."""
-
-    names: frozenset[str]
-    domains: tuple[str, ...]
-    globs: tuple[str, ...]
-    networks: tuple[IPNetwork, ...]
-
-    def matches(self, host: str, literal: Optional[IPAddress]) -> bool:
-        if literal is not None:
-            return any(literal in network for network in self.networks)
-        name = host.rstrip(".").lower()
-        if name in self.names:
-            return True
-        if any(name == domain or name.endswith("." + domain) for domain in self.domains):
-            return True
-        return any(fnmatch.fnmatchcase(name, glob) for glob in self.globs)
+    return unmapped(ipaddress.ip_address(ctx.client_addr[0]))
 
 
 @dataclass(frozen=True)
@@ -134,7 +83,7 @@ class Rule:
     allow: bool
     text: str
     src: Optional[tuple[IPNetwork, ...]] = None
-    dst: Optional[Destinations] = None
+    dst: Optional[HostPatterns] = None
     ports: Optional[tuple[PortRange, ...]] = None
     methods: Optional[frozenset[str]] = None
     users: Optional[frozenset[str]] = None
@@ -254,42 +203,6 @@ def parse_port_ranges(items: Sequence[str]) -> tuple[PortRange, ...]:
     return tuple(out)
 
 
-def _network(value: str) -> IPNetwork:
-    try:
-        return ipaddress.ip_network(value)
-    except ValueError:
-        pass
-    try:
-        loose = ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ValueError(f"not an IP address or network: {value!r}") from None
-    raise ValueError(f"{value!r} has host bits set (did you mean {loose}?)")
-
-
-def _destinations(values: Sequence[str]) -> Destinations:
-    names: set[str] = set()
-    domains: list[str] = []
-    globs: list[str] = []
-    networks: list[IPNetwork] = []
-    for value in values:
-        text = value.lower().rstrip(".")
-        if "/" in text or ":" in text:
-            networks.append(_network(text))
-            continue
-        literal = ip_literal(text)
-        if literal is not None:
-            networks.append(ipaddress.ip_network(literal))
-        elif text.startswith(".") and _NAME.fullmatch(text[1:]):
-            domains.append(text[1:])
-        elif any(c in text for c in "*?[") and _GLOB.fullmatch(text):
-            globs.append(text)
-        elif _NAME.fullmatch(text):
-            names.add(text)
-        else:
-            raise ValueError(f"not a host name, .domain, glob or IP network: {value!r}")
-    return Destinations(frozenset(names), tuple(domains), tuple(globs), tuple(networks))
-
-
 def _methods(values: Sequence[str]) -> frozenset[str]:
     for value in values:
         if not _METHOD.fullmatch(value):
@@ -333,9 +246,9 @@ def parse_rule(text: str, number: int) -> Rule:
             raise ValueError(f"{condition} needs at least one value")
     fields: dict[str, Any] = {}
     if "src" in values:
-        fields["src"] = tuple(_network(v) for v in values["src"])
+        fields["src"] = tuple(parse_network(v) for v in values["src"])
     if "dst" in values:
-        fields["dst"] = _destinations(values["dst"])
+        fields["dst"] = HostPatterns.parse(values["dst"])
     if "port" in values:
         fields["ports"] = parse_port_ranges(values["port"])
     if "method" in values:

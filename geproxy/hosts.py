@@ -1,0 +1,118 @@
+"""Host patterns, as the ACL's ``dst`` condition and the parent rules write them.
+
+``HostPatterns.parse(["example.com", ".example.org", "*.cdn.example", "10.0.0.0/8"])``: exact
+names, ``.domain`` (the domain and every name below it), shell globs, and IP networks (which
+match IP-literal hosts only, never names that resolve into them). Names are compared in
+lower case without a trailing dot. Part of the public API, for plugins.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+__all__ = ["HostPatterns", "ip_literal", "unmapped", "parse_network"]
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_GLOB = re.compile(r"[a-z0-9_.*?!\[\]-]+")
+#: What inet_aton could take for an IPv4 address: 127.1, 2130706433, 0x7f.0.0.1, 0177.0.0.1.
+_NUMERIC_HOST = re.compile(r"[0-9][0-9a-fx.]*")
+
+
+def unmapped(address: IPAddress) -> IPAddress:
+    """``::ffff:10.1.2.3`` is 10.1.2.3: a dual-stack socket reaches the IPv4 host."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def ip_literal(host: str) -> Optional[IPAddress]:
+    """The address a target host denotes by itself, without DNS; None for a name.
+
+    Besides canonical literals this takes the numeric forms the system resolver turns into
+    an IPv4 address without asking DNS (``127.1``, ``2130706433``, ``0x7f.1``), so they cannot
+    slip past a ``dst`` network.
+    """
+    try:
+        return unmapped(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if _NUMERIC_HOST.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class HostPatterns:
+    """A set of host patterns. Names match names, networks match IP literals."""
+
+    names: frozenset[str]
+    domains: tuple[str, ...]
+    globs: tuple[str, ...]
+    networks: tuple[IPNetwork, ...]
+
+    @classmethod
+    def parse(cls, values: Sequence[str]) -> "HostPatterns":
+        """Raises ValueError naming the first value that is no pattern."""
+        return _parse(values)
+
+    def match(self, host: str) -> bool:
+        """Whether ``host`` (a name or an IP literal) is one of these."""
+        return self.matches(host, ip_literal(host))
+
+    def matches(self, host: str, literal: Optional[IPAddress]) -> bool:
+        if literal is not None:
+            return any(literal in network for network in self.networks)
+        name = host.rstrip(".").lower()
+        if name in self.names:
+            return True
+        if any(name == domain or name.endswith("." + domain) for domain in self.domains):
+            return True
+        return any(fnmatch.fnmatchcase(name, glob) for glob in self.globs)
+
+
+def parse_network(value: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(value)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"not an IP address or network: {value!r}") from None
+    raise ValueError(f"{value!r} has host bits set (did you mean {loose}?)")
+
+
+def _parse(values: Sequence[str]) -> HostPatterns:
+    names: set[str] = set()
+    domains: list[str] = []
+    globs: list[str] = []
+    networks: list[IPNetwork] = []
+    for value in values:
+        text = value.lower().rstrip(".")
+        if "/" in text or ":" in text:
+            networks.append(parse_network(text))
+            continue
+        literal = ip_literal(text)
+        if literal is not None:
+            networks.append(ipaddress.ip_network(literal))
+        elif text.startswith(".") and _NAME.fullmatch(text[1:]):
+            domains.append(text[1:])
+        elif any(c in text for c in "*?[") and _GLOB.fullmatch(text):
+            globs.append(text)
+        elif _NAME.fullmatch(text):
+            names.add(text)
+        else:
+            raise ValueError(f"not a host name, .domain, glob or IP network: {value!r}")
+    return HostPatterns(frozenset(names), tuple(domains), tuple(globs), tuple(networks))
