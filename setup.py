@@ -20,6 +20,7 @@ setup(
         "cachetools>=5.3",
         "httptools>=0.6",
         "dnspython>=2.4",
+        "libpass[bcrypt]>=1.9",
     ],
     extras_require={
         "test": [

@@ -253,6 +253,8 @@ class Connection:
             headers.add("Connection", "keep-alive")
         reason = response.reason or http11.reason_phrase(response.status)
         head = http11.serialize_head(f"HTTP/1.1 {response.status} {reason}", headers)
+        if record.error is None:  # a plugin's answer names its cause in Proxy-Status
+            record.error = _proxy_status_error(headers.get("proxy-status"))
         body = b"" if request is not None and request.method == "HEAD" else response.body
         record.status = response.status
         self.send(head + body, record)
@@ -354,3 +356,12 @@ class Connection:
                 sock.close()
                 raise
         return sock, address, early
+
+
+def _proxy_status_error(value: Optional[str]) -> Optional[str]:
+    """The ``error`` parameter of a Proxy-Status field value, if any."""
+    for param in (value or "").split(";")[1:]:
+        key, _, found = param.strip().partition("=")
+        if key == "error":
+            return found.strip().strip('"') or None
+    return None

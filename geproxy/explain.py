@@ -55,7 +55,7 @@ class _Explainer:
         self.out = out
 
     def say(self, label: str, text: str) -> None:
-        self.out.write(f"{label:<12}{text}\n")
+        self.out.write(f"{label:<12}{text}".rstrip() + "\n")
 
     def decide(self, hook_name: str, kwargs: dict[str, Any]) -> Any:
         """Ask every implementation in order; the first answer (or raise) decides."""

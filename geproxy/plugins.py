@@ -31,6 +31,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("system_resolver", "geproxy_plugins.system_resolver:SystemResolver"),
     ("resolver", "geproxy_plugins.resolver:Resolver"),
     ("dnscache", "geproxy_plugins.dnscache:DNSCache"),
+    ("auth", "geproxy_plugins.auth:Auth"),
     ("acl", "geproxy_plugins.acl:ACL"),
     ("destinations", "geproxy_plugins.destinations:Destinations"),
     ("access_log", "geproxy_plugins.access_log:AccessLog"),
