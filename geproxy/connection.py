@@ -308,12 +308,34 @@ class Connection:
             head = http11.serialize_head("HTTP/1.1 200 Connection Established", [])
             self.send(head, record)
             record.status = 200
+            inspect = None
+            if self.hooks.inspects_tunnels:
+                def inspect(data: bytes) -> bool:
+                    return self._inspect_tunnel(request, record, data)
             record.close_reason = relay(self.sock, upstream, record,
                                         self.settings["idle_timeout"], to_upstream=self.buf,
-                                        to_client=early)
+                                        to_client=early, inspect=inspect)
             self.buf = b""
         finally:
             upstream.close()
+
+    def _inspect_tunnel(self, request: Request, record: Record, data: bytes) -> bool:
+        """on_tunnel_data for the client's first bytes; False closes the tunnel."""
+        verdict: Optional[ProxyError]
+        try:
+            verdict = self.hooks.on_tunnel_data(self.ctx, request, record, data)
+        except ProxyError as exc:
+            verdict = exc
+        except Exception:
+            self.log.exception("on_tunnel_data failed; closing the tunnel")
+            record.error = InternalError.error
+            return False
+        if verdict is None:
+            return True
+        record.error = verdict.error
+        record.rule = getattr(verdict, "rule", None)
+        self.log.info("tunnel closed: %s", verdict.detail or verdict.error)
+        return False
 
     def open_upstream(self, request: Request, record: Record, routes: list[Optional[Route]]
                       ) -> tuple[socket.socket, tuple, bytes, Optional[Route]]:

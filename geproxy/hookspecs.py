@@ -162,6 +162,24 @@ def resolve(ctx: "Context", host: str, port: int) -> Optional[Sequence[tuple[Any
     """
 
 
+@hookspec(firstresult=True)
+def on_tunnel_data(ctx: "Context", request: "Request", record: "Record",
+                   data: bytes) -> Optional["Denied"]:
+    """Look at the first bytes a client sends into a CONNECT tunnel, before they go on.
+
+    Called once per tunnel, with the first piece of data from the client as it arrived
+    (at most 64 KiB; a TLS ClientHello usually, which may be cut short by the segment
+    boundary), while bytes from the upstream already flow to the client (servers that speak
+    first are not held up). Only called when some plugin implements it.
+
+    :param record: the tunnel's record: a plugin may fill ``record.sni`` for the log.
+    :returns: ``None`` to let the tunnel go on, or a ``Denied`` (returned or raised) to close
+        both sides at once; the record then carries its error and rule.
+
+    Must not change ``data`` (bytes pass unchanged) or wait for more of it.
+    """
+
+
 @hookspec
 def on_response(ctx: "Context", request: "Request", response: "Response") -> None:
     """Look at, and edit, a plain-HTTP response head before it goes to the client.

@@ -215,6 +215,8 @@ class Record:
     connect_time: Optional[float] = None
     close_reason: str = ""
     rule: Optional[str] = None
+    #: The server name a TLS client asked for inside a tunnel, when a plugin read it.
+    sni: Optional[str] = None
 
     def finish(self) -> None:
         self.duration = time.time() - self.started

@@ -163,6 +163,14 @@ class Hooks:
             raise DNSError(f"no address for {host}")
         return addresses if isinstance(addresses, Resolved) else Resolved(addresses)
 
+    @property
+    def inspects_tunnels(self) -> bool:
+        return bool(self._hook.on_tunnel_data.get_hookimpls())
+
+    def on_tunnel_data(self, ctx: Context, request: Request, record: Record,
+                       data: bytes) -> Optional[Denied]:
+        return self._hook.on_tunnel_data(ctx=ctx, request=request, record=record, data=data)
+
     def on_response(self, ctx: Context, request: Request, response: Response) -> None:
         self._hook.on_response(ctx=ctx, request=request, response=response)
 

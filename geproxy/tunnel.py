@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import gevent
 from gevent import get_hub
@@ -26,7 +26,7 @@ BUFFER = 64 * 1024
 
 class _Tunnel:
     __slots__ = ("client", "upstream", "record", "idle_timeout", "last", "reason", "_timer",
-                 "_ended")
+                 "_ended", "inspect")
 
     def __init__(self, client: socket.socket, upstream: socket.socket, record: Record,
                  idle_timeout: float) -> None:
@@ -38,6 +38,8 @@ class _Tunnel:
         self.reason = ""
         self._timer: Any = None  # a gevent timer watcher while armed
         self._ended = 0  # directions that saw their EOF
+        #: Called once with the client's first bytes; False closes the tunnel.
+        self.inspect: Optional[Callable[[bytes], bool]] = None
 
     def pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
         record = self.record
@@ -46,6 +48,8 @@ class _Tunnel:
                 data = src.recv(BUFFER)
                 if not data:
                     break
+                if upward and self.inspect is not None and not self.first(data):
+                    return
                 send_all(dst, data)
                 self.last = time.monotonic()
                 if upward:
@@ -63,6 +67,14 @@ class _Tunnel:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+    def first(self, data: bytes) -> bool:
+        """Hand the client's first bytes to ``inspect`` once; False when it closed all."""
+        inspect, self.inspect = self.inspect, None
+        if inspect is not None and not inspect(data):
+            self.abort("denied")
+            return False
+        return True
 
     def abort(self, reason: str) -> None:
         if not self.reason:
@@ -94,19 +106,25 @@ class _Tunnel:
 
 
 def relay(client: socket.socket, upstream: socket.socket, record: Record,
-          idle_timeout: float, to_upstream: bytes = b"", to_client: bytes = b"") -> str:
+          idle_timeout: float, to_upstream: bytes = b"", to_client: bytes = b"",
+          inspect: Optional[Callable[[bytes], bool]] = None) -> str:
     """Relay until both directions are done; returns the close reason for the record.
 
     ``to_upstream`` and ``to_client`` are bytes already read past a head on either side
     (a client's TLS ClientHello sent right after CONNECT, say); they go first.
+    ``inspect``, if given, sees the client's first bytes before they go upstream and may
+    close the tunnel by returning False.
     """
     tunnel = _Tunnel(client, upstream, record, idle_timeout)
+    tunnel.inspect = inspect
     client.settimeout(None)
     upstream.settimeout(None)
     tunnel.arm(idle_timeout)
     down: Optional[gevent.Greenlet] = None
     try:
         if to_upstream:
+            if not tunnel.first(to_upstream):
+                return tunnel.reason
             send_all(upstream, to_upstream)
             record.bytes_in += len(to_upstream)
         if to_client:

@@ -3,7 +3,7 @@
 The file is ``[geproxy] access_log`` (``-`` for standard output, ``off`` for none). The line:
 
     time duration_ms client method target status error bytes_in bytes_out upstream user conn
-    rule
+    rule sni
 
 with ``-`` for an empty field; time is the start, in seconds since the epoch with
 milliseconds. A rotated file (moved away by logrotate) is reopened by name.
@@ -60,7 +60,7 @@ class AccessLog:
             return
         upstream = record.upstream_addr
         self._logger.info(
-            "%.3f %d %s %s %s %d %s %d %d %s %s %s %s",
+            "%.3f %d %s %s %s %d %s %d %d %s %s %s %s %s",
             record.started,
             record.duration * 1000,
             ctx.client_addr[0],
@@ -74,6 +74,7 @@ class AccessLog:
             ctx.user or "-",
             ctx.conn_id,
             record.rule or "-",
+            record.sni or "-",
         )
 
 

@@ -11,7 +11,7 @@ import time
 import gevent
 import pytest
 
-from geproxy import hookimpl
+from geproxy import Denied, hookimpl
 from geproxy.testing import curl, exchange, pattern_sha256, recv_all, require_tool, wait_for_records
 
 
@@ -286,3 +286,47 @@ def test_a_stop_drains_then_cuts_tunnels_and_records_them(proxy_factory, raw_ori
     assert (record.method, record.status, record.close_reason) == ("CONNECT", 200, "shutdown")
     with pytest.raises(OSError):
         socket.create_connection(proxy.address, timeout=2).close()  # no longer listening
+
+
+def test_on_tunnel_data_sees_the_first_bytes_and_may_close(proxy_factory, raw_origin):
+    seen = []
+
+    class Peek:
+        @hookimpl
+        def on_tunnel_data(self, ctx, request, record, data):
+            seen.append(data)
+            record.sni = "peeked.test"
+            if data.startswith(b"BAD"):
+                return Denied("not allowed in", rule="peek")
+            return None
+
+    def banner_then_echo(sock: socket.socket) -> None:
+        sock.sendall(b"hello first\n")  # a server that speaks first is not held up
+        data = sock.recv(100)
+        if data:
+            sock.sendall(data.upper())
+
+    proxy = proxy_factory(plugins=[Peek()])
+    server = raw_origin(banner_then_echo)
+    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    try:
+        sock.settimeout(10)
+        body = head.split(b"\r\n\r\n", 1)[1]
+        while b"\n" not in body:
+            body += sock.recv(100)
+        assert body == b"hello first\n" and seen == []  # before the client said anything
+        sock.sendall(b"good words")
+        assert sock.recv(100) == b"GOOD WORDS"
+    finally:
+        sock.close()
+    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}", extra=b"BAD bytes")
+    try:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        recv_all(sock)  # closed by the proxy; the origin never got the bytes
+    finally:
+        sock.close()
+    assert seen == [b"good words", b"BAD bytes"]
+    records = wait_for_records(proxy, 2)
+    refused = [r for r in records if r.rule == "peek"]
+    assert len(refused) == 1 and refused[0].close_reason == "denied"
+    assert refused[0].error == "http_request_denied" and refused[0].sni == "peeked.test"
