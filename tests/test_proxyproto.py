@@ -163,4 +163,5 @@ def test_haproxy_in_front_of_two_instances(proxy_factory, origin, tmp_path):
         assert "127.0.0.5" in clients and "127.0.0.1" not in clients  # never the balancer
     lines = [line for log in logs for line in log.read_text().splitlines()]
     assert sum(" 127.0.0.5 GET " in line for line in lines) == 4
-    assert any(" 127.0.0.6 " in line and line.endswith(" rest") for line in lines)
+    refused = [line.split() for line in lines if " 127.0.0.6 " in line]
+    assert [fields[12] for fields in refused] == ["rest"]  # the rule field
