@@ -13,9 +13,10 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
-__all__ = ["HostPatterns", "ip_literal", "unmapped", "parse_network"]
+__all__ = ["HostPatterns", "ip_literal", "unmapped", "parse_network", "literal_address",
+           "gai_rcode"]
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -116,3 +117,27 @@ def _parse(values: Sequence[str]) -> HostPatterns:
         else:
             raise ValueError(f"not a host name, .domain, glob or IP network: {value!r}")
     return HostPatterns(frozenset(names), tuple(domains), tuple(globs), tuple(networks))
+
+
+def literal_address(host: str, port: int) -> Optional[tuple[Any, ...]]:
+    """The socket address of an IP literal host, None for a name (inet_pton: strict, and
+    cheap per request): what a resolver answers for a literal without any lookup."""
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return (host, port)
+    except OSError:
+        pass
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+        return (host, port, 0, 0)
+    except OSError:
+        return None
+
+
+def gai_rcode(exc: socket.gaierror) -> str:
+    """The DNS rcode a getaddrinfo failure stands for, for Proxy-Status."""
+    if exc.errno == socket.EAI_NONAME:
+        return "NXDOMAIN"
+    if exc.errno in (getattr(socket, "EAI_NODATA", None), getattr(socket, "EAI_ADDRFAMILY", None)):
+        return "NOERROR"  # the name exists, without an address of the family asked for
+    return "SERVFAIL"

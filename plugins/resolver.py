@@ -42,6 +42,7 @@ from geproxy import (
     errors,
     hookimpl,
 )
+from geproxy.hosts import gai_rcode, literal_address
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Resolver:
 
     @hookimpl
     def resolve(self, ctx: Context, host: str, port: int) -> Optional[list[tuple[Any, ...]]]:
-        literal = _literal(host, port)
+        literal = literal_address(host, port)
         if literal is not None:
             return Resolved([literal])
         try:
@@ -142,7 +143,7 @@ class Resolver:
         except _Expired:
             raise errors.DNSTimeout(f"{host}: no answer within {self._timeout:g}s") from None
         except socket.gaierror as exc:
-            raise errors.DNSError(f"{host}: {exc.strerror}", rcode=_gai_rcode(exc)) from None
+            raise errors.DNSError(f"{host}: {exc.strerror}", rcode=gai_rcode(exc)) from None
         order = _FAMILIES[self._ipv6]
         # sorted() is stable: getaddrinfo's order (RFC 6724) holds within a family.
         addresses = [info[4] for info in sorted(
@@ -311,20 +312,6 @@ def _parse_nameserver(item: str) -> Optional[tuple[str, int]]:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _literal(host: str, port: int) -> Optional[tuple[Any, ...]]:
-    """The socket address of an IP literal (inet_pton: strict, and cheap per request)."""
-    try:
-        socket.inet_pton(socket.AF_INET, host)
-        return (host, port)
-    except OSError:
-        pass
-    try:
-        socket.inet_pton(socket.AF_INET6, host)
-        return (host, port, 0, 0)
-    except OSError:
-        return None
 
 
 def _gai_rcode(exc: socket.gaierror) -> str:
