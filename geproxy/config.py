@@ -288,6 +288,9 @@ def core_options(registry: OptionRegistry) -> None:
              choices=("off", "on", "delete"))
         .add("access_log", "str", "-",
              "Where the access log goes: a file path, - for standard output, off for none.")
+        .add("log_format", "str", "geproxy",
+             "The access-log line: geproxy, squid (Squid's native), combined (Apache/nginx) "
+             "or json.", choices=("geproxy", "squid", "combined", "json"))
         .add("proxy_protocol", "str", "off",
              "PROXY protocol header expected before each connection's bytes (from a load "
              "balancer): off, v1, v2 or any.", choices=("off", "v1", "v2", "any"))

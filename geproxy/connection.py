@@ -91,6 +91,7 @@ class Connection:
             if request is None:
                 return False
             self.ctx.requests += 1
+            record.request = request
             record.method, record.target, record.version = (
                 request.method, request.target, request.version)
             keep_alive = self._dispatch(request, record)
@@ -231,7 +232,9 @@ class Connection:
             send_all(self.sock, data)
         except OSError as exc:
             raise ClientGone(f"writing to the client: {exc}") from None
-        self.answered = True
+        if not self.answered:
+            self.answered = True
+            record.first_byte_time = time.time() - record.started
         record.bytes_out += len(data)
 
     def answer(self, response: Response, record: Record, request: Optional[Request] = None,
@@ -363,7 +366,9 @@ class Connection:
                     route: Optional[Route]) -> tuple[socket.socket, tuple, bytes]:
         host, port = (route.host, route.port) if route is not None else (request.host,
                                                                            request.port)
+        started = time.time()
         addresses = self.hooks.resolve(self.ctx, host, port)
+        record.dns_time = time.time() - started
         started = time.time()
         sock, address = connect(addresses, self.settings["connect_timeout"])
         record.connect_time = time.time() - started

@@ -79,6 +79,16 @@ def unconfigure(config: "Config") -> None:
     """
 
 
+@hookspec
+def reopen_logs() -> None:
+    """Reopen log files: the operator moved them away (SIGUSR1, after a log rotation).
+
+    Called in the server's process whenever it receives SIGUSR1. Errors are logged.
+
+    Must not block for long; close and reopen, nothing else.
+    """
+
+
 @hookspec(firstresult=True)
 def on_connect(ctx: "Context") -> Optional["Denied"]:
     """Decide on an accepted client connection before any byte is read from it.

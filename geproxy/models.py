@@ -212,11 +212,16 @@ class Record:
     bytes_out: int = 0
     started: float = field(default_factory=time.time)
     duration: float = 0.0
+    dns_time: Optional[float] = None
     connect_time: Optional[float] = None
+    #: From the start until the first byte of the answer went to the client.
+    first_byte_time: Optional[float] = None
     close_reason: str = ""
     rule: Optional[str] = None
     #: The server name a TLS client asked for inside a tunnel, when a plugin read it.
     sni: Optional[str] = None
+    #: The request, once its head was read (None for a refused connection or a bad head).
+    request: Optional["Request"] = None
 
     def finish(self) -> None:
         self.duration = time.time() - self.started

@@ -136,6 +136,14 @@ class ProxyServer:
                 return True
         return False
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: every plugin reopens its log files."""
+        log.info("reopening log files")
+        try:
+            self.pm.hook.reopen_logs()
+        except Exception:
+            log.exception("a plugin failed to reopen its logs")
+
     def stop(self, timeout: Optional[float] = None) -> None:
         """Graceful stop: no new connections, drain for ``graceful_timeout``, then kill."""
         if self.stopping:

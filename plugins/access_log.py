@@ -1,12 +1,14 @@
 """``access_log``: one line per request or tunnel, to a file or standard output.
 
-The file is ``[geproxy] access_log`` (``-`` for standard output, ``off`` for none). The line:
+The file is ``[geproxy] access_log`` (``-`` for standard output, ``off`` for none), the line
+``[geproxy] log_format``: ``geproxy`` (the default),
 
     time duration_ms client method target status error bytes_in bytes_out upstream user conn
     rule sni
 
-with ``-`` for an empty field; time is the start, in seconds since the epoch with
-milliseconds. A rotated file (moved away by logrotate) is reopened by name.
+with ``-`` for an empty field, ``squid`` (Squid's native line), ``combined`` (Apache/nginx)
+or ``json`` (every field); see log_formats.py. A rotated file (moved away by logrotate) is
+reopened by name, and on SIGUSR1 (``reopen_logs``).
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ from typing import Optional
 
 from geproxy import Config, ConfigError, Context, Record, hookimpl
 
+from .log_formats import FORMATS
+
 
 class AccessLog:
     name = "access_log"
 
     def __init__(self) -> None:
         self._logger: Optional[logging.Logger] = None
+        self._format = FORMATS["geproxy"]
 
     @hookimpl
     def configure(self, config: Config) -> None:
         target = config.core["access_log"]
+        self._format = FORMATS[config.core["log_format"]]
         if target.lower() == "off":
             self._logger = None
             return
@@ -58,24 +64,18 @@ class AccessLog:
     def on_close(self, ctx: Context, record: Record) -> None:
         if self._logger is None:
             return
-        upstream = record.upstream_addr
-        self._logger.info(
-            "%.3f %d %s %s %s %d %s %d %d %s %s %s %s %s",
-            record.started,
-            record.duration * 1000,
-            ctx.client_addr[0],
-            record.method,
-            record.target,
-            record.status,
-            record.error or "-",
-            record.bytes_in,
-            record.bytes_out,
-            f"{upstream[0]}:{upstream[1]}" if upstream else "-",
-            ctx.user or "-",
-            ctx.conn_id,
-            record.rule or "-",
-            record.sni or "-",
-        )
+        self._logger.info("%s", self._format(ctx, record))
+
+    @hookimpl
+    def reopen_logs(self) -> None:
+        if self._logger is not None:
+            for handler in self._logger.handlers:
+                if isinstance(handler, logging.handlers.WatchedFileHandler):
+                    handler.acquire()
+                    try:
+                        handler.close()  # reopened by name on the next line (delay)
+                    finally:
+                        handler.release()
 
 
 def _writable(path: str) -> bool:

@@ -102,7 +102,8 @@ def test_every_hook_has_a_contract():
              if hasattr(obj, "geproxy_spec")]
     assert {spec.__name__ for spec in specs} == {
         "add_options", "configure", "unconfigure", "on_connect", "on_request", "route",
-        "route_failed", "resolve", "on_tunnel_data", "on_response", "on_close"}
+        "route_failed", "resolve", "on_tunnel_data", "on_response", "on_close",
+        "reopen_logs"}
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert "Called" in doc, spec.__name__
