@@ -21,6 +21,7 @@ __all__ = [
     "DestinationProhibited",
     "ConnectRefused",
     "DestinationUnreachable",
+    "ParentRefused",
     "ConnectionTerminated",
     "ConnectTimeout",
     "LoopDetected",
@@ -136,6 +137,16 @@ class ConnectRefused(ProxyError):
     error = "connection_refused"
     close = False
     client_fault = True
+
+
+class ParentRefused(ConnectRefused):
+    """A parent proxy answered, but not with 2xx (to our CONNECT, or 407 to a plain
+    request): it is alive, it refused this request."""
+
+    def __init__(self, detail: str = "", *, parent_status: int = 0) -> None:
+        super().__init__(detail)
+        #: The status the parent answered with.
+        self.parent_status = parent_status
 
 
 class DestinationUnreachable(ConnectRefused):

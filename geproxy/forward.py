@@ -18,6 +18,7 @@ from .errors import (
     ClientError,
     ClientGone,
     ConnectionTerminated,
+    ParentRefused,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -249,6 +250,10 @@ def _exchange(conn: "Connection", request: Request, record: Record, upstream: _U
             if upstream.reused and not upstream.heard and not request_has_body(request):
                 raise _Stale() from None
             raise
+        if route is not None and response.status == 407:
+            # The parent wants credentials we do not have: the client's own 407 would
+            # make it send its credentials to us, for the parent. A gateway error instead.
+            raise ParentRefused(f"parent {route.host} answered 407", parent_status=407)
         if response.status == 101:
             return _switch(conn, request, record, upstream, response)
         keep, reusable = _relay_response(conn, request, record, upstream, response, body)

@@ -33,9 +33,15 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("dnscache", "geproxy_plugins.dnscache:DNSCache"),
     ("auth", "geproxy_plugins.auth:Auth"),
     ("acl", "geproxy_plugins.acl:ACL"),
+    ("parent", "geproxy_plugins.parent:Parent"),
+    ("pac", "geproxy_plugins.pac:PAC"),
     ("destinations", "geproxy_plugins.destinations:Destinations"),
     ("access_log", "geproxy_plugins.access_log:AccessLog"),
 )
+
+
+#: Built-in plugins whose section is not named as the plugin.
+SECTIONS = {"parent": "parents"}
 
 
 class _CoreOptions:
@@ -116,10 +122,11 @@ def load(
                               path=path, section="geproxy", key="plugins")
     registry = OptionRegistry()
     pm.hook.add_options.call_historic(kwargs={"registry": registry})
-    config = build_config(path, parser, registry, frozenset(disable))
-    for name in disable:
+    ignored = frozenset(SECTIONS.get(name, name) for name in disable)
+    config = build_config(path, parser, registry, ignored)
+    for name in sorted(ignored):
         if parser.has_section(name):
-            log.warning("%s: [%s] is ignored: the plugin is disabled", path, name)
+            log.warning("%s: [%s] is ignored: its plugin is disabled", path, name)
     pm.hook.configure.call_historic(kwargs={"config": config})
     return pm, config
 

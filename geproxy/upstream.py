@@ -18,6 +18,7 @@ from .errors import (
     ConnectRefused,
     ConnectTimeout,
     DestinationUnreachable,
+    ParentRefused,
     ProxyError,
 )
 from .http11 import ResponseHeadParser, serialize_head
@@ -229,7 +230,8 @@ def parent_connect(sock: socket.socket, route: Route, authority: str, timeout: f
         except OSError as exc:
             raise ConnectionTerminated(f"parent {route.host}: {exc}") from None
     if not 200 <= response.status < 300:
-        raise ConnectRefused(f"parent {route.host} answered CONNECT with {response.status}")
+        raise ParentRefused(f"parent {route.host} answered CONNECT with {response.status}",
+                            parent_status=response.status)
     return parser.rest
 
 
