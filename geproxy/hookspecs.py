@@ -180,7 +180,9 @@ def on_tunnel_data(ctx: "Context", request: "Request", record: "Record",
     Called once per tunnel, with the first piece of data from the client as it arrived
     (at most 64 KiB; a TLS ClientHello usually, which may be cut short by the segment
     boundary), while bytes from the upstream already flow to the client (servers that speak
-    first are not held up). Only called when some plugin implements it.
+    first are not held up). Only called when some plugin implements it and does not set its
+    ``inspects_tunnels`` attribute to False (a plugin configured off does, so tunnels pay
+    nothing for it).
 
     :param record: the tunnel's record: a plugin may fill ``record.sni`` for the log.
     :returns: ``None`` to let the tunnel go on, or a ``Denied`` (returned or raised) to close

@@ -35,6 +35,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("acl", "geproxy_plugins.acl:ACL"),
     ("parent", "geproxy_plugins.parent:Parent"),
     ("pac", "geproxy_plugins.pac:PAC"),
+    ("sni", "geproxy_plugins.sni:SNI"),
     ("destinations", "geproxy_plugins.destinations:Destinations"),
     ("access_log", "geproxy_plugins.access_log:AccessLog"),
 )
@@ -172,7 +173,10 @@ class Hooks:
 
     @property
     def inspects_tunnels(self) -> bool:
-        return bool(self._hook.on_tunnel_data.get_hookimpls())
+        """Whether any plugin wants tunnel data; one configured off sets its
+        ``inspects_tunnels`` attribute to False, and tunnels then pay nothing for it."""
+        return any(getattr(impl.plugin, "inspects_tunnels", True)
+                   for impl in self._hook.on_tunnel_data.get_hookimpls())
 
     def on_tunnel_data(self, ctx: Context, request: Request, record: Record,
                        data: bytes) -> Optional[Denied]:
