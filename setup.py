@@ -21,6 +21,7 @@ setup(
         "httptools>=0.6",
         "dnspython>=2.4",
         "libpass[bcrypt]>=1.9",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [

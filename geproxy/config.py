@@ -24,6 +24,7 @@ __all__ = [
     "parse_bool",
     "parse_list",
     "parse_listen",
+    "parse_address",
     "read_ini",
     "core_options",
 ]
@@ -95,6 +96,16 @@ def parse_listen(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def parse_address(text: str) -> Optional[tuple[str, int]]:
+    """One listen address (as for ``listen``), or None for an empty value: off."""
+    if not text.strip():
+        return None
+    found = parse_listen(text)
+    if len(found) > 1:
+        raise ValueError(f"one address only, not {len(found)}: {text.strip()!r}")
+    return found[0]
+
+
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -137,6 +148,7 @@ _KINDS: dict[str, Callable[[str], Any]] = {
     "list": parse_list,
     "lines": parse_lines,
     "listen": parse_listen,
+    "address": parse_address,
     "networks": parse_networks,
 }
 
@@ -302,4 +314,7 @@ def core_options(registry: OptionRegistry) -> None:
              minimum=0)
         .add("upstream_idle_timeout", "duration", "60s",
              "An idle pooled upstream connection is closed after this long.", minimum=0.001)
+        .add("admin_listen", "address", "",
+             "Address of the admin listener (/healthz, /readyz, /metrics, /tunnels): one "
+             "host:port; empty for none. Anyone who reaches it can close tunnels.")
     )

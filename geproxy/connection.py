@@ -56,6 +56,11 @@ class Connection:
         self.buf = b""
         #: Whether any byte of the current answer went to the client.
         self.answered = False
+        #: The request or tunnel in flight (while it is in ``server.active``).
+        self.record: Optional[Record] = None
+        self.greenlet: Optional[gevent.Greenlet] = None
+        #: The close reason given to a request cut by ``close()``.
+        self.cut_reason = "shutdown"
 
     # -- the way of one connection ------------------------------------------------------
 
@@ -94,6 +99,9 @@ class Connection:
             record.request = request
             record.method, record.target, record.version = (
                 request.method, request.target, request.version)
+            # In flight: listed by the admin listener's /tunnels until its record is done.
+            self.record, self.greenlet = record, gevent.getcurrent()
+            self.server.active[self.ctx.conn_id] = self
             keep_alive = self._dispatch(request, record)
         except ProxyError as exc:
             keep_alive = self._fail(exc, record, request)
@@ -103,11 +111,22 @@ class Connection:
         except gevent.GreenletExit:
             # Cut by a stop past graceful_timeout: the request or tunnel still gets its record.
             if request is not None:
-                record.close_reason = "shutdown"
+                record.close_reason = self.cut_reason
                 self._close_record(record)
             raise
+        finally:
+            if self.record is not None:
+                self.server.active.pop(self.ctx.conn_id, None)
+                self.record = None
         self._close_record(record)
         return keep_alive and not self.server.stopping
+
+    def close(self, reason: str) -> None:
+        """End this connection from another greenlet (the admin listener): the request or
+        tunnel in flight gets its record with ``reason``, and the client sees the close."""
+        self.cut_reason = reason
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
 
     def _dispatch(self, request: Request, record: Record) -> bool:
         answer = self.hooks.on_request(self.ctx, request)

@@ -1,19 +1,23 @@
 """Answers for requests addressed to the proxy itself: a small WSGI app.
 
 Origin-form requests (``GET /healthz``), and absolute-form ones whose target is one of the
-proxy's own listen addresses, are never forwarded: they are answered here. The app is plain
-WSGI, so the admin listener of a later release can serve the same app through gevent.pywsgi.
+proxy's own listen addresses, are never forwarded: they are answered here.
+
+The admin listener (``admin_listen``) serves a second, separate app through gevent.pywsgi:
+``/healthz``, ``/readyz``, ``/metrics``, ``/tunnels`` and ``POST /tunnels/ID/close``. Those
+are for operators only, so the proxy port never serves them.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 from .models import Context, Headers, Request, Response
 
-__all__ = ["local_app", "call_wsgi"]
+__all__ = ["local_app", "admin_app", "AdminTarget", "call_wsgi"]
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -31,6 +35,72 @@ def local_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> It
         return [b"ok\n"]
     start_response("404 Not Found", [("Content-Type", "text/plain")])
     return [b"not found\n"]
+
+
+class AdminTarget(Protocol):
+    """What the admin app needs of the server (server.py's ProxyServer)."""
+
+    stopping: bool
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        """The requests and tunnels being served, as JSON-ready dicts."""
+
+    def close_connection(self, conn_id: str) -> bool:
+        """Close the connection ``conn_id``; False when no request of it is in flight."""
+
+    def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
+        """The metrics text and its content type; None without the metrics plugin."""
+
+
+_TEXT = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
+
+
+def _text(start_response: Callable[..., Any], status: str, body: bytes,
+          extra: Iterable[tuple[str, str]] = ()) -> list[bytes]:
+    start_response(status, [*_TEXT, *extra])
+    return [body]
+
+
+def admin_app(target: AdminTarget) -> WSGIApp:
+    """The admin listener's app for ``target``; separate from ``local_app`` on purpose."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        parts = path.strip("/").split("/")
+        if len(parts) == 3 and parts[0] == "tunnels" and parts[2] == "close":
+            if method != "POST":
+                return _text(start_response, "405 Method Not Allowed",
+                             b"method not allowed\n", [("Allow", "POST")])
+            if not target.close_connection(parts[1]):
+                return _text(start_response, "404 Not Found", b"no such connection\n")
+            return _text(start_response, "200 OK", b"closed\n")
+        if path not in ("/healthz", "/readyz", "/metrics", "/tunnels"):
+            return _text(start_response, "404 Not Found", b"not found\n")
+        if method not in ("GET", "HEAD"):
+            return _text(start_response, "405 Method Not Allowed", b"method not allowed\n",
+                         [("Allow", "GET, HEAD")])
+        if path == "/healthz":
+            return _text(start_response, "200 OK", b"ok\n")
+        if path == "/readyz":
+            if target.stopping:
+                return _text(start_response, "503 Service Unavailable", b"draining\n")
+            return _text(start_response, "200 OK", b"ready\n")
+        if path == "/metrics":
+            found = target.metrics_exposition()
+            if found is None:
+                return _text(start_response, "404 Not Found",
+                             b"the metrics plugin is not loaded\n")
+            body, content_type = found
+            start_response("200 OK", [("Content-Type", content_type),
+                                      ("Cache-Control", "no-store")])
+            return [body]
+        body = json.dumps(target.tunnels()).encode()
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Cache-Control", "no-store")])
+        return [body]
+
+    return app
 
 
 def call_wsgi(app: WSGIApp, ctx: Context, request: Request, body: bytes = b"") -> Response:

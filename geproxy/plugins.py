@@ -37,6 +37,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("pac", "geproxy_plugins.pac:PAC"),
     ("sni", "geproxy_plugins.sni:SNI"),
     ("destinations", "geproxy_plugins.destinations:Destinations"),
+    ("metrics", "geproxy_plugins.metrics:Metrics"),
     ("access_log", "geproxy_plugins.access_log:AccessLog"),
 )
 

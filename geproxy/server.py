@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import time
 from typing import Any, Optional, Sequence
 
 import gevent
@@ -15,6 +16,7 @@ from gevent.server import StreamServer
 from .config import Config
 from .connection import Connection
 from .errors import ConfigError, ProxyError, TooManyConnections, proxy_name
+from .local import admin_app
 from .models import Context, Record, Request
 from .plugins import Hooks, load, plugin_names
 from .upstream import UpstreamPool
@@ -31,6 +33,8 @@ class ProxyServer:
 
     ``start()`` binds and accepts; ``stop()`` closes the listeners, ends idle connections at
     once, lets busy ones finish for up to ``graceful_timeout`` and then kills the rest.
+    The admin listener (``admin_listen``) stays open until the end, so that ``/readyz``
+    answers 503 while the connections drain.
     """
 
     def __init__(self, config: Config, pm: Any) -> None:
@@ -54,14 +58,25 @@ class ProxyServer:
         self.stopping = False
         self._stopped = gevent.event.Event()
         self.servers: list[StreamServer] = []
+        #: Connections with a request or tunnel in flight, by conn id (for /tunnels).
+        self.active: dict[str, Connection] = {}
+        self.admin: Optional[Any] = None  # a gevent.pywsgi.WSGIServer once started
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound addresses (port 0 in the config is resolved here after start)."""
         return [tuple(server.address[:2]) for server in self.servers]  # type: ignore[misc]
 
+    @property
+    def admin_address(self) -> Optional[tuple[str, int]]:
+        """The admin listener's bound address; None when there is none."""
+        if self.admin is None:
+            return None
+        return tuple(self.admin.address[:2])  # type: ignore[return-value]
+
     def start(self) -> None:
-        """Bind every listen address and accept; raises OSError if one cannot be bound."""
+        """Bind every listen address (and the admin one) and accept; raises OSError if one
+        cannot be bound."""
         try:
             for host, port in self.config.core["listen"]:
                 listener = _listener(host, port)
@@ -73,11 +88,70 @@ class ProxyServer:
                                       spawn=self.connections.spawn)
                 self.servers.append(server)
                 server.start()
+            if self.config.core["admin_listen"] is not None:
+                self._start_admin(*self.config.core["admin_listen"])
         except OSError:
             self.close_listeners()
+            self._stop_admin()
             raise
         log.info("listening on %s; plugins: %s",
                  ", ".join(_fmt(a) for a in self.addresses), ", ".join(plugin_names(self.pm)))
+        if self.admin_address is not None:
+            log.info("admin listener on %s", _fmt(self.admin_address))
+
+    def _start_admin(self, host: str, port: int) -> None:
+        import gevent.pywsgi  # imports ssl: not at module import, before monkey-patching
+
+        listener = _listener(host, port)
+        self.admin = gevent.pywsgi.WSGIServer(
+            listener, admin_app(self), log=None,
+            error_log=logging.getLogger("geproxy.admin"))
+        self.admin.start()
+
+    def _stop_admin(self) -> None:
+        if self.admin is not None:
+            self.admin.stop(timeout=1)
+
+    # -- what the admin listener shows and does ------------------------------------------
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        """The requests and tunnels in flight, for ``/tunnels``."""
+        now = time.time()
+        out = []
+        for conn_id, conn in list(self.active.items()):
+            record = conn.record
+            if record is None:
+                continue
+            ctx = conn.ctx
+            out.append({
+                "id": conn_id,
+                "client": _fmt(ctx.client_addr),
+                "user": ctx.user,
+                "method": record.method,
+                "target": record.target,
+                "age": round(now - record.started, 3),
+                "bytes_in": record.bytes_in,
+                "bytes_out": record.bytes_out,
+            })
+        return out
+
+    def close_connection(self, conn_id: str) -> bool:
+        """Close the connection ``conn_id`` (POST /tunnels/ID/close); False if unknown."""
+        conn = self.active.get(conn_id)
+        if conn is None:
+            return False
+        log.info("closing connection %s on request of the admin listener", conn_id)
+        conn.close("admin")
+        return True
+
+    def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
+        """The text and content type of the ``metrics`` plugin's ``exposition()``, or None
+        when it is not loaded. The one place the core looks a plugin up by name."""
+        plugin = self.pm.get_plugin("metrics")
+        exposition = getattr(plugin, "exposition", None)
+        if exposition is None:
+            return None
+        return exposition()  # type: ignore[no-any-return]
 
     def serve_forever(self) -> None:
         self.start()
@@ -90,6 +164,7 @@ class ProxyServer:
         return handle
 
     def close_listeners(self) -> None:
+        """Close the proxy listeners (the admin one stays open until the end of a stop)."""
         for server in self.servers:
             server.close()
 
@@ -163,6 +238,7 @@ class ProxyServer:
             self.pm.hook.unconfigure(config=self.config)
         except Exception:
             log.exception("a plugin failed to release its resources")
+        self._stop_admin()
         self._stopped.set()
         log.info("stopped")
 

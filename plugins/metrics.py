@@ -1,0 +1,110 @@
+"""``metrics``: Prometheus metrics of the proxy's traffic, served on the admin listener.
+
+Every instance has its own ``prometheus_client.CollectorRegistry`` (nothing global: two
+servers in one process count apart). The core finds the plugin by its name, ``metrics``, and
+serves ``exposition()`` as ``GET /metrics`` on the admin listener (``admin_listen``).
+
+Metrics, all with the ``geproxy_`` prefix:
+
+- ``connections_total``: client connections accepted (counted in ``on_connect``).
+- ``requests_in_flight``: requests and tunnels being served (from ``on_request`` to their
+  ``on_close``).
+- ``requests_total{method,status}``: finished requests and tunnels, by method (an unusual
+  method counts as ``OTHER``; ``-`` when no head was read) and the status sent (``0``: none).
+- ``tunnel_bytes_total{direction}``: bytes of CONNECT tunnels, ``up`` from the client and
+  ``down`` to it (the CONNECT head and its answer included, as in the access log).
+- ``errors_total{error}``: requests that ended with a Proxy-Status error type.
+- ``acl_denials_total{rule}``: denials by a policy plugin, by the rule id that denied.
+- ``resolve_seconds``, ``connect_seconds``: histograms of name resolution and of connecting
+  upstream, for the requests that did each.
+
+Not here: the DNS cache counters (a plugin sees no other plugin; ``dnscache`` keeps them as
+attributes) and the count of open client connections (no hook tells of a connection's end).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generator, Optional
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from geproxy import Context, Record, Request, Response, hookimpl
+
+__all__ = ["Metrics"]
+
+#: Method labels kept as they are; any other method counts as OTHER (bounded labels).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                     "PATCH", "-"})
+#: Seconds: resolving and connecting take from a millisecond to the timeouts (10 s).
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+           30.0)
+#: The key of this plugin's mark in ``ctx.stash``: a request counted in flight.
+STASH = "metrics"
+
+
+class Metrics:
+    """The metrics plugin; ``exposition()`` gives the text format of its registry."""
+
+    name = "metrics"
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.connections = Counter("geproxy_connections", "Client connections accepted.",
+                                   registry=registry)
+        self.in_flight = Gauge("geproxy_requests_in_flight",
+                               "Requests and tunnels being served.", registry=registry)
+        self.requests = Counter("geproxy_requests", "Finished requests and tunnels.",
+                                ["method", "status"], registry=registry)
+        self.tunnel_bytes = Counter("geproxy_tunnel_bytes",
+                                    "Bytes through CONNECT tunnels: up from the client, down "
+                                    "to it.", ["direction"], registry=registry)
+        self.errors = Counter("geproxy_errors", "Requests that ended with a Proxy-Status "
+                              "error.", ["error"], registry=registry)
+        self.denials = Counter("geproxy_acl_denials", "Requests or connections denied by a "
+                               "policy rule.", ["rule"], registry=registry)
+        self.resolve = Histogram("geproxy_resolve_seconds", "Time to resolve an upstream "
+                                 "name.", buckets=BUCKETS, registry=registry)
+        self.connect = Histogram("geproxy_connect_seconds", "Time to connect to an upstream.",
+                                 buckets=BUCKETS, registry=registry)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The registry in the Prometheus text format, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    @hookimpl
+    def on_connect(self, ctx: Context) -> None:
+        self.connections.inc()
+
+    @hookimpl(wrapper=True)
+    def on_request(self, ctx: Context, request: Request) -> Generator[None, Any,
+                                                                      Optional[Response]]:
+        # A wrapper runs whatever the other plugins answer, so every request is counted.
+        ctx.stash[STASH] = True
+        self.in_flight.inc()
+        return (yield)
+
+    @hookimpl
+    def on_close(self, ctx: Context, record: Record) -> None:
+        if ctx.stash.pop(STASH, False):
+            self.in_flight.dec()
+        method = record.method if record.method in METHODS else "OTHER"
+        self.requests.labels(method, str(record.status)).inc()
+        if record.method == "CONNECT":
+            self.tunnel_bytes.labels("up").inc(record.bytes_in)
+            self.tunnel_bytes.labels("down").inc(record.bytes_out)
+        if record.error:
+            self.errors.labels(record.error).inc()
+        if record.rule:
+            self.denials.labels(record.rule).inc()
+        if record.dns_time is not None:
+            self.resolve.observe(record.dns_time)
+        if record.connect_time is not None:
+            self.connect.observe(record.connect_time)

@@ -1,0 +1,170 @@
+"""The admin listener (``admin_listen``): health, readiness while draining, /tunnels and
+closing a tunnel, /metrics without the plugin, and what the proxy port does not serve."""
+
+from __future__ import annotations
+
+import socket
+
+import gevent
+import pytest
+import requests
+
+from geproxy import ConfigError
+from geproxy.testing import curl, exchange, recv_all, wait_for_records
+
+ADMIN = "admin_listen = 127.0.0.1:0\n"
+
+
+def _admin_url(proxy, path: str) -> str:
+    host, port = proxy.server.admin_address
+    return f"http://{host}:{port}{path}"
+
+
+def _echo(sock: socket.socket) -> None:
+    """An origin that echoes until the client's EOF, then closes."""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        sock.sendall(data)
+
+
+def _open_tunnel(proxy, target: str) -> socket.socket:
+    """CONNECT through ``proxy`` and check one echo round through the tunnel."""
+    sock = proxy.connect()
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = sock.recv(65536)
+        assert piece, "the proxy closed instead of answering the CONNECT"
+        head += piece
+    assert head.startswith(b"HTTP/1.1 200 ")
+    sock.sendall(b"ping")
+    assert sock.recv(4) == b"ping"
+    return sock
+
+
+def test_admin_is_off_by_default(proxy):
+    assert proxy.server.admin_address is None
+    assert proxy.server.admin is None
+
+
+def test_healthz_and_readyz(proxy_factory):
+    proxy = proxy_factory(ADMIN)
+    assert proxy.server.admin_address[1] not in (0, proxy.port)
+    for path, body in (("/healthz", b"ok\n"), ("/readyz", b"ready\n")):
+        out = curl("-i", _admin_url(proxy, path))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(b"HTTP/1.1 200 ") and out.stdout.endswith(body)
+    answer = requests.get(_admin_url(proxy, "/nothing"), timeout=10)
+    assert answer.status_code == 404
+    answer = requests.post(_admin_url(proxy, "/readyz"), timeout=10)
+    assert answer.status_code == 405
+
+
+def test_readyz_answers_503_while_a_stop_drains(proxy_factory, raw_origin):
+    proxy = proxy_factory(ADMIN)
+    server = raw_origin(_echo)
+    sock = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    admin = proxy.server.admin_address
+    stopper = gevent.spawn(proxy.server.stop, 30)
+    try:
+        for _ in range(100):
+            if proxy.server.stopping:
+                break
+            gevent.sleep(0.01)
+        assert proxy.server.stopping
+        answer = requests.get(_admin_url(proxy, "/readyz"), timeout=10)
+        assert answer.status_code == 503
+        assert requests.get(_admin_url(proxy, "/healthz"), timeout=10).status_code == 200
+        # The proxy port is closed already; the admin port is open until the end.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(proxy.address, timeout=10).close()
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b""
+        stopper.join(timeout=10)
+        assert stopper.dead and stopper.successful()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(admin, timeout=10).close()
+    finally:
+        sock.close()
+        stopper.kill()
+
+
+def test_tunnels_lists_an_open_tunnel_and_closes_it(proxy_factory, raw_origin):
+    proxy = proxy_factory(ADMIN)
+    server = raw_origin(_echo)
+    target = f"127.0.0.1:{server.port}"
+    sock = _open_tunnel(proxy, target)
+    try:
+        answer = requests.get(_admin_url(proxy, "/tunnels"), timeout=10)
+        assert answer.status_code == 200
+        assert answer.headers["content-type"] == "application/json"
+        found = [t for t in answer.json() if t["target"] == target]
+        assert len(found) == 1, answer.json()
+        tunnel = found[0]
+        assert tunnel["client"] == "127.0.0.1:%d" % sock.getsockname()[1]
+        assert tunnel["method"] == "CONNECT" and tunnel["user"] is None
+        assert tunnel["age"] >= 0 and tunnel["bytes_in"] >= 4 and tunnel["bytes_out"] >= 4
+        # A GET on the close URL changes nothing.
+        answer = requests.get(_admin_url(proxy, f"/tunnels/{tunnel['id']}/close"), timeout=10)
+        assert answer.status_code == 405 and answer.headers["allow"] == "POST"
+        sock.sendall(b"pong")
+        assert sock.recv(4) == b"pong"
+
+        answer = requests.post(_admin_url(proxy, f"/tunnels/{tunnel['id']}/close"),
+                               timeout=10)
+        assert answer.status_code == 200
+        assert recv_all(sock) == b""  # the client sees the close
+    finally:
+        sock.close()
+    records = wait_for_records(proxy, 1)
+    assert records[0].method == "CONNECT" and records[0].close_reason == "admin"
+    assert requests.get(_admin_url(proxy, "/tunnels"), timeout=10).json() == []
+
+
+def test_closing_an_unknown_connection_is_404(proxy_factory):
+    proxy = proxy_factory(ADMIN)
+    answer = requests.post(_admin_url(proxy, "/tunnels/c0/close"), timeout=10)
+    assert answer.status_code == 404
+
+
+def test_metrics_is_404_without_the_metrics_plugin(proxy_factory):
+    proxy = proxy_factory(ADMIN + "disable = metrics\n")
+    with requests.Session() as session:
+        session.trust_env = False
+        answer = session.get(_admin_url(proxy, "/metrics"), timeout=10)
+        assert answer.status_code == 404
+
+
+def test_the_proxy_port_serves_no_admin_page(proxy_factory):
+    proxy = proxy_factory(ADMIN)
+    for path in ("/tunnels", "/readyz", "/metrics"):
+        answer = exchange(proxy.address, f"GET {path} HTTP/1.1\r\nHost: p\r\n"
+                          "Connection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 404 "), (path, answer)
+    answer = exchange(proxy.address, b"POST /tunnels/c1/close HTTP/1.1\r\nHost: p\r\n"
+                      b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    answer = exchange(proxy.address, b"GET /healthz HTTP/1.1\r\nHost: p\r\n"
+                      b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_busy_admin_port_fails_the_start(proxy_factory):
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
+            proxy_factory(f"admin_listen = 127.0.0.1:{port}\n")
+    finally:
+        taken.close()
+
+
+@pytest.mark.parametrize("value", ["example.com:9128", "127.0.0.1:9128 127.0.0.2:9128",
+                                   "9128"])
+def test_a_bad_admin_address_stops_the_start(proxy_factory, value):
+    with pytest.raises(ConfigError, match="admin_listen"):
+        proxy_factory(f"admin_listen = {value}\n")

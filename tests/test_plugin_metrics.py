@@ -1,0 +1,109 @@
+"""The metrics plugin: counters and histograms after real traffic, read from /metrics on the
+admin listener with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import socket
+
+import prometheus_client
+import requests
+from geproxy_plugins.metrics import Metrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from geproxy.testing import StaticResolver, curl, recv_all, wait_for_records
+
+ADMIN = "admin_listen = 127.0.0.1:0\n"
+
+
+def _samples(proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    host, port = proxy.server.admin_address
+    answer = requests.get(f"http://{host}:{port}/metrics", timeout=10)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _echo_once(sock: socket.socket) -> None:
+    sock.sendall(recv_all(sock))
+
+
+def test_counts_after_traffic(proxy_factory, origin, raw_origin):
+    resolver = StaticResolver({"origin.test": ["127.0.0.1"]})
+    proxy = proxy_factory(ADMIN, resolver=resolver)
+    for path in ("/", "/", "/status/404"):
+        out = curl("-x", proxy.url, origin.url(path, host="origin.test"))
+        assert out.returncode == 0, out.stderr
+    out = curl("-x", proxy.url, "http://nowhere.test/")
+    assert out.returncode == 0 and b"502" in out.stdout
+    server = raw_origin(_echo_once)
+    sock = proxy.connect()
+    try:
+        target = f"127.0.0.1:{server.port}"
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() +
+                     b"x" * 1000)
+        sock.shutdown(socket.SHUT_WR)
+        answer = recv_all(sock)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"x" * 1000)
+    wait_for_records(proxy, 5)
+
+    samples = _samples(proxy)
+    requests_total = {labels: value for (name, labels), value in samples.items()
+                      if name == "geproxy_requests_total"}
+    assert requests_total == {
+        (("method", "GET"), ("status", "200")): 2,
+        (("method", "GET"), ("status", "404")): 1,
+        (("method", "GET"), ("status", "502")): 1,
+        (("method", "CONNECT"), ("status", "200")): 1,
+    }
+    assert samples[("geproxy_connections_total", ())] == 5
+    assert samples[("geproxy_requests_in_flight", ())] == 0
+    assert samples[("geproxy_errors_total", (("error", "dns_error"),))] == 1
+    # The CONNECT head and its answer are counted with the tunnel's bytes.
+    assert 1000 < samples[("geproxy_tunnel_bytes_total", (("direction", "up"),))] < 1200
+    assert 1000 < samples[("geproxy_tunnel_bytes_total", (("direction", "down"),))] < 1200
+    # Upstream connects: the first GET (the next two reuse its pooled connection) and the
+    # tunnel; the failed lookup has no time.
+    assert samples[("geproxy_resolve_seconds_count", ())] == 2
+    assert samples[("geproxy_connect_seconds_count", ())] == 2
+    assert samples[("geproxy_connect_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert ("geproxy_resolve_seconds_sum", ()) in samples
+
+
+def test_acl_denials_by_rule(proxy_factory, origin):
+    ini = ADMIN + "[acl]\nrules =\n    no-404: deny dst 127.0.0.1 port 1\n    allow all\n"
+    proxy = proxy_factory(ini)
+    out = curl("-x", proxy.url, "http://127.0.0.1:1/")
+    assert out.returncode == 0 and b"403" in out.stdout
+    out = curl("-x", proxy.url, origin.url("/"))
+    assert out.returncode == 0 and out.stdout == b"hello\n"
+    wait_for_records(proxy, 2)
+    samples = _samples(proxy)
+    assert samples[("geproxy_acl_denials_total", (("rule", "no-404"),))] == 1
+    assert samples[("geproxy_errors_total", (("error", "http_request_denied"),))] == 1
+    assert samples[("geproxy_requests_total", (("method", "GET"), ("status", "403")))] == 1
+
+
+def test_unusual_methods_share_one_label(proxy_factory, origin):
+    proxy = proxy_factory(ADMIN)
+    out = curl("-X", "PROPFIND", "-x", proxy.url, origin.url("/"))
+    assert out.returncode == 0, out.stderr
+    wait_for_records(proxy, 1)
+    samples = _samples(proxy)
+    assert samples[("geproxy_requests_total", (("method", "OTHER"), ("status", "200")))] == 1
+
+
+def test_each_instance_has_its_own_registry():
+    first, second = Metrics(), Metrics()
+    first.connections.inc()
+    text, content_type = second.exposition()
+    assert content_type == prometheus_client.CONTENT_TYPE_LATEST
+    assert b"geproxy_connections_total 0.0" in text
+    assert b"geproxy_connections_total 1.0" in first.exposition()[0]
+    assert prometheus_client.REGISTRY.get_sample_value("geproxy_connections_total") is None
