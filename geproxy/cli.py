@@ -91,9 +91,7 @@ def _run(server: "ProxyServer") -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, lambda: gevent.spawn(server.stop))
     gevent.signal_handler(signal.SIGUSR1, server.reopen_logs)
-    # Without a handler SIGHUP would end the process at once, dropping every tunnel.
-    gevent.signal_handler(signal.SIGHUP, lambda: logging.getLogger("geproxy").warning(
-        "SIGHUP: reloading is not supported yet; restart to apply a new configuration"))
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(server.reload))
     try:
         server.serve_forever()
     except OSError as exc:

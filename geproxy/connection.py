@@ -31,7 +31,7 @@ from .tunnel import relay
 from .upstream import connect, parent_connect
 
 if TYPE_CHECKING:
-    from .server import ProxyServer
+    from .server import Generation, ProxyServer
 
 __all__ = ["Connection"]
 
@@ -43,14 +43,16 @@ RECV_SIZE = 64 * 1024
 class Connection:
     """One accepted client connection, served by one greenlet."""
 
-    def __init__(self, server: "ProxyServer", sock: socket.socket,
+    def __init__(self, server: "ProxyServer", gen: "Generation", sock: socket.socket,
                  address: tuple[str, int], local: tuple[str, int]) -> None:
         self.server = server
+        #: The configuration and plugins this connection is served with, to its end.
+        self.gen = gen
         self.sock = sock
-        self.settings = server.config.core
-        self.hooks = server.hooks
+        self.settings = gen.config.core
+        self.hooks = gen.hooks
         self.ctx = Context(client_addr=(address[0], address[1]), server_addr=local,
-                           config=server.config)
+                           config=gen.config)
         self.log = ConnLogger(log, self.ctx)
         #: Bytes read from the client and not yet consumed (pipelined requests, bodies).
         self.buf = b""
@@ -66,7 +68,7 @@ class Connection:
 
     def handle(self) -> None:
         ctx = self.ctx
-        if self.server.proxy_protocol != "off" and not self._read_proxy_header():
+        if self.gen.proxy_protocol != "off" and not self._read_proxy_header():
             return
         try:
             denied = self.hooks.on_connect(ctx)
@@ -138,8 +140,8 @@ class Connection:
             if request.is_connect:
                 raise LoopDetected("CONNECT to the proxy itself")
             return self._serve_local(request, record)
-        if self.server.via and forward.via_loop(request.headers, self.server.via):
-            raise LoopDetected(f"Via already names {self.server.via}")
+        if self.gen.via and forward.via_loop(request.headers, self.gen.via):
+            raise LoopDetected(f"Via already names {self.gen.via}")
         if request.is_connect:
             self._tunnel(request, record)
             return False
@@ -152,7 +154,7 @@ class Connection:
         say nothing) when the sender may not send one or the header is bad or late."""
         peer: Any = ipaddress.ip_address(self.ctx.client_addr[0])
         peer = getattr(peer, "ipv4_mapped", None) or peer
-        if not any(peer in network for network in self.server.proxy_protocol_from):
+        if not any(peer in network for network in self.gen.proxy_protocol_from):
             self.log.warning("refused: not in proxy_protocol_from")
             return False
         deadline = self.ctx.started + self.settings["header_timeout"]
@@ -164,7 +166,7 @@ class Connection:
                 if not piece:
                     return False
                 data += piece
-                found = proxyproto.parse(data, self.server.proxy_protocol)
+                found = proxyproto.parse(data, self.gen.proxy_protocol)
                 if found is not None:
                     break
         except proxyproto.ProxyHeaderError as exc:
@@ -286,7 +288,7 @@ class Connection:
         reason = http11.reason_phrase(exc.status)
         headers = Headers([
             ("Content-Type", "text/plain; charset=utf-8"),
-            ("Proxy-Status", f"{self.server.proxy_name}; {exc.proxy_status_params()}"),
+            ("Proxy-Status", f"{self.gen.proxy_name}; {exc.proxy_status_params()}"),
             ("Cache-Control", "no-store"),
         ])
         return Response(exc.status, headers, f"{exc.status} {reason}\n".encode(), reason)
@@ -397,7 +399,7 @@ class Connection:
             try:
                 early = parent_connect(sock, route, request.authority,
                                        self.settings["connect_timeout"],
-                                       self.settings["max_header_size"], self.server.via)
+                                       self.settings["max_header_size"], self.gen.via)
             except BaseException:
                 sock.close()
                 raise

@@ -98,7 +98,7 @@ def _upstream_head(conn: "Connection", request: Request, route: Optional[Route],
     if chunked:
         headers.append(("Transfer-Encoding", "chunked"))
     headers = _forwarded_for(headers, conn.settings["forwarded_for"], conn.ctx.client_ip)
-    via = conn.server.via
+    via = conn.gen.via
     if via:
         headers.append(("Via", f"{request.version[5:]} {via}"))
     target = request.path
@@ -366,7 +366,7 @@ def _relay_response(conn: "Connection", request: Request, record: Record,
         "keep-alive" in response.headers.tokens("connection"))
     length = response.headers.get("content-length")
     headers = Headers(_end_to_end(response.headers))
-    via = conn.server.via
+    via = conn.gen.via
     if via:
         headers.add("Via", f"{response.version[5:]} {via}")
     edited = Response(response.status, headers, b"", response.reason, response.version)

@@ -56,8 +56,9 @@ def add_options(registry: "OptionRegistry") -> None:
 def configure(config: "Config") -> None:
     """Build the plugin's state from the validated configuration.
 
-    Called once per plugin manager, after every plugin's ``add_options``: at start, and by
-    ``geproxy check-config`` (so it must not act on the world beyond checking it can).
+    Called once per plugin manager, after every plugin's ``add_options``: at start, at each
+    reload (SIGHUP, with fresh plugin instances), and by ``geproxy check-config`` and
+    ``geproxy explain`` (so it must not act on the world beyond checking it can).
 
     :param config: ``config.section("name")`` is a mapping of the section's typed values
         (defaults filled in); ``config.path`` is the file it came from.
@@ -72,8 +73,9 @@ def configure(config: "Config") -> None:
 def unconfigure(config: "Config") -> None:
     """Release what ``configure`` built: close files, stop greenlets.
 
-    Called once when the server has stopped (after its last connection ended), for every
-    plugin that was configured; also when the test kit stops a proxy. Errors are logged.
+    Called once per plugin instance: when the server has stopped (after its last
+    connection ended), or, for instances a reload (SIGHUP) replaced, when the last connection
+    they served has ended; also when the test kit stops a proxy. Errors are logged.
 
     Must not expect any further hook call on this plugin instance.
     """

@@ -37,20 +37,13 @@ class ProxyServer:
     answers 503 while the connections drain.
     """
 
-    def __init__(self, config: Config, pm: Any) -> None:
-        self.config = config
-        self.pm = pm
-        self.hooks = Hooks(pm)
+    def __init__(self, config: Config, pm: Any, objects: Sequence[Any] = (),
+                 entry_points: bool = True) -> None:
+        #: The configuration and plugins new connections get; a reload replaces it.
+        self.gen = Generation(config, pm)
+        #: What a reload loads the plugins with, besides the file.
+        self._objects, self._entry_points = tuple(objects), entry_points
         core = config.core
-        self.via: str = "" if core["via"].lower() == "off" else core["via"]
-        self.proxy_name = proxy_name(self.via)
-        self.max_connections: int = core["max_connections"]
-        self.proxy_protocol: str = core["proxy_protocol"]
-        self.proxy_protocol_from = core["proxy_protocol_from"]
-        if self.proxy_protocol != "off" and not self.proxy_protocol_from:
-            raise ConfigError("proxy_protocol needs the balancers' addresses in "
-                              "proxy_protocol_from", path=config.path, section="geproxy",
-                              key="proxy_protocol_from")
         self.pool = UpstreamPool(core["upstream_keepalive"], core["upstream_idle_timeout"])
         self.connections = gevent.pool.Group()
         #: Greenlets of connections waiting for a request: safe to end at once on stop.
@@ -61,6 +54,13 @@ class ProxyServer:
         #: Connections with a request or tunnel in flight, by conn id (for /tunnels).
         self.active: dict[str, Connection] = {}
         self.admin: Optional[Any] = None  # a gevent.pywsgi.WSGIServer once started
+
+    # The current generation's view, for whoever has no connection to ask.
+    config = property(lambda self: self.gen.config)
+    pm = property(lambda self: self.gen.pm)
+    hooks = property(lambda self: self.gen.hooks)
+    via = property(lambda self: self.gen.via)
+    proxy_name = property(lambda self: self.gen.proxy_name)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -170,9 +170,11 @@ class ProxyServer:
 
     def _handle(self, sock: socket.socket, address: tuple[str, int],
                 local: Optional[tuple[str, int]]) -> None:
+        gen = self.gen
+        gen.users += 1
         try:
-            conn = Connection(self, sock, address, local or sock.getsockname()[:2])
-            if len(self.connections) > self.max_connections:
+            conn = Connection(self, gen, sock, address, local or sock.getsockname()[:2])
+            if len(self.connections) > gen.config.core["max_connections"]:
                 self._refuse(conn)
                 return
             conn.handle()
@@ -182,6 +184,7 @@ class ProxyServer:
             log.exception("connection from %s failed", address[0])
         finally:
             sock.close()
+            self.release(gen)
 
     def _refuse(self, conn: Connection) -> None:
         exc = TooManyConnections("max_connections reached")
@@ -191,7 +194,7 @@ class ProxyServer:
         except ProxyError:
             pass
         log.warning("refused %s: max_connections (%d) reached", conn.ctx.client_addr[0],
-                    self.max_connections)
+                    self.config.core["max_connections"])
 
     def is_local(self, request: Request, ctx: Context) -> bool:
         """Whether ``request`` is addressed to this proxy rather than through it."""
@@ -210,6 +213,36 @@ class ProxyServer:
                                        ipaddress.ip_address(host).is_loopback):
                 return True
         return False
+
+    def reload(self) -> bool:
+        """SIGHUP: read the configuration file and plugins again. The new ones are built and
+        validated first; if that fails, the error is logged and the running ones stay. New
+        connections get the new ones; open connections keep theirs to the end."""
+        path = self.config.path
+        try:
+            pm, config = load(path, objects=self._objects, entry_points=self._entry_points)
+            new = Generation(config, pm)
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return False
+        except Exception:
+            log.exception("reload failed, the running configuration stays")
+            return False
+        for key in ("listen", "admin_listen", "upstream_keepalive", "upstream_idle_timeout"):
+            if config.core[key] != self.config.core[key]:
+                log.warning("reload: [geproxy] %s changes only on restart", key)
+        old, self.gen = self.gen, new
+        old.retired = True
+        self.release(old, 0)
+        log.info("reloaded %s; plugins: %s", path, ", ".join(plugin_names(pm)))
+        return True
+
+    def release(self, gen: "Generation", users: int = 1) -> None:
+        """A connection of ``gen`` ended; a retired generation with none left is
+        unconfigured (its files closed)."""
+        gen.users -= users
+        if gen.retired and gen.users <= 0 and not gen.released:
+            gen.unconfigure()
 
     def reopen_logs(self) -> None:
         """SIGUSR1: every plugin reopens its log files."""
@@ -234,13 +267,42 @@ class ProxyServer:
             log.warning("graceful_timeout over: closing %d connections", len(self.connections))
             self.connections.kill(timeout=5)
         self.pool.clear()
+        self.gen.unconfigure()
+        self._stop_admin()
+        self._stopped.set()
+        log.info("stopped")
+
+
+class Generation:
+    """One loaded configuration with its plugins: what a connection is served with from
+    its start to its end, whatever reloads happen meanwhile."""
+
+    def __init__(self, config: Config, pm: Any) -> None:
+        self.config = config
+        self.pm = pm
+        self.hooks = Hooks(pm)
+        core = config.core
+        self.via: str = "" if core["via"].lower() == "off" else core["via"]
+        self.proxy_name = proxy_name(self.via)
+        self.proxy_protocol: str = core["proxy_protocol"]
+        self.proxy_protocol_from = core["proxy_protocol_from"]
+        if self.proxy_protocol != "off" and not self.proxy_protocol_from:
+            raise ConfigError("proxy_protocol needs the balancers' addresses in "
+                              "proxy_protocol_from", path=config.path, section="geproxy",
+                              key="proxy_protocol_from")
+        #: Connections served with it; replaced by a reload, it is released at zero.
+        self.users = 0
+        self.retired = False
+        self.released = False
+
+    def unconfigure(self) -> None:
+        if self.released:
+            return
+        self.released = True
         try:
             self.pm.hook.unconfigure(config=self.config)
         except Exception:
             log.exception("a plugin failed to release its resources")
-        self._stop_admin()
-        self._stopped.set()
-        log.info("stopped")
 
 
 def _is_wildcard(host: str) -> bool:
@@ -274,4 +336,4 @@ def create_server(path: str, objects: Sequence[Any] = (),
                   entry_points: bool = True) -> ProxyServer:
     """Build a ProxyServer from the INI file at ``path`` (raises ConfigError)."""
     pm, config = load(path, objects=objects, entry_points=entry_points)
-    return ProxyServer(config, pm)
+    return ProxyServer(config, pm, objects, entry_points)
