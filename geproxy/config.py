@@ -287,6 +287,8 @@ def core_options(registry: OptionRegistry) -> None:
         .add("idle_timeout", "duration", "5m",
              "A tunnel, or a wait for an upstream or client, with no byte moving for this "
              "long is closed.", minimum=0.001)
+        .add("max_tunnel_lifetime", "duration", "0",
+             "A tunnel open this long is closed, however busy; 0 for no limit.", minimum=0)
         .add("graceful_timeout", "duration", "30s",
              "On SIGTERM or SIGINT, time open requests and tunnels get to finish.", minimum=0)
         .add("max_header_size", "size", "64KiB",

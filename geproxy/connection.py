@@ -71,6 +71,13 @@ class Connection:
         if self.gen.proxy_protocol != "off" and not self._read_proxy_header():
             return
         try:
+            self._serve()
+        finally:
+            self.hooks.on_disconnect(ctx)
+
+    def _serve(self) -> None:
+        ctx = self.ctx
+        try:
             denied = self.hooks.on_connect(ctx)
             if denied is not None:
                 raise denied if isinstance(denied, ProxyError) else Denied("on_connect")
@@ -338,7 +345,8 @@ class Connection:
                     return self._inspect_tunnel(request, record, data)
             record.close_reason = relay(self.sock, upstream, record,
                                         self.settings["idle_timeout"], to_upstream=self.buf,
-                                        to_client=early, inspect=inspect)
+                                        to_client=early, inspect=inspect,
+                                        lifetime=self.settings["max_tunnel_lifetime"])
             self.buf = b""
         finally:
             upstream.close()

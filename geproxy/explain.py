@@ -137,7 +137,8 @@ def explain(config_path: str, method: str, target: str, client: str = "127.0.0.1
     except ProxyError as exc:
         verdict = exc
     for name, value in sorted(ctx.stash.items()):
-        writer.say("stash", f"{name}: {value}")
+        if not name.startswith("_"):  # a leading underscore: a plugin's private mark
+            writer.say("stash", f"{name}: {value}")
     if verdict is not None:
         writer.say("answer", f"{verdict.status} {http11.reason_phrase(verdict.status)}; "
                              f"Proxy-Status: {proxy_name(_via(config))}; "

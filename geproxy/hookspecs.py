@@ -82,6 +82,18 @@ def unconfigure(config: "Config") -> None:
 
 
 @hookspec
+def on_disconnect(ctx: "Context") -> None:
+    """Observe the end of a client connection: per-client counters, open-connection gauges.
+
+    Called once per connection whose ``on_connect`` ran (refused ones included), after its
+    last request's ``on_close``, when the socket is closed. Every implementation is called
+    even if another raises; errors are logged. Implementations may not be wrappers.
+
+    Must not block, and must not keep ``ctx``.
+    """
+
+
+@hookspec
 def reopen_logs() -> None:
     """Reopen log files: the operator moved them away (SIGUSR1, after a log rotation).
 

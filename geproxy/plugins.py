@@ -118,10 +118,11 @@ def load(
         first = (str(exc).splitlines() or [""])[0]
         raise ConfigError(f"cannot load plugin: {type(exc).__name__}: {first}", path=path,
                           section="geproxy", key="plugins") from None
-    for impl in pm.hook.on_close.get_hookimpls():
-        if impl.wrapper or impl.hookwrapper:
-            raise ConfigError(f"plugin {impl.plugin_name!r}: on_close may not be a wrapper",
-                              path=path, section="geproxy", key="plugins")
+    for caller in (pm.hook.on_close, pm.hook.on_disconnect):
+        for impl in caller.get_hookimpls():
+            if impl.wrapper or impl.hookwrapper:
+                raise ConfigError(f"plugin {impl.plugin_name!r}: {caller.name} may not be a "
+                                  "wrapper", path=path, section="geproxy", key="plugins")
     registry = OptionRegistry()
     pm.hook.add_options.call_historic(kwargs={"registry": registry})
     ignored = frozenset(SECTIONS.get(name, name) for name in disable)
@@ -187,13 +188,20 @@ class Hooks:
         self._hook.on_response(ctx=ctx, request=request, response=response)
 
     def on_close(self, ctx: Context, record: Record) -> None:
-        # Observers are isolated: one that raises must not keep the others from their record.
-        kwargs = {"ctx": ctx, "record": record}
-        for impl in reversed(self._hook.on_close.get_hookimpls()):
+        self._observe(self._hook.on_close, {"ctx": ctx, "record": record}, ctx)
+
+    def on_disconnect(self, ctx: Context) -> None:
+        self._observe(self._hook.on_disconnect, {"ctx": ctx}, ctx)
+
+    @staticmethod
+    def _observe(caller: Any, kwargs: dict[str, Any], ctx: Context) -> None:
+        # Observers are isolated: one that raises must not keep the others from their call.
+        for impl in reversed(caller.get_hookimpls()):
             try:
                 impl.function(*[kwargs[name] for name in impl.argnames])
             except ProxyError:
-                log.warning("[%s] on_close of %s raised a ProxyError", ctx.conn_id,
+                log.warning("[%s] %s of %s raised a ProxyError", ctx.conn_id, caller.name,
                             impl.plugin_name)
             except Exception:
-                log.exception("[%s] on_close of %s failed", ctx.conn_id, impl.plugin_name)
+                log.exception("[%s] %s of %s failed", ctx.conn_id, caller.name,
+                              impl.plugin_name)

@@ -26,7 +26,7 @@ BUFFER = 64 * 1024
 
 class _Tunnel:
     __slots__ = ("client", "upstream", "record", "idle_timeout", "last", "reason", "_timer",
-                 "_ended", "inspect")
+                 "_ended", "inspect", "_lifetime")
 
     def __init__(self, client: socket.socket, upstream: socket.socket, record: Record,
                  idle_timeout: float) -> None:
@@ -40,6 +40,7 @@ class _Tunnel:
         self._ended = 0  # directions that saw their EOF
         #: Called once with the client's first bytes; False closes the tunnel.
         self.inspect: Optional[Callable[[bytes], bool]] = None
+        self._lifetime: Any = None  # a timer when max_tunnel_lifetime is set
 
     def pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
         record = self.record
@@ -99,27 +100,37 @@ class _Tunnel:
             self._timer.close()
             self.arm(self.idle_timeout - idle_for)
 
+    def limit(self, lifetime: float) -> None:
+        """Close the tunnel ``lifetime`` seconds from now, whatever moves through it."""
+        timer = get_hub().loop.timer(lifetime)
+        timer.start(self.abort, "max lifetime")
+        self._lifetime = timer
+
     def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.close()
-            self._timer = None
+        for timer in (self._timer, self._lifetime):
+            if timer is not None:
+                timer.close()
+        self._timer = self._lifetime = None
 
 
 def relay(client: socket.socket, upstream: socket.socket, record: Record,
           idle_timeout: float, to_upstream: bytes = b"", to_client: bytes = b"",
-          inspect: Optional[Callable[[bytes], bool]] = None) -> str:
+          inspect: Optional[Callable[[bytes], bool]] = None, lifetime: float = 0) -> str:
     """Relay until both directions are done; returns the close reason for the record.
 
     ``to_upstream`` and ``to_client`` are bytes already read past a head on either side
     (a client's TLS ClientHello sent right after CONNECT, say); they go first.
     ``inspect``, if given, sees the client's first bytes before they go upstream and may
-    close the tunnel by returning False.
+    close the tunnel by returning False. ``lifetime`` (seconds, 0 for none) bounds how long
+    the tunnel may stay open at all.
     """
     tunnel = _Tunnel(client, upstream, record, idle_timeout)
     tunnel.inspect = inspect
     client.settimeout(None)
     upstream.settimeout(None)
     tunnel.arm(idle_timeout)
+    if lifetime:
+        tunnel.limit(lifetime)
     down: Optional[gevent.Greenlet] = None
     try:
         if to_upstream:

@@ -42,6 +42,7 @@ from geproxy import (
     OptionRegistry,
     Request,
     Response,
+    errors,
     hookimpl,
 )
 from geproxy.hosts import ip_literal, parse_network, unmapped
@@ -61,6 +62,8 @@ CONDITIONS = ("src", "dst", "port", "method", "user")
 DEFAULT_ID = "default"
 CONNECT_PORTS_ID = "connect_ports"
 REQUEST_KEY = "acl.request"
+#: ctx.stash key set when the connection was counted: True when it is over the limit.
+COUNTED_KEY = "_acl.over_limit"
 PLAN_CACHE_SIZE = 4096
 
 _ID = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)\s*:\s*(.*)")
@@ -288,6 +291,9 @@ class ACL:
     def __init__(self) -> None:
         # Replaced by configure(); the defaults until then, never "allow everything".
         self.policy = _default_policy()
+        self.per_client = 0
+        #: Open connections per client address, while max_connections_per_client is set.
+        self._open: dict[str, int] = {}
         #: Bounded: one entry per recent client address.
         self._plans: LRUCache[str, Plan] = LRUCache(maxsize=PLAN_CACHE_SIZE)
 
@@ -303,6 +309,9 @@ class ACL:
             .add("rules", "lines", DEFAULT_RULES,
                  "Ordered rules, one per line, first match wins: [id:] allow|deny all, or "
                  "allow|deny with src, dst, port, method, user conditions; no match denies.")
+            .add("max_connections_per_client", "int", "0",
+                 "Connections one client address may have open at once; over it, its "
+                 "requests get 503. 0 for no limit.", minimum=0)
         )
 
     @hookimpl
@@ -325,9 +334,14 @@ class ACL:
         if not rules:
             log.warning("%s: [acl] rules is empty: every client is denied", config.path)
         self.policy = Policy(rules, ports, report=mode == "report")
+        self.per_client = section["max_connections_per_client"]
 
     @hookimpl
     def on_connect(self, ctx: Context) -> Optional[Denied]:
+        if self.per_client:
+            client = ctx.client_addr[0]
+            count = self._open[client] = self._open.get(client, 0) + 1
+            ctx.stash[COUNTED_KEY] = count > self.per_client  # True: over the limit
         plan = self._plan(ctx)
         verdict = plan.verdict
         if verdict is None or verdict.allow or plan.policy.report:
@@ -336,9 +350,22 @@ class ACL:
         return Denied(f"client {ctx.client_addr[0]} denied by [acl] rule {verdict.rule}",
                       rule=verdict.rule)
 
+    @hookimpl
+    def on_disconnect(self, ctx: Context) -> None:
+        if COUNTED_KEY in ctx.stash:
+            client = ctx.client_addr[0]
+            left = self._open.get(client, 1) - 1
+            if left > 0:
+                self._open[client] = left
+            else:
+                self._open.pop(client, None)
+
     # trylast: identity plugins (authentication) set ctx.user in their on_request first.
     @hookimpl(trylast=True)
     def on_request(self, ctx: Context, request: Request) -> Optional[Response]:
+        if ctx.stash.get(COUNTED_KEY):
+            raise errors.TooManyConnections(
+                f"client {ctx.client_addr[0]} has over {self.per_client} connections open")
         plan = ctx.stash.get(SECTION)
         if not isinstance(plan, Plan) or plan.policy is not self.policy:
             plan = self._plan(ctx)  # on_connect did not run for this policy

@@ -46,7 +46,10 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
            30.0)
 #: The key of this plugin's mark in ``ctx.stash``: a request counted in flight.
-STASH = "metrics"
+#: (a leading "_": a private mark, which ``geproxy explain`` does not print)
+STASH = "_metrics"
+#: The key of the mark of a connection counted open.
+OPEN = "_metrics.open"
 
 
 class Metrics:
@@ -59,6 +62,8 @@ class Metrics:
         registry = self.registry
         self.connections = Counter("geproxy_connections", "Client connections accepted.",
                                    registry=registry)
+        self.open = Gauge("geproxy_connections_open", "Client connections open.",
+                          registry=registry)
         self.in_flight = Gauge("geproxy_requests_in_flight",
                                "Requests and tunnels being served.", registry=registry)
         self.requests = Counter("geproxy_requests", "Finished requests and tunnels.",
@@ -82,6 +87,13 @@ class Metrics:
     @hookimpl
     def on_connect(self, ctx: Context) -> None:
         self.connections.inc()
+        self.open.inc()
+        ctx.stash[OPEN] = True
+
+    @hookimpl
+    def on_disconnect(self, ctx: Context) -> None:
+        if ctx.stash.pop(OPEN, False):  # counted: no plugin refused it before this one
+            self.open.dec()
 
     @hookimpl(wrapper=True)
     def on_request(self, ctx: Context, request: Request) -> Generator[None, Any,

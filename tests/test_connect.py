@@ -330,3 +330,34 @@ def test_on_tunnel_data_sees_the_first_bytes_and_may_close(proxy_factory, raw_or
     refused = [r for r in records if r.rule == "peek"]
     assert len(refused) == 1 and refused[0].close_reason == "denied"
     assert refused[0].error == "http_request_denied" and refused[0].sni == "peeked.test"
+
+
+def test_max_tunnel_lifetime_closes_a_busy_tunnel(proxy_factory, raw_origin):
+    def echo(sock: socket.socket) -> None:
+        while True:
+            piece = sock.recv(100)
+            if not piece:
+                return
+            sock.sendall(piece)
+
+    proxy = proxy_factory("max_tunnel_lifetime = 500ms\nidle_timeout = 1m\n")
+    server = raw_origin(echo)
+    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    closed = False
+    try:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sock.settimeout(10)
+        for _ in range(200):  # busy all the time, never idle: only the lifetime ends it
+            try:
+                sock.sendall(b"x")
+                if sock.recv(10) == b"":
+                    closed = True
+                    break
+            except OSError:
+                closed = True
+                break
+            gevent.sleep(0.02)
+    finally:
+        sock.close()
+    assert closed
+    assert wait_for_records(proxy, 1)[-1].close_reason == "max lifetime"

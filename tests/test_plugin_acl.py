@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
+import gevent
 import pytest
 from geproxy_plugins.acl import ACL
 
@@ -444,3 +445,29 @@ def test_a_bad_option_stops_the_start_naming_its_key(tmp_path, key, value):
         _load_acl(tmp_path, _ini(**{key: value}))
     assert (caught.value.section, caught.value.key) == ("acl", key)
     assert str(caught.value).startswith(f"{path}: [acl] {key}: "), str(caught.value)
+
+
+def test_max_connections_per_client(proxy_factory, origin):
+    """Over the limit, that client's requests get 503 and are closed; others go on, and the
+    count goes down as connections close."""
+    ini = ("[acl]\nconnect_ports = 1-65535\nrules = allow src 127.0.0.1\n"
+           "max_connections_per_client = 2\n")
+    proxy = proxy_factory(ini)
+    request = b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n"
+    held = [proxy.connect() for _ in range(2)]
+    try:
+        for sock in held:
+            sock.sendall(request)
+            assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
+        third = exchange(proxy.address, request)
+        assert third.startswith(b"HTTP/1.1 503 ")
+        assert b"error=connection_limit_reached" in third
+    finally:
+        for sock in held:
+            sock.close()
+    for _ in range(500):  # the two close: the client may connect again
+        answer = exchange(proxy.address, request, until_close=False)
+        if answer.startswith(b"HTTP/1.1 200 "):
+            break
+        gevent.sleep(0.01)
+    assert answer.startswith(b"HTTP/1.1 200 ")

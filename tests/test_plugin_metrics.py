@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+import gevent
 import prometheus_client
 import requests
 from geproxy_plugins.metrics import Metrics
@@ -107,3 +108,20 @@ def test_each_instance_has_its_own_registry():
     assert b"geproxy_connections_total 0.0" in text
     assert b"geproxy_connections_total 1.0" in first.exposition()[0]
     assert prometheus_client.REGISTRY.get_sample_value("geproxy_connections_total") is None
+
+
+def test_open_connections_go_up_and_down(proxy_factory, origin):
+    proxy = proxy_factory(ADMIN)
+    held = proxy.connect()
+    try:
+        held.sendall(b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n")
+        assert held.recv(1000).startswith(b"HTTP/1.1 200 ")
+        # The scrape itself is on the admin port: only the held connection is open.
+        assert _samples(proxy)[("geproxy_connections_open", ())] == 1
+    finally:
+        held.close()
+    for _ in range(500):
+        if _samples(proxy)[("geproxy_connections_open", ())] == 0:
+            break
+        gevent.sleep(0.01)
+    assert _samples(proxy)[("geproxy_connections_open", ())] == 0
