@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -86,15 +85,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(server: "ProxyServer") -> int:
-    import gevent
+    from .workers import run
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, lambda: gevent.spawn(server.stop))
-    gevent.signal_handler(signal.SIGUSR1, server.reopen_logs)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(server.reload))
-    try:
-        server.serve_forever()
-    except OSError as exc:
-        print(f"geproxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run(server)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -128,6 +129,16 @@ def parse_networks(text: str) -> list[Any]:
     return out
 
 
+def parse_workers(text: str) -> int:
+    """A number of processes, or ``auto`` for one per CPU."""
+    value = text.strip().lower()
+    if value == "auto":
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"not a number of workers: {text!r} (use 1, 2 ... or auto)")
+    return int(value)
+
+
 def _parse_int(text: str) -> int:
     return int(text.strip())
 
@@ -150,6 +161,7 @@ _KINDS: dict[str, Callable[[str], Any]] = {
     "listen": parse_listen,
     "address": parse_address,
     "networks": parse_networks,
+    "workers": parse_workers,
 }
 
 
@@ -276,6 +288,9 @@ def core_options(registry: OptionRegistry) -> None:
              "Addresses to accept proxy clients on: host:port, [IPv6]:port, several.")
         .add("plugins", "list", "", "Extra plugin modules to load: module or module:attr.")
         .add("disable", "list", "", "Built-in plugins to leave out, by name.")
+        .add("workers", "workers", "1",
+             "Processes serving the listen addresses (SO_REUSEPORT): a number, or auto for "
+             "one per CPU. 1 runs in one process with no master.")
         .add("max_connections", "int", "10000",
              "Client connections served at once; more are answered 503.", minimum=1)
         .add("header_timeout", "duration", "10s",

@@ -74,12 +74,14 @@ class ProxyServer:
             return None
         return tuple(self.admin.address[:2])  # type: ignore[return-value]
 
-    def start(self) -> None:
+    def start(self, addresses: Optional[Sequence[tuple[str, int]]] = None,
+              admin: bool = True, reuse_port: bool = False) -> None:
         """Bind every listen address (and the admin one) and accept; raises OSError if one
-        cannot be bound."""
+        cannot be bound. A worker passes the ports its master reserved, ``reuse_port`` to
+        share them with its siblings, and ``admin`` for one worker only."""
         try:
-            for host, port in self.config.core["listen"]:
-                listener = _listener(host, port)
+            for host, port in addresses or self.config.core["listen"]:
+                listener = _listener(host, port, reuse_port)
                 bound = listener.getsockname()[:2]
                 # A wildcard listener learns each connection's local address from the
                 # kernel; a specific one knows it already.
@@ -88,7 +90,7 @@ class ProxyServer:
                                       spawn=self.connections.spawn)
                 self.servers.append(server)
                 server.start()
-            if self.config.core["admin_listen"] is not None:
+            if admin and self.config.core["admin_listen"] is not None:
                 self._start_admin(*self.config.core["admin_listen"])
         except OSError:
             self.close_listeners()
@@ -153,8 +155,8 @@ class ProxyServer:
             return None
         return exposition()  # type: ignore[no-any-return]
 
-    def serve_forever(self) -> None:
-        self.start()
+    def serve_forever(self, **start: Any) -> None:
+        self.start(**start)
         self._stopped.wait()
 
     def _handler(self, local: Optional[tuple[str, int]]) -> Any:
@@ -309,18 +311,24 @@ def _is_wildcard(host: str) -> bool:
     return host in ("0.0.0.0", "::")
 
 
-def _listener(host: str, port: int) -> socket.socket:
-    """A listening socket. TCP_NODELAY is set here once: accepted sockets inherit it."""
+def _listener(host: str, port: int, reuse_port: bool = False,
+              listen: bool = True) -> socket.socket:
+    """A listening socket. TCP_NODELAY is set here once: accepted sockets inherit it.
+    ``reuse_port``: workers each bind the same port (SO_REUSEPORT), the kernel spreads the
+    connections; ``listen=False`` only reserves the port (a master's, accepting nothing)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if family == socket.AF_INET6:
             # [::]:3128 beside 0.0.0.0:3128: each family on its own listener.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
-        sock.listen(BACKLOG)
+        if listen:
+            sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"{exc.strerror}: {_fmt((host, port))}") from None

@@ -1,0 +1,72 @@
+"""``workers = 2``: a master, two workers on one port, restarts, and signals passed on."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import gevent
+
+from geproxy.testing import curl
+
+
+def _wait_for(predicate, limit: float = 15.0) -> bool:
+    """Poll ``predicate`` (bounded: ``limit`` seconds)."""
+    for _ in range(int(limit / 0.02)):
+        if predicate():
+            return True
+        gevent.sleep(0.02)
+    return predicate()
+
+
+def _worker_pids(proxy) -> dict[int, int]:
+    """Worker index -> pid, the latest start of each, from the master's log."""
+    pids = {}
+    for line in proxy.log:
+        found = re.search(r"worker (\d+) started, pid (\d+)", line)
+        if found:
+            pids[int(found.group(1))] = int(found.group(2))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().split()[2] != "Z"  # a zombie is not alive
+    except FileNotFoundError:
+        return False
+
+
+def test_two_workers_share_the_port_and_the_master_restarts_one(proxy_process, origin,
+                                                                  tmp_path):
+    log = tmp_path / "access.log"
+    proxy = proxy_process(f"workers = 2\naccess_log = {log}\nlog_format = json\n")
+    assert _wait_for(lambda: len(_worker_pids(proxy)) == 2)
+    for _ in range(40):  # new connections each: the kernel spreads them over the workers
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    assert _wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 40)
+    served_by = {json.loads(line)["worker"] for line in log.read_text().splitlines()}
+    assert served_by == set(_worker_pids(proxy).values())
+
+    first = _worker_pids(proxy)[0]
+    os.kill(first, signal.SIGKILL)
+    assert _wait_for(lambda: _worker_pids(proxy)[0] != first)
+    assert any("died" in line for line in proxy.log)
+    assert _wait_for(lambda: sum("listening on" in line for line in proxy.log) == 3)
+    for _ in range(5):
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+
+    # SIGHUP to the master reloads every worker.
+    proxy.process.send_signal(signal.SIGHUP)
+    reloaded = lambda: sum("reloaded" in line for line in proxy.log) == 2  # noqa: E731
+    assert _wait_for(reloaded), "".join(proxy.log[-12:])
+
+    workers = list(_worker_pids(proxy).values())
+    assert proxy.stop() == 0  # SIGTERM to the master: passed on, drained, exit 0
+    assert not any(_alive(pid) for pid in workers)
