@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from geproxy import ConfigError
-from geproxy.testing import curl, exchange, recv_all, wait_for_records
+from geproxy.testing import curl, echo, exchange, open_tunnel, recv_all, wait_for_records
 
 ADMIN = "admin_listen = 127.0.0.1:0\n"
 
@@ -20,25 +20,10 @@ def _admin_url(proxy, path: str) -> str:
     return f"http://{host}:{port}{path}"
 
 
-def _echo(sock: socket.socket) -> None:
-    """An origin that echoes until the client's EOF, then closes."""
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            return
-        sock.sendall(data)
-
-
 def _open_tunnel(proxy, target: str) -> socket.socket:
     """CONNECT through ``proxy`` and check one echo round through the tunnel."""
-    sock = proxy.connect()
-    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        piece = sock.recv(65536)
-        assert piece, "the proxy closed instead of answering the CONNECT"
-        head += piece
-    assert head.startswith(b"HTTP/1.1 200 ")
+    sock, head = open_tunnel(proxy, target)
+    assert head.startswith(b"HTTP/1.1 200 "), head
     sock.sendall(b"ping")
     assert sock.recv(4) == b"ping"
     return sock
@@ -64,7 +49,7 @@ def test_healthz_and_readyz(proxy_factory):
 
 def test_readyz_answers_503_while_a_stop_drains(proxy_factory, raw_origin):
     proxy = proxy_factory(ADMIN)
-    server = raw_origin(_echo)
+    server = raw_origin(echo)
     sock = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
     admin = proxy.server.admin_address
     stopper = gevent.spawn(proxy.server.stop, 30)
@@ -93,7 +78,7 @@ def test_readyz_answers_503_while_a_stop_drains(proxy_factory, raw_origin):
 
 def test_tunnels_lists_an_open_tunnel_and_closes_it(proxy_factory, raw_origin):
     proxy = proxy_factory(ADMIN)
-    server = raw_origin(_echo)
+    server = raw_origin(echo)
     target = f"127.0.0.1:{server.port}"
     sock = _open_tunnel(proxy, target)
     try:

@@ -12,20 +12,16 @@ import gevent
 import pytest
 
 from geproxy import Denied, hookimpl
-from geproxy.testing import curl, exchange, pattern_sha256, recv_all, require_tool, wait_for_records
-
-
-def _open_tunnel(proxy, target: str, extra: bytes = b"") -> tuple[socket.socket, bytes]:
-    """CONNECT through ``proxy``; returns the socket and the answer head (plus any bytes)."""
-    sock = proxy.connect()
-    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + extra)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        piece = sock.recv(65536)
-        if not piece:
-            break
-        head += piece
-    return sock, head
+from geproxy.testing import (
+    curl,
+    echo,
+    exchange,
+    open_tunnel,
+    pattern_sha256,
+    recv_all,
+    require_tool,
+    wait_for_records,
+)
 
 
 def test_curl_https_through_connect(proxy, tls_origin, ca_file):
@@ -95,7 +91,7 @@ http {{
 
 def test_bytes_after_the_connect_head_go_into_the_tunnel(proxy, origin):
     request = b"GET /echo HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n"
-    sock, head = _open_tunnel(proxy, f"origin.test:{origin.port}", extra=request)
+    sock, head = open_tunnel(proxy, f"origin.test:{origin.port}", extra=request)
     try:
         data = head + recv_all(sock)
     finally:
@@ -122,7 +118,7 @@ def test_connect_to_an_ipv6_literal(proxy_factory, raw_origin):
     server = gevent.spawn(serve)
     try:
         proxy = proxy_factory()
-        sock, head = _open_tunnel(proxy, f"[::1]:{port}")
+        sock, head = open_tunnel(proxy, f"[::1]:{port}")
         try:
             assert head.startswith(b"HTTP/1.1 200 ")
             assert (head.split(b"\r\n\r\n", 1)[1] + recv_all(sock)) == b"hello over v6"
@@ -140,7 +136,7 @@ def test_half_close_from_the_client(proxy, raw_origin):
         sock.sendall(b"got:" + recv_all(sock))
 
     server = raw_origin(echo_after_eof)
-    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
     try:
         assert head.startswith(b"HTTP/1.1 200 ")
         sock.sendall(b"ping" * 1000)
@@ -160,7 +156,7 @@ def test_half_close_from_the_origin(proxy, raw_origin):
         received.append(recv_all(sock))
 
     server = raw_origin(speak_then_listen)
-    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
     try:
         body = head.split(b"\r\n\r\n", 1)[1]
         sock.settimeout(10)
@@ -182,7 +178,7 @@ def test_idle_timeout_from_the_first_moment(proxy_factory, raw_origin):
     """A tunnel where nothing ever moves is closed after idle_timeout."""
     proxy = proxy_factory("idle_timeout = 300ms\n")
     server = raw_origin(lambda sock: sock.recv(1))
-    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
     try:
         assert head.startswith(b"HTTP/1.1 200 ")
         sock.settimeout(10)
@@ -193,16 +189,9 @@ def test_idle_timeout_from_the_first_moment(proxy_factory, raw_origin):
 
 
 def test_activity_keeps_a_tunnel_open_past_idle_timeout(proxy_factory, raw_origin):
-    def echo(sock: socket.socket) -> None:
-        while True:
-            piece = sock.recv(100)
-            if not piece:
-                return
-            sock.sendall(piece)
-
     proxy = proxy_factory("idle_timeout = 1s\n")
     server = raw_origin(echo)
-    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
     try:
         assert head.startswith(b"HTTP/1.1 200 ")
         sock.settimeout(10)
@@ -226,7 +215,7 @@ def test_happy_eyeballs_skips_a_silent_address(proxy_factory, origin, blackhole)
 
     # With one attempt at a time, the silent address would use up connect_timeout: 504.
     proxy = proxy_factory("connect_timeout = 20s\n", plugins=[TwoPorts()])
-    sock, head = _open_tunnel(proxy, "dual.test:443")
+    sock, head = open_tunnel(proxy, "dual.test:443")
     sock.close()
     assert head.startswith(b"HTTP/1.1 200 ")
     assert wait_for_records(proxy, 1)[-1].upstream_addr == good
@@ -242,7 +231,7 @@ def test_connect_timeout_answers_504(proxy_factory, blackhole):
 
 def test_tls_through_the_tunnel_with_python_ssl(proxy, tls_origin, ca_file):
     """A Python TLS client inside a raw tunnel: the proxy never touches the TLS bytes."""
-    sock, head = _open_tunnel(proxy, f"origin.test:{tls_origin.port}")
+    sock, head = open_tunnel(proxy, f"origin.test:{tls_origin.port}")
     assert head == b"HTTP/1.1 200 Connection Established\r\n\r\n"
     context = ssl.create_default_context(cafile=ca_file)
     with context.wrap_socket(sock, server_hostname="origin.test") as tls:
@@ -273,7 +262,7 @@ def test_listens_on_several_addresses_ipv4_and_ipv6(proxy_factory, origin):
 def test_a_stop_drains_then_cuts_tunnels_and_records_them(proxy_factory, raw_origin):
     proxy = proxy_factory("graceful_timeout = 300ms\n")
     server = raw_origin(lambda sock: sock.recv(1))
-    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
     try:
         assert head.startswith(b"HTTP/1.1 200 ")
         stopper = gevent.spawn(proxy.server.stop)
@@ -308,7 +297,7 @@ def test_on_tunnel_data_sees_the_first_bytes_and_may_close(proxy_factory, raw_or
 
     proxy = proxy_factory(plugins=[Peek()])
     server = raw_origin(banner_then_echo)
-    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
     try:
         sock.settimeout(10)
         body = head.split(b"\r\n\r\n", 1)[1]
@@ -319,7 +308,7 @@ def test_on_tunnel_data_sees_the_first_bytes_and_may_close(proxy_factory, raw_or
         assert sock.recv(100) == b"GOOD WORDS"
     finally:
         sock.close()
-    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}", extra=b"BAD bytes")
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}", extra=b"BAD bytes")
     try:
         assert head.startswith(b"HTTP/1.1 200 ")
         recv_all(sock)  # closed by the proxy; the origin never got the bytes
@@ -333,16 +322,9 @@ def test_on_tunnel_data_sees_the_first_bytes_and_may_close(proxy_factory, raw_or
 
 
 def test_max_tunnel_lifetime_closes_a_busy_tunnel(proxy_factory, raw_origin):
-    def echo(sock: socket.socket) -> None:
-        while True:
-            piece = sock.recv(100)
-            if not piece:
-                return
-            sock.sendall(piece)
-
     proxy = proxy_factory("max_tunnel_lifetime = 500ms\nidle_timeout = 1m\n")
     server = raw_origin(echo)
-    sock, head = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
     closed = False
     try:
         assert head.startswith(b"HTTP/1.1 200 ")

@@ -32,7 +32,14 @@ from geproxy_plugins.sni import (
 
 from geproxy import DEFAULT_PLUGINS, Config, ConfigError
 from geproxy.plugins import load
-from geproxy.testing import StaticResolver, curl, recv_all, require_tool, wait_for_records
+from geproxy.testing import (
+    StaticResolver,
+    curl,
+    open_tunnel,
+    recv_all,
+    require_tool,
+    wait_for_records,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -345,14 +352,7 @@ def _start(proxy_factory, **options: str):
 
 def _open_tunnel(proxy, target: str, extra: bytes = b"") -> socket.socket:
     """CONNECT through ``proxy``; returns the socket once the 200 came."""
-    sock = proxy.connect()
-    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + extra)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        piece = sock.recv(65536)
-        if not piece:
-            break
-        head += piece
+    sock, head = open_tunnel(proxy, target, extra)
     assert head == b"HTTP/1.1 200 Connection Established\r\n\r\n", head
     return sock
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import signal
-import socket
 
 import gevent
 
-from geproxy.testing import curl, exchange, kit_ini, wait_for_records
+from geproxy.testing import curl, echo, exchange, kit_ini, wait_for_records
 
 ALLOW = "[acl]\nconnect_ports = 1-65535\nrules = allow src 127.0.0.1\n"
 DENY = "[acl]\nconnect_ports = 1-65535\nrules = closed: deny all\n"
@@ -18,18 +17,10 @@ def _rewrite(proxy, text: str) -> None:
         handle.write(kit_ini(text))
 
 
-def _echo(sock: socket.socket) -> None:
-    while True:
-        data = sock.recv(100)
-        if not data:
-            return
-        sock.sendall(data)
-
-
 def test_a_reload_changes_the_acl_and_an_open_tunnel_keeps_working(proxy_factory,
                                                                       raw_origin, origin):
     proxy = proxy_factory(ALLOW)
-    server = raw_origin(_echo)
+    server = raw_origin(echo)
     tunnel = proxy.connect()
     try:
         tunnel.sendall(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\n\r\n".encode())
@@ -63,7 +54,7 @@ def test_the_old_generation_is_released_when_its_last_connection_ends(proxy_fact
     """Its access log file is closed then: the leak check of every test would see it."""
     log = tmp_path / "access.log"
     proxy = proxy_factory(f"access_log = {log}\n" + ALLOW)
-    server = raw_origin(_echo)
+    server = raw_origin(echo)
     tunnel = proxy.connect()
     try:
         tunnel.sendall(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\n\r\n".encode())

@@ -20,9 +20,11 @@ import pytest
 
 from .clients import (
     curl,
+    echo,
     exchange,
     live_greenlets,
     open_fds,
+    open_tunnel,
     recv_all,
     require_tool,
     settle,
@@ -52,6 +54,8 @@ __all__ = [
     "HookRecorder",
     "RecordCollector",
     "curl",
+    "echo",
+    "open_tunnel",
     "exchange",
     "recv_all",
     "pattern",

@@ -6,7 +6,7 @@ import os
 import socket
 import subprocess
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import gevent
 
@@ -33,6 +33,32 @@ def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
         if not piece:
             return data
         data += piece
+
+
+def open_tunnel(proxy: Any, target: str, extra: bytes = b"",
+                timeout: float = 10) -> tuple[socket.socket, bytes]:
+    """Send ``CONNECT target`` (and ``extra`` bytes right after the head) to ``proxy`` (a
+    kit Proxy, or an address); returns the socket and what came back up to the end of the
+    answer's head, or less if the proxy closed first."""
+    address = proxy.address if hasattr(proxy, "address") else proxy
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + extra)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        head += piece
+    return sock, head
+
+
+def echo(sock: socket.socket) -> None:
+    """A RawOrigin handler that echoes every byte until the client's EOF."""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        sock.sendall(data)
 
 
 def exchange(address: tuple[str, int], data: bytes, timeout: float = 10,
