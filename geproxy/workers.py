@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -21,6 +23,9 @@ import gevent
 from .server import ProxyServer, _fmt, _listener, create_server
 
 __all__ = ["Master", "serve", "run"]
+
+#: prometheus_client's multiprocess directory (see the metrics plugin).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +45,19 @@ class Master:
         self.addresses: list[tuple[str, int]] = []
         self._reserved: list[object] = []
         self._signals: list[Any] = []  # the master's handlers, which a worker drops
+        self.metrics_dir = ""
 
     def run(self) -> int:
+        # Counters that every worker adds to, summed on /metrics (prometheus_client's
+        # multiprocess mode, which the metrics plugin turns on when this is set).
+        self.metrics_dir = tempfile.mkdtemp(prefix="geproxy-metrics-")
+        os.environ[MULTIPROC_ENV] = self.metrics_dir
+        try:
+            return self._supervise()
+        finally:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
         for host, port in self.template.config.core["listen"]:
             reserved = _listener(host, port, reuse_port=True, listen=False)
             self._reserved.append(reserved)
@@ -99,6 +115,9 @@ class Master:
             index = self.workers.pop(pid, None)
             if index is None:
                 continue
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.metrics_dir)  # its live gauges go
             if self.stopping:
                 log.info("worker %d (pid %d) stopped", index, pid)
                 continue

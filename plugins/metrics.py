@@ -24,6 +24,7 @@ attributes) and the count of open client connections (no hook tells of a connect
 
 from __future__ import annotations
 
+import os
 from typing import Any, Generator, Optional
 
 from prometheus_client import (
@@ -33,11 +34,16 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
+    values,
 )
 
 from geproxy import Context, Record, Request, Response, hookimpl
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "MULTIPROC_ENV"]
+
+#: prometheus_client's multiprocess directory; set by the master when there are workers.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Method labels kept as they are; any other method counts as OTHER (bounded labels).
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
@@ -58,14 +64,20 @@ class Metrics:
     name = "metrics"
 
     def __init__(self) -> None:
+        # With workers, the master names a directory where every worker's figures are kept
+        # (prometheus_client's multiprocess mode), and any worker can expose their sum.
+        self.shared = bool(os.environ.get(MULTIPROC_ENV))
+        if self.shared:
+            values.ValueClass = values.MultiProcessValue()  # chosen per metric at creation
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.connections = Counter("geproxy_connections", "Client connections accepted.",
                                    registry=registry)
         self.open = Gauge("geproxy_connections_open", "Client connections open.",
-                          registry=registry)
+                          registry=registry, multiprocess_mode="livesum")
         self.in_flight = Gauge("geproxy_requests_in_flight",
-                               "Requests and tunnels being served.", registry=registry)
+                               "Requests and tunnels being served.", registry=registry,
+                               multiprocess_mode="livesum")
         self.requests = Counter("geproxy_requests", "Finished requests and tunnels.",
                                 ["method", "status"], registry=registry)
         self.tunnel_bytes = Counter("geproxy_tunnel_bytes",
@@ -81,8 +93,13 @@ class Metrics:
                                  buckets=BUCKETS, registry=registry)
 
     def exposition(self) -> tuple[bytes, str]:
-        """The registry in the Prometheus text format, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The registry in the Prometheus text format, and its content type: with workers,
+        the sum over every worker's figures."""
+        if not self.shared:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
     @hookimpl
     def on_connect(self, ctx: Context) -> None:

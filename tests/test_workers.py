@@ -70,3 +70,28 @@ def test_two_workers_share_the_port_and_the_master_restarts_one(proxy_process, o
     workers = list(_worker_pids(proxy).values())
     assert proxy.stop() == 0  # SIGTERM to the master: passed on, drained, exit 0
     assert not any(_alive(pid) for pid in workers)
+
+
+def test_metrics_cover_every_worker(proxy_process, origin, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    log = tmp_path / "access.log"
+    proxy = proxy_process(f"workers = 2\nadmin_listen = 127.0.0.1:0\naccess_log = {log}\n"
+                          "log_format = json\n")
+    assert _wait_for(lambda: any("admin listener on" in line for line in proxy.log))
+    admin = next(re.search(r"admin listener on (\S+)", line).group(1)
+                 for line in proxy.log if "admin listener on" in line)
+    assert _wait_for(lambda: sum("listening on" in line for line in proxy.log) == 2)
+    for _ in range(20):  # new connections: both workers serve some
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    out = curl(f"http://{admin}/metrics")
+    assert out.returncode == 0, out.stderr
+    counts = {}
+    for family in text_string_to_metric_families(out.stdout.decode()):
+        for sample in family.samples:
+            if sample.name == "geproxy_requests_total":
+                counts[(sample.labels["method"], sample.labels["status"])] = sample.value
+    assert _wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 20)
+    workers = {json.loads(line)["worker"] for line in log.read_text().splitlines()}
+    assert len(workers) == 2  # both served some of the 20 ...
+    assert counts[("GET", "200")] == 20  # ... and /metrics, served by one, counts them all
