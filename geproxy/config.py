@@ -331,6 +331,12 @@ def core_options(registry: OptionRegistry) -> None:
              minimum=0)
         .add("upstream_idle_timeout", "duration", "60s",
              "An idle pooled upstream connection is closed after this long.", minimum=0.001)
+        .add("local_paths", "list", "/healthz",
+             "Admin pages the proxy port answers too, for origin-form requests: any of "
+             "/healthz /readyz /metrics.")
+        .add("docroot", "path", "",
+             "A directory whose files the proxy port serves to origin-form GET and HEAD "
+             "requests (index.html for a directory); empty for none.")
         .add("admin_listen", "address", "",
              "Address of the admin listener (/healthz, /readyz, /metrics, /tunnels): one "
              "host:port; empty for none. Anyone who reaches it can close tunnels.")

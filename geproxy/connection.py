@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Optional
@@ -23,10 +24,11 @@ from .errors import (
     LoopDetected,
     ProxyError,
 )
-from .local import call_wsgi, local_app
+from .local import call_wsgi
 from .log import ConnLogger
 from .models import Context, Headers, Record, Request, Response, Route
 from .sockets import send_all
+from .static import content_type, find_file
 from .tunnel import relay
 from .upstream import connect, parent_connect
 
@@ -328,9 +330,37 @@ class Connection:
     # -- local answers and tunnels --------------------------------------------------------
 
     def _serve_local(self, request: Request, record: Record) -> bool:
+        docroot = self.settings["docroot"]
+        if docroot and request.method in ("GET", "HEAD") and not forward.request_has_body(
+                request) and request.path.partition("?")[0] not in self.settings["local_paths"]:
+            found = find_file(docroot, request.path)
+            if found is not None:
+                return self._serve_file(request, record, found)
         body = forward.read_small_body(self, request, limit=64 * 1024)
-        response = call_wsgi(local_app, self.ctx, request, body)
+        response = call_wsgi(self.server.local_app, self.ctx, request, body)
         return self.answer(response, record, request)
+
+    def _serve_file(self, request: Request, record: Record, filename: str) -> bool:
+        """A file of ``docroot``, streamed: one buffer at a time, whatever its size."""
+        try:
+            handle = open(filename, "rb")
+        except OSError:
+            return self.answer(Response(404, body=b"not found\n"), record, request)
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            headers = [("Content-Type", content_type(filename)),
+                       ("Content-Length", str(size))]
+            keep = forward.client_keeps_alive(request) and not self.server.stopping
+            headers.append(("Connection", "keep-alive" if keep else "close"))
+            record.status = 200
+            self.send(http11.serialize_head("HTTP/1.1 200 OK", headers), record)
+            if request.method == "GET":
+                while True:
+                    piece = handle.read(RECV_SIZE)
+                    if not piece:
+                        break
+                    self.send(piece, record)
+        return keep
 
     def _tunnel(self, request: Request, record: Record) -> None:
         routes = self.hooks.route(self.ctx, request)

@@ -22,19 +22,21 @@ __all__ = ["local_app", "admin_app", "AdminTarget", "call_wsgi"]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-def local_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """``/healthz`` answers 200 while the process serves; anything else is 404."""
-    path = environ.get("PATH_INFO", "")
-    method = environ.get("REQUEST_METHOD", "GET")
-    if path == "/healthz":
-        if method not in ("GET", "HEAD"):
-            start_response("405 Method Not Allowed",
-                           [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
-            return [b"method not allowed\n"]
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Cache-Control", "no-store")])
-        return [b"ok\n"]
-    start_response("404 Not Found", [("Content-Type", "text/plain")])
-    return [b"not found\n"]
+#: The admin paths the proxy port may also serve (``local_paths``); never /tunnels.
+PROXY_PORT_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def local_app(target: "AdminTarget", paths: Iterable[str] = ("/healthz",)) -> WSGIApp:
+    """The proxy port's app: the admin paths in ``paths`` (``local_paths``), 404 else."""
+    admin = admin_app(target)
+    exposed = frozenset(paths)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") in exposed:
+            return admin(environ, start_response)
+        return _text(start_response, "404 Not Found", b"not found\n")
+
+    return app
 
 
 class AdminTarget(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import time
 from typing import Any, Optional, Sequence
@@ -16,7 +17,7 @@ from gevent.server import StreamServer
 from .config import Config
 from .connection import Connection
 from .errors import ConfigError, ProxyError, TooManyConnections, proxy_name
-from .local import admin_app
+from .local import PROXY_PORT_PATHS, admin_app, local_app
 from .models import Context, Record, Request
 from .plugins import Hooks, load, plugin_names
 from .upstream import UpstreamPool
@@ -45,6 +46,16 @@ class ProxyServer:
         self._objects, self._entry_points = tuple(objects), entry_points
         core = config.core
         self.pool = UpstreamPool(core["upstream_keepalive"], core["upstream_idle_timeout"])
+        for path in core["local_paths"]:
+            if path not in PROXY_PORT_PATHS:
+                raise ConfigError(f"not a page the proxy port can serve: {path!r} (use "
+                                  f"{' '.join(PROXY_PORT_PATHS)})", path=config.path,
+                                  section="geproxy", key="local_paths")
+        if core["docroot"] and not os.path.isdir(core["docroot"]):
+            raise ConfigError("not a directory", path=config.path, section="geproxy",
+                              key="docroot")
+        #: The proxy port's answers to requests for the proxy itself.
+        self.local_app = local_app(self, core["local_paths"])
         self.connections = gevent.pool.Group()
         #: Greenlets of connections waiting for a request: safe to end at once on stop.
         self.idle: set[gevent.Greenlet] = set()
