@@ -47,6 +47,9 @@ __all__ = ["DNSCache"]
 
 log = logging.getLogger(__name__)
 
+#: The ctx.stash key of the last lookup's outcome (hits, misses, stale), for metrics.
+STASH = "dnscache"
+
 #: The TTL given to a stale answer (RFC 8767 section 4 recommends 30 seconds).
 STALE_ANSWER_TTL = 30.0
 #: DNSError rcodes that are the name's own answer: the name or its addresses do not exist.
@@ -215,26 +218,29 @@ class DNSCache:
         for _ in range(_JOIN_ROUNDS):
             entry = self._cache.get(host)
             if entry is not None and self.clock() < entry.fresh_until:
-                self.hits += 1
+                self._count(ctx, "hits")
                 return self._answer(host, port, entry)
             flight = self._flights.get(host)
             # A flight whose greenlet is gone unlanded (only if this impl was called outside
             # the hook, without the wrapper) is taken over rather than waited for.
             if flight is None or flight.owner.dead:
                 self._flights[host] = _Flight()
-                self.misses += 1
+                self._count(ctx, "misses")
                 return None
             if flight.owner is current:  # a lookup nested in our own: do not wait for it
                 break
             flight.done.wait()
             if flight.outcome is not None:
-                if flight.outcome.stale:
-                    self.stale += 1
-                else:
-                    self.hits += 1
+                self._count(ctx, "stale" if flight.outcome.stale else "hits")
                 return flight.outcome.answer(port)
-        self.misses += 1
+        self._count(ctx, "misses")
         return None
+
+    def _count(self, ctx: Context, outcome: str) -> None:
+        """Count a lookup's outcome, and leave it in ``ctx.stash["dnscache"]`` for the
+        ``metrics`` plugin (``hits``, ``misses`` or ``stale``)."""
+        setattr(self, outcome, getattr(self, outcome) + 1)
+        ctx.stash[STASH] = outcome
 
     @hookimpl(wrapper=True, trylast=True, specname="resolve")
     def remember(self, ctx: Context, host: str, port: int) -> Any:
@@ -307,7 +313,7 @@ class DNSCache:
         if not answered:
             entry = self._cache.get(host)
             if entry is not None and entry.addresses:
-                self.stale += 1
+                self._count(ctx, "stale")
                 log.warning("[%s] serving stale answer for %s: %s, expired %.0fs ago",
                             ctx.conn_id, host, _reason(host, exc),
                             self.clock() - entry.fresh_until)

@@ -54,6 +54,9 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 #: The key of this plugin's mark in ``ctx.stash``: a request counted in flight.
 #: (a leading "_": a private mark, which ``geproxy explain`` does not print)
 STASH = "_metrics"
+#: Where the dnscache plugin leaves the outcome of a request's lookup.
+DNS_CACHE = "dnscache"
+DNS_RESULTS = {"hits": "hit", "misses": "miss", "stale": "stale"}
 #: The key of the mark of a connection counted open.
 OPEN = "_metrics.open"
 
@@ -87,6 +90,11 @@ class Metrics:
                               "error.", ["error"], registry=registry)
         self.denials = Counter("geproxy_acl_denials", "Requests or connections denied by a "
                                "policy rule.", ["rule"], registry=registry)
+        self.dns_cache = Counter("geproxy_dns_cache", "Lookups answered by the dnscache "
+                                 "plugin, by outcome.", ["result"], registry=registry)
+        self.workers = Gauge("geproxy_workers_alive", "Processes serving (1 without workers).",
+                             registry=registry, multiprocess_mode="livesum")
+        self.workers.set(1)
         self.resolve = Histogram("geproxy_resolve_seconds", "Time to resolve an upstream "
                                  "name.", buckets=BUCKETS, registry=registry)
         self.connect = Histogram("geproxy_connect_seconds", "Time to connect to an upstream.",
@@ -126,6 +134,9 @@ class Metrics:
             self.in_flight.dec()
         method = record.method if record.method in METHODS else "OTHER"
         self.requests.labels(method, str(record.status)).inc()
+        lookup = ctx.stash.pop(DNS_CACHE, None)  # the dnscache plugin's outcome, if it ran
+        if lookup in DNS_RESULTS:
+            self.dns_cache.labels(DNS_RESULTS[lookup]).inc()
         if record.method == "CONNECT":
             self.tunnel_bytes.labels("up").inc(record.bytes_in)
             self.tunnel_bytes.labels("down").inc(record.bytes_out)

@@ -125,3 +125,22 @@ def test_open_connections_go_up_and_down(proxy_factory, origin):
             break
         gevent.sleep(0.01)
     assert _samples(proxy)[("geproxy_connections_open", ())] == 0
+
+
+def test_dns_cache_outcomes_and_workers_alive(proxy_factory, origin):
+    proxy = proxy_factory(ADMIN, resolver=StaticResolver(fallthrough=True))
+    from geproxy import Resolved, hookimpl
+
+    class Names:  # a resolver behind the cache, for one name
+        @hookimpl
+        def resolve(self, ctx, host, port):
+            return Resolved([("127.0.0.1", port)], ttl=60) if host == "cached.test" else None
+
+    proxy.server.pm.register(Names())
+    for _ in range(3):  # tunnels: each one resolves (plain requests would reuse the pool)
+        out = curl("-p", "-x", proxy.url, origin.url("/", host="cached.test"))
+        assert out.stdout == b"hello\n", out.stderr
+    samples = _samples(proxy)
+    assert samples[("geproxy_dns_cache_total", (("result", "miss"),))] == 1
+    assert samples[("geproxy_dns_cache_total", (("result", "hit"),))] == 2
+    assert samples[("geproxy_workers_alive", ())] == 1
