@@ -8,6 +8,7 @@ built fresh for one server (or one reload): nothing is registered at import time
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -173,10 +174,11 @@ class Hooks:
             raise DNSError(f"no address for {host}")
         return addresses if isinstance(addresses, Resolved) else Resolved(addresses)
 
-    @property
+    @functools.cached_property
     def inspects_tunnels(self) -> bool:
         """Whether any plugin wants tunnel data; one configured off sets its
-        ``inspects_tunnels`` attribute to False, and tunnels then pay nothing for it."""
+        ``inspects_tunnels`` attribute to False, and tunnels then pay nothing for it. Asked
+        once per plugin manager: plugins decide in ``configure``, before any connection."""
         return any(getattr(impl.plugin, "inspects_tunnels", True)
                    for impl in self._hook.on_tunnel_data.get_hookimpls())
 

@@ -305,7 +305,8 @@ class ACL:
                  "Ports CONNECT may reach, single ports or ranges (1-65535 for all); a CONNECT "
                  "to any other port is denied whatever the rules say.")
             .add("mode", "str", "enforce",
-                 "enforce denies; report only logs 'would deny' and lets the request through.")
+                 "enforce denies; report only logs 'would deny' and lets the request through.",
+                 choices=MODES)
             .add("rules", "lines", DEFAULT_RULES,
                  "Ordered rules, one per line, first match wins: [id:] allow|deny all, or "
                  "allow|deny with src, dst, port, method, user conditions; no match denies.")
@@ -322,10 +323,7 @@ class ACL:
         except ValueError as exc:
             raise ConfigError(str(exc), path=config.path, section=SECTION,
                               key="connect_ports") from None
-        mode = section["mode"].lower()
-        if mode not in MODES:
-            raise ConfigError(f"not a mode: {section['mode']!r} (use enforce or report)",
-                              path=config.path, section=SECTION, key="mode")
+        mode = section["mode"]
         try:
             rules = parse_rules(section["rules"])
         except ValueError as exc:

@@ -378,12 +378,15 @@ def test_every_kit_fixture_and_helper_is_documented() -> None:
 
 
 def test_python_blocks_in_the_docs_compile() -> None:
+    compiled = 0
     for doc in sorted(DOCS.glob("*.md")):
         text = doc.read_text(encoding="utf-8")
         blocks = re.findall(r"^( *)```python\n(.*?)^\1```$", text, re.DOTALL | re.MULTILINE)
         for number, (indent, block) in enumerate(blocks):
             code = textwrap.dedent(block) if indent else block
             compile(code, f"{doc.name}, python block {number + 1}", "exec")
+            compiled += 1
+    assert compiled >= 10, compiled  # the examples were found, not skipped
 
 
 # -- (d) links ---------------------------------------------------------------------------

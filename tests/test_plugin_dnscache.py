@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import ipaddress
 import logging
 
 import dns.exception
@@ -18,6 +17,7 @@ import pytest
 from geproxy_plugins.dnscache import DNSCache
 
 from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Resolved, errors, hookimpl
+from geproxy.hosts import literal_address
 from geproxy.plugins import load
 from geproxy.testing import curl
 
@@ -41,12 +41,7 @@ class DNSPythonResolver:
 
     @hookimpl
     def resolve(self, ctx, host, port):
-        try:
-            ipaddress.ip_address(host)
-            return None
-        except ValueError:
-            pass
-        if host == "localhost":
+        if host == "localhost" or literal_address(host, port) is not None:
             return None
         where, server_port = self.server.address
         query = dns.message.make_query(host, "A")

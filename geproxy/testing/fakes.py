@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Optional, Sequence
 
 from .. import errors, hookimpl
+from ..hosts import literal_address
 from ..models import Context, Record, Request, Response
 
 
@@ -31,12 +31,7 @@ class StaticResolver:
 
     @hookimpl(tryfirst=True)
     def resolve(self, ctx: Context, host: str, port: int) -> Optional[list[tuple[Any, ...]]]:
-        try:
-            ipaddress.ip_address(host)
-            return None
-        except ValueError:
-            pass
-        if host == "localhost":
+        if host == "localhost" or literal_address(host, port) is not None:
             return None
         self.queries[host] = self.queries.get(host, 0) + 1
         if host not in self.names and self.fallthrough:
