@@ -82,21 +82,29 @@ def _wants_upgrade(request: Request) -> bool:
     return "upgrade" in request.headers and "upgrade" in _connection_tokens(request.headers)
 
 
+#: Fields the proxy writes itself on the way upstream, whatever the client sent.
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding"})
+
+
 def _upstream_head(conn: "Connection", request: Request, route: Optional[Route],
-                   chunked: bool) -> bytes:
+                   body: http11.BodyReader) -> bytes:
     authority = request.authority
     if request.port == 80:
         authority = authority[: -len(":80")]
     headers = [("Host", authority)]
-    headers.extend((k, v) for k, v in _end_to_end(request.headers) if k.lower() != "host")
+    headers.extend((k, v) for k, v in _end_to_end(request.headers) if k.lower() not in _FRAMING)
     if request.method in ("OPTIONS", "TRACE") and "max-forwards" in request.headers:
         headers = [(k, v) for k, v in headers if k.lower() != "max-forwards"]
         headers.append(("Max-Forwards", str(_max_forwards(request) - 1)))
     if _wants_upgrade(request):
         headers.append(("Connection", "Upgrade"))
         headers.append(("Upgrade", request.headers.get("upgrade") or ""))
-    if chunked:
+    # The framing is the body reader's, never the client's field list: a client naming
+    # Content-Length in Connection must not get its body read upstream as a next request.
+    if isinstance(body, http11.ChunkedReader):
         headers.append(("Transfer-Encoding", "chunked"))
+    elif isinstance(body, http11.LengthReader):
+        headers.append(("Content-Length", str(body.remaining)))
     headers = _forwarded_for(headers, conn.settings["forwarded_for"], conn.ctx.client_ip)
     via = conn.gen.via
     if via:
@@ -238,7 +246,7 @@ def _exchange(conn: "Connection", request: Request, record: Record, upstream: _U
     reusable = False
     try:
         chunked = isinstance(body, http11.ChunkedReader)
-        head = _upstream_head(conn, request, route, chunked)
+        head = _upstream_head(conn, request, route, body)
         record.upstream_addr = upstream.address[:2]
         try:
             upstream.send(head)

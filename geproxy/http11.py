@@ -87,7 +87,9 @@ class _Callbacks:
             raise _HeadDone()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # A field value has no leading or trailing whitespace (RFC 9110 5.5); llhttp
+        # drops the leading but keeps the trailing.
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1").strip(" \t")))
 
     def on_headers_complete(self) -> None:
         self.done = True

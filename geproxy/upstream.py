@@ -194,6 +194,10 @@ class UpstreamPool:
                 if not entries:
                     del self._idle[key]
 
+    def idle(self) -> list[tuple[Any, socket.socket]]:
+        """The pooled connections, as (key, socket): for audits and tests, never for use."""
+        return [(key, sock) for key, entries in self._idle.items() for _, sock, _ in entries]
+
     def clear(self) -> None:
         for entries in self._idle.values():
             for _, sock, _ in entries:

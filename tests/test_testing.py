@@ -6,7 +6,7 @@ import socket
 
 import gevent
 
-from geproxy.testing import live_greenlets, open_fds, pattern, settle
+from geproxy.testing import curl, live_greenlets, open_fds, pattern, settle
 
 
 def test_the_leak_counters_see_sockets_and_greenlets():
@@ -57,3 +57,19 @@ def test_the_fake_clock(fake_clock):
     start = fake_clock()
     fake_clock.advance(90)
     assert fake_clock() == start + 90
+
+
+def test_the_pool_audit_sees_an_unsound_pool(proxy, origin):
+    out = curl("-x", proxy.url, origin.url("/"))
+    assert out.returncode == 0
+    assert proxy.pool_problems() == []  # one healthy keep-alive connection to the origin
+    pool = proxy.server.pool
+    (key, sock), = pool.idle()
+    pool.put(key, sock, ("127.0.0.1", origin.port))  # the same one again
+    assert proxy.pool_problems() == ["a connection is pooled twice"]
+    pool.per_key = 1  # as if put() had let a second one past upstream_keepalive
+    assert f"{key}: 2 pooled, over upstream_keepalive" in proxy.pool_problems()
+    sock.close()
+    assert f"{key}: a closed connection is pooled" in proxy.pool_problems()
+    proxy.server.pool.clear()  # leave a sound pool to the teardown's own audit
+    assert proxy.pool_problems() == []

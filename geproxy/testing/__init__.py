@@ -95,7 +95,9 @@ def _require_patched() -> None:
 
 @pytest.fixture
 def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
-    """``proxy_factory(ini="", plugins=())`` starts a proxy; all are stopped at teardown."""
+    """``proxy_factory(ini="", plugins=())`` starts a proxy; all are stopped at teardown,
+    which fails the test if an upstream pool is unsound (``Proxy.pool_problems``) or still
+    holds a connection after the stop."""
     _require_patched()
     started: list[Proxy] = []
 
@@ -106,8 +108,12 @@ def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         return proxy
 
     yield factory
+    problems = [problem for proxy in started for problem in proxy.pool_problems()]
     for proxy in started:
         proxy.server.stop(timeout=2)
+        if len(proxy.server.pool):
+            problems.append(f"{len(proxy.server.pool)} connections pooled after the stop")
+    assert not problems, "upstream pool: " + "; ".join(problems)
 
 
 @pytest.fixture

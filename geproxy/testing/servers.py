@@ -54,6 +54,23 @@ class Proxy:
         sock = socket.create_connection(self.address, timeout=10)
         return sock
 
+    def pool_problems(self) -> list[str]:
+        """What is wrong with the upstream pool: counts that disagree, a connection pooled
+        twice or already closed, a key over its bound. Empty when the pool is sound."""
+        pool = self.server.pool
+        idle = pool.idle()
+        problems = []
+        if len(idle) != len(pool):
+            problems.append(f"the pool counts {len(pool)} but holds {len(idle)}")
+        if len({id(sock) for _, sock in idle}) != len(idle):
+            problems.append("a connection is pooled twice")
+        problems += [f"{key}: a closed connection is pooled" for key, sock in idle
+                     if sock.fileno() == -1]
+        keys = [key for key, _ in idle]
+        problems += [f"{key}: {keys.count(key)} pooled, over upstream_keepalive"
+                     for key in set(keys) if keys.count(key) > pool.per_key]
+        return problems
+
 
 #: Sections a test proxy gets unless its ini has them: the loopback origins of the tests
 #: listen on any port, and the built-in policy would refuse tunnels to most of them.
