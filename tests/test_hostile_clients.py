@@ -17,7 +17,7 @@ import gevent
 import gevent.event
 import pytest
 
-from geproxy.testing import curl, wait_for_records
+from geproxy.testing import curl, echo, open_tunnel, wait_for_records
 
 # -- a recording origin ---------------------------------------------------------------------
 
@@ -488,6 +488,44 @@ def test_hostile_request(proxy, recorder, name):
         while len(recorder.received) < len(expected):
             gevent.sleep(0.01)
     assert recorder.received == expected
+    still_serves(proxy, recorder)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        piece = sock.recv(size - len(data))
+        assert piece, f"the tunnel closed after {data!r}"
+        data += piece
+    return data
+
+
+def test_every_case_at_once_leaves_an_open_tunnel_alone(proxy, recorder, raw_origin):
+    """All the hostile requests on their own connections at the same time, while a tunnel
+    is open: each gets its own answer, and the tunnel never notices."""
+    echoer = raw_origin(echo)
+    tunnel, head = open_tunnel(proxy, f"127.0.0.1:{echoer.port}")
+    authority = b"127.0.0.1:%d" % recorder.port
+
+    def one(name: str) -> list[int]:
+        case = CASES[name]
+        data = case.send.replace(b"{o}", authority).replace(
+            b"{p}", b"127.0.0.1:%d" % proxy.port)
+        talk = converse(proxy.address, data, len(case.statuses), close_expected=case.closed)
+        return [a.status for a in talk.answers]
+
+    try:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        tunnel.sendall(b"before")
+        assert _read_exactly(tunnel, 6) == b"before"
+        crowd = {name: gevent.spawn(one, name) for name in CASES}
+        gevent.joinall(list(crowd.values()), timeout=60)
+        for name, greenlet in crowd.items():
+            assert greenlet.get(block=False) == list(CASES[name].statuses), name
+        tunnel.sendall(b"after")
+        assert _read_exactly(tunnel, 5) == b"after"
+    finally:
+        tunnel.close()
     still_serves(proxy, recorder)
 
 
