@@ -221,10 +221,9 @@ def forward(conn: "Connection", request: Request, record: Record) -> bool:
             return _answer_max_forwards(conn, request, record)
     routes = conn.hooks.route(conn.ctx, request)
     pool = conn.server.pool
-    retryable = not request_has_body(request)
     for route in routes:  # a pooled connection by any of the routes, in their order
         key = (route, request.host, request.port)
-        pooled = pool.get(key, retryable=retryable)
+        pooled = pool.get(key)
         if pooled is not None:
             try:
                 return _exchange(conn, request, record, _Upstream(*pooled, reused=True),

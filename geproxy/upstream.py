@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 
 #: RFC 8305's recommended "Connection Attempt Delay".
 HAPPY_EYEBALLS_DELAY = 0.25
-#: A pooled connection idle for less than this is reused unchecked by retryable requests.
-FRESH = 1.0
 
 _UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.ENETDOWN}
 
@@ -153,20 +151,19 @@ class UpstreamPool:
     def __len__(self) -> int:
         return self._total
 
-    def get(self, key: Any, retryable: bool = False
-            ) -> Optional[tuple[socket.socket, tuple[Any, ...]]]:
+    def get(self, key: Any) -> Optional[tuple[socket.socket, tuple[Any, ...]]]:
         """The most recently used idle connection for ``key`` and its peer address.
 
-        One that went idle in the last second is handed out unchecked when the caller can
-        retry on a new connection (a request without a body); any other is checked first.
+        Every one is checked, however briefly it was idle: bytes that came after a response
+        ended (past its Content-Length, a body on a HEAD answer or a 204) would otherwise be
+        read as the answer to the next request, whichever client sent it.
         """
         entries = self._idle.get(key)
         now = time.monotonic()
         while entries:
             expires, sock, address = entries.pop()
             self._total -= 1
-            fresh = retryable and expires - self.idle_timeout > now - FRESH
-            if expires > now and (fresh or still_idle(sock)):
+            if expires > now and still_idle(sock):
                 return sock, address
             sock.close()
         return None
