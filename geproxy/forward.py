@@ -9,9 +9,8 @@ server's pool only after a response whose framing ended cleanly.
 from __future__ import annotations
 
 import socket
+import time
 from typing import TYPE_CHECKING, Optional
-
-import gevent
 
 from . import http11
 from .errors import (
@@ -174,6 +173,8 @@ class _Upstream:
         self.heard = False
         #: The origin answered Expect with a final status: the request body was never sent.
         self.body_skipped = False
+        #: The head being read, kept when a wait ends in its middle (the wait for 100).
+        self.parser: Optional[http11.ResponseHeadParser] = None
 
     def recv(self) -> bytes:
         if self.buf:
@@ -197,16 +198,31 @@ class _Upstream:
         except OSError as exc:
             raise ConnectionTerminated(f"upstream: {exc}") from None
 
-    def read_head(self, method: str, max_size: int) -> Response:
-        parser = http11.ResponseHeadParser(max_size)
-        while True:
-            data = self.recv()
-            if not data:
-                raise ConnectionTerminated("upstream closed before a complete response head")
-            response = parser.feed(data)
-            if response is not None:
-                self.buf = parser.rest
-                return response
+    def read_head(self, max_size: int, deadline: float) -> Response:
+        """The next response head, whole by ``deadline`` (time.monotonic()) or
+        UpstreamTimeout: the head is bounded, not each read, so a trickled one ends too.
+        What came of a head cut by the deadline is kept for the next call."""
+        if self.parser is None:
+            self.parser = http11.ResponseHeadParser(max_size)
+        idle = self.sock.gettimeout()
+        try:
+            while True:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                data = self.recv()
+                if not data:
+                    raise ConnectionTerminated("upstream closed before a complete response head")
+                response = self.parser.feed(data)
+                if response is not None:
+                    self.buf, self.parser = self.parser.rest, None
+                    return response
+        except UpstreamTimeout:
+            raise UpstreamTimeout("no complete response head within idle_timeout") from None
+        except ConnectionTerminated as exc:
+            if self.heard:  # RFC 9209: part of a response came, so it is incomplete
+                raise UpstreamError(f"response head cut: {exc.detail}") from None
+            raise
+        finally:
+            self.sock.settimeout(idle)
 
 
 class _Stale(Exception):
@@ -307,9 +323,9 @@ def _await_continue(conn: "Connection", request: Request, record: Record,
     """Wait briefly for the origin's answer to Expect: relay a 100, or return a final
     answer; None after the wait (the origin ignores Expect) or after a 100."""
     try:
-        with gevent.Timeout(EXPECT_WAIT, _Waited):
-            response = upstream.read_head(request.method, conn.settings["max_header_size"])
-    except _Waited:
+        response = upstream.read_head(conn.settings["max_header_size"],
+                                      time.monotonic() + EXPECT_WAIT)
+    except UpstreamTimeout:
         return None
     if response.status == 100:
         if request.version == "HTTP/1.1":
@@ -322,10 +338,6 @@ def _await_continue(conn: "Connection", request: Request, record: Record,
     return response
 
 
-class _Waited(Exception):
-    pass
-
-
 def _head_bytes_again(response: Response) -> bytes:
     reason = response.reason or http11.reason_phrase(response.status)
     return http11.serialize_head(f"{response.version} {response.status} {reason}",
@@ -334,9 +346,11 @@ def _head_bytes_again(response: Response) -> bytes:
 
 def _read_final(conn: "Connection", request: Request, record: Record,
                 upstream: _Upstream) -> Response:
-    """Read response heads, relaying interim 1xx answers, until a final one (or a 101)."""
+    """Read response heads, relaying interim 1xx answers, until a final one (or a 101);
+    all of them within idle_timeout, so that interim answers cannot hold the client."""
+    deadline = time.monotonic() + conn.settings["idle_timeout"]
     while True:
-        response = upstream.read_head(request.method, conn.settings["max_header_size"])
+        response = upstream.read_head(conn.settings["max_header_size"], deadline)
         if response.status >= 200 or response.status == 101:
             if response.status == 101 and not _wants_upgrade(request):
                 raise UpstreamError("101 without an Upgrade request")

@@ -51,18 +51,6 @@ REASONS = {502: "Bad Gateway", 504: "Gateway Timeout"}
 
 #: Cases that fail today, by test id: each is a bug, fixed by the commit that removes it.
 BUGS = {
-    "test_nothing_sent_yet_is_a_clean_error_and_closes[closed mid-head]":
-        "RFC 9209: part of a response came, so http_response_incomplete, not connection_terminated",
-    "test_nothing_sent_yet_is_a_clean_error_and_closes[reset mid-head]":
-        "RFC 9209: part of a response came, so http_response_incomplete, not connection_terminated",
-    "test_nothing_sent_yet_is_a_clean_error_and_closes[a head trickled byte by byte]":
-        "idle_timeout bounds each read only: a trickled head holds the client for hours",
-    "test_interim_answers_that_never_end_well[endless storm]":
-        "each interim answer restarts the wait: an endless storm holds the client forever",
-    "test_a_final_head_split_across_the_expect_wait[1s]":
-        "the bytes read before the 100-continue wait expired are lost: 502",
-    "test_a_final_head_split_across_the_expect_wait[300ms]":
-        "an idle_timeout under the 1 s 100-continue wait turns the wait into a 504",
     "test_a_failing_parent[alone-accepts then closes-GET]":
         "a parent that closes before answering a plain request is not marked down",
     "test_a_failing_parent[then a good one-accepts then closes-GET]":
