@@ -6,8 +6,10 @@ and nsswitch apply and the TTL is unknown. A list of addresses (``10.0.0.53
 [2001:db8::53]:5353``) sends A and AAAA questions to those servers with dnspython over gevent
 sockets: the two questions go out at once, each tries the servers in order (a silent server
 gets its share of the time left, SERVFAIL or REFUSED moves on, NXDOMAIN is final), a truncated
-UDP answer is asked again over TCP, and CNAME chains are followed inside the answer. The TTL
-of the result is the smallest TTL of the records used.
+UDP answer is asked again over TCP, and CNAME chains are followed inside the answer. A
+datagram that is not the answer (another id or question, not a response, garbage: spoofed,
+stale or broken) is ignored and the wait goes on (RFC 5452 section 9.1). The TTL of the
+result is the smallest TTL of the records used.
 
 IP literals are answered without a lookup. The hook is an ordinary ``resolve``
 implementation: it answers before the built-in ``system_resolver`` (``trylast``), and a cache
@@ -234,9 +236,11 @@ def _udp(query: dns.message.Message, ip: str, port: int, timeout: float) -> dns.
     with gevent.socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
         # Connected, so that a closed port (ICMP port unreachable) ends the wait at once.
+        # ignore_errors: a datagram that does not answer the query must not end the lookup
+        # (ignore_unexpected only drops other sources, which the connect already does).
         sock.connect((ip, port))
         return dns.query.udp(query, ip, timeout=timeout, port=port, ignore_unexpected=True,
-                             sock=sock)
+                             ignore_errors=True, sock=sock)
 
 
 def _combine(host: str, port: int, outcomes: list[_Outcome], timeout: float) -> Resolved:
