@@ -226,7 +226,13 @@ class _Upstream:
 
 
 class _Stale(Exception):
-    """A reused upstream connection failed before answering: retry on a new one."""
+    """The upstream closed before a byte of an answer to a request that may go again (it
+    has no body): a reused connection (retry on a new one), or a new one to a parent (a
+    parent that closes is as broken as one that refuses: the next route)."""
+
+    def __init__(self, error: ConnectionTerminated) -> None:
+        super().__init__(error.detail)
+        self.error = error
 
 
 def forward(conn: "Connection", request: Request, record: Record) -> bool:
@@ -247,10 +253,19 @@ def forward(conn: "Connection", request: Request, record: Record) -> bool:
             except _Stale:
                 conn.log.debug("pooled upstream connection was stale; opening a new one")
             break
-    sock, address, _, route = conn.open_upstream(request, record, routes)
-    upstream = _Upstream(sock, address, reused=False)
-    return _exchange(conn, request, record, upstream, body, route,
-                     (route, request.host, request.port))
+    while True:
+        sock, address, _, route = conn.open_upstream(request, record, routes)
+        upstream = _Upstream(sock, address, reused=False)
+        try:
+            return _exchange(conn, request, record, upstream, body, route,
+                             (route, request.host, request.port))
+        except _Stale as stale:
+            assert route is not None  # only a parent's new connection is retried
+            conn.log.info("parent %s:%d failed: %s", route.host, route.port, stale)
+            conn.hooks.route_failed(conn.ctx, request, route, stale.error)
+            routes = routes[routes.index(route) + 1:]
+            if not routes:
+                raise stale.error from None
 
 
 def _exchange(conn: "Connection", request: Request, record: Record, upstream: _Upstream,
@@ -269,9 +284,10 @@ def _exchange(conn: "Connection", request: Request, record: Record, upstream: _U
                 response = _read_final(conn, request, record, upstream)
             else:
                 response = _send_body(conn, request, record, upstream, body, chunked)
-        except ConnectionTerminated:
-            if upstream.reused and not upstream.heard and not request_has_body(request):
-                raise _Stale() from None
+        except ConnectionTerminated as exc:
+            if (upstream.reused or route is not None) and not upstream.heard and (
+                    not request_has_body(request)):
+                raise _Stale(exc) from None
             raise
         if route is not None and response.status == 407:
             # The parent wants credentials we do not have: the client's own 407 would

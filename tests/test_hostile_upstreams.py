@@ -49,22 +49,6 @@ OUTLAST = 3
 REASONS = {502: "Bad Gateway", 504: "Gateway Timeout"}
 
 
-#: Cases that fail today, by test id: each is a bug, fixed by the commit that removes it.
-BUGS = {
-    "test_a_failing_parent[alone-accepts then closes-GET]":
-        "a parent that closes before answering a plain request is not marked down",
-    "test_a_failing_parent[then a good one-accepts then closes-GET]":
-        "a parent that closes before answering a plain request gets no failover",
-}
-
-
-@pytest.fixture(autouse=True)
-def _known_bugs(request: pytest.FixtureRequest) -> None:
-    reason = BUGS.get(request.node.name)
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 # -- scripted upstreams ---------------------------------------------------------------------
 
 #: Script steps: bytes are sent; an Event is waited for (bounded); a callable gets the socket.
@@ -865,3 +849,19 @@ def test_a_failing_parent(raw_origin, proxy_factory, origin, client, refusing, p
         assert origin.seen == []
     plugin = child.server.pm.get_plugin("parent")
     assert [route.port for route in plugin.down] == ([bad] if failover else [])
+
+
+def test_a_request_with_a_body_does_not_go_to_the_next_parent(raw_origin, proxy_factory,
+                                                               origin, client):
+    """Its body was read from the client and sent to the first parent: it cannot go again."""
+    closing = Scripted(raw_origin, FIN)
+    good = proxy_factory(INI + "via = parent\n")
+    child = proxy_factory(INI + f"[parents]\nparents = http://127.0.0.1:{closing.port} "
+                          f"http://127.0.0.1:{good.port}\n")
+    first = client(child)
+    first.send(_get(origin.port, "/sha256", "POST", fields="Content-Length: 5\r\n") + b"hello")
+    answer = first.answer()
+    _is_error(answer, 502, "connection_terminated")
+    assert answer.field("connection") == "close" and first.closed()
+    assert origin.seen == []
+    _poll(lambda: closing.closed_by_proxy == {1}, "the proxy closes the parent connection")
