@@ -4,8 +4,8 @@ Origin-form requests (``GET /healthz``), and absolute-form ones whose target is 
 proxy's own listen addresses, are never forwarded: they are answered here.
 
 The admin listener (``admin_listen``) serves a second, separate app through gevent.pywsgi:
-``/healthz``, ``/readyz``, ``/metrics``, ``/tunnels`` and ``POST /tunnels/ID/close``. Those
-are for operators only, so the proxy port never serves them.
+``/healthz``, ``/readyz``, ``/metrics``, ``/tunnels``, ``POST /tunnels/ID/close`` and
+``/debug/stats``. Those are for operators only, so the proxy port never serves them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ __all__ = ["local_app", "admin_app", "AdminTarget", "call_wsgi"]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-#: The admin paths the proxy port may also serve (``local_paths``); never /tunnels.
+#: The admin paths the proxy port may also serve (``local_paths``); never /tunnels nor
+#: /debug/stats, which tell what is in flight and what the process holds.
 PROXY_PORT_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
@@ -53,6 +54,9 @@ class AdminTarget(Protocol):
     def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
         """The metrics text and its content type; None without the metrics plugin."""
 
+    def stats(self) -> dict[str, Any]:
+        """The process's descriptors, RSS, greenlets, connections and pool, JSON-ready."""
+
 
 _TEXT = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
 
@@ -77,7 +81,7 @@ def admin_app(target: AdminTarget) -> WSGIApp:
             if not target.close_connection(parts[1]):
                 return _text(start_response, "404 Not Found", b"no such connection\n")
             return _text(start_response, "200 OK", b"closed\n")
-        if path not in ("/healthz", "/readyz", "/metrics", "/tunnels"):
+        if path not in ("/healthz", "/readyz", "/metrics", "/tunnels", "/debug/stats"):
             return _text(start_response, "404 Not Found", b"not found\n")
         if method not in ("GET", "HEAD"):
             return _text(start_response, "405 Method Not Allowed", b"method not allowed\n",
@@ -97,10 +101,10 @@ def admin_app(target: AdminTarget) -> WSGIApp:
             start_response("200 OK", [("Content-Type", content_type),
                                       ("Cache-Control", "no-store")])
             return [body]
-        body = json.dumps(target.tunnels()).encode()
+        document: Any = target.stats() if path == "/debug/stats" else target.tunnels()
         start_response("200 OK", [("Content-Type", "application/json"),
                                   ("Cache-Control", "no-store")])
-        return [body]
+        return [json.dumps(document).encode()]
 
     return app
 

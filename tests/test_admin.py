@@ -1,9 +1,12 @@
 """The admin listener (``admin_listen``): health, readiness while draining, /tunnels and
-closing a tunnel, /metrics without the plugin, and what the proxy port does not serve."""
+closing a tunnel, /metrics without the plugin, /debug/stats, and what the proxy port does
+not serve."""
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 
 import gevent
 import pytest
@@ -124,7 +127,7 @@ def test_metrics_is_404_without_the_metrics_plugin(proxy_factory):
 
 def test_the_proxy_port_serves_no_admin_page(proxy_factory):
     proxy = proxy_factory(ADMIN)
-    for path in ("/tunnels", "/readyz", "/metrics"):
+    for path in ("/tunnels", "/readyz", "/metrics", "/debug/stats"):
         answer = exchange(proxy.address, f"GET {path} HTTP/1.1\r\nHost: p\r\n"
                           "Connection: close\r\n\r\n".encode())
         assert answer.startswith(b"HTTP/1.1 404 "), (path, answer)
@@ -134,6 +137,83 @@ def test_the_proxy_port_serves_no_admin_page(proxy_factory):
     answer = exchange(proxy.address, b"GET /healthz HTTP/1.1\r\nHost: p\r\n"
                       b"Connection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+STATS_KEYS = {"pid", "rss_kib", "open_fds", "greenlets", "threads", "connections",
+              "idle_connections", "in_flight", "tunnels", "upstream_pool", "generation",
+              "stopping"}
+
+
+def _stats(proxy) -> dict:
+    answer = requests.get(_admin_url(proxy, "/debug/stats"), timeout=10)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["cache-control"] == "no-store"
+    return answer.json()
+
+
+def _stats_until(proxy, done, limit: float = 10.0) -> dict:
+    """/debug/stats once ``done(stats)`` holds (bounded wait); the last answer else."""
+    deadline = time.monotonic() + limit
+    stats = _stats(proxy)
+    while not done(stats) and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+        stats = _stats(proxy)
+    return stats
+
+
+def test_debug_stats_follow_a_tunnel_and_a_pooled_connection(proxy_factory, raw_origin,
+                                                               origin):
+    proxy = proxy_factory(ADMIN)
+    server = raw_origin(echo)
+    before = _stats(proxy)
+    assert set(before) == STATS_KEYS
+    # The proxy runs in this process here: its figures are this process's.
+    assert before["pid"] == os.getpid()
+    assert 10_000 < before["rss_kib"] < 4_000_000
+    assert 3 < before["open_fds"] < 1000 and before["threads"] >= 1
+    assert before["greenlets"] >= 0 and before["generation"] == 1
+    assert before["stopping"] is False
+    assert (before["connections"], before["in_flight"], before["tunnels"],
+            before["upstream_pool"]) == (0, 0, 0, 0)
+
+    sock = _open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    try:
+        during = _stats(proxy)
+        assert (during["connections"], during["in_flight"], during["tunnels"]) == (1, 1, 1)
+        # The client's socket, the proxy's two and the origin's: all in this process.
+        assert during["open_fds"] >= before["open_fds"] + 4
+        # The connection's greenlet, the relay's second direction, the origin's handler.
+        assert during["greenlets"] >= before["greenlets"] + 3
+    finally:
+        sock.close()
+    after = _stats_until(proxy, lambda s: s["connections"] == 0 and
+                         s["open_fds"] <= before["open_fds"])
+    assert (after["connections"], after["in_flight"], after["tunnels"]) == (0, 0, 0)
+    assert after["open_fds"] <= before["open_fds"]
+
+    # A plain GET with keep-alive leaves its upstream connection in the pool.
+    out = curl("-x", proxy.url, origin.url("/"))
+    assert out.returncode == 0 and out.stdout == b"hello\n", out.stderr
+    pooled = _stats_until(proxy, lambda s: s["upstream_pool"] == 1 and s["connections"] == 0)
+    assert pooled["upstream_pool"] == 1 and pooled["tunnels"] == 0
+    assert pooled["connections"] == 0
+    assert pooled["open_fds"] >= after["open_fds"] + 1
+
+
+def test_debug_stats_is_read_only_and_counts_reloads(proxy_factory):
+    proxy = proxy_factory(ADMIN)
+    answer = requests.post(_admin_url(proxy, "/debug/stats"), timeout=10)
+    assert answer.status_code == 405 and answer.headers["allow"] == "GET, HEAD"
+    out = curl("-I", _admin_url(proxy, "/debug/stats"))
+    assert out.returncode == 0 and out.stdout.startswith(b"HTTP/1.1 200 "), out.stderr
+    assert proxy.server.reload()
+    assert _stats(proxy)["generation"] == 2
+
+
+def test_debug_stats_cannot_be_put_on_the_proxy_port(proxy_factory):
+    with pytest.raises(ConfigError, match="local_paths"):
+        proxy_factory(ADMIN + "local_paths = /healthz /debug/stats\n")
 
 
 def test_a_busy_admin_port_fails_the_start(proxy_factory):
