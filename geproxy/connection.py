@@ -306,13 +306,19 @@ class Connection:
         """Answer ``exc`` if nothing was sent yet; True if the connection may go on (never
         when ``request`` had a body: unread, or partly read, it leaves the framing in
         doubt)."""
+        if isinstance(exc, ClientGone):
+            # The client's own doing, not an error of the proxy's: no error in the record
+            # or the metrics, one line at INFO, and the close reason says who ended it.
+            self.log.info("client went away: %s", exc.detail)
+            record.close_reason = record.close_reason or "client"
+            return False
         record.error = exc.error
         if isinstance(exc, Denied):
             record.rule = exc.rule
         if exc.client_fault:
             self.log.info("%s %s: %s%s", exc.status, exc.error, exc.detail,
                           f" (rcode {exc.rcode})" if exc.rcode else "")
-        if isinstance(exc, ClientGone) or self.answered:
+        if self.answered:
             # Nothing sensible can be sent: close, so the client sees the cut.
             record.close_reason = record.close_reason or "error"
             return False

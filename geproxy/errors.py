@@ -200,8 +200,11 @@ class UpstreamTimeout(ProxyError):
 
 
 class ClientGone(ProxyError):
-    """The client closed, reset or stalled: nothing can be answered, the connection ends."""
+    """The client closed, reset or stalled: nothing can be answered, the connection ends.
+    Not an error of the proxy's: its record has no ``error``, its close reason is
+    ``client``."""
 
+    error = ""
     client_fault = True
 
 

@@ -35,6 +35,15 @@ def test_head(proxy, origin):
     assert origin.seen[-1].method == "HEAD"
 
 
+def test_head_then_get_on_one_upstream_connection(proxy, origin):
+    out = curl("-x", proxy.url, "-I", origin.url("/bytes/100"), "--next", "-x", proxy.url,
+               origin.url("/bytes/100"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith(b"".join(pattern(100)))
+    assert [seen.method for seen in origin.seen] == ["HEAD", "GET"]
+    assert origin.seen[0].remote_port == origin.seen[1].remote_port  # pooled, and sound
+
+
 def test_post_with_content_length(proxy, origin, tmp_path):
     body = b"".join(pattern(300_000))
     (tmp_path / "body").write_bytes(body)

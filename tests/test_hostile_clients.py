@@ -673,7 +673,8 @@ def test_a_client_that_never_reads_is_cut_and_bounded(proxy_factory, raw_origin,
         assert 0 < flooder.sent < BUFFERED
         record, = wait_for_records(proxy, 1, limit=20)
         assert record.status == 200 and record.bytes_out < BUFFERED
-        assert record.close_reason == ("idle timeout" if tunnel else "error")
+        assert record.close_reason == ("idle timeout" if tunnel else "client")
+        assert record.error is None
 
 
 @pytest.mark.parametrize("tunnel", [False, True], ids=["plain", "tunnel"])

@@ -144,3 +144,18 @@ def test_dns_cache_outcomes_and_workers_alive(proxy_factory, origin):
     assert samples[("geproxy_dns_cache_total", (("result", "miss"),))] == 1
     assert samples[("geproxy_dns_cache_total", (("result", "hit"),))] == 2
     assert samples[("geproxy_workers_alive", ())] == 1
+
+
+def test_a_client_going_away_is_not_an_error(proxy_factory, origin):
+    proxy = proxy_factory(ADMIN)
+    sock = proxy.connect()
+    try:  # half a body, then the client leaves
+        sock.sendall(f"POST http://127.0.0.1:{origin.port}/sha256 HTTP/1.1\r\nHost: x\r\n"
+                     "Content-Length: 100\r\n\r\nonly ten b".encode())
+    finally:
+        sock.close()
+    record, = wait_for_records(proxy, 1)
+    assert record.close_reason == "client"
+    samples = _samples(proxy)
+    assert not [key for key in samples if key[0] == "geproxy_errors_total"]
+    assert samples[("geproxy_connections_total", ())] == 1

@@ -210,6 +210,12 @@ class Origin:
         return f"{self.scheme}://{host}:{self.port}{path}"
 
     def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        body = self._answer(environ, start_response)
+        if environ["REQUEST_METHOD"] == "HEAD":
+            return []  # the head only, as HTTP says (gevent.pywsgi would send the body)
+        return body
+
+    def _answer(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         path = environ["PATH_INFO"]
         headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
                    if k.startswith("HTTP_")}
