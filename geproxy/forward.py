@@ -9,6 +9,7 @@ server's pool only after a response whose framing ended cleanly.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -18,6 +19,7 @@ from .errors import (
     ClientGone,
     ConnectionTerminated,
     ParentRefused,
+    ProxyError,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -392,6 +394,15 @@ def _switch(conn: "Connection", request: Request, record: Record, upstream: _Ups
     return False
 
 
+def _abort(sock: socket.socket) -> None:
+    """Make the coming close of ``sock`` a reset: an answer that ends at the close (an HTTP/1.0
+    client's, with no Content-Length) has no other way to say that it was cut."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
 def _relay_response(conn: "Connection", request: Request, record: Record,
                     upstream: _Upstream, response: Response,
                     body: http11.BodyReader) -> tuple[bool, bool]:
@@ -434,20 +445,25 @@ def _relay_response(conn: "Connection", request: Request, record: Record,
     record.status = edited.status
     data = upstream.buf
     upstream.buf = b""
-    while True:
-        pieces = reader.feed(data) if data else []
-        for piece in pieces:
-            if piece:
-                out += http11.encode_chunk(piece) if chunk else piece
-        if reader.done:
-            break
-        if out:
-            conn.send(out, record)
-            out = b""
-        data = upstream.recv()
-        if not data:
-            reader.eof()  # fine for a close-delimited body; an error for any other
-            break
+    try:
+        while True:
+            pieces = reader.feed(data) if data else []
+            for piece in pieces:
+                if piece:
+                    out += http11.encode_chunk(piece) if chunk else piece
+            if reader.done:
+                break
+            if out:
+                conn.send(out, record)
+                out = b""
+            data = upstream.recv()
+            if not data:
+                reader.eof()  # fine for a close-delimited body; an error for any other
+                break
+    except ProxyError:
+        if conn.answered and not chunk and not isinstance(reader, http11.LengthReader):
+            _abort(conn.sock)
+        raise
     if chunk:
         out += http11.LAST_CHUNK
     if out:

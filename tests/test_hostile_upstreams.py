@@ -449,6 +449,42 @@ def test_a_response_cut_mid_body_closes_the_client(proxy, raw_origin, client, ca
     assert [target for _, target in upstream.seen] == ["/bad", "/good"]
 
 
+@pytest.mark.parametrize("case", ["Content-Length, FIN", "chunked, FIN between chunks",
+                                  "chunked, bad chunk size", "close-delimited, reset"])
+def test_a_cut_an_http10_client_can_tell(proxy, raw_origin, case):
+    """An HTTP/1.0 client gets no chunked framing: when the upstream's body had none either,
+    its answer ends at the close, and a cut must not look like that end. It ends with a reset
+    instead (a Content-Length still shows the cut by itself)."""
+    steps, _ = MID_BODY[case]
+    received = gevent.event.Event()
+    upstream = Scripted(raw_origin, *[received if step is GATE else step for step in steps])
+    sock = proxy.connect()
+    try:
+        sock.sendall(f"GET http://127.0.0.1:{upstream.port}/bad HTTP/1.0\r\n\r\n".encode())
+        data, reset = b"", False
+        sock.settimeout(LIMIT)
+        while True:
+            try:
+                piece = sock.recv(65536)
+            except ConnectionResetError:
+                reset = True
+                break
+            if not piece:
+                break
+            data += piece
+            if PART in data:
+                received.set()
+    finally:
+        sock.close()
+    head = data.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding" not in head
+    if case.startswith("Content-Length"):
+        assert b"Content-Length: 100" in head and data.endswith(b"\r\n\r\n" + PART)
+    else:
+        assert reset, "the close after a cut must not look like the end of the body"
+    assert wait_for_records(proxy, 1)[0].error is not None
+
+
 # -- interim answers ----------------------------------------------------------------------------
 
 
