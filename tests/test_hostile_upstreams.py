@@ -657,6 +657,28 @@ def test_a_tunnel_whose_origin_closes_or_resets(proxy, raw_origin, first_echo, e
         _poll(lambda: closed == [True], "the proxy closes the upstream side")
 
 
+@pytest.mark.parametrize("early", [b"", b"early bytes"], ids=["at once", "after early bytes"])
+@pytest.mark.parametrize("end", [FIN, RESET], ids=["closes", "resets"])
+def test_a_tunnel_whose_parent_closes_after_its_200(raw_origin, proxy_factory, early, end):
+    """The parent said 200 (and maybe sent bytes of the tunnel with it), then ends: the
+    client gets the 200, those bytes, and the close."""
+    parent = Scripted(raw_origin, b"HTTP/1.1 200 Connection established\r\n\r\n" + early, end)
+    child = proxy_factory(INI + f"[parents]\nparents = http://127.0.0.1:{parent.port}\n")
+    sock, head = open_tunnel(child, "origin.test:443", timeout=LIMIT)
+    try:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        rest = head.partition(b"\r\n\r\n")[2]
+        assert rest + recv_all(sock, timeout=LIMIT) == early
+        sock.shutdown(socket.SHUT_WR)
+    finally:
+        sock.close()
+    record = wait_for_records(child, 1)[0]
+    assert record.close_reason == ("done" if end is FIN else "upstream")
+    assert record.upstream_addr == ("127.0.0.1", parent.port)
+    if end is FIN:
+        _poll(lambda: parent.closed_by_proxy == {1}, "the proxy closes the parent connection")
+
+
 # -- nameservers ------------------------------------------------------------------------------
 
 
