@@ -485,6 +485,57 @@ def test_a_cut_an_http10_client_can_tell(proxy, raw_origin, case):
     assert wait_for_records(proxy, 1)[0].error is not None
 
 
+# -- a pooled connection that fails on its next request ----------------------------------------
+
+
+@pytest.mark.parametrize("method, failure, expected", [
+    ("GET", FIN, 200),  # the usual keep-alive race: retried on a new connection
+    ("POST", FIN, 502),  # its body was sent on the pooled one: it cannot go again
+    ("GET", OK_HEAD + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\nok", 502),
+], ids=["closes, no body", "closes, a body", "bad framing"])
+def test_a_pooled_connection_failing_on_its_next_request(proxy, raw_origin, client, method,
+                                                        failure, expected):
+    """Each upstream connection answers its first request and fails on its second one."""
+    requests: list[tuple[int, str]] = []
+    closed: list[int] = []
+
+    def handler(sock: socket.socket) -> None:
+        number = server.accepted
+        for index in range(2):
+            head = server.read_head(sock, limit=LIMIT)
+            if b"\r\n\r\n" not in head:
+                return
+            requests.append((number, head.split(b" ", 2)[1].decode()))
+            if index == 0:
+                sock.sendall(GOOD)
+        if isinstance(failure, bytes):
+            sock.sendall(failure)
+        else:
+            failure(sock)
+        if _until_closed(sock):
+            closed.append(number)
+
+    server = raw_origin(handler)
+    first = client(proxy)
+    first.send(_get(server.port, "/one"))
+    assert first.answer().body == b"good"
+    _poll(lambda: len(proxy.server.pool) == 1, "the connection is pooled")
+    body = b"hello" if method == "POST" else b""
+    first.send(_get(server.port, "/two", method, fields=f"Content-Length: {len(body)}\r\n")
+               + body)
+    answer = first.answer()
+    if expected == 200:
+        assert (answer.status, answer.body) == (200, b"good"), answer
+        assert requests == [(1, "/one"), (1, "/two"), (2, "/two")]
+    else:
+        error = "connection_terminated" if failure is FIN else "http_response_incomplete"
+        _is_error(answer, 502, error)
+        assert answer.field("connection") == "close" and first.closed()
+        assert requests == [(1, "/one"), (1, "/two")]
+    _poll(lambda: closed == [1], "the proxy closes the failed connection")
+    assert len(proxy.server.pool) == (1 if expected == 200 else 0)
+
+
 # -- interim answers ----------------------------------------------------------------------------
 
 
