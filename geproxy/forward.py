@@ -460,9 +460,11 @@ def _relay_response(conn: "Connection", request: Request, record: Record,
             if not data:
                 reader.eof()  # fine for a close-delimited body; an error for any other
                 break
-    except ProxyError:
+    except ProxyError as exc:
         if conn.answered and not chunk and not isinstance(reader, http11.LengthReader):
             _abort(conn.sock)
+        if isinstance(exc, ConnectionTerminated):  # RFC 9209: the head came, so incomplete
+            raise UpstreamError(f"response body cut: {exc.detail}") from None
         raise
     if chunk:
         out += http11.LAST_CHUNK

@@ -411,13 +411,13 @@ FIRST_CHUNK = CHUNKED + b"a\r\n" + PART + b"\r\n"
 GATE = gevent.event.Event()
 
 MID_BODY: dict[str, tuple[tuple[Step, ...], str]] = {
-    "Content-Length, FIN": ((CL_HEAD + PART, GATE, FIN), "connection_terminated"),
-    "Content-Length, reset": ((CL_HEAD + PART, GATE, RESET), "connection_terminated"),
+    "Content-Length, FIN": ((CL_HEAD + PART, GATE, FIN), "http_response_incomplete"),
+    "Content-Length, reset": ((CL_HEAD + PART, GATE, RESET), "http_response_incomplete"),
     "Content-Length, stall": ((CL_HEAD + PART, GATE), "http_response_timeout"),
-    "chunked, FIN between chunks": ((FIRST_CHUNK, GATE, FIN), "connection_terminated"),
+    "chunked, FIN between chunks": ((FIRST_CHUNK, GATE, FIN), "http_response_incomplete"),
     "chunked, FIN inside a chunk": ((FIRST_CHUNK, GATE, b"10\r\nabc", FIN),
-                                    "connection_terminated"),
-    "chunked, reset": ((FIRST_CHUNK, GATE, RESET), "connection_terminated"),
+                                    "http_response_incomplete"),
+    "chunked, reset": ((FIRST_CHUNK, GATE, RESET), "http_response_incomplete"),
     "chunked, stall": ((FIRST_CHUNK, GATE), "http_response_timeout"),
     "chunked, bad chunk size": ((FIRST_CHUNK, GATE, b"zz\r\n"), "http_response_incomplete"),
     "chunked, chunk size overflow": ((FIRST_CHUNK, GATE, b"f" * 17 + b"\r\n"),
@@ -427,7 +427,7 @@ MID_BODY: dict[str, tuple[tuple[Step, ...], str]] = {
     "chunked, malformed trailer": ((FIRST_CHUNK, GATE, b"0\r\nno colon\r\n\r\n"),
                                    "http_response_incomplete"),
     "close-delimited, reset": ((OK_HEAD + b"Connection: close\r\n\r\n" + PART, GATE, RESET),
-                               "connection_terminated"),
+                               "http_response_incomplete"),
 }
 
 
