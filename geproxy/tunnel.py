@@ -133,14 +133,19 @@ def relay(client: socket.socket, upstream: socket.socket, record: Record,
         tunnel.limit(lifetime)
     down: Optional[gevent.Greenlet] = None
     try:
-        if to_upstream:
-            if not tunnel.first(to_upstream):
-                return tunnel.reason
-            send_all(upstream, to_upstream)
-            record.bytes_in += len(to_upstream)
+        if to_upstream and not tunnel.first(to_upstream):
+            return tunnel.reason
+        # The client gets what the upstream said first, even if the upstream is gone already.
         if to_client:
             send_all(client, to_client)
             record.bytes_out += len(to_client)
+        if to_upstream:
+            try:
+                send_all(upstream, to_upstream)
+            except OSError:  # reset, say, right after a parent's 200
+                tunnel.abort("upstream")
+                return tunnel.reason
+            record.bytes_in += len(to_upstream)
         down = gevent.spawn(tunnel.pump, upstream, client, False)
         tunnel.pump(client, upstream, True)
         down.join()

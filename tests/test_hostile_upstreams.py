@@ -710,12 +710,14 @@ def test_a_tunnel_whose_origin_closes_or_resets(proxy, raw_origin, first_echo, e
 
 @pytest.mark.parametrize("early", [b"", b"early bytes"], ids=["at once", "after early bytes"])
 @pytest.mark.parametrize("end", [FIN, RESET], ids=["closes", "resets"])
-def test_a_tunnel_whose_parent_closes_after_its_200(raw_origin, proxy_factory, early, end):
+@pytest.mark.parametrize("extra", [b"", b"hello"], ids=["", "client spoke first"])
+def test_a_tunnel_whose_parent_closes_after_its_200(raw_origin, proxy_factory, early, end,
+                                                    extra):
     """The parent said 200 (and maybe sent bytes of the tunnel with it), then ends: the
-    client gets the 200, those bytes, and the close."""
+    client gets the 200, those bytes, and the close, whatever it sent with its CONNECT."""
     parent = Scripted(raw_origin, b"HTTP/1.1 200 Connection established\r\n\r\n" + early, end)
     child = proxy_factory(INI + f"[parents]\nparents = http://127.0.0.1:{parent.port}\n")
-    sock, head = open_tunnel(child, "origin.test:443", timeout=LIMIT)
+    sock, head = open_tunnel(child, "origin.test:443", extra=extra, timeout=LIMIT)
     try:
         assert head.startswith(b"HTTP/1.1 200 ")
         rest = head.partition(b"\r\n\r\n")[2]
