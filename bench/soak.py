@@ -407,19 +407,6 @@ def serve_origin() -> int:
 
     origin = start_origin()
     origin.seen = collections.deque(maxlen=16)  # type: ignore[assignment]  # bounded
-    app = origin.server.application
-
-    def head_without_body(environ: dict[str, Any], start_response: Any) -> Any:
-        # The kit's app leaves HEAD to the server, and gevent.pywsgi sends the body: an
-        # origin bug, whose late bytes a reused upstream connection reads as the next
-        # answer (a 502). The soak is after leaks, not that (bench/README.md).
-        result = app(environ, start_response)
-        if environ["REQUEST_METHOD"] != "HEAD":
-            return result
-        getattr(result, "close", lambda: None)()
-        return []
-
-    origin.server.application = head_without_body
     print(f"origin listening on 127.0.0.1:{origin.port}", file=sys.stderr, flush=True)
     origin.server.serve_forever()
     return 0
