@@ -8,6 +8,7 @@ server's pool only after a response whose framing ended cleanly.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import time
@@ -200,6 +201,46 @@ class _Upstream:
         except OSError as exc:
             raise ConnectionTerminated(f"upstream: {exc}") from None
 
+    def send_body(self, data: bytes) -> bytes:
+        """Send a piece of the request body; returns what was not sent (b"" when all was),
+        which is left only when the upstream stopped taking it and has something to say
+        instead: an answer (a 413, say, or an interim 1xx), or its close. Waits for room no
+        longer than the socket's timeout."""
+        sock = self.sock
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)  # gevent: no wait inside send; the waits are the select below
+        view = memoryview(data)
+        sent = 0
+        try:
+            while sent < len(data):
+                try:
+                    sent += sock.send(view[sent:])
+                    continue
+                except BlockingIOError:
+                    pass
+                readable, writable, _ = select.select([sock], [sock], [], timeout)
+                if readable:
+                    return bytes(view[sent:])
+                if not writable:
+                    raise UpstreamTimeout("upstream took no bytes for idle_timeout")
+        except UpstreamTimeout:
+            raise
+        except OSError as exc:
+            if self._answered():  # it answered, then reset: the answer is still readable
+                return bytes(view[sent:])
+            raise ConnectionTerminated(f"upstream: {exc}") from None
+        finally:
+            sock.settimeout(timeout)
+        return b""
+
+    def _answered(self) -> bool:
+        """Whether bytes of an answer wait to be read."""
+        raw = getattr(self.sock, "_sock", self.sock)
+        try:
+            return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
+
     def read_head(self, max_size: int, deadline: float) -> Response:
         """The next response head, whole by ``deadline`` (time.monotonic()) or
         UpstreamTimeout: the head is bounded, not each read, so a trickled one ends too.
@@ -327,8 +368,12 @@ def _send_body(conn: "Connection", request: Request, record: Record, upstream: _
         if pieces:
             out = b"".join(http11.encode_chunk(p) for p in pieces if p) if chunked else (
                 pieces[0] if len(pieces) == 1 else b"".join(pieces))
-            if out:
-                upstream.send(out)
+            while out:
+                out = upstream.send_body(out)
+                if out:
+                    early = _read_early(conn, request, record, upstream)
+                    if early is not None:
+                        return early
     conn.buf = body.rest
     record.bytes_in -= len(body.rest)
     if chunked:
@@ -369,15 +414,40 @@ def _read_final(conn: "Connection", request: Request, record: Record,
     deadline = time.monotonic() + conn.settings["idle_timeout"]
     while True:
         response = upstream.read_head(conn.settings["max_header_size"], deadline)
-        if response.status >= 200 or response.status == 101:
-            if response.status == 101 and not _wants_upgrade(request):
-                raise UpstreamError("101 without an Upgrade request")
+        if _is_final(request, response):
             return response
-        if request.version == "HTTP/1.1":
-            fields = _end_to_end(response.headers)
-            conn.send(http11.serialize_head(
-                f"HTTP/1.1 {response.status} {http11.reason_phrase(response.status)}",
-                fields), record)
+        _relay_interim(conn, request, record, response)
+
+
+def _read_early(conn: "Connection", request: Request, record: Record,
+                upstream: _Upstream) -> Optional[Response]:
+    """The upstream spoke while the request body was going up. A final answer (413, say) is
+    the response: the rest of the body is never read, so the client's connection closes after
+    it, and the upstream's is not reused. An interim one is relayed: None, send on."""
+    response = upstream.read_head(conn.settings["max_header_size"],
+                                  time.monotonic() + conn.settings["idle_timeout"])
+    if _is_final(request, response):
+        upstream.body_skipped = True
+        return response
+    _relay_interim(conn, request, record, response)
+    return None
+
+
+def _is_final(request: Request, response: Response) -> bool:
+    if response.status >= 200 or response.status == 101:
+        if response.status == 101 and not _wants_upgrade(request):
+            raise UpstreamError("101 without an Upgrade request")
+        return True
+    return False
+
+
+def _relay_interim(conn: "Connection", request: Request, record: Record,
+                   response: Response) -> None:
+    if request.version == "HTTP/1.1":
+        fields = _end_to_end(response.headers)
+        conn.send(http11.serialize_head(
+            f"HTTP/1.1 {response.status} {http11.reason_phrase(response.status)}",
+            fields), record)
 
 
 def _switch(conn: "Connection", request: Request, record: Record, upstream: _Upstream,

@@ -35,6 +35,7 @@ from geproxy.testing import (
     Proxy,
     RawOrigin,
     StaticResolver,
+    curl,
     open_tunnel,
     recv_all,
     wait_for_records,
@@ -663,6 +664,76 @@ def test_a_final_head_split_across_the_expect_wait(raw_origin, proxy_factory, cl
     answer = first.answer()
     assert (answer.status, answer.body, answer.complete) == (200, b"ok", True), answer
     assert bodies == [b"hello"]
+
+
+# -- an answer before the request body is all sent ---------------------------------------------
+
+#: A request body larger than what socket buffers between the proxy and the origin hold.
+BIG_BODY = 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize("then", ["reset", "hold"])
+def test_an_early_answer_to_a_large_upload_reaches_the_client(proxy, raw_origin, tmp_path,
+                                                              then):
+    """The origin answers 413 after the head and reads no more of the body; then it resets
+    (closing with unread bytes does) or just holds the connection. The client gets the 413,
+    not a 502 or a 504 at idle_timeout, and the connection is not reused."""
+    done = gevent.event.Event()
+
+    def refuse(sock: socket.socket) -> None:
+        server.read_head(sock)
+        sock.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
+        if then == "reset":
+            RESET(sock)
+        else:
+            done.wait(LIMIT)
+
+    server = raw_origin(refuse)
+    upload = tmp_path / "upload"
+    with open(upload, "wb") as handle:
+        handle.truncate(BIG_BODY)
+    out = curl("-x", proxy.url, "-H", "Expect:", "--data-binary", f"@{upload}",
+               "-w", "|%{http_code}", f"http://127.0.0.1:{server.port}/upload")
+    done.set()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"too large|413"
+    record = wait_for_records(proxy, 1)[-1]
+    assert record.status == 413 and record.error is None
+    assert record.bytes_in < BIG_BODY  # the rest of the body was never read
+    assert len(proxy.server.pool) == 0
+
+
+def test_an_interim_answer_in_the_middle_of_a_body_is_relayed(proxy, raw_origin, client):
+    """An origin that stops reading to say 100 Continue (unasked) mid-body, then reads the
+    rest: the proxy relays the 100, sends on, and the final answer follows the whole body."""
+    got: list[int] = []
+
+    def interim(sock: socket.socket) -> None:
+        head = server.read_head(sock)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        received = len(head.partition(b"\r\n\r\n")[2])
+        gevent.sleep(0.3)  # let the proxy's writes stall on full buffers
+        sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        with gevent.Timeout(LIMIT, False):
+            while received < length:
+                received += len(sock.recv(1 << 20) or b"")
+        got.append(received)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        _until_closed(sock)
+
+    server = raw_origin(interim)
+    sender = client(proxy)
+    sender.send(_get(server.port, "/upload", "POST",
+                     fields=f"Content-Length: {BIG_BODY}\r\n"))
+    pusher = gevent.spawn(sender.sock.sendall, b"b" * BIG_BODY)
+    try:
+        first = sender.answer()
+        assert first.status == 100
+        final = sender.answer()
+        assert (final.status, final.body, final.complete) == (200, b"ok", True), final
+        assert got == [BIG_BODY]
+    finally:
+        pusher.kill()
 
 
 # -- tunnels ----------------------------------------------------------------------------------
