@@ -135,6 +135,10 @@ class _HeadParser:
             if len(self._buf) > self.max_size:
                 raise self._size_error()
             return False
+        version = self._parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            # Before looking for the end: llhttp ends an HTTP/0.9 request line at a bare LF.
+            raise self._error(f"unsupported HTTP version {version!r}")
         # llhttp skips empty lines before the start line and insists on CRLF line endings
         # after it, so the head ends at the first empty line after the start line.
         head_start = len(self._buf) - len(self._buf.lstrip(b"\r\n"))
@@ -157,9 +161,7 @@ class _HeadParser:
         return RequestLineTooLong("request line too long")
 
     def _version(self) -> str:
-        version = self._parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise self._error(f"unsupported HTTP version {version!r}")
+        version = self._parser.get_http_version()  # 1.1 or 1.0, checked by _feed
         # llhttp also takes RTSP/1.0 and ICE/1.0 and reports their version alike.
         if not self._names_http("HTTP/" + version):
             raise self._error(f"not HTTP: {self._start_line[:64]!r}")

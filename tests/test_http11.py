@@ -435,6 +435,19 @@ def test_rejected_request_is_400(data: bytes) -> None:
         assert info.value.close and info.value.client_fault
 
 
+@pytest.mark.parametrize("max_size", [MAX, 64])
+def test_http09_request_is_400_in_any_pieces(max_size: int) -> None:
+    # Found by the fuzzer. llhttp ends an HTTP/0.9 head (a request line with no version) at
+    # a bare LF and the empty line after it, so the head holds no CRLF CRLF. The parser looked
+    # for one before it checked the version: finding none, or one in the next request past
+    # the limit, it answered 431 where whole streams under the limit got 400.
+    data = b"GET http://a.example/\n\r\n" + head("GET /x HTTP/1.1", "X-Pad: " + "p" * 64)
+    for pieces in ([data], [data[:24], data[24:]], one_byte_pieces(data)):
+        with pytest.raises(ClientError) as info:
+            feed_pieces(RequestHeadParser(max_size), pieces)
+        assert info.value.status == 400, pieces
+
+
 # -- response heads --------------------------------------------------------------------------
 
 
