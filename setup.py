@@ -31,6 +31,7 @@ setup(
             "requests>=2.31",
             "dnslib>=0.9.23",
             "hypothesis>=6.80",
+            "atheris>=2.3",
         ],
     },
     entry_points={

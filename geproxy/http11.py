@@ -8,6 +8,20 @@ the proxy's own rules (DESIGN.md section 7), the size limits, and decides each b
 Bodies are decoded by the small incremental readers below, which hand back exactly the bytes
 that follow a message so that nothing after a CONNECT head, a pipelined request or a reused
 upstream response is lost or misread.
+
+Errors: nothing here raises anything but these, whatever the bytes and however they are cut
+(tests/test_http11.py and the fuzz target in fuzz/ hold it to that):
+
+- ``RequestHeadParser.feed``, ``request_body_reader``, ``parse_authority`` and the
+  ``ChunkedReader`` of a request: ``ClientError`` (400), or its subclasses
+  ``RequestLineTooLong`` (414) and ``HeadTooLarge`` (431);
+- ``ResponseHeadParser.feed``, ``response_body_reader`` and the ``ChunkedReader`` of a
+  response: ``UpstreamError`` (502);
+- ``BodyReader.eof``: ``ConnectionTerminated`` (502) when the body was cut short;
+- ``serialize_head``: ``ValueError`` for a field that would break the head.
+
+``LengthReader``, ``UntilCloseReader`` and ``NoBody`` raise nothing. A parser or reader that
+raised is spent: the stream's framing is lost, so the connection is closed, never read on.
 """
 
 from __future__ import annotations
