@@ -31,7 +31,7 @@ setup(
             "requests>=2.31",
             "dnslib>=0.9.23",
             "hypothesis>=6.80",
-            "atheris>=2.3",
+            "atheris>=2.3; sys_platform == 'linux'",
         ],
     },
     entry_points={

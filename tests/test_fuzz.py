@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from http11_fuzz import TestOneInput, decode_input, encode_input  # fuzz/, on pythonpath
+from http11_streams import check
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = ROOT / "fuzz"
-sys.path.insert(0, str(FUZZ))
-from http11_fuzz import TestOneInput, decode_input, encode_input  # noqa: E402
-from http11_streams import check  # noqa: E402
 
 # Read at collection, so that the replay test itself touches no file.
 SEEDS = {path.name: path.read_bytes() for path in sorted((FUZZ / "corpus").iterdir())}

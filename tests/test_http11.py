@@ -9,11 +9,10 @@ by hypothesis and driven through fuzz/http11_streams.py, the fuzz target's drive
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import pytest
+from http11_streams import check, split  # fuzz/, on pytest's pythonpath
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,10 +39,6 @@ from geproxy.http11 import (
     serialize_head,
 )
 from geproxy.models import Headers, Request, Response
-
-# The stream drivers and the properties the fuzz target checks (fuzz/README.md).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
-from http11_streams import check, split  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(10), pytest.mark.pure]
 
