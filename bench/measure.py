@@ -46,7 +46,8 @@ class Reading:
 def run_loadgen(loadgen: Path, args: list[str], timeout: float) -> dict[str, Any]:
     """Run the load generator to its end and return its JSON line."""
     try:
-        done = subprocess.run([str(loadgen), *args], capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([str(loadgen), *args], capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise MeasureError(f"loadgen {' '.join(args)} ran over {timeout:.0f} s") from exc
     if done.returncode != 0:
@@ -120,7 +121,8 @@ def wrk_rate(script: Path, target: Target, connections: int, seconds: int) -> Re
         raise MeasureError(f"wrk ran over {seconds + SLACK:.0f} s") from exc
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
     if done.returncode != 0 or not lines:
-        raise MeasureError(f"wrk failed ({done.returncode}): {(done.stderr or done.stdout).strip()[:200]}")
+        said = (done.stderr or done.stdout).strip()[:200]
+        raise MeasureError(f"wrk failed ({done.returncode}): {said}")
     result = _json_line(lines[-1].removeprefix("BENCH "))
     counts = {key: int(result[key]) for key in ("connect", "read", "write", "status", "timeout")}
     answered = int(result["requests"]) - counts["status"]

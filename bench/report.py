@@ -57,7 +57,8 @@ def render(results: Results, header: list[str], labels: dict[str, object]) -> st
         if SUBJECT_OF_RATIOS in subjects else []
     columns = ["measure", *subjects, *(f"{SUBJECT_OF_RATIOS} ÷ {name}" for name in baselines)]
     rows = [
-        ["version", *(results.versions.get(name, "—") for name in subjects), *("" for _ in baselines)],
+        ["version", *(results.versions.get(name, "—") for name in subjects),
+         *("" for _ in baselines)],
         ["runs", *(_status(results, name) for name in subjects), *("" for _ in baselines)],
     ]
     for metric in METRICS:

@@ -79,7 +79,8 @@ def progress(message: str) -> None:
 
 def start_origin(settings: Settings, workdir: Path, nofile: int) -> tuple[procs.Server, str]:
     big = settings.download_mib * 2**20
-    use_nginx = settings.origin == "nginx" or (settings.origin == "auto" and origin.nginx_installed())
+    use_nginx = settings.origin == "nginx" or (
+        settings.origin == "auto" and origin.nginx_installed())
     if use_nginx:
         return origin.start_nginx(workdir, big, nofile), origin.nginx_version()
     return origin.start_builtin(workdir, big), "built-in origin (bench/origin.c)"
@@ -149,7 +150,8 @@ def run_all(settings: Settings, workdir: Path, loadgen: Path, origin_port: int) 
 
 
 def header(settings: Settings, started: datetime.datetime, origin_version: str) -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines
                 if line.startswith("model name")), platform.machine())
     return [
         f"# geproxy bench, {started:%Y-%m-%d %H:%M:%S}",

@@ -82,7 +82,8 @@ def _start_geproxy(workdir: Path) -> procs.Server:
     port = procs.free_port()
     conf = workdir / "geproxy.ini"
     conf.write_text(geproxy_config(port))
-    return procs.start_server("geproxy", [*_geproxy_command(), "--config", str(conf)], port, workdir)
+    command = [*_geproxy_command(), "--config", str(conf)]
+    return procs.start_server("geproxy", command, port, workdir)
 
 
 def _tinyproxy_config(port: int, workdir: Path) -> str:
@@ -189,5 +190,6 @@ def by_names(names: list[str]) -> list[Subject]:
     known = {subject.name: subject for subject in SUBJECTS}
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise SystemExit(f"bench: unknown subject(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise SystemExit(f"bench: unknown subject(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(known)}")
     return [known[name] for name in names]
