@@ -3,81 +3,275 @@
 A FIN from one side is passed on as a half-close of the other, and the opposite direction
 keeps flowing. The relay ends when both directions ended, or when nothing moved in either
 direction for ``idle_timeout`` (counted from the first moment), or when a side resets.
-Memory per tunnel is one receive buffer per direction while bytes are in flight, nothing while
-idle.
+
+Bytes are moved by libev watchers whose callbacks run in the hub: readable, read what is
+there, write it on; a write that would block parks the rest and waits for room, with that
+direction's reading paused (backpressure). The connection's greenlet only waits, and wakes
+for what must run in a greenlet (a plugin looking at the client's first bytes) and for the
+end. So a tunnel costs no greenlet of its own and no switch per chunk, and an idle one holds
+no buffer. A direction that has carried SPLICE_AFTER bytes moves the rest with ``splice(2)``
+through a pipe of its own, without copying through user space.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
-import time
 from typing import Any, Callable, Optional
 
-import gevent
 from gevent import get_hub
+from gevent.hub import Waiter
 
 from .models import Record
 from .sockets import send_all
 
-__all__ = ["relay"]
+__all__ = ["relay", "SPLICE_AFTER"]
 
 BUFFER = 64 * 1024
+#: Bytes a direction carries by recv/send before it switches to splice: a short exchange
+#: never pays for a pipe; a download does after its first quarter MiB.
+SPLICE_AFTER = 256 * 1024
+#: The pipe's size asked for: bytes per pair of splice calls (the kernel may give less).
+PIPE_SIZE = 1024 * 1024
+_SPLICE = hasattr(os, "splice")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), named in fcntl only from Python 3.10
+
+_READ, _WRITE = 1, 2  # libev's EV_READ, EV_WRITE
+_DONE = object()
 
 
-class _Tunnel:
-    __slots__ = ("client", "upstream", "record", "idle_timeout", "last", "reason", "_timer",
-                 "_ended", "inspect", "_lifetime")
+def _raw(sock: socket.socket) -> Any:
+    """The non-blocking socket under gevent's wrapper: its calls never wait."""
+    return getattr(sock, "_sock", sock)
 
+
+class _Direction:
+    """One direction of a tunnel: bytes read from ``src`` and written to ``dst``."""
+
+    __slots__ = ("src", "dst", "src_fd", "dst_fd", "upward", "name", "dst_name", "reader",
+                 "writer", "pending", "moved", "eof", "done", "pipe", "piped")
+
+    def __init__(self, src: socket.socket, dst: socket.socket, upward: bool, loop: Any) -> None:
+        self.src, self.dst = _raw(src), _raw(dst)
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.upward = upward
+        self.name, self.dst_name = ("client", "upstream") if upward else ("upstream", "client")
+        self.reader = loop.io(self.src_fd, _READ)
+        self.writer = loop.io(self.dst_fd, _WRITE)
+        #: Read and not yet written (recv mode), while the writer waits for room.
+        self.pending: Any = b""
+        self.moved = 0
+        self.eof = False
+        self.done = False
+        #: (read end, write end) once the direction splices; ``piped`` bytes sit in it.
+        self.pipe: Optional[tuple[int, int]] = None
+        self.piped = 0
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
+
+
+class _Relay:
     def __init__(self, client: socket.socket, upstream: socket.socket, record: Record,
-                 idle_timeout: float) -> None:
-        self.client = client
-        self.upstream = upstream
+                 idle_timeout: float, inspect: Optional[Callable[[bytes], bool]]) -> None:
+        hub = get_hub()
+        self.hub = hub
+        self.loop = hub.loop
+        self.client, self.upstream = client, upstream
         self.record = record
         self.idle_timeout = idle_timeout
-        self.last = time.monotonic()
+        self.inspect = inspect
         self.reason = ""
-        self._timer: Any = None  # a gevent timer watcher while armed
-        self._ended = 0  # directions that saw their EOF
-        #: Called once with the client's first bytes; False closes the tunnel.
-        self.inspect: Optional[Callable[[bytes], bool]] = None
-        self._lifetime: Any = None  # a timer when max_tunnel_lifetime is set
+        self.last = self.loop.now()
+        self.waiter = Waiter(hub)
+        self.finished = False
+        self.up = _Direction(client, upstream, True, self.loop)
+        self.down = _Direction(upstream, client, False, self.loop)
+        self._timer: Any = None
+        self._lifetime: Any = None
 
-    def pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
-        record = self.record
+    # -- the greenlet's side ----------------------------------------------------------
+
+    def run(self, lifetime: float) -> str:
+        self._arm(self.idle_timeout)
+        if lifetime:
+            self._lifetime = self.loop.timer(lifetime)
+            self._lifetime.start(self._abort, "max lifetime")
         try:
+            self.up.reader.start(self._readable, self.up)
+            self.down.reader.start(self._readable, self.down)
             while True:
-                data = src.recv(BUFFER)
-                if not data:
+                message = self.waiter.get()
+                if message is _DONE:
                     break
-                if upward and self.inspect is not None and not self.first(data):
-                    return
-                send_all(dst, data)
-                self.last = time.monotonic()
-                if upward:
-                    record.bytes_in += len(data)
-                else:
-                    record.bytes_out += len(data)
-        except OSError:
-            # A reset (or the idle watchdog shutting both sides): end the whole tunnel.
-            self.abort("client" if (src is self.client) else "upstream")
-            return
-        self._ended += 1
-        if self._ended == 2:
-            return  # both directions are done: closing the sockets sends the last FIN
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+                self.waiter = Waiter(self.hub)  # before any callback may switch again
+                self._inspected(message)
+        finally:
+            self._stop()
+        return self.reason or "done"
 
     def first(self, data: bytes) -> bool:
         """Hand the client's first bytes to ``inspect`` once; False when it closed all."""
         inspect, self.inspect = self.inspect, None
         if inspect is not None and not inspect(data):
-            self.abort("denied")
+            self._shut("denied")
             return False
         return True
 
-    def abort(self, reason: str) -> None:
+    def _inspected(self, data: bytes) -> None:
+        # In the greenlet: plugins may do what greenlets do. Then the bytes go on.
+        if self.first(data):
+            self._write(self.up, data)
+        else:
+            self._finish()
+
+    # -- the hub's side: callbacks, which never block ------------------------------------
+
+    def _readable(self, d: _Direction) -> None:
+        if d.pipe is not None:
+            self._splice_in(d)
+            return
+        try:
+            data = d.src.recv(BUFFER)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._abort(d.name)
+            return
+        if not data:
+            self._eof(d)
+            return
+        self.last = self.loop.now()
+        if d.upward and self.inspect is not None:
+            d.reader.stop()  # until the greenlet had the plugins look at them
+            self._wake(data)
+            return
+        self._write(d, data)
+
+    def _write(self, d: _Direction, data: Any) -> None:
+        try:
+            sent = d.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._abort(d.dst_name)
+            return
+        self._count(d, sent)
+        if sent < len(data):
+            d.pending = memoryview(data)[sent:]
+            d.reader.stop()
+            d.writer.start(self._writable, d)
+        elif _SPLICE and d.moved >= SPLICE_AFTER and d.pipe is None:
+            self._to_splice(d)
+        if not d.reader.active and not d.writer.active and not self.finished:
+            d.reader.start(self._readable, d)
+
+    def _writable(self, d: _Direction) -> None:
+        if d.pipe is not None:
+            self._splice_out(d)
+            return
+        data = d.pending
+        try:
+            sent = d.dst.send(data)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._abort(d.dst_name)
+            return
+        self._count(d, sent)
+        if sent < len(data):
+            d.pending = data[sent:]
+            return
+        d.pending = b""
+        d.writer.stop()
+        self._resume(d)
+
+    def _resume(self, d: _Direction) -> None:
+        """All that was read went out: read on, or pass on the EOF that came meanwhile."""
+        if d.eof:
+            self._eof(d)
+        elif not self.finished:
+            d.reader.start(self._readable, d)
+
+    def _eof(self, d: _Direction) -> None:
+        d.eof = True
+        d.reader.stop()
+        if d.pending or d.piped:
+            return  # the writer passes it on once the rest went out
+        d.done = True
+        if self.up.done and self.down.done:
+            self._finish()  # closing the sockets sends the last FIN
+            return
+        try:
+            d.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _count(self, d: _Direction, sent: int) -> None:
+        if sent:
+            d.moved += sent
+            self.last = self.loop.now()
+            if d.upward:
+                self.record.bytes_in += sent
+            else:
+                self.record.bytes_out += sent
+
+    # -- splice -------------------------------------------------------------------------
+
+    def _to_splice(self, d: _Direction) -> None:
+        try:
+            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # out of descriptors, say: recv and send do as well
+        try:
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # the default pipe size works, in more calls
+        d.pipe = (read_end, write_end)
+
+    def _splice_in(self, d: _Direction) -> None:
+        assert d.pipe is not None
+        try:
+            got = os.splice(d.src_fd, d.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._abort(d.name)
+            return
+        if not got:
+            self._eof(d)
+            return
+        d.piped = got
+        self._splice_out(d)
+        if d.piped:
+            d.reader.stop()
+            d.writer.start(self._writable, d)
+
+    def _splice_out(self, d: _Direction) -> None:
+        assert d.pipe is not None
+        try:
+            sent = os.splice(d.pipe[0], d.dst_fd, d.piped, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._abort(d.dst_name)
+            return
+        d.piped -= sent
+        self._count(d, sent)
+        if not d.piped and d.writer.active:
+            d.writer.stop()
+            self._resume(d)
+
+    # -- the end ------------------------------------------------------------------------
+
+    def _shut(self, reason: str) -> None:
         if not self.reason:
             self.reason = reason
         for sock in (self.client, self.upstream):
@@ -86,31 +280,43 @@ class _Tunnel:
             except OSError:
                 pass
 
-    def arm(self, delay: float) -> None:
-        timer = get_hub().loop.timer(delay)
-        timer.start(self._check)
-        self._timer = timer
+    def _abort(self, reason: str) -> None:
+        self._shut(reason)
+        self._finish()
 
-    def _check(self) -> None:
-        # Runs in the hub: must not block. Shutting the sockets wakes both pumps.
-        idle_for = time.monotonic() - self.last
-        if idle_for >= self.idle_timeout:
-            self.abort("idle timeout")
-        else:
-            self._timer.close()
-            self.arm(self.idle_timeout - idle_for)
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._stop()
+        self._wake(_DONE)
 
-    def limit(self, lifetime: float) -> None:
-        """Close the tunnel ``lifetime`` seconds from now, whatever moves through it."""
-        timer = get_hub().loop.timer(lifetime)
-        timer.start(self.abort, "max lifetime")
-        self._lifetime = timer
+    def _wake(self, message: Any) -> None:
+        # Switched to from the loop's callback queue, not from inside a watcher's callback:
+        # the greenlet closes the watchers, which libev must not see while it runs one.
+        self.loop.run_callback(self.waiter.switch, message)
 
-    def disarm(self) -> None:
+    def _stop(self) -> None:
+        for d in (self.up, self.down):
+            d.reader.stop()
+            d.writer.stop()
         for timer in (self._timer, self._lifetime):
             if timer is not None:
                 timer.close()
         self._timer = self._lifetime = None
+
+    def _arm(self, delay: float) -> None:
+        timer = self.loop.timer(delay)
+        timer.start(self._check)
+        self._timer = timer
+
+    def _check(self) -> None:
+        idle_for = self.loop.now() - self.last
+        if idle_for >= self.idle_timeout:
+            self._abort("idle timeout")
+        else:
+            self._timer.close()
+            self._arm(self.idle_timeout - idle_for)
 
 
 def relay(client: socket.socket, upstream: socket.socket, record: Record,
@@ -124,36 +330,31 @@ def relay(client: socket.socket, upstream: socket.socket, record: Record,
     close the tunnel by returning False. ``lifetime`` (seconds, 0 for none) bounds how long
     the tunnel may stay open at all.
     """
-    tunnel = _Tunnel(client, upstream, record, idle_timeout)
-    tunnel.inspect = inspect
-    client.settimeout(None)
-    upstream.settimeout(None)
-    tunnel.arm(idle_timeout)
-    if lifetime:
-        tunnel.limit(lifetime)
-    down: Optional[gevent.Greenlet] = None
+    tunnel = _Relay(client, upstream, record, idle_timeout, inspect)
     try:
+        # The bytes a parent sent with its 200 go to the client even if the parent is gone
+        # by now; then the client's early bytes, past the plugins, go up.
         if to_upstream and not tunnel.first(to_upstream):
             return tunnel.reason
-        # The client gets what the upstream said first, even if the upstream is gone already.
+        client.settimeout(idle_timeout)
+        upstream.settimeout(idle_timeout)
         if to_client:
-            send_all(client, to_client)
+            try:
+                send_all(client, to_client)
+            except OSError:
+                tunnel._shut("client")
+                return tunnel.reason
             record.bytes_out += len(to_client)
         if to_upstream:
             try:
                 send_all(upstream, to_upstream)
             except OSError:  # reset, say, right after a parent's 200
-                tunnel.abort("upstream")
+                tunnel._shut("upstream")
                 return tunnel.reason
             record.bytes_in += len(to_upstream)
-        down = gevent.spawn(tunnel.pump, upstream, client, False)
-        tunnel.pump(client, upstream, True)
-        down.join()
-    except OSError:
-        tunnel.abort("client")
+        if to_upstream or to_client:
+            tunnel.last = tunnel.loop.now()
+        return tunnel.run(lifetime)
     finally:
-        tunnel.disarm()
-        if down is not None and not down.dead:
-            tunnel.abort("shutdown")
-            down.kill()
-    return tunnel.reason or "done"
+        tunnel.up.close()
+        tunnel.down.close()

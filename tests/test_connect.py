@@ -17,6 +17,7 @@ from geproxy.testing import (
     echo,
     exchange,
     open_tunnel,
+    pattern,
     pattern_sha256,
     recv_all,
     require_tool,
@@ -343,3 +344,77 @@ def test_max_tunnel_lifetime_closes_a_busy_tunnel(proxy_factory, raw_origin):
         sock.close()
     assert closed
     assert wait_for_records(proxy, 1)[-1].close_reason == "max lifetime"
+
+
+# -- the relay's two ways of moving bytes: recv/send, and splice past SPLICE_AFTER ----------
+
+SPLICED = 4 * 1024 * 1024 + 4099  # well past SPLICE_AFTER, and not a multiple of any buffer
+
+
+@pytest.fixture
+def splice_calls(monkeypatch):
+    """Counts the relay's os.splice calls (the real ones: the wrapper only counts)."""
+    import os
+
+    from geproxy import tunnel
+
+    calls = []
+    real = os.splice
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, "splice", counting)
+    return calls, monkeypatch, tunnel
+
+
+@pytest.mark.parametrize("spliced", [True, False], ids=["splice", "recv-send"])
+def test_a_large_echo_both_ways_then_half_close(proxy, raw_origin, splice_calls, spliced):
+    calls, monkeypatch, tunnel = splice_calls
+    if not spliced:
+        monkeypatch.setattr(tunnel, "_SPLICE", False)
+    server = raw_origin(echo)
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    data = b"".join(pattern(SPLICED))
+    try:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sender = gevent.spawn(sock.sendall, data)
+        got = bytearray()
+        with gevent.Timeout(30):
+            while len(got) < len(data):
+                piece = sock.recv(1 << 20)
+                assert piece, "the tunnel closed early"
+                got += piece
+        sender.get(timeout=10)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        sock.shutdown(socket.SHUT_WR)  # the echo sees EOF and closes: so does the tunnel
+        assert recv_all(sock) == b""
+    finally:
+        sock.close()
+    record = wait_for_records(proxy, 1)[-1]
+    assert record.close_reason == "done"
+    target = f"127.0.0.1:{server.port}"
+    connect = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"  # as open_tunnel sends
+    assert record.bytes_in == len(connect) + SPLICED
+    assert record.bytes_out == len(head) + SPLICED
+    assert bool(calls) == spliced  # the fast path was taken, or not at all
+
+
+def test_idle_timeout_holds_on_a_spliced_tunnel(proxy_factory, raw_origin, splice_calls):
+    calls, _, _ = splice_calls
+    proxy = proxy_factory("idle_timeout = 500ms\n")
+    server = raw_origin(echo)
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    try:
+        sock.sendall(b"x" * SPLICED)
+        got = 0
+        with gevent.Timeout(30):
+            while got < SPLICED:
+                got += len(sock.recv(1 << 20))
+        assert calls  # spliced by now; then nothing moves
+        assert recv_all(sock, timeout=10) == b""  # closed at idle_timeout
+    finally:
+        sock.close()
+    record = wait_for_records(proxy, 1)[-1]
+    assert record.close_reason == "idle timeout"

@@ -140,6 +140,7 @@ def test_dns_cache_outcomes_and_workers_alive(proxy_factory, origin):
     for _ in range(3):  # tunnels: each one resolves (plain requests would reuse the pool)
         out = curl("-p", "-x", proxy.url, origin.url("/", host="cached.test"))
         assert out.stdout == b"hello\n", out.stderr
+    wait_for_records(proxy, 3)  # counted as each tunnel's record is made, after curl is gone
     samples = _samples(proxy)
     assert samples[("geproxy_dns_cache_total", (("result", "miss"),))] == 1
     assert samples[("geproxy_dns_cache_total", (("result", "hit"),))] == 2
