@@ -5,13 +5,18 @@
  *       CLIENTS concurrent clients, each repeating for SECONDS: connect, CONNECT
  *       127.0.0.1:ORIGIN, read the 200, GET / through the tunnel, read the whole answer,
  *       close. With PROXY 0 there is no proxy: connect to ORIGIN and GET / directly.
+ *       Each cycle's time, connect() to the answer's last byte, goes into a histogram of
+ *       1 us buckets up to 1 s (slower cycles count in the last one): p50 and p99 from it.
  *   loadgen -m download -p PROXY -o ORIGIN -u PATH -d SECONDS
  *       one cycle that GETs PATH and reads its body to nowhere (SECONDS bounds it).
- *   loadgen -m hold     -p PROXY -o ORIGIN -n COUNT -c OPENING -d SECONDS
- *       opens COUNT idle tunnels, at most OPENING being opened at once, prints a line,
- *       holds them until stdin closes (or SECONDS pass), prints a second line, exits.
+ *   loadgen -m hold     -p PROXY -o ORIGIN -n MAX -c OPENING -d SECONDS
+ *       idle tunnels, opened in steps: each line "N" on stdin opens tunnels until N are
+ *       open (at most MAX, at most OPENING being opened at once, SECONDS per step) and
+ *       prints a line; at the end of stdin it closes them all, prints a last line, exits.
+ *       The whole run is bounded by an alarm of 3 x SECONDS + 60 s.
  *
- * Every result is one JSON line on stdout. Every loop is bounded by a deadline.
+ * Every result is one JSON line on stdout, with the CPU seconds the generator itself used
+ * ("cpu_s"). Every loop is bounded by a deadline.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,13 +30,14 @@
 #include <strings.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
+#include <sys/time.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #define HEAD_MAX 8192           /* a response head larger than this is an error */
 #define SCRATCH_SIZE (1 << 20)  /* body bytes are read here and dropped */
-#define MAX_SAMPLES 20000000    /* latency samples kept; cycles beyond are counted only */
+#define HIST_BUCKETS 1000000   /* latency histogram: 1 us buckets, the last one is >= 1 s */
 #define MAX_EVENTS 512
 #define TICK_MS 50
 
@@ -60,9 +66,8 @@ struct stats {
     long done;
     long errors;
     char first_error[160];
-    double *samples;
+    unsigned int *hist;   /* HIST_BUCKETS counts of cycle times in microseconds */
     long nsamples;
-    long cap;
     unsigned long long answer_bytes;
 };
 
@@ -95,13 +100,22 @@ static void note_error(const char *fmt, ...) {
 }
 
 static void record_latency(double seconds) {
-    if (st.nsamples == st.cap) {
-        if (st.cap >= MAX_SAMPLES) return;
-        st.cap = st.cap ? st.cap * 2 : 65536;
-        st.samples = realloc(st.samples, st.cap * sizeof *st.samples);
-        if (!st.samples) die("realloc");
+    if (!st.hist) {
+        st.hist = calloc(HIST_BUCKETS, sizeof *st.hist);
+        if (!st.hist) die("calloc");
     }
-    st.samples[st.nsamples++] = seconds;
+    double us = seconds * 1e6;
+    long bucket = us < 0 ? 0 : us >= HIST_BUCKETS - 1 ? HIST_BUCKETS - 1 : (long)us;
+    st.hist[bucket]++;
+    st.nsamples++;
+}
+
+/* The CPU time this process used so far, user + system. */
+static double cpu_seconds(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec +
+           ru.ru_stime.tv_usec / 1e6;
 }
 
 static void raise_nofile(void) {
@@ -142,7 +156,8 @@ static int start_conn(struct conn *c) {
         close_conn(c);
         return -1;
     }
-    struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
+    /* Edge-triggered, both ways, once: no epoll_ctl between the steps of a cycle. */
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = c};
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
     return 0;
 }
@@ -231,15 +246,16 @@ static int read_step(struct conn *c) {
 }
 
 /* Handle one event. Returns 1 when the cycle is done, 0 to wait, -1 on error. */
-static int on_event(struct conn *c) {
+static int on_event(struct conn *c, uint32_t events) {
     if (c->state == CONNECTING) {
-        int err = 0;
-        socklen_t len = sizeof err;
-        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
-        if (err) {
-            note_error("connect: %s", strerror(err));
+        if (events & (EPOLLERR | EPOLLHUP)) {
+            int err = 0;
+            socklen_t len = sizeof err;
+            getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+            note_error("connect: %s", strerror(err ? err : ECONNRESET));
             return -1;
         }
+        if (!(events & EPOLLOUT)) return 0;
         char req[256];
         int n;
         if (opt.proxy_port) {
@@ -250,14 +266,14 @@ static int on_event(struct conn *c) {
         } else if (send_get(c) < 0) {
             goto send_failed;
         }
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
-        if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) die("epoll_ctl");
         return 0;
     }
     if (c->state == HELD) {
+        if (!(events & ~(uint32_t)EPOLLOUT)) return 0;  /* only room to write: still idle */
         note_error("held tunnel closed or spoke");
         return -1;
     }
+    if (!(events & ~(uint32_t)EPOLLOUT)) return 0;  /* nothing to read yet */
     int r = read_step(c);
     if (r <= 0) return r;
     if (c->state == TUNNEL_REPLY) {
@@ -265,8 +281,8 @@ static int on_event(struct conn *c) {
             c->state = HELD;
             return 1;
         }
-        if (send_get(c) < 0) goto send_failed;
-        return read_step(c);
+        /* Its answer comes with a new edge: nothing to read before it. */
+        return send_get(c) < 0 ? (note_error("send: %s", strerror(errno)), -1) : 0;
     }
     return 1;
 send_failed:
@@ -280,16 +296,18 @@ static int wait_events(struct epoll_event *evs) {
     return n < 0 ? 0 : n;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
+/* The p-th percentile of the recorded cycle times, in ms: the upper edge of the bucket that
+ * holds the sample of that rank (nearest-rank method), so within 1 us above the truth. */
 static double percentile_ms(double p) {
     if (st.nsamples == 0) return 0.0;
     long rank = (long)(p / 100.0 * st.nsamples + 0.999999);
     if (rank < 1) rank = 1;
-    return st.samples[rank - 1] * 1000.0;
+    long seen = 0;
+    for (long bucket = 0; bucket < HIST_BUCKETS; bucket++) {
+        seen += st.hist[bucket];
+        if (seen >= rank) return (bucket + 1) / 1000.0;
+    }
+    return HIST_BUCKETS / 1000.0;
 }
 
 /* Repeat cycles on CLIENTS connections until SECONDS pass or LIMIT cycles ended. */
@@ -307,7 +325,7 @@ static void run_cycles(int clients, long limit) {
         int n = wait_events(evs);
         for (int i = 0; i < n; i++) {
             struct conn *c = evs[i].data.ptr;
-            int r = on_event(c);
+            int r = on_event(c, evs[i].events);
             if (r == 0) continue;
             if (r > 0) {
                 st.done++;
@@ -321,63 +339,84 @@ static void run_cycles(int clients, long limit) {
         if (conns[i].state != IDLE) unfinished++;
         close_conn(&conns[i]);
     }
-    qsort(st.samples, st.nsamples, sizeof *st.samples, cmp_double);
     printf("{\"cycles\": %ld, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.6f, "
-           "\"p50_ms\": %.4f, \"p99_ms\": %.4f, \"answer_bytes\": %llu, \"first_error\": \"%s\"}\n",
+           "\"p50_ms\": %.3f, \"p99_ms\": %.3f, \"answer_bytes\": %llu, \"cpu_s\": %.3f, "
+           "\"first_error\": \"%s\"}\n",
            st.done, st.errors, unfinished, elapsed, percentile_ms(50), percentile_ms(99),
-           st.answer_bytes, st.first_error);
+           st.answer_bytes, cpu_seconds(), st.first_error);
 }
 
-static void run_hold(void) {
-    struct conn *conns = calloc(opt.count, sizeof *conns);
+/* Start tunnels from conns[*started] on until `target` were started and each is open or has
+ * failed, or SECONDS pass. Held tunnels that close or speak meanwhile are counted in
+ * *closed. Returns the number held. */
+static long open_until(struct conn *conns, int *started, int target, long held, long *closed) {
     struct epoll_event evs[MAX_EVENTS];
-    if (!conns) die("calloc");
-    for (int i = 0; i < opt.count; i++) conns[i].fd = -1;
-    double begin = now(), deadline = begin + opt.seconds;
-    int started = 0, opening = 0;
-    long held = 0;
-    while (started < opt.count || opening > 0) {
-        if (now() >= deadline) break;
-        while (opening < opt.clients && started < opt.count)
-            if (start_conn(&conns[started++]) == 0) opening++;
+    double deadline = now() + opt.seconds;
+    int opening = 0;
+    while ((*started < target || opening > 0) && now() < deadline) {
+        while (opening < opt.clients && *started < target)
+            if (start_conn(&conns[(*started)++]) == 0) opening++;
         int n = wait_events(evs);
         for (int i = 0; i < n; i++) {
             struct conn *c = evs[i].data.ptr;
             int was_held = c->state == HELD;
-            int r = on_event(c);
+            int r = on_event(c, evs[i].events);
             if (r == 0) continue;
             if (!was_held) opening--;
             if (r > 0) {
                 held++;
                 continue;
             }
-            if (was_held) held--;
+            if (was_held) {
+                held--;
+                (*closed)++;
+            }
             close_conn(c);
         }
     }
-    printf("{\"open\": %ld, \"errors\": %ld, \"seconds\": %.6f, \"first_error\": \"%s\"}\n",
-           held, st.errors, now() - begin, st.first_error);
-    fflush(stdout);
+    return held;
+}
 
-    /* Hold until stdin closes or a line arrives; count tunnels that end meanwhile. */
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
-    if (epoll_ctl(epfd, EPOLL_CTL_ADD, 0, &ev) < 0) die("epoll_ctl stdin");
+/* Held tunnels that closed or spoke since the last look (each is closed and counted). */
+static long sweep_held(void) {
+    struct epoll_event evs[MAX_EVENTS];
     long closed = 0;
-    int released = 0;
-    deadline = now() + opt.seconds;
-    while (!released && now() < deadline) {
-        int n = wait_events(evs);
+    for (int round = 0; round < 1000; round++) {
+        int n = epoll_wait(epfd, evs, MAX_EVENTS, 0);
+        if (n <= 0) break;
         for (int i = 0; i < n; i++) {
             struct conn *c = evs[i].data.ptr;
-            if (!c) {
-                released = 1;
-                continue;
-            }
+            if (!(evs[i].events & ~(uint32_t)EPOLLOUT)) continue;  /* still idle */
             if (c->state == HELD) closed++;
             close_conn(c);
         }
     }
-    printf("{\"closed_while_held\": %ld, \"released\": %s}\n", closed, released ? "true" : "false");
+    return closed;
+}
+
+static void run_hold(void) {
+    struct conn *conns = calloc(opt.count, sizeof *conns);
+    if (!conns) die("calloc");
+    for (int i = 0; i < opt.count; i++) conns[i].fd = -1;
+    alarm((unsigned)(3 * opt.seconds) + 60);  /* the whole run's bound, whatever stdin does */
+    long held = 0, closed = 0;
+    int started = 0;
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {
+        int target = atoi(line);
+        if (target > opt.count) target = opt.count;
+        double begin = now();
+        long gone = sweep_held();
+        held -= gone;
+        closed += gone;
+        held = open_until(conns, &started, target, held, &closed);
+        printf("{\"open\": %ld, \"errors\": %ld, \"closed_while_held\": %ld, \"seconds\": %.3f, "
+               "\"cpu_s\": %.3f, \"first_error\": \"%s\"}\n",
+               held, st.errors, closed, now() - begin, cpu_seconds(), st.first_error);
+        fflush(stdout);
+    }
+    closed += sweep_held();
+    printf("{\"closed_while_held\": %ld, \"released\": true}\n", closed);
     for (int i = 0; i < opt.count; i++) close_conn(&conns[i]);
 }
 

@@ -1,8 +1,10 @@
 /* origin.c: the built-in origin, used when nginx is not installed. One process, epoll,
  * non-blocking, HTTP/1.1 keep-alive (HTTP/1.0 keep-alive on request), GET only:
  *
- *   origin -p PORT -b BIG_BYTES
- *       /     a tiny body        /1k   1024 bytes        /big   BIG_BYTES zero bytes
+ *   origin -p PORT -b BIG_BYTES [-n NAME]
+ *       /     a tiny body that names the origin ("hello from the bench origin NAME\n",
+ *             NAME "A" by default): the bench's routing check starts two, A and B
+ *       /1k   1024 bytes        /big   BIG_BYTES zero bytes
  *
  * Listens on 127.0.0.1:PORT and runs until it is killed.
  */
@@ -22,7 +24,8 @@
 #define CHUNK (256 * 1024)
 #define MAX_EVENTS 512
 
-static const char TINY[] = "hello from the bench origin\n";
+static char tiny[80];      /* the body of /, made from the origin's name at start */
+static size_t tiny_len;
 static char filler[CHUNK]; /* zeros for /big; its first 1024 bytes are /1k */
 
 struct client {
@@ -71,8 +74,8 @@ static int take_request(struct client *c) {
     c->keep_alive = http11 ? !strcasestr(c->in, "\r\nconnection: close")
                            : strcasestr(c->in, "\r\nconnection: keep-alive") != NULL;
     const char *status = "200 OK";
-    c->body = TINY;
-    c->body_left = sizeof TINY - 1;
+    c->body = tiny;
+    c->body_left = tiny_len;
     if (!path || !proto || strncmp(c->in, "GET ", 4) != 0) {
         status = "400 Bad Request";
         c->body_left = 0;
@@ -158,15 +161,19 @@ static void accept_all(int lfd) {
 
 int main(int argc, char **argv) {
     int port = 0, ch;
-    while ((ch = getopt(argc, argv, "p:b:")) != -1) {
+    const char *name = "A";
+    while ((ch = getopt(argc, argv, "p:b:n:")) != -1) {
         if (ch == 'p') port = atoi(optarg);
         else if (ch == 'b') big_bytes = strtoull(optarg, NULL, 10);
+        else if (ch == 'n') name = optarg;
         else return 2;
     }
     if (port <= 0) {
-        fprintf(stderr, "usage: origin -p PORT -b BIG_BYTES\n");
+        fprintf(stderr, "usage: origin -p PORT -b BIG_BYTES [-n NAME]\n");
         return 2;
     }
+    int made = snprintf(tiny, sizeof tiny, "hello from the bench origin %.40s\n", name);
+    tiny_len = made < (int)sizeof tiny ? (size_t)made : sizeof tiny - 1;
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
         rl.rlim_cur = rl.rlim_max;

@@ -1,12 +1,16 @@
-"""The origin every measure talks to: Debian's nginx with a generated config, or the
+"""The origins every measure talks to: Debian's nginx with a generated config, or the
 built-in C origin (origin.c) when nginx is not installed.
 
-Both serve on 127.0.0.1: `/` a tiny body, `/1k` 1 KiB, `/big` the throughput file.
+Two origins, A and B, on two ports of 127.0.0.1. A serves every measure: `/` a tiny body,
+`/1k` 1 KiB, `/big` the throughput file. B serves `/` only, for the keep-alive routing
+check. Each one's `/` says which it is ("hello from the bench origin A").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import procs
@@ -46,39 +50,89 @@ http {{
         listen 127.0.0.1:{port} backlog=4096;
         root {root}/www;
         location = / {{
-            return 200 "hello from the bench origin\\n";
+            return 200 "hello from the bench origin A\\n";
+        }}
+    }}
+
+    server {{
+        listen 127.0.0.1:{port_b} backlog=4096;
+        location = / {{
+            return 200 "hello from the bench origin B\\n";
         }}
     }}
 }}
 """
 
 
+@dataclass
+class Origins:
+    """The running origins: A on `port` for every measure, B on `port_b` for the routing
+    check; `servers` are the processes to stop (one nginx serves both ports)."""
+
+    servers: list[procs.Server]
+    port: int
+    port_b: int
+    version: str
+
+    @property
+    def pid(self) -> int:
+        """The process that serves A."""
+        return self.servers[0].pid
+
+    def stop(self) -> list[str]:
+        return [note for server in self.servers for note in procs.stop_server(server)]
+
+
+def start(kind: str, workdir: Path, big_bytes: int, nofile: int) -> Origins:
+    """nginx, builtin, or (auto) nginx when it is installed; StartError if it does not start."""
+    if kind == "nginx" or (kind == "auto" and nginx_installed()):
+        return start_nginx(workdir, big_bytes, nofile)
+    return start_builtin(workdir, big_bytes)
+
+
 def nginx_installed() -> bool:
     return Path(NGINX).exists()
 
 
-def start_nginx(workdir: Path, big_bytes: int, nofile: int) -> procs.Server:
+def start_nginx(workdir: Path, big_bytes: int, nofile: int) -> Origins:
     root = workdir / "nginx"
     www = root / "www"
     www.mkdir(parents=True)
     (www / "1k").write_bytes(b"x" * 1024)
     _make_big_file(www / "big", big_bytes)
-    port = procs.free_port()
+    port, port_b = procs.free_port(), procs.free_port()
     conf = root / "nginx.conf"
+    # Every descriptor but a few may be a connection: 9,000 idle tunnels reach A at once.
     conf.write_text(NGINX_CONF.format(
-        root=root, port=port, nofile=nofile, connections=max(1024, nofile // 2),
+        root=root, port=port, port_b=port_b, nofile=nofile, connections=max(1024, nofile - 64),
     ))
-    return procs.start_server(
+    server = procs.start_server(
         "nginx", [NGINX, "-p", str(root), "-e", str(root / "error.log"), "-c", str(conf)],
         port, workdir,
     )
+    try:
+        procs.wait_port(dataclasses.replace(server, port=port_b))
+    except procs.StartError:
+        procs.stop_server(server)
+        raise
+    return Origins([server], port, port_b, f"{nginx_version()}, 1 process")
 
 
-def start_builtin(workdir: Path, big_bytes: int) -> procs.Server:
+def start_builtin(workdir: Path, big_bytes: int) -> Origins:
     binary = procs.build_c(BENCH_DIR / "origin.c", workdir)
-    port = procs.free_port()
-    return procs.start_server("origin", [str(binary), "-p", str(port), "-b", str(big_bytes)],
-                              port, workdir)
+    servers: list[procs.Server] = []
+    try:
+        for name in ("A", "B"):
+            port = procs.free_port()
+            servers.append(procs.start_server(
+                f"origin-{name}", [str(binary), "-p", str(port), "-b", str(big_bytes), "-n", name],
+                port, workdir))
+    except procs.StartError:
+        for server in servers:
+            procs.stop_server(server)
+        raise
+    return Origins(servers, servers[0].port, servers[1].port,
+                   "built-in origin (bench/origin.c), 1 process per origin")
 
 
 def _make_big_file(path: Path, size: int) -> None:

@@ -10,6 +10,7 @@ import glob
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -47,7 +48,7 @@ def raise_nofile() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (WANTED_NOFILE, max(hard, WANTED_NOFILE)))
-    except (ValueError, OSError):  # not root: the hard limit is as far as we may go
+    except (ValueError, OSError):  # no CAP_SYS_RESOURCE: the hard limit is as far as we go
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
@@ -106,24 +107,69 @@ def last_line(log: Path) -> str:
     return lines[-1][:160] if lines else "no output"
 
 
-def stop(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM the process by its PID, SIGKILL it if it lingers, and reap it."""
+def stop(process: subprocess.Popen[Any]) -> list[str]:
+    """SIGTERM the process by its PID, SIGKILL it if it lingers, and reap it; then make sure
+    every process it had started is gone too (squid's kids, proxy.py's acceptors, geproxy's
+    workers): one that outlives it gets SIGKILL by its own PID. Returns notes on what had to
+    be killed, for the table."""
     if process.poll() is not None:
-        return
+        return []
+    family = _identities(process_tree(process.pid)[1:])
+    notes = []
     process.terminate()
     try:
         process.wait(timeout=STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=STOP_TIMEOUT)
+        notes.append(f"PID {process.pid} ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killed")
+    left = _wait_gone(family, STOP_TIMEOUT)
+    for pid, started in left:
+        if _identity(pid) == (pid, started):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        notes.append(f"{len(left)} process(es) started by PID {process.pid} outlived it "
+                     f"by {STOP_TIMEOUT:.0f} s: killed ({', '.join(str(pid) for pid, _ in left)})")
+    still = _wait_gone(left, STOP_TIMEOUT)
+    if still:
+        notes.append(f"still running after SIGKILL: {', '.join(str(pid) for pid, _ in still)}")
+    return notes
 
 
-def stop_server(server: Server) -> None:
-    """Stop the server by its PID and remove what it leaves behind."""
-    stop(server.process)
+def _identity(pid: int) -> tuple[int, int] | None:
+    """(pid, start time) of a live process, None once it ended (or is a zombie): the start
+    time tells the same process from a later one that reuses its PID."""
+    try:
+        fields = _stat_fields(pid)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else (pid, int(fields[19]))  # starttime, field 22
+
+
+def _identities(pids: list[int]) -> list[tuple[int, int]]:
+    return [found for found in map(_identity, pids) if found]
+
+
+def _wait_gone(members: list[tuple[int, int]], timeout: float) -> list[tuple[int, int]]:
+    """Wait up to `timeout` for the processes to end; return those still there."""
+    deadline = time.monotonic() + timeout
+    left = members
+    for _ in range(int(timeout / 0.05) + 1):
+        left = [member for member in left if _identity(member[0]) == member]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    return left
+
+
+def stop_server(server: Server) -> list[str]:
+    """Stop the server and its children by PID and remove what it leaves behind; return
+    notes on anything that had to be killed."""
+    notes = [f"{server.name}: {note}" for note in stop(server.process)]
     for pattern in server.leftovers:
         for path in glob.glob(pattern):
             os.remove(path)
+    return notes
 
 
 def _stat_fields(pid: int) -> list[str]:

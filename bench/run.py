@@ -1,6 +1,6 @@
-"""geproxy's benchmark: geproxy against no proxy, tinyproxy and squid, on loopback.
+"""geproxy's benchmark: geproxy against no proxy and the other forward proxies, on loopback.
 
-    python bench/run.py [--quick] [--subjects geproxy,direct,tinyproxy,squid]
+    python bench/run.py [--quick] [--subjects direct,geproxy-1,geproxy-auto,squid-1,...]
                         [--duration SECONDS] [--out bench/results/] [--origin auto]
 
 Prints a markdown table and saves it as OUT/YYYYmmdd-HHMMSS.md. bench/README.md says what
@@ -40,7 +40,7 @@ class Settings:
     seconds: int
     clients: int
     download_mib: int
-    tunnels: int
+    levels: tuple[int, ...]
     out: Path
     origin: str
 
@@ -48,17 +48,18 @@ class Settings:
 def parse_args(argv: list[str] | None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="1 run per measure, 5 s rates, 256 MiB download, 1,000 idle tunnels")
-    parser.add_argument("--subjects", default="direct,geproxy,tinyproxy,squid",
-                        help="comma-separated, from: direct, geproxy, tinyproxy, squid")
+                        help="1 run per measure, 3 s rates, 256 MiB download")
+    parser.add_argument("--subjects", default=subjects.DEFAULT,
+                        help=f"comma-separated, from: {subjects.DEFAULT.replace(',', ', ')} "
+                             "(default: all)")
     parser.add_argument("--duration", type=int,
-                        help="seconds per rate measure (default 10, 5 with --quick)")
+                        help="seconds per rate measure (default 10, 3 with --quick)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                         help="directory for the saved table (default bench/results/)")
     parser.add_argument("--origin", choices=("auto", "nginx", "builtin"), default="auto",
                         help="nginx, the built-in C origin, or nginx when installed (default)")
     args = parser.parse_args(argv)
-    seconds = args.duration if args.duration is not None else (5 if args.quick else 10)
+    seconds = args.duration if args.duration is not None else (3 if args.quick else 10)
     if seconds <= 0:
         parser.error("--duration must be positive")
     return Settings(
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         seconds=seconds,
         clients=50,
         download_mib=256 if args.quick else 1024,
-        tunnels=1000 if args.quick else 5000,
+        levels=measure.TUNNEL_LEVELS,
         out=args.out,
         origin=args.origin,
     )
@@ -77,23 +78,17 @@ def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def start_origin(settings: Settings, workdir: Path, nofile: int) -> tuple[procs.Server, str]:
-    big = settings.download_mib * 2**20
-    use_nginx = settings.origin == "nginx" or (
-        settings.origin == "auto" and origin.nginx_installed())
-    if use_nginx:
-        return origin.start_nginx(workdir, big, nofile), origin.nginx_version()
-    return origin.start_builtin(workdir, big), "built-in origin (bench/origin.c)"
-
-
 def measure_subject(settings: Settings, results: report.Results, run: int, name: str,
-                    target: measure.Target, loadgen: Path) -> None:
-    """Every measure once against one running subject, fresh-started for the RSS measure."""
+                    target: measure.Target, origins: origin.Origins, loadgen: Path) -> None:
+    """Every measure once against one running subject, started afresh for this run: the
+    routing check and the idle tunnels first, on the fresh proxy."""
     steps: list[tuple[str, Callable[[], measure.Reading]]] = []
     if target.proxy:
         proxy = target.proxy
+        steps.append(("routing check", lambda: measure.routing(
+            proxy, origins.port, origins.port_b)))
         steps.append(("idle tunnels", lambda: measure.idle_rss(
-            loadgen, target.origin_port, proxy, settings.tunnels)))
+            loadgen, target.origin_port, proxy, settings.levels)))
     steps += [
         ("cycles", lambda: measure.cycles(loadgen, target, settings.clients, settings.seconds)),
         ("download", lambda: measure.throughput(loadgen, target, settings.download_mib * 2**20)),
@@ -113,9 +108,14 @@ def measure_subject(settings: Settings, results: report.Results, run: int, name:
             return
 
 
-def run_all(settings: Settings, workdir: Path, loadgen: Path, origin_port: int) -> report.Results:
+def run_all(settings: Settings, workdir: Path, loadgen: Path,
+            origins: origin.Origins) -> report.Results:
     chosen = subjects.by_names(settings.subjects)
-    results = report.Results([subject.name for subject in chosen])
+    results = report.Results(
+        [subject.name for subject in chosen],
+        peers=[subject.name for subject in chosen if subject.kind == subjects.PEER],
+        proxies=[subject.name for subject in chosen if subject.start is not None],
+    )
     for subject in chosen:
         reason = subject.missing()
         if reason:
@@ -141,30 +141,39 @@ def run_all(settings: Settings, workdir: Path, loadgen: Path, origin_port: int) 
                     continue
             try:
                 measure_subject(settings, results, run, subject.name,
-                                measure.Target(origin_port, server), loadgen)
+                                measure.Target(origins.port, server, origins.pid), origins,
+                                loadgen)
             finally:
                 if server:
-                    procs.stop_server(server)
+                    stopped = procs.stop_server(server)
+                    results.notes.extend(f"{subject.name}, run {run}: {note}" for note in stopped)
             results.runs[subject.name] = run
     return results
 
 
-def header(settings: Settings, started: datetime.datetime, origin_version: str) -> list[str]:
+def header(settings: Settings, started: datetime.datetime, origin_version: str,
+           nofile: int) -> list[str]:
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in lines
                 if line.startswith("model name")), platform.machine())
+    chosen = subjects.by_names(settings.subjects)
     return [
         f"# geproxy bench, {started:%Y-%m-%d %H:%M:%S}",
         "",
         f"- machine: {os.cpu_count()} cores ({cpu}), Linux {platform.release()}, "
         f"Python {platform.python_version()}; client, origin and proxy share the cores",
-        f"- origin: {origin_version}, 1 process; the direct column is the origin without a proxy",
+        f"- origin: {origin_version}; the direct column is the origin without a proxy",
         f"- load: bench/loadgen.c (gcc {_tool_version(['gcc', '-dumpfullversion'], 0)}, one epoll "
-        f"process), wrk {_tool_version(['wrk', '-v'], 1)}",
+        f"process), wrk {_tool_version(['wrk', '-v'], 1)} (-t{measure.WRK_THREADS})",
         f"- {settings.runs} run(s) per measure, median shown; {settings.seconds} s per rate "
-        f"measure; every proxy started afresh for each run",
-        "- ↑ higher is better, ↓ lower is better; ratio columns are geproxy's value divided "
-        "by the baseline's",
+        f"measure; every proxy started afresh for each run; descriptor limit {nofile:,} "
+        "for the bench and every child",
+        "- subjects, as they ran:",
+        *(f"  - {subject.name}: {subject.setup}" for subject in chosen),
+        "- ↑ higher is better, ↓ lower is better. A ratio column divides the first subject's "
+        "median by the second's (best peer: the best of the other proxies for that row; a "
+        "keep-alive rate of a proxy that sticks to the first host does not count); ✓/✗: the "
+        "target in the last column is met or not",
     ]
 
 
@@ -192,17 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         workdir.chmod(0o755)  # squid, after dropping root, reaches its dir below this one
         loadgen = procs.build_c(BENCH_DIR / "loadgen.c", workdir)
         try:
-            origin_server, origin_version = start_origin(settings, workdir, nofile)
+            origins = origin.start(settings.origin, workdir, settings.download_mib * 2**20,
+                                   nofile)
         except procs.StartError as exc:
             raise SystemExit(f"bench: the origin did not start: {exc}") from exc
-        progress(f"origin {origin_version} on port {origin_server.port}; files in {workdir}")
+        progress(f"origin {origins.version} on ports {origins.port} (A) and {origins.port_b} "
+                 f"(B); files in {workdir}")
         try:
-            results = run_all(settings, workdir, loadgen, origin_server.port)
+            results = run_all(settings, workdir, loadgen, origins)
         finally:
-            procs.stop_server(origin_server)
-    labels = {"clients": settings.clients, "mib": settings.download_mib,
-              "tunnels": f"{settings.tunnels:,}"}
-    text = report.render(results, header(settings, started, origin_version), labels)
+            stopped = origins.stop()
+        results.notes.extend(f"origin: {note}" for note in stopped)
+    labels = {"clients": settings.clients, "mib": settings.download_mib}
+    text = report.render(results, header(settings, started, origins.version, nofile), labels)
     print(text)
     settings.out.mkdir(parents=True, exist_ok=True)
     saved = settings.out / f"{started:%Y%m%d-%H%M%S}.md"
