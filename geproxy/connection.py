@@ -29,7 +29,7 @@ from .log import ConnLogger
 from .models import Context, Headers, Record, Request, Response, Route
 from .sockets import send_all
 from .static import content_type, find_file
-from .tunnel import relay
+from .tunnel import open_relay
 from .upstream import connect, parent_connect
 
 if TYPE_CHECKING:
@@ -65,6 +65,9 @@ class Connection:
         self.greenlet: Optional[gevent.Greenlet] = None
         #: The close reason given to a request cut by ``close()``.
         self.cut_reason = "shutdown"
+        #: A tunnel relaying on its own, with no greenlet (see ``_tunnel``); the connection
+        #: then ends in ``_end_detached``, not in ``handle``.
+        self.detached: Optional[Any] = None
 
     # -- the way of one connection ------------------------------------------------------
 
@@ -75,7 +78,8 @@ class Connection:
         try:
             self._serve()
         finally:
-            self.hooks.on_disconnect(ctx)
+            if self.detached is None:
+                self.hooks.on_disconnect(ctx)
 
     def _serve(self) -> None:
         ctx = self.ctx
@@ -126,9 +130,11 @@ class Connection:
                 self._close_record(record)
             raise
         finally:
-            if self.record is not None:
+            if self.record is not None and self.detached is None:
                 self.server.active.pop(self.ctx.conn_id, None)
                 self.record = None
+        if self.detached is not None:
+            return False  # the tunnel goes on without this greenlet; its record comes later
         self._close_record(record)
         return keep_alive and not self.server.stopping
 
@@ -136,7 +142,9 @@ class Connection:
         """End this connection from another greenlet (the admin listener): the request or
         tunnel in flight gets its record with ``reason``, and the client sees the close."""
         self.cut_reason = reason
-        if self.greenlet is not None:
+        if self.detached is not None:
+            self.detached.cancel(reason)
+        elif self.greenlet is not None:
             self.greenlet.kill(block=False)
 
     def _dispatch(self, request: Request, record: Record) -> bool:
@@ -379,13 +387,45 @@ class Connection:
             if self.hooks.inspects_tunnels:
                 def inspect(data: bytes) -> bool:
                     return self._inspect_tunnel(request, record, data)
-            record.close_reason = relay(self.sock, upstream, record,
-                                        self.settings["idle_timeout"], to_upstream=self.buf,
-                                        to_client=early, inspect=inspect,
-                                        lifetime=self.settings["max_tunnel_lifetime"])
+            tunnel, ended = open_relay(self.sock, upstream, record,
+                                       self.settings["idle_timeout"], to_upstream=self.buf,
+                                       to_client=early, inspect=inspect)
             self.buf = b""
-        finally:
+        except BaseException:
             upstream.close()
+            raise
+        if ended or inspect is not None:
+            # A plugin looks at the first bytes: that needs this greenlet, so it waits.
+            try:
+                record.close_reason = ended or tunnel.run(
+                    self.settings["max_tunnel_lifetime"])
+            finally:
+                tunnel.close()
+                upstream.close()
+            return
+        # Nothing to ask plugins until the end: the tunnel relays on its own and this
+        # greenlet ends, so an idle tunnel holds no greenlet (nor its stacks) at all.
+        self.detached = tunnel
+        self.server.detach(self)
+        tunnel.detach(self.settings["max_tunnel_lifetime"],
+                      lambda reason: self.server.connections.spawn(
+                          self._end_detached, upstream, record, reason))
+
+    def _end_detached(self, upstream: socket.socket, record: Record, reason: str) -> None:
+        """The end of a detached tunnel, in a greenlet of its own: what ``_serve_one``,
+        ``handle`` and the server would have done had a greenlet waited for it."""
+        tunnel = self.detached
+        try:
+            if tunnel is not None:
+                tunnel.close()
+            upstream.close()
+            record.close_reason = reason
+            self.server.active.pop(self.ctx.conn_id, None)
+            self.record = None
+            self._close_record(record)
+            self.hooks.on_disconnect(self.ctx)
+        finally:
+            self.server.attach(self)
 
     def _inspect_tunnel(self, request: Request, record: Record, data: bytes) -> bool:
         """on_tunnel_data for the client's first bytes; False closes the tunnel."""

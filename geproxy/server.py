@@ -65,6 +65,9 @@ class ProxyServer:
         self.servers: list[StreamServer] = []
         #: Connections with a request or tunnel in flight, by conn id (for /tunnels).
         self.active: dict[str, Connection] = {}
+        #: Connections whose tunnel relays with no greenlet (Connection._tunnel): counted
+        #: with ``connections``, ended by a stop like them.
+        self.detached: set[Connection] = set()
         self.admin: Optional[Any] = None  # a gevent.pywsgi.WSGIServer once started
 
     # The current generation's view, for whoever has no connection to ask.
@@ -98,8 +101,8 @@ class ProxyServer:
                 # A wildcard listener learns each connection's local address from the
                 # kernel; a specific one knows it already.
                 local = None if _is_wildcard(host) else bound
-                server = StreamServer(listener, self._handler(local),
-                                      spawn=self.connections.spawn)
+                server = _Listener(listener, self._handler(local),
+                                   spawn=self.connections.spawn)
                 self.servers.append(server)
                 server.start()
             if admin and self.config.core["admin_listen"] is not None:
@@ -170,7 +173,7 @@ class ProxyServer:
             "open_fds": _count_entries("/proc/self/fd"),
             "greenlets": _live_greenlets(),
             "threads": _count_entries("/proc/self/task"),
-            "connections": len(self.connections),
+            "connections": self.open_connections(),
             "idle_connections": len(self.idle),
             "in_flight": len(self.active),
             "tunnels": tunnels,
@@ -207,9 +210,10 @@ class ProxyServer:
                 local: Optional[tuple[str, int]]) -> None:
         gen = self.gen
         gen.users += 1
+        conn: Optional[Connection] = None
         try:
             conn = Connection(self, gen, sock, address, local or sock.getsockname()[:2])
-            if len(self.connections) > gen.config.core["max_connections"]:
+            if self.open_connections() > gen.config.core["max_connections"]:
                 self._refuse(conn)
                 return
             conn.handle()
@@ -218,8 +222,23 @@ class ProxyServer:
         except Exception:
             log.exception("connection from %s failed", address[0])
         finally:
-            sock.close()
-            self.release(gen)
+            if conn is None or conn.detached is None:
+                sock.close()
+                self.release(gen)
+
+    def open_connections(self) -> int:
+        """Client connections open: served by a greenlet, or tunnels relaying on their own."""
+        return len(self.connections) + len(self.detached)
+
+    def detach(self, conn: Connection) -> None:
+        """``conn``'s tunnel goes on without its greenlet: its socket and generation stay."""
+        self.detached.add(conn)
+
+    def attach(self, conn: Connection) -> None:
+        """The end of a detached connection: what ``_handle`` does for the others."""
+        self.detached.discard(conn)
+        conn.sock.close()
+        self.release(conn.gen)
 
     def _refuse(self, conn: Connection) -> None:
         exc = TooManyConnections("max_connections reached")
@@ -295,17 +314,38 @@ class ProxyServer:
         if timeout is None:
             timeout = self.config.core["graceful_timeout"]
         self.close_listeners()
-        busy = len(self.connections) - len(self.idle)
+        busy = self.open_connections() - len(self.idle)
         log.info("stopping: %d connections busy, waiting up to %gs", busy, timeout)
         gevent.killall(list(self.idle), block=False)
-        if not self.connections.join(timeout=timeout):
-            log.warning("graceful_timeout over: closing %d connections", len(self.connections))
+        deadline = time.monotonic() + timeout
+        while self.open_connections() and time.monotonic() < deadline:  # bounded: timeout
+            if not self.detached:
+                self.connections.join(timeout=max(deadline - time.monotonic(), 0))
+            else:
+                gevent.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+        if self.open_connections():
+            log.warning("graceful_timeout over: closing %d connections",
+                        self.open_connections())
+            for conn in list(self.detached):
+                conn.close("shutdown")  # their records are written by their own ends
             self.connections.kill(timeout=5)
+            deadline = time.monotonic() + 5
+            while self.detached and time.monotonic() < deadline:  # their ends, bounded
+                gevent.sleep(0.01)
+            self.connections.join(timeout=max(deadline - time.monotonic(), 0))
         self.pool.clear()
         self.gen.unconfigure()
         self._stop_admin()
         self._stopped.set()
         log.info("stopped")
+
+
+class _Listener(StreamServer):
+    """A StreamServer that leaves closing the client socket to ``ProxyServer._handle``:
+    a connection whose tunnel relays on its own outlives its handler."""
+
+    def do_close(self, *args: Any) -> None:
+        pass
 
 
 class Generation:

@@ -26,7 +26,7 @@ from gevent.hub import Waiter
 from .models import Record
 from .sockets import send_all
 
-__all__ = ["relay", "SPLICE_AFTER"]
+__all__ = ["relay", "open_relay", "SPLICE_AFTER"]
 
 BUFFER = 64 * 1024
 #: Bytes a direction carries by recv/send before it switches to splice: a short exchange
@@ -96,17 +96,23 @@ class _Relay:
         self.down = _Direction(upstream, client, False, self.loop)
         self._timer: Any = None
         self._lifetime: Any = None
+        #: Detached: called with the close reason, from the loop's callback queue, at the end.
+        self.on_done: Optional[Callable[[str], None]] = None
 
     # -- the greenlet's side ----------------------------------------------------------
 
-    def run(self, lifetime: float) -> str:
+    def _start(self, lifetime: float) -> None:
         self._arm(self.idle_timeout)
         if lifetime:
             self._lifetime = self.loop.timer(lifetime)
             self._lifetime.start(self._abort, "max lifetime")
+        self.up.reader.start(self._readable, self.up)
+        self.down.reader.start(self._readable, self.down)
+
+    def run(self, lifetime: float) -> str:
+        """Relay, with this greenlet waiting, until the end; returns the close reason."""
         try:
-            self.up.reader.start(self._readable, self.up)
-            self.down.reader.start(self._readable, self.down)
+            self._start(lifetime)
             while True:
                 message = self.waiter.get()
                 if message is _DONE:
@@ -116,6 +122,26 @@ class _Relay:
         finally:
             self._stop()
         return self.reason or "done"
+
+    def detach(self, lifetime: float, on_done: Callable[[str], None]) -> None:
+        """Relay with no greenlet waiting at all: the caller's greenlet may end, and
+        ``on_done(reason)`` is called from the hub at the end (it may spawn, not block).
+        Not with ``inspect``, which needs a greenlet to call plugins from."""
+        assert self.inspect is None
+        self.on_done = on_done
+        self._start(lifetime)
+
+    def cancel(self, reason: str) -> None:
+        """End the tunnel from elsewhere (a stop, the admin listener): both sides are shut
+        and the end is reported with ``reason``."""
+        if not self.finished:
+            self._abort(reason)
+
+    def close(self) -> None:
+        """Free the watchers and pipes; after the end, by whoever waited for it."""
+        self._stop()
+        self.up.close()
+        self.down.close()
 
     def first(self, data: bytes) -> bool:
         """Hand the client's first bytes to ``inspect`` once; False when it closed all."""
@@ -294,7 +320,10 @@ class _Relay:
     def _wake(self, message: Any) -> None:
         # Switched to from the loop's callback queue, not from inside a watcher's callback:
         # the greenlet closes the watchers, which libev must not see while it runs one.
-        self.loop.run_callback(self.waiter.switch, message)
+        if message is _DONE and self.on_done is not None:
+            self.loop.run_callback(self.on_done, self.reason or "done")
+        else:
+            self.loop.run_callback(self.waiter.switch, message)
 
     def _stop(self) -> None:
         for d in (self.up, self.down):
@@ -319,23 +348,18 @@ class _Relay:
             self._arm(self.idle_timeout - idle_for)
 
 
-def relay(client: socket.socket, upstream: socket.socket, record: Record,
-          idle_timeout: float, to_upstream: bytes = b"", to_client: bytes = b"",
-          inspect: Optional[Callable[[bytes], bool]] = None, lifetime: float = 0) -> str:
-    """Relay until both directions are done; returns the close reason for the record.
-
-    ``to_upstream`` and ``to_client`` are bytes already read past a head on either side
-    (a client's TLS ClientHello sent right after CONNECT, say); they go first.
-    ``inspect``, if given, sees the client's first bytes before they go upstream and may
-    close the tunnel by returning False. ``lifetime`` (seconds, 0 for none) bounds how long
-    the tunnel may stay open at all.
-    """
+def open_relay(client: socket.socket, upstream: socket.socket, record: Record,
+               idle_timeout: float, to_upstream: bytes = b"", to_client: bytes = b"",
+               inspect: Optional[Callable[[bytes], bool]] = None) -> tuple[_Relay, str]:
+    """A relay between ``client`` and ``upstream``, once the bytes already read past a head
+    on either side went on: ``to_client`` (what a parent sent with its 200) first, then
+    ``to_upstream`` (a client's TLS ClientHello sent right after CONNECT, say), past
+    ``inspect``. Returns the relay, to ``run`` or ``detach``, and "" (or the close reason,
+    when the tunnel already ended); the caller ``close``s it in the end."""
     tunnel = _Relay(client, upstream, record, idle_timeout, inspect)
     try:
-        # The bytes a parent sent with its 200 go to the client even if the parent is gone
-        # by now; then the client's early bytes, past the plugins, go up.
         if to_upstream and not tunnel.first(to_upstream):
-            return tunnel.reason
+            return tunnel, tunnel.reason
         client.settimeout(idle_timeout)
         upstream.settimeout(idle_timeout)
         if to_client:
@@ -343,18 +367,32 @@ def relay(client: socket.socket, upstream: socket.socket, record: Record,
                 send_all(client, to_client)
             except OSError:
                 tunnel._shut("client")
-                return tunnel.reason
+                return tunnel, tunnel.reason
             record.bytes_out += len(to_client)
         if to_upstream:
             try:
                 send_all(upstream, to_upstream)
             except OSError:  # reset, say, right after a parent's 200
                 tunnel._shut("upstream")
-                return tunnel.reason
+                return tunnel, tunnel.reason
             record.bytes_in += len(to_upstream)
-        if to_upstream or to_client:
-            tunnel.last = tunnel.loop.now()
-        return tunnel.run(lifetime)
+    except BaseException:
+        tunnel.close()
+        raise
+    tunnel.last = tunnel.loop.now()
+    return tunnel, ""
+
+
+def relay(client: socket.socket, upstream: socket.socket, record: Record,
+          idle_timeout: float, to_upstream: bytes = b"", to_client: bytes = b"",
+          inspect: Optional[Callable[[bytes], bool]] = None, lifetime: float = 0) -> str:
+    """Relay until both directions are done, this greenlet waiting; returns the close
+    reason for the record. ``inspect``, if given, sees the client's first bytes before they
+    go upstream and may close the tunnel by returning False. ``lifetime`` (seconds, 0 for
+    none) bounds how long the tunnel may stay open at all."""
+    tunnel, ended = open_relay(client, upstream, record, idle_timeout, to_upstream, to_client,
+                               inspect)
+    try:
+        return ended or tunnel.run(lifetime)
     finally:
-        tunnel.up.close()
-        tunnel.down.close()
+        tunnel.close()
