@@ -12,7 +12,7 @@ import gevent
 import pytest
 
 from geproxy import Denied, Response, hookimpl
-from geproxy.testing import curl, exchange, recv_all, wait_for_records
+from geproxy.testing import curl, echo, exchange, open_tunnel, recv_all, wait_for_records
 
 
 def _answer_and_state(address, data: bytes, timeout: float = 10) -> tuple[bytes, bool]:
@@ -201,6 +201,24 @@ def test_too_many_connections_is_503(proxy_factory, origin):
             break
         gevent.sleep(0.02)
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_open_tunnels_count_toward_max_connections(proxy_factory, raw_origin):
+    """A tunnel relays with no greenlet of its own; it is still a connection."""
+    proxy = proxy_factory("max_connections = 2\n")
+    server = raw_origin(echo)
+    tunnels = [open_tunnel(proxy, f"127.0.0.1:{server.port}")[0] for _ in range(2)]
+    try:
+        for tunnel in tunnels:  # both relaying
+            tunnel.sendall(b"ping")
+            assert tunnel.recv(4) == b"ping"
+        answer = exchange(proxy.address, HEALTHZ_CLOSE)
+        assert answer.startswith(b"HTTP/1.1 503 ")
+    finally:
+        for tunnel in tunnels:
+            tunnel.close()
+    records = wait_for_records(proxy, 2)  # the refused connection has none
+    assert [(r.method, r.close_reason) for r in records] == [("CONNECT", "done")] * 2
 
 
 def test_bad_upstream_response_is_502(proxy, raw_origin, origin):
