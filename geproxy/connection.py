@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import gevent
 
 from . import forward, http11, proxyproto
+from . import tunnel as relaying
 from .errors import (
     ClientGone,
     Denied,
@@ -29,7 +30,6 @@ from .log import ConnLogger
 from .models import Context, Headers, Record, Request, Response, Route
 from .sockets import send_all
 from .static import content_type, find_file
-from .tunnel import open_relay
 from .upstream import connect, parent_connect
 
 if TYPE_CHECKING:
@@ -387,29 +387,33 @@ class Connection:
             if self.hooks.inspects_tunnels:
                 def inspect(data: bytes) -> bool:
                     return self._inspect_tunnel(request, record, data)
-            tunnel, ended = open_relay(self.sock, upstream, record,
-                                       self.settings["idle_timeout"], to_upstream=self.buf,
-                                       to_client=early, inspect=inspect)
+            tunnel, ended = relaying.open_relay(self.sock, upstream, record,
+                                                self.settings["idle_timeout"],
+                                                to_upstream=self.buf, to_client=early,
+                                                inspect=inspect)
             self.buf = b""
         except BaseException:
             upstream.close()
             raise
-        if ended or inspect is not None:
-            # A plugin looks at the first bytes: that needs this greenlet, so it waits.
-            try:
-                record.close_reason = ended or tunnel.run(
-                    self.settings["max_tunnel_lifetime"])
-            finally:
-                tunnel.close()
-                upstream.close()
+        try:
+            reason = ended or tunnel.run(self.settings["max_tunnel_lifetime"],
+                                         detach_after=relaying.DETACH_AFTER)
+        except BaseException:
+            tunnel.close()
+            upstream.close()
+            raise
+        if reason:
+            record.close_reason = reason
+            tunnel.close()
+            upstream.close()
             return
-        # Nothing to ask plugins until the end: the tunnel relays on its own and this
-        # greenlet ends, so an idle tunnel holds no greenlet (nor its stacks) at all.
+        # Relaying for a while already, with nothing for plugins to look at: the tunnel
+        # goes on without this greenlet, which ends, so a long-lived tunnel holds no
+        # greenlet (nor its stacks); one is spawned for its end.
         self.detached = tunnel
         self.server.detach(self)
-        tunnel.detach(self.settings["max_tunnel_lifetime"],
-                      lambda reason: self.server.connections.spawn(
-                          self._end_detached, upstream, record, reason))
+        tunnel.detach(lambda reason: self.server.connections.spawn(
+            self._end_detached, upstream, record, reason))
 
     def _end_detached(self, upstream: socket.socket, record: Record, reason: str) -> None:
         """The end of a detached tunnel, in a greenlet of its own: what ``_serve_one``,

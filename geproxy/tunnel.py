@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+from collections import deque
 from typing import Any, Callable, Optional
 
 from gevent import get_hub
@@ -40,6 +41,11 @@ _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), named in fcntl only from Pyt
 
 _READ, _WRITE = 1, 2  # libev's EV_READ, EV_WRITE
 _DONE = object()
+_DETACH = object()
+#: Seconds a tunnel relays with its connection's greenlet waiting before it lets that
+#: greenlet go (``run(detach_after=...)``): a short exchange ends without the cost of a
+#: second greenlet for its end; a long-lived one stops holding a greenlet's stacks.
+DETACH_AFTER = 0.5
 
 
 def _raw(sock: socket.socket) -> Any:
@@ -91,11 +97,15 @@ class _Relay:
         self.reason = ""
         self.last = self.loop.now()
         self.waiter = Waiter(hub)
+        #: For the waiting greenlet, in order: client bytes to inspect, _DETACH, _DONE.
+        self.messages: deque[Any] = deque()
         self.finished = False
         self.up = _Direction(client, upstream, True, self.loop)
         self.down = _Direction(upstream, client, False, self.loop)
         self._timer: Any = None
         self._lifetime: Any = None
+        self._detach: Any = None
+        self._detach_after = 0.0
         #: Detached: called with the close reason, from the loop's callback queue, at the end.
         self.on_done: Optional[Callable[[str], None]] = None
 
@@ -109,27 +119,46 @@ class _Relay:
         self.up.reader.start(self._readable, self.up)
         self.down.reader.start(self._readable, self.down)
 
-    def run(self, lifetime: float) -> str:
-        """Relay, with this greenlet waiting, until the end; returns the close reason."""
+    def run(self, lifetime: float, detach_after: float = 0) -> str:
+        """Relay, with this greenlet waiting, until the end; returns the close reason.
+
+        With ``detach_after`` (and no ``inspect``), returns "" instead once the tunnel has
+        relayed that long: it goes on with no greenlet, and the caller must ``detach`` it
+        at once, without yielding in between."""
+        detaching = False
+        self._detach_after = detach_after
         try:
             self._start(lifetime)
+            if self.inspect is None:
+                self._arm_detach()
             while True:
-                message = self.waiter.get()
+                while not self.messages:
+                    self.waiter = Waiter(self.hub)
+                    self.waiter.get()
+                message = self.messages.popleft()
                 if message is _DONE:
                     break
-                self.waiter = Waiter(self.hub)  # before any callback may switch again
+                if message is _DETACH:
+                    if not self.finished:  # else its _DONE is next
+                        detaching = True
+                        return ""
+                    continue
                 self._inspected(message)
         finally:
-            self._stop()
+            if not detaching:
+                self._stop()
         return self.reason or "done"
 
-    def detach(self, lifetime: float, on_done: Callable[[str], None]) -> None:
-        """Relay with no greenlet waiting at all: the caller's greenlet may end, and
-        ``on_done(reason)`` is called from the hub at the end (it may spawn, not block).
-        Not with ``inspect``, which needs a greenlet to call plugins from."""
-        assert self.inspect is None
+    def _arm_detach(self) -> None:
+        """Once no plugin waits for the client's first bytes, the greenlet may go."""
+        if self._detach_after and self._detach is None and not self.finished:
+            self._detach = self.loop.timer(self._detach_after)
+            self._detach.start(self._wake, _DETACH)
+
+    def detach(self, on_done: Callable[[str], None]) -> None:
+        """After ``run`` returned "": the end is reported by ``on_done(reason)``, called
+        from the hub (it may spawn, not block)."""
         self.on_done = on_done
-        self._start(lifetime)
 
     def cancel(self, reason: str) -> None:
         """End the tunnel from elsewhere (a stop, the admin listener): both sides are shut
@@ -155,6 +184,7 @@ class _Relay:
         # In the greenlet: plugins may do what greenlets do. Then the bytes go on.
         if self.first(data):
             self._write(self.up, data)
+            self._arm_detach()
         else:
             self._finish()
 
@@ -318,21 +348,27 @@ class _Relay:
         self._wake(_DONE)
 
     def _wake(self, message: Any) -> None:
-        # Switched to from the loop's callback queue, not from inside a watcher's callback:
-        # the greenlet closes the watchers, which libev must not see while it runs one.
         if message is _DONE and self.on_done is not None:
             self.loop.run_callback(self.on_done, self.reason or "done")
-        else:
-            self.loop.run_callback(self.waiter.switch, message)
+            return
+        # Queued, and the greenlet switched to from the loop's callback queue, not from
+        # inside a watcher's callback: it closes the watchers, which libev must not see
+        # while it runs one. A greenlet busy with an earlier message finds it queued.
+        self.messages.append(message)
+        self.loop.run_callback(self._deliver)
+
+    def _deliver(self) -> None:
+        if self.messages and self.waiter.greenlet is not None:
+            self.waiter.switch(None)
 
     def _stop(self) -> None:
         for d in (self.up, self.down):
             d.reader.stop()
             d.writer.stop()
-        for timer in (self._timer, self._lifetime):
+        for timer in (self._timer, self._lifetime, self._detach):
             if timer is not None:
                 timer.close()
-        self._timer = self._lifetime = None
+        self._timer = self._lifetime = self._detach = None
 
     def _arm(self, delay: float) -> None:
         timer = self.loop.timer(delay)

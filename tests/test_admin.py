@@ -17,6 +17,17 @@ from geproxy.testing import curl, echo, exchange, open_tunnel, recv_all, wait_fo
 
 ADMIN = "admin_listen = 127.0.0.1:0\n"
 
+@pytest.fixture(autouse=True, params=["waiting", "detached"])
+def relay_mode(request, monkeypatch):
+    """Every test here twice: tunnels relaying with their greenlet waiting (as short ones
+    do), and detached from it at once (as every tunnel past DETACH_AFTER)."""
+    from geproxy import tunnel
+
+    if request.param == "detached":
+        monkeypatch.setattr(tunnel, "DETACH_AFTER", 0.001)
+    return request.param
+
+
 
 def _admin_url(proxy, path: str) -> str:
     host, port = proxy.server.admin_address
@@ -183,8 +194,12 @@ def test_debug_stats_follow_a_tunnel_and_a_pooled_connection(proxy_factory, raw_
         assert (during["connections"], during["in_flight"], during["tunnels"]) == (1, 1, 1)
         # The client's socket, the proxy's two and the origin's: all in this process.
         assert during["open_fds"] >= before["open_fds"] + 4
-        # The origin's handler: the tunnel itself holds no greenlet while it relays.
-        assert during["greenlets"] == before["greenlets"] + 1
+        # The connection's greenlet and the origin's handler; after DETACH_AFTER the tunnel
+        # goes on without the first, and is still a connection and a tunnel.
+        assert during["greenlets"] == before["greenlets"] + 2
+        later = _stats_until(proxy, lambda s: s["greenlets"] == before["greenlets"] + 1)
+        assert later["greenlets"] == before["greenlets"] + 1
+        assert (later["connections"], later["in_flight"], later["tunnels"]) == (1, 1, 1)
     finally:
         sock.close()
     after = _stats_until(proxy, lambda s: s["connections"] == 0 and

@@ -25,6 +25,17 @@ from geproxy.testing import (
 )
 
 
+@pytest.fixture(autouse=True, params=["waiting", "detached"])
+def relay_mode(request, monkeypatch):
+    """Every test here twice: tunnels relaying with their greenlet waiting (as short ones
+    do), and detached from it at once (as every tunnel past DETACH_AFTER)."""
+    from geproxy import tunnel
+
+    if request.param == "detached":
+        monkeypatch.setattr(tunnel, "DETACH_AFTER", 0.001)
+    return request.param
+
+
 def test_curl_https_through_connect(proxy, tls_origin, ca_file):
     size = 3 * 1024 * 1024 + 17
     out = curl("--cacert", ca_file, "-x", proxy.url,
