@@ -45,7 +45,7 @@ _DETACH = object()
 #: Seconds a tunnel relays with its connection's greenlet waiting before it lets that
 #: greenlet go (``run(detach_after=...)``): a short exchange ends without the cost of a
 #: second greenlet for its end; a long-lived one stops holding a greenlet's stacks.
-DETACH_AFTER = 0.5
+DETACH_AFTER = 0.25
 
 
 def _raw(sock: socket.socket) -> Any:
