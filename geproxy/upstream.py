@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import errno
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -12,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 import gevent
 import gevent.event
+from gevent.socket import wait_write
 
 from .errors import (
     ConnectionTerminated,
@@ -57,10 +59,20 @@ def _error_for(exc: OSError, address: Sequence[Any]) -> ProxyError:
 
 
 def _open(address: tuple[Any, ...]) -> socket.socket:
+    """A connected socket to ``address`` (an IP literal's socket address). The caller bounds
+    the wait. Done by hand rather than by gevent's ``connect``, which checks and resolves the
+    address again and arms a timer on every call: a non-blocking connect, one wait for
+    writability, and the kernel's verdict."""
     sock = socket.socket(_family(address), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.connect(address)
+        raw = getattr(sock, "_sock", sock)  # gevent's socket wraps a non-blocking one
+        error = raw.connect_ex(address)
+        if error == errno.EINPROGRESS:
+            wait_write(sock.fileno())
+            error = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
     except BaseException:
         sock.close()
         raise
