@@ -27,3 +27,14 @@ def _leak_check(request: pytest.FixtureRequest) -> None:
     geproxy.testing.no_leaks). Tests marked ``pure`` (bytes in, events out) are spared."""
     if request.node.get_closest_marker("pure") is None:
         request.getfixturevalue("no_leaks")
+
+
+@pytest.fixture(params=["waiting", "detached"])
+def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test twice: tunnels relaying with their connection's greenlet waiting (as short
+    ones do), and detached from it at once (as every tunnel is past DETACH_AFTER)."""
+    from geproxy import tunnel
+
+    if request.param == "detached":
+        monkeypatch.setattr(tunnel, "DETACH_AFTER", 0.001)
+    return str(request.param)

@@ -17,15 +17,8 @@ from geproxy.testing import curl, echo, exchange, open_tunnel, recv_all, wait_fo
 
 ADMIN = "admin_listen = 127.0.0.1:0\n"
 
-@pytest.fixture(autouse=True, params=["waiting", "detached"])
-def relay_mode(request, monkeypatch):
-    """Every test here twice: tunnels relaying with their greenlet waiting (as short ones
-    do), and detached from it at once (as every tunnel past DETACH_AFTER)."""
-    from geproxy import tunnel
-
-    if request.param == "detached":
-        monkeypatch.setattr(tunnel, "DETACH_AFTER", 0.001)
-    return request.param
+# Every test here twice: tunnels relaying with their greenlet waiting, and detached at once.
+pytestmark = pytest.mark.usefixtures("relay_mode")
 
 
 

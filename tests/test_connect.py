@@ -24,16 +24,8 @@ from geproxy.testing import (
     wait_for_records,
 )
 
-
-@pytest.fixture(autouse=True, params=["waiting", "detached"])
-def relay_mode(request, monkeypatch):
-    """Every test here twice: tunnels relaying with their greenlet waiting (as short ones
-    do), and detached from it at once (as every tunnel past DETACH_AFTER)."""
-    from geproxy import tunnel
-
-    if request.param == "detached":
-        monkeypatch.setattr(tunnel, "DETACH_AFTER", 0.001)
-    return request.param
+# Every test here twice: tunnels relaying with their greenlet waiting, and detached at once.
+pytestmark = pytest.mark.usefixtures("relay_mode")
 
 
 def test_curl_https_through_connect(proxy, tls_origin, ca_file):
