@@ -9,8 +9,11 @@ there, write it on; a write that would block parks the rest and waits for room, 
 direction's reading paused (backpressure). The connection's greenlet only waits, and wakes
 for what must run in a greenlet (a plugin looking at the client's first bytes) and for the
 end. So a tunnel costs no greenlet of its own and no switch per chunk, and an idle one holds
-no buffer. A direction that has carried SPLICE_AFTER bytes moves the rest with ``splice(2)``
-through a pipe of its own, without copying through user space.
+no buffer. After DETACH_AFTER the connection's greenlet may stop waiting altogether
+(``run(detach_after=...)`` returns, ``detach`` names what to call at the end), so a
+long-lived tunnel holds no greenlet at all. A direction that has carried SPLICE_AFTER bytes
+moves the rest with ``splice(2)`` through a pipe of its own, without copying through user
+space.
 """
 
 from __future__ import annotations
