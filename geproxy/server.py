@@ -231,8 +231,10 @@ class ProxyServer:
         return len(self.connections) + len(self.detached)
 
     def detach(self, conn: Connection) -> None:
-        """``conn``'s tunnel goes on without its greenlet: its socket and generation stay."""
+        """``conn``'s tunnel goes on without its greenlet (the caller, about to end): its
+        socket and generation stay, and it is counted once, as detached."""
         self.detached.add(conn)
+        self.connections.discard(gevent.getcurrent())
 
     def attach(self, conn: Connection) -> None:
         """The end of a detached connection: what ``_handle`` does for the others."""
