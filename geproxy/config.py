@@ -129,6 +129,23 @@ def parse_networks(text: str) -> list[Any]:
     return out
 
 
+_PORT_RANGE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
+
+
+def parse_port_ranges(items: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    """``443``, ``8000-8999``: (first, last) port pairs, 1 to 65535; ValueError naming the
+    bad item. The ``ports`` kind, and ACL rules' ``port`` conditions."""
+    out = []
+    for item in items:
+        match = _PORT_RANGE.fullmatch(item)
+        first = int(match.group(1)) if match else 0
+        last = int(match.group(2) or first) if match else 0
+        if not 1 <= first <= last <= 65535:
+            raise ValueError(f"not a port or a port range (1-65535): {item!r}")
+        out.append((first, last))
+    return tuple(out)
+
+
 def parse_workers(text: str) -> int:
     """A number of processes, or ``auto`` for one per CPU."""
     value = text.strip().lower()
@@ -161,6 +178,7 @@ _KINDS: dict[str, Callable[[str], Any]] = {
     "listen": parse_listen,
     "address": parse_address,
     "networks": parse_networks,
+    "ports": lambda text: parse_port_ranges(parse_list(text)),
     "workers": parse_workers,
 }
 

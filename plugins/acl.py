@@ -45,6 +45,7 @@ from geproxy import (
     errors,
     hookimpl,
 )
+from geproxy.config import parse_port_ranges
 from geproxy.hosts import ip_literal, parse_network, unmapped
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,6 @@ COUNTED_KEY = "_acl.over_limit"
 PLAN_CACHE_SIZE = 4096
 
 _ID = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)\s*:\s*(.*)")
-_PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]+")
 
 
@@ -193,19 +193,6 @@ class Policy:
 # -- parsing --------------------------------------------------------------------------------
 
 
-def parse_port_ranges(items: Sequence[str]) -> tuple[PortRange, ...]:
-    """``443``, ``8000-8999``: ports 1 to 65535; raises ValueError naming the bad item."""
-    out = []
-    for item in items:
-        match = _PORTS.fullmatch(item)
-        first = int(match.group(1)) if match else 0
-        last = int(match.group(2) or first) if match else 0
-        if not 1 <= first <= last <= 65535:
-            raise ValueError(f"not a port or a port range (1-65535): {item!r}")
-        out.append((first, last))
-    return tuple(out)
-
-
 def _methods(values: Sequence[str]) -> frozenset[str]:
     for value in values:
         if not _METHOD.fullmatch(value):
@@ -301,7 +288,7 @@ class ACL:
     def add_options(self, registry: OptionRegistry) -> None:
         (
             registry.section(SECTION)
-            .add("connect_ports", "list", DEFAULT_CONNECT_PORTS,
+            .add("connect_ports", "ports", DEFAULT_CONNECT_PORTS,
                  "Ports CONNECT may reach, single ports or ranges (1-65535 for all); a CONNECT "
                  "to any other port is denied whatever the rules say.")
             .add("mode", "str", "enforce",
@@ -318,11 +305,7 @@ class ACL:
     @hookimpl
     def configure(self, config: Config) -> None:
         section = config.section(SECTION)
-        try:
-            ports = parse_port_ranges(section["connect_ports"])
-        except ValueError as exc:
-            raise ConfigError(str(exc), path=config.path, section=SECTION,
-                              key="connect_ports") from None
+        ports = section["connect_ports"]
         mode = section["mode"]
         try:
             rules = parse_rules(section["rules"])

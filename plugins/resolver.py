@@ -313,14 +313,3 @@ def _parse_nameserver(item: str) -> Optional[tuple[str, int]]:
     if not 1 <= int(port_text) <= 65535:
         return None
     return str(address), int(port_text)
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def _gai_rcode(exc: socket.gaierror) -> str:
-    if exc.errno == socket.EAI_NONAME:
-        return "NXDOMAIN"
-    if exc.errno in (getattr(socket, "EAI_NODATA", None), getattr(socket, "EAI_ADDRFAMILY", None)):
-        return "NOERROR"  # the name exists, without an address of the family asked for
-    return "SERVFAIL"

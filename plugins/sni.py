@@ -94,7 +94,6 @@ _SERVER_NAME = 0
 _HOST_NAME = 0
 #: RFC 6066 3: HostName is at most 255 bytes (OpenSSL refuses longer ones).
 _MAX_NAME = 255
-_PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 _PRINTABLE = re.compile(rb"[\x21-\x7e]+")
 
 # -- the ClientHello ------------------------------------------------------------------------
@@ -317,7 +316,7 @@ class SNI:
             .add("require", "bool", "off",
                  "In enforce mode, close tunnels to require_ports whose first bytes are no "
                  "ClientHello with a server name.")
-            .add("require_ports", "list", DEFAULT_REQUIRE_PORTS,
+            .add("require_ports", "ports", DEFAULT_REQUIRE_PORTS,
                  "The CONNECT ports require applies to: ports and ranges (1-65535: all).")
         )
 
@@ -329,18 +328,12 @@ class SNI:
         except ValueError as exc:
             raise ConfigError(str(exc), path=config.path, section=self.name,
                               key="deny") from None
-        ports = []
-        for item in section["require_ports"]:
-            port_range = _port_range(item)
-            if port_range is None:
-                raise ConfigError(f"not a port or a port range (1-65535): {item!r}",
-                                  path=config.path, section=self.name, key="require_ports")
-            ports.append(port_range)
+        ports = section["require_ports"]
         self.mode = section["mode"]
         self.inspects_tunnels = self.mode != "off"
         self.deny = deny
         self.require = section["require"]
-        self.require_ports = tuple(ports)
+        self.require_ports = ports
         if self.mode == "enforce" and self.require and not ports:
             log.warning("[sni] require = on with no require_ports: it closes nothing")
 
@@ -378,14 +371,3 @@ class SNI:
             return Denied(f"[sni] ClientHello names {name}, denied by [sni] deny",
                           rule=DENY_RULE)
         return None
-
-
-def _port_range(item: str) -> Optional[tuple[int, int]]:
-    found = _PORTS.fullmatch(item)
-    if found is None:
-        return None
-    low = int(found.group(1))
-    high = int(found.group(2) or low)
-    if not 1 <= low <= high <= 65535:
-        return None
-    return low, high

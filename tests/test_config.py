@@ -21,6 +21,7 @@ from geproxy.config import (
     parse_duration,
     parse_list,
     parse_listen,
+    parse_port_ranges,
     parse_size,
     read_ini,
 )
@@ -112,6 +113,15 @@ def test_parse_list() -> None:
     assert parse_list("a b,c\n  d,, e ") == ["a", "b", "c", "d", "e"]
     assert parse_list("   ") == []
     assert parse_list("") == []
+
+
+@pytest.mark.pure
+def test_parse_port_ranges() -> None:
+    assert parse_port_ranges(["443", "8000-8999", "1-65535"]) == (
+        (443, 443), (8000, 8999), (1, 65535))
+    for bad in ("0", "65536", "90-80", "https", "-443", "443-"):
+        with pytest.raises(ValueError, match="not a port or a port range"):
+            parse_port_ranges([bad])
 
 
 def test_parse_listen() -> None:
@@ -276,6 +286,8 @@ def test_values_are_typed(tmp_path: Path) -> None:
     ("[geproxy]\nlisten =\n", "geproxy", "listen"),
     ("[geproxy]\nlisten_on = 127.0.0.1:0\n", "geproxy", "listen_on"),
     ("[geproxy]\nListen = 127.0.0.1:0\n", "geproxy", "Listen"),
+    ("[acl]\nconnect_ports = 443 https\n", "acl", "connect_ports"),
+    ("[sni]\nrequire_ports = 90-80\n", "sni", "require_ports"),
 ])
 def test_bad_key_or_value_names_file_section_key(tmp_path: Path, body: str, section: str,
                                                  key: str) -> None:

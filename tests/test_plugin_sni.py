@@ -259,7 +259,8 @@ def test_an_extension_longer_than_the_extensions_is_malformed():
 
 def _configured(**section: Any) -> SNI:
     plugin = SNI()
-    values = {"mode": "enforce", "deny": [], "require": False, "require_ports": ["443"]}
+    values = {"mode": "enforce", "deny": [], "require": False,
+              "require_ports": ((443, 443),)}
     values.update(section)
     plugin.configure(Config("test.ini", {"sni": values}))
     return plugin
@@ -289,7 +290,7 @@ def test_decide(host, port, name, rule):
 
 @pytest.mark.pure
 def test_decide_require_applies_to_its_ports():
-    plugin = _configured(require=True, require_ports=["443", "8000-8100"])
+    plugin = _configured(require=True, require_ports=((443, 443), (8000, 8100)))
     for port, rule in ((443, "sni_missing"), (8050, "sni_missing"), (8443, None)):
         verdict = plugin.decide("origin.test", port, None, NOT_TLS)
         assert (verdict.rule if verdict else None) == rule
@@ -320,7 +321,7 @@ def _load(tmp_path: Path, section: str) -> tuple[Any, Any]:
 def test_the_defaults(tmp_path):
     plugin, config = _load(tmp_path, "")
     assert dict(config.section("sni")) == {"mode": "off", "deny": [], "require": False,
-                                           "require_ports": ["443"]}
+                                           "require_ports": ((443, 443),)}
     assert (plugin.mode, plugin.inspects_tunnels, plugin.require_ports) == (
         "off", False, ((443, 443),))
 
