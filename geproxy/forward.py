@@ -25,7 +25,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .models import Headers, Record, Request, Response, Route
-from .sockets import send_all
+from .sockets import peek, send_all
 from .tunnel import relay
 from .upstream import basic_credentials
 
@@ -226,20 +226,12 @@ class _Upstream:
         except UpstreamTimeout:
             raise
         except OSError as exc:
-            if self._answered():  # it answered, then reset: the answer is still readable
+            if peek(self.sock):  # it answered, then reset: the answer is still readable
                 return bytes(view[sent:])
             raise ConnectionTerminated(f"upstream: {exc}") from None
         finally:
             sock.settimeout(timeout)
         return b""
-
-    def _answered(self) -> bool:
-        """Whether bytes of an answer wait to be read."""
-        raw = getattr(self.sock, "_sock", self.sock)
-        try:
-            return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except OSError:
-            return False
 
     def read_head(self, max_size: int, deadline: float) -> Response:
         """The next response head, whole by ``deadline`` (time.monotonic()) or

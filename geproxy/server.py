@@ -226,6 +226,13 @@ class ProxyServer:
                 sock.close()
                 self.release(gen)
 
+    def _drained(self, timeout: float) -> bool:
+        """Wait (bounded) until no connection is open, detached ones included."""
+        deadline = time.monotonic() + timeout
+        while self.open_connections() and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        return not self.open_connections()
+
     def open_connections(self) -> int:
         """Client connections open: served by a greenlet, or tunnels relaying on their own."""
         return len(self.connections) + len(self.detached)
@@ -319,22 +326,13 @@ class ProxyServer:
         busy = self.open_connections() - len(self.idle)
         log.info("stopping: %d connections busy, waiting up to %gs", busy, timeout)
         gevent.killall(list(self.idle), block=False)
-        deadline = time.monotonic() + timeout
-        while self.open_connections() and time.monotonic() < deadline:  # bounded: timeout
-            if not self.detached:
-                self.connections.join(timeout=max(deadline - time.monotonic(), 0))
-            else:
-                gevent.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
-        if self.open_connections():
+        if not self._drained(timeout):
             log.warning("graceful_timeout over: closing %d connections",
                         self.open_connections())
             for conn in list(self.detached):
-                conn.close("shutdown")  # their records are written by their own ends
+                conn.close("shutdown")  # their ends, which write their records, are spawned
             self.connections.kill(timeout=5)
-            deadline = time.monotonic() + 5
-            while self.detached and time.monotonic() < deadline:  # their ends, bounded
-                gevent.sleep(0.01)
-            self.connections.join(timeout=max(deadline - time.monotonic(), 0))
+            self._drained(5)
         self.pool.clear()
         self.gen.unconfigure()
         self._stop_admin()

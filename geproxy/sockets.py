@@ -7,8 +7,9 @@ per request or per relayed chunk, so that is an extra system call each time for 
 from __future__ import annotations
 
 import socket
+from typing import Optional
 
-__all__ = ["send_all", "still_idle"]
+__all__ = ["peek", "send_all", "still_idle"]
 
 
 def send_all(sock: socket.socket, data: bytes) -> None:
@@ -22,14 +23,19 @@ def send_all(sock: socket.socket, data: bytes) -> None:
         sent += sock.send(view[sent:])
 
 
+def peek(sock: socket.socket) -> Optional[bytes]:
+    """What a recv would give at once, left unread: None when it would wait; b"" for an
+    EOF or an error; else a byte of what is there."""
+    raw = getattr(sock, "_sock", sock)  # gevent's socket wraps a non-blocking one
+    try:
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # type: ignore[no-any-return]
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def still_idle(sock: socket.socket) -> bool:
     """True when nothing is readable on ``sock``, without waiting: an idle HTTP connection
     that became readable was closed by its peer, or got bytes nobody asked for."""
-    raw = getattr(sock, "_sock", sock)  # gevent's socket wraps a non-blocking one
-    try:
-        raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
+    return peek(sock) is None
