@@ -8,7 +8,7 @@ from . import errors, hosts
 from .config import Config, OptionRegistry
 from .errors import ConfigError, Denied, DNSError, DNSTimeout, ProxyError
 from .hosts import HostPatterns
-from .models import Context, Headers, Record, Request, Resolved, Response, Route
+from .models import Context, Headers, Record, Request, Resolved, Response, Route, TLSInfo
 from .plugins import DEFAULT_PLUGINS, hookimpl
 
 __version__ = "0.1.0"
@@ -33,5 +33,6 @@ __all__ = [
     "Resolved",
     "Response",
     "Route",
+    "TLSInfo",
     "DEFAULT_PLUGINS",
 ]

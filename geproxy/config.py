@@ -26,6 +26,7 @@ __all__ = [
     "parse_list",
     "parse_listen",
     "parse_address",
+    "ListenAddress",
     "read_ini",
     "core_options",
 ]
@@ -73,12 +74,41 @@ def parse_lines(text: str) -> list[str]:
     return [line for line in lines if line]
 
 
-def parse_listen(text: str) -> list[tuple[str, int]]:
+class ListenAddress(tuple):  # type: ignore[type-arg]
+    """``(host, port)`` of a listener, and whether it speaks TLS (``tls://host:port``)."""
+
+    tls: bool
+
+    def __new__(cls, host: str, port: int, tls: bool = False) -> "ListenAddress":
+        self = super().__new__(cls, (host, port))
+        self.tls = tls
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        return tuple.__eq__(self, other) and getattr(other, "tls", False) == self.tls
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((tuple(self), self.tls))
+
+    def __repr__(self) -> str:
+        return f"ListenAddress({self[0]!r}, {self[1]!r}, tls={self.tls!r})"
+
+
+def parse_listen(text: str) -> list[ListenAddress]:
     """Listen addresses: ``127.0.0.1:3128``, ``[::1]:3128``, ``:3128`` (all IPv4),
-    ``[::]:3128`` (all IPv6), ``localhost:3128`` (127.0.0.1), several."""
+    ``[::]:3128`` (all IPv6), ``localhost:3128`` (127.0.0.1), several; ``tls://`` before
+    one makes it a TLS listener (an HTTPS proxy, configured in ``[tls]``)."""
     out = []
     for item in parse_list(text):
-        host, sep, port = item.rpartition(":")
+        scheme, sep, rest = item.partition("://")
+        if not sep:
+            scheme, rest = "tcp", item
+        if scheme not in ("tcp", "tls"):
+            raise ValueError(f"not tcp:// or tls://: {item!r}")
+        host, sep, port = rest.rpartition(":")
         if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise ValueError(f"not host:port: {item!r}")
         bracketed = host.startswith("[") and host.endswith("]")
@@ -91,20 +121,22 @@ def parse_listen(text: str) -> list[tuple[str, int]]:
             raise ValueError(f"not an IP address: {host!r}") from None
         if (address.version == 6) != bracketed:
             raise ValueError(f"IPv6 addresses go in brackets, IPv4 ones not: {item!r}")
-        out.append((str(address), int(port)))
+        out.append(ListenAddress(str(address), int(port), scheme == "tls"))
     if not out:
         raise ValueError("at least one address is needed")
     return out
 
 
 def parse_address(text: str) -> Optional[tuple[str, int]]:
-    """One listen address (as for ``listen``), or None for an empty value: off."""
+    """One plain listen address (as for ``listen``), or None for an empty value: off."""
     if not text.strip():
         return None
     found = parse_listen(text)
     if len(found) > 1:
         raise ValueError(f"one address only, not {len(found)}: {text.strip()!r}")
-    return found[0]
+    if found[0].tls:
+        raise ValueError(f"no tls:// here: {text.strip()!r}")
+    return (found[0][0], found[0][1])
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -303,7 +335,8 @@ def core_options(registry: OptionRegistry) -> None:
     (
         registry.section("geproxy")
         .add("listen", "listen", "127.0.0.1:3128",
-             "Addresses to accept proxy clients on: host:port, [IPv6]:port, several.")
+             "Addresses to accept proxy clients on: host:port, [IPv6]:port, several; "
+             "tls://host:port for a TLS listener (an HTTPS proxy, see [tls]).")
         .add("plugins", "list", "", "Extra plugin modules to load: module or module:attr.")
         .add("disable", "list", "", "Built-in plugins to leave out, by name.")
         .add("workers", "workers", "1",
@@ -358,4 +391,36 @@ def core_options(registry: OptionRegistry) -> None:
         .add("admin_listen", "address", "",
              "Address of the admin listener (/healthz, /readyz, /metrics, /tunnels): one "
              "host:port; empty for none. Anyone who reaches it can close tunnels.")
+    )
+    (
+        registry.section("tls")
+        .add("certificate", "path", "",
+             "The TLS listeners' certificate chain (PEM: the certificate, then any "
+             "intermediates). Needed when a listen address is tls://; reloaded on SIGHUP.")
+        .add("key", "path", "",
+             "The certificate's private key (PEM); empty when it is in the certificate file.")
+        .add("min_version", "str", "TLSv1.2", "Oldest TLS version a client may use.",
+             choices=("TLSv1.2", "TLSv1.3"))
+        .add("ciphers", "str", "",
+             "OpenSSL cipher list for TLS 1.2; empty for OpenSSL's defaults.")
+        .add("handshake_timeout", "duration", "10s",
+             "Time a client gets for the whole TLS handshake; a failed or late one is logged "
+             "in one line and counted, and the connection closed.", minimum=0.001)
+        .add("client_cert", "str", "off",
+             "Client certificates: off (none asked for), optional (verified when sent) or "
+             "required (no handshake without one). A verified one names the user.",
+             choices=("off", "optional", "required"))
+        .add("client_ca", "path", "",
+             "CA certificates (PEM) that client certificates must chain to; needed unless "
+             "client_cert is off.")
+        .add("identity_from", "str", "cn",
+             "Which name of a client certificate is the user: cn (the subject's common "
+             "name), san_uri or san_dns (the first URI or DNS subject alternative name).",
+             choices=("cn", "san_uri", "san_dns"))
+        .add("http2", "bool", "off",
+             "Offer HTTP/2 (ALPN h2) on TLS listeners: many CONNECT tunnels on one "
+             "connection, each an HTTP/2 stream with its own flow control.")
+        .add("max_streams", "int", "100",
+             "Streams (tunnels or requests) one HTTP/2 connection may have open at once.",
+             minimum=1)
     )

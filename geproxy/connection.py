@@ -18,6 +18,7 @@ import gevent
 from . import forward, http11, proxyproto
 from . import tunnel as relaying
 from .errors import (
+    ClientError,
     ClientGone,
     Denied,
     HeaderTimeout,
@@ -46,8 +47,10 @@ class Connection:
     """One accepted client connection, served by one greenlet."""
 
     def __init__(self, server: "ProxyServer", gen: "Generation", sock: socket.socket,
-                 address: tuple[str, int], local: tuple[str, int]) -> None:
+                 address: tuple[str, int], local: tuple[str, int], tls: bool = False) -> None:
         self.server = server
+        #: Accepted on a TLS listener: ``sock`` becomes a TLSStream after the handshake.
+        self.tls = tls
         #: The configuration and plugins this connection is served with, to its end.
         self.gen = gen
         self.sock = sock
@@ -97,8 +100,56 @@ class Connection:
             self.log.exception("on_connect failed; closing")
             self._close_record(Record(ctx, error="proxy_internal_error", close_reason="error"))
             return
+        if self.tls and not self._handshake():
+            return
+        if ctx.tls is not None and ctx.tls.alpn == "h2":
+            from .http2 import serve_h2  # the h2 package: only for connections that chose it
+
+            serve_h2(self)
+            return
         while self._serve_one():
             pass
+
+    def _handshake(self) -> bool:
+        """The TLS handshake of a TLS listener's connection; False (logged, counted, and
+        the connection closed) when it failed."""
+        from . import tls
+
+        settings = self.gen.config["tls"]
+        stream = tls.TLSStream(self.sock, self.gen.tls_context)
+        try:
+            self.ctx.tls = stream.handshake(settings["handshake_timeout"],
+                                            settings["identity_from"])
+        except tls.HandshakeFailed as exc:
+            self.log.info("TLS handshake failed (%s): %s", exc.reason, exc.detail)
+            self.hooks.on_tls_handshake(self.ctx, exc.reason)
+            if exc.reason == "plain_http":
+                # As nginx does: a client that forgot https:// learns why, in clear text.
+                self.sock.settimeout(1.0)
+                error = ClientError("plain HTTP request sent to a TLS listener")
+                try:
+                    self.answer(self.error_response(error), Record(self.ctx), close=True)
+                except ClientGone:
+                    pass
+            return False
+        self.sock = stream  # type: ignore[assignment]
+        info = self.ctx.tls
+        if info.client_subject is not None and info.identity is None:
+            self.log.info("client certificate %s names no user (identity_from = %s)",
+                          info.client_subject, settings["identity_from"])
+        self.hooks.on_tls_handshake(self.ctx, None)
+        return True
+
+    def identify(self, request: Request) -> None:
+        """The user a verified client certificate names is the request's user, as a
+        Basic-authenticated name would be; a request that also carries Proxy-Authorization
+        names two, and is refused rather than guessed at."""
+        tls = self.ctx.tls
+        if tls is None or tls.identity is None:
+            return
+        if "proxy-authorization" in request.headers:
+            raise ClientError("Proxy-Authorization on a connection with a client certificate")
+        self.ctx.user = tls.identity
 
     def _serve_one(self) -> bool:
         """Read and serve one request; True to read another on this connection."""
@@ -148,6 +199,7 @@ class Connection:
             self.greenlet.kill(block=False)
 
     def _dispatch(self, request: Request, record: Record) -> bool:
+        self.identify(request)
         answer = self.hooks.on_request(self.ctx, request)
         if answer is not None:
             if isinstance(answer, ProxyError):

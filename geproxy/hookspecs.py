@@ -94,6 +94,25 @@ def on_disconnect(ctx: "Context") -> None:
 
 
 @hookspec
+def on_tls_handshake(ctx: "Context", error: Optional[str]) -> None:
+    """Observe a client's TLS handshake on a TLS listener: handshake counters, audit.
+
+    Called once per connection to a TLS listener whose ``on_connect`` let it in, when its
+    handshake ended: ``ctx.tls`` is set on success. Every implementation is called even if
+    another raises; errors are logged. Implementations may not be wrappers.
+
+    :param error: None when the handshake completed; else what ended it: ``timeout``
+        (``[tls] handshake_timeout``), ``eof`` (the client closed), ``client_certificate``
+        (missing or not from ``client_ca``), ``server_certificate`` (the client refused the
+        proxy's certificate), ``protocol`` (no common version, cipher or
+        ALPN protocol), ``plain_http`` (a plain HTTP request sent to the TLS port) or
+        ``error``. A failed handshake gets no ``on_close``; ``on_disconnect`` follows.
+
+    Must not block, and must not keep ``ctx``.
+    """
+
+
+@hookspec
 def reopen_logs() -> None:
     """Reopen log files: the operator moved them away (SIGUSR1, after a log rotation).
 

@@ -46,6 +46,7 @@ __all__ = [
     "request_body_reader",
     "response_body_reader",
     "parse_authority",
+    "make_request",
     "serialize_head",
     "encode_chunk",
     "LAST_CHUNK",
@@ -194,25 +195,30 @@ class RequestHeadParser(_HeadParser):
         if not self._feed(data):
             return None
         cb = self._cb
-        version = self._version()
         method = self._parser.get_method().decode("ascii")
-        target = cb.url.decode("latin-1")
-        headers = Headers(cb.headers, frozen=True)
-        if len(headers.get_all("host")) > 1:
-            raise ClientError("more than one Host field")
-        if method == "CONNECT":
-            host, port = parse_authority(target)
-            if "content-length" in headers and headers.get("content-length") != "0" or (
-                "transfer-encoding" in headers
-            ):
-                raise ClientError("CONNECT with a body")
-            return Request(method, target, version, headers, "", host, port, "")
-        if target.startswith("/") or target == "*":
-            if version == "HTTP/1.1" and "host" not in headers:
-                raise ClientError("HTTP/1.1 request without Host")
-            return Request(method, target, version, headers, "", "", 0, target)
-        scheme, host, port, path = _parse_absolute(target)
-        return Request(method, target, version, headers, scheme, host, port, path)
+        return make_request(method, cb.url.decode("latin-1"), self._version(),
+                            Headers(cb.headers, frozen=True))
+
+
+def make_request(method: str, target: str, version: str, headers: Headers) -> Request:
+    """The Request for a request line's parts, its target checked as the wire rules say:
+    authority-form for CONNECT, absolute-form (http:// only) to forward, origin-form for the
+    proxy itself. ClientError for anything else."""
+    if len(headers.get_all("host")) > 1:
+        raise ClientError("more than one Host field")
+    if method == "CONNECT":
+        host, port = parse_authority(target)
+        if "content-length" in headers and headers.get("content-length") != "0" or (
+            "transfer-encoding" in headers
+        ):
+            raise ClientError("CONNECT with a body")
+        return Request(method, target, version, headers, "", host, port, "")
+    if target.startswith("/") or target == "*":
+        if version == "HTTP/1.1" and "host" not in headers:
+            raise ClientError("HTTP/1.1 request without Host")
+        return Request(method, target, version, headers, "", "", 0, target)
+    scheme, host, port, path = _parse_absolute(target)
+    return Request(method, target, version, headers, scheme, host, port, path)
 
 
 class ResponseHeadParser(_HeadParser):

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Tuple
 
-__all__ = ["Headers", "Request", "Response", "Context", "Record", "Route", "Resolved"]
+__all__ = ["Headers", "Request", "Response", "Context", "Record", "Route", "Resolved", "TLSInfo"]
 
 HeaderList = Iterable[Tuple[str, str]]
 
@@ -165,6 +165,24 @@ class Route:
     password: str = ""
 
 
+@dataclass(frozen=True)
+class TLSInfo:
+    """The TLS session of a client connection to a TLS listener (``ctx.tls``)."""
+
+    #: "TLSv1.3", "TLSv1.2".
+    version: str
+    cipher: str
+    #: The protocol agreed by ALPN ("h2", "http/1.1"), None when the client offered none.
+    alpn: Optional[str] = None
+    #: The server name (SNI) the client asked for, None when it sent none.
+    server_name: Optional[str] = None
+    #: The verified client certificate's subject ("CN=svc-a,O=Example"); None without one.
+    client_subject: Optional[str] = None
+    #: The user the certificate names (``[tls] identity_from``); None without a certificate,
+    #: or when the certificate has no such name.
+    identity: Optional[str] = None
+
+
 _conn_ids = itertools.count(1)
 
 
@@ -183,6 +201,8 @@ class Context:
     stash: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     requests: int = 0
+    #: The TLS session, on a TLS listener once the handshake is done; None on a plain one.
+    tls: Optional[TLSInfo] = None
 
     def __post_init__(self) -> None:
         if not self.conn_id:

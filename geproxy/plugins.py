@@ -119,7 +119,7 @@ def load(
         first = (str(exc).splitlines() or [""])[0]
         raise ConfigError(f"cannot load plugin: {type(exc).__name__}: {first}", path=path,
                           section="geproxy", key="plugins") from None
-    for caller in (pm.hook.on_close, pm.hook.on_disconnect):
+    for caller in (pm.hook.on_close, pm.hook.on_disconnect, pm.hook.on_tls_handshake):
         for impl in caller.get_hookimpls():
             if impl.wrapper or impl.hookwrapper:
                 raise ConfigError(f"plugin {impl.plugin_name!r}: {caller.name} may not be a "
@@ -194,6 +194,9 @@ class Hooks:
 
     def on_disconnect(self, ctx: Context) -> None:
         self._observe(self._hook.on_disconnect, {"ctx": ctx}, ctx)
+
+    def on_tls_handshake(self, ctx: Context, error: Optional[str]) -> None:
+        self._observe(self._hook.on_tls_handshake, {"ctx": ctx, "error": error}, ctx)
 
     @staticmethod
     def _observe(caller: Any, kwargs: dict[str, Any], ctx: Context) -> None:

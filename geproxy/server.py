@@ -15,7 +15,7 @@ import gevent.event
 import gevent.pool
 from gevent.server import StreamServer
 
-from .config import Config
+from .config import Config, ListenAddress
 from .connection import Connection
 from .errors import ConfigError, ProxyError, TooManyConnections, proxy_name
 from .local import PROXY_PORT_PATHS, admin_app, local_app
@@ -78,9 +78,12 @@ class ProxyServer:
     proxy_name = property(lambda self: self.gen.proxy_name)
 
     @property
-    def addresses(self) -> list[tuple[str, int]]:
-        """The bound addresses (port 0 in the config is resolved here after start)."""
-        return [tuple(server.address[:2]) for server in self.servers]  # type: ignore[misc]
+    def addresses(self) -> list[ListenAddress]:
+        """The bound addresses (port 0 in the config is resolved here after start), each
+        with its ``tls`` flag."""
+        return [ListenAddress(server.address[0], server.address[1],
+                              server.tls)  # type: ignore[attr-defined]
+                for server in self.servers]
 
     @property
     def admin_address(self) -> Optional[tuple[str, int]]:
@@ -95,14 +98,17 @@ class ProxyServer:
         cannot be bound. A worker passes the ports its master reserved, ``reuse_port`` to
         share them with its siblings, and ``admin`` for one worker only."""
         try:
-            for host, port in addresses or self.config.core["listen"]:
+            for address in addresses or self.config.core["listen"]:
+                host, port = address
+                tls = getattr(address, "tls", False)
                 listener = _listener(host, port, reuse_port)
                 bound = listener.getsockname()[:2]
                 # A wildcard listener learns each connection's local address from the
                 # kernel; a specific one knows it already.
                 local = None if _is_wildcard(host) else bound
-                server = _Listener(listener, self._handler(local),
+                server = _Listener(listener, self._handler(local, tls),
                                    spawn=self.connections.spawn)
+                server.tls = tls
                 self.servers.append(server)
                 server.start()
             if admin and self.config.core["admin_listen"] is not None:
@@ -195,9 +201,9 @@ class ProxyServer:
         self.start(**start)
         self._stopped.wait()
 
-    def _handler(self, local: Optional[tuple[str, int]]) -> Any:
+    def _handler(self, local: Optional[tuple[str, int]], tls: bool) -> Any:
         def handle(sock: socket.socket, address: tuple[str, int]) -> None:
-            self._handle(sock, address, local)
+            self._handle(sock, address, local, tls)
 
         return handle
 
@@ -207,12 +213,12 @@ class ProxyServer:
             server.close()
 
     def _handle(self, sock: socket.socket, address: tuple[str, int],
-                local: Optional[tuple[str, int]]) -> None:
+                local: Optional[tuple[str, int]], tls: bool = False) -> None:
         gen = self.gen
         gen.users += 1
         conn: Optional[Connection] = None
         try:
-            conn = Connection(self, gen, sock, address, local or sock.getsockname()[:2])
+            conn = Connection(self, gen, sock, address, local or sock.getsockname()[:2], tls)
             if self.open_connections() > gen.config.core["max_connections"]:
                 self._refuse(conn)
                 return
@@ -223,7 +229,7 @@ class ProxyServer:
             log.exception("connection from %s failed", address[0])
         finally:
             if conn is None or conn.detached is None:
-                sock.close()
+                (sock if conn is None else conn.sock).close()  # a TLS one says close_notify
                 self.release(gen)
 
     def _drained(self, timeout: float) -> bool:
@@ -344,6 +350,9 @@ class _Listener(StreamServer):
     """A StreamServer that leaves closing the client socket to ``ProxyServer._handle``:
     a connection whose tunnel relays on its own outlives its handler."""
 
+    #: Whether its connections speak TLS (``tls://`` in ``listen``).
+    tls = False
+
     def do_close(self, *args: Any) -> None:
         pass
 
@@ -361,6 +370,14 @@ class Generation:
         core = config.core
         self.via: str = "" if core["via"].lower() == "off" else core["via"]
         self.proxy_name = proxy_name(self.via)
+        #: The TLS listeners' context, read from the files at each load (None with no
+        #: TLS listener): a reload picks up a renewed certificate.
+        self.tls_context: Any = None
+        if any(getattr(address, "tls", False) for address in core["listen"]):
+            from .tls import server_context  # imports ssl: only when TLS is configured
+
+            self.tls_context = server_context(config["tls"], config.path,
+                                              config["tls"]["http2"])
         self.proxy_protocol: str = core["proxy_protocol"]
         self.proxy_protocol_from = core["proxy_protocol_from"]
         if self.proxy_protocol != "off" and not self.proxy_protocol_from:
@@ -440,7 +457,8 @@ def _listener(host: str, port: int, reuse_port: bool = False,
 
 def _fmt(address: Sequence[Any]) -> str:
     host = address[0]
-    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    text = f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return "tls://" + text if getattr(address, "tls", False) else text
 
 
 def create_server(path: str, objects: Sequence[Any] = (),

@@ -52,7 +52,11 @@ DETACH_AFTER = 0.25
 
 
 def _raw(sock: socket.socket) -> Any:
-    """The non-blocking socket under gevent's wrapper: its calls never wait."""
+    """What the hub's callbacks call: the non-blocking socket under gevent's wrapper, or a
+    TLS stream's calls that never wait (``TLSStream.nowait``)."""
+    nowait = getattr(sock, "nowait", None)
+    if nowait is not None:
+        return nowait
     return getattr(sock, "_sock", sock)
 
 
@@ -60,7 +64,8 @@ class _Direction:
     """One direction of a tunnel: bytes read from ``src`` and written to ``dst``."""
 
     __slots__ = ("src", "dst", "src_fd", "dst_fd", "upward", "name", "dst_name", "reader",
-                 "writer", "pending", "moved", "eof", "done", "pipe", "piped")
+                 "writer", "pending", "moved", "eof", "done", "pipe", "piped", "buffered",
+                 "tls_out", "splices")
 
     def __init__(self, src: socket.socket, dst: socket.socket, upward: bool, loop: Any) -> None:
         self.src, self.dst = _raw(src), _raw(dst)
@@ -77,6 +82,12 @@ class _Direction:
         #: (read end, write end) once the direction splices; ``piped`` bytes sit in it.
         self.pipe: Optional[tuple[int, int]] = None
         self.piped = 0
+        #: A TLS source may hold plaintext that no readable event announces; a TLS
+        #: destination may hold ciphertext it did not send (``blocked``).
+        self.buffered: Optional[Callable[[], bool]] = getattr(self.src, "buffered", None)
+        self.tls_out = hasattr(self.dst, "blocked")
+        #: splice moves bytes between descriptors: not for a side that speaks TLS.
+        self.splices = _SPLICE and self.buffered is None and not self.tls_out
 
     def close(self) -> None:
         self.reader.close()
@@ -119,8 +130,8 @@ class _Relay:
         if lifetime:
             self._lifetime = self.loop.timer(lifetime)
             self._lifetime.start(self._abort, "max lifetime")
-        self.up.reader.start(self._readable, self.up)
-        self.down.reader.start(self._readable, self.down)
+        self._read_on(self.up)
+        self._read_on(self.down)
 
     def run(self, lifetime: float, detach_after: float = 0) -> str:
         """Relay, with this greenlet waiting, until the end; returns the close reason.
@@ -223,14 +234,24 @@ class _Relay:
             self._abort(d.dst_name)
             return
         self._count(d, sent)
-        if sent < len(data):
+        if sent < len(data) or (d.tls_out and d.dst.blocked):
             d.pending = memoryview(data)[sent:]
             d.reader.stop()
             d.writer.start(self._writable, d)
-        elif _SPLICE and d.moved >= SPLICE_AFTER and d.pipe is None:
+        elif d.splices and d.moved >= SPLICE_AFTER and d.pipe is None:
             self._to_splice(d)
         if not d.reader.active and not d.writer.active and not self.finished:
-            d.reader.start(self._readable, d)
+            self._read_on(d)
+
+    def _read_on(self, d: _Direction) -> None:
+        d.reader.start(self._readable, d)
+        if d.buffered is not None and d.buffered():
+            self.loop.run_callback(self._read_buffered, d)
+
+    def _read_buffered(self, d: _Direction) -> None:
+        """Plaintext a TLS source already holds: read as if the socket were readable."""
+        if d.reader.active and not self.finished:
+            self._readable(d)
 
     def _writable(self, d: _Direction) -> None:
         if d.pipe is not None:
@@ -245,7 +266,7 @@ class _Relay:
             self._abort(d.dst_name)
             return
         self._count(d, sent)
-        if sent < len(data):
+        if sent < len(data) or (d.tls_out and d.dst.blocked):
             d.pending = data[sent:]
             return
         d.pending = b""
@@ -257,12 +278,12 @@ class _Relay:
         if d.eof:
             self._eof(d)
         elif not self.finished:
-            d.reader.start(self._readable, d)
+            self._read_on(d)
 
     def _eof(self, d: _Direction) -> None:
         d.eof = True
         d.reader.stop()
-        if d.pending or d.piped:
+        if d.pending or d.piped or d.writer.active:
             return  # the writer passes it on once the rest went out
         d.done = True
         if self.up.done and self.down.done:

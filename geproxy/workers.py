@@ -20,6 +20,7 @@ from typing import Any
 
 import gevent
 
+from .config import ListenAddress
 from .server import ProxyServer, _fmt, _listener, create_server
 
 __all__ = ["Master", "serve", "run"]
@@ -42,7 +43,7 @@ class Master:
         self.workers: dict[int, int] = {}  # pid -> worker index
         self.started: dict[int, float] = {}  # worker index -> when it started
         self.stopping = False
-        self.addresses: list[tuple[str, int]] = []
+        self.addresses: list[ListenAddress] = []
         self._reserved: list[object] = []
         self._signals: list[Any] = []  # the master's handlers, which a worker drops
         self.metrics_dir = ""
@@ -58,10 +59,11 @@ class Master:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _supervise(self) -> int:
-        for host, port in self.template.config.core["listen"]:
-            reserved = _listener(host, port, reuse_port=True, listen=False)
+        for address in self.template.config.core["listen"]:
+            reserved = _listener(address[0], address[1], reuse_port=True, listen=False)
             self._reserved.append(reserved)
-            self.addresses.append(reserved.getsockname()[:2])  # type: ignore[attr-defined]
+            bound = reserved.getsockname()  # type: ignore[attr-defined]
+            self.addresses.append(ListenAddress(bound[0], bound[1], address.tls))
         log.info("master %d: %d workers on %s", os.getpid(), self.count,
                  ", ".join(_fmt(a) for a in self.addresses))
         for index in range(self.count):

@@ -11,6 +11,8 @@ credentials of a user of the file; any other request is answered ``407`` with
 (the core closes it only when the request had a body). On success ``ctx.user`` is the user
 name, for the ``acl`` plugin's ``user`` condition and the access log. Requests addressed to the
 proxy itself (origin-form, ``GET /healthz``) are not challenged: ``ctx.user`` is None for them.
+On a TLS listener with client certificates (``[tls] client_cert``), a verified certificate
+authenticates: its name (``ctx.tls.identity``) is the user, and no password is asked for.
 
 The file is what Apache's ``htpasswd`` writes: ``user:hash`` per line, blank lines and ``#``
 lines skipped. Accepted hashes are bcrypt (``$2y$``, ``htpasswd -B``), apr1-MD5 (``$apr1$``,
@@ -263,6 +265,10 @@ class Auth:
     @hookimpl(tryfirst=True)
     def on_request(self, ctx: Context, request: Request) -> Optional[Response]:
         if not self.path:
+            return None
+        tls = ctx.tls
+        if tls is not None and tls.identity is not None:
+            ctx.user = tls.identity  # a verified client certificate authenticates
             return None
         ctx.user = None  # an identity holds for one request, not for the connection
         if not request.host:

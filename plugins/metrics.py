@@ -15,6 +15,9 @@ Metrics, all with the ``geproxy_`` prefix:
   ``down`` to it (the CONNECT head and its answer included, as in the access log).
 - ``errors_total{error}``: requests that ended with a Proxy-Status error type.
 - ``acl_denials_total{rule}``: denials by a policy plugin, by the rule id that denied.
+- ``tls_handshakes_total{result}``: handshakes on TLS listeners: ``ok``, or what failed them
+  (``timeout``, ``eof``, ``client_certificate``, ``server_certificate``, ``protocol``,
+  ``plain_http``, ``error``).
 - ``resolve_seconds``, ``connect_seconds``: histograms of name resolution and of connecting
   upstream, for the requests that did each.
 
@@ -101,6 +104,9 @@ class Metrics:
         self.workers = Gauge("geproxy_workers_alive", "Processes serving (1 without workers).",
                              registry=registry, multiprocess_mode="livesum")
         self.workers.set(1)
+        self.handshakes = Counter("geproxy_tls_handshakes", "Handshakes on TLS listeners, "
+                                  "by result: ok, or what failed them.", ["result"],
+                                  registry=registry)
         self.resolve = Histogram("geproxy_resolve_seconds", "Time to resolve an upstream "
                                  "name.", buckets=BUCKETS, registry=registry)
         self.connect = Histogram("geproxy_connect_seconds", "Time to connect to an upstream.",
@@ -124,6 +130,10 @@ class Metrics:
         self.connections.inc()
         self.open.inc()
         ctx.stash[OPEN] = True
+
+    @hookimpl
+    def on_tls_handshake(self, ctx: Context, error: Optional[str]) -> None:
+        self.handshakes.labels(error or "ok").inc()
 
     @hookimpl
     def on_disconnect(self, ctx: Context) -> None:

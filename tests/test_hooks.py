@@ -28,6 +28,27 @@ def test_hook_order_for_connect(proxy_factory, origin):
     ]
 
 
+def test_hook_order_on_a_tls_listener(proxy_factory, origin, tls_files):
+    """on_connect before the handshake (a client refused by address costs no TLS), then
+    on_tls_handshake, then the request as on a plain listener."""
+    recorder = HookRecorder()
+    proxy = proxy_factory("[geproxy]\nlisten = tls://127.0.0.1:0\n" + tls_files.ini(),
+                          plugins=[recorder])
+    proxy.resolver.add("origin.test", "127.0.0.1")
+    out = curl("-p", "-x", proxy.tls_url, "--proxy-cacert", tls_files.ca_file,
+               origin.url("/", host="origin.test"))
+    assert out.returncode == 0, out.stderr
+    wait_for_records(proxy, 1)
+    assert recorder.calls == [
+        ("on_connect", "127.0.0.1"),
+        ("on_tls_handshake", "ok"),
+        ("on_request", f"CONNECT origin.test:{origin.port}"),
+        ("route", "origin.test"),
+        ("resolve", f"origin.test:{origin.port}"),
+        ("on_close", "CONNECT 200"),
+    ]
+
+
 def test_hook_order_for_a_plain_get(proxy_factory, origin):
     recorder = HookRecorder()
     proxy = proxy_factory(plugins=[recorder])
@@ -103,7 +124,7 @@ def test_every_hook_has_a_contract():
     assert {spec.__name__ for spec in specs} == {
         "add_options", "configure", "unconfigure", "on_connect", "on_request", "route",
         "route_failed", "resolve", "on_tunnel_data", "on_response", "on_close",
-        "reopen_logs", "on_disconnect"}
+        "reopen_logs", "on_disconnect", "on_tls_handshake"}
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert "Called" in doc, spec.__name__

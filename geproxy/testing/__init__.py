@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pytest
 
+from .certs import TLSFiles, issue_client_cert, make_tls_files
 from .clients import (
     curl,
     echo,
@@ -68,6 +69,9 @@ __all__ = [
     "start_origin",
     "start_proxy",
     "kit_ini",
+    "TLSFiles",
+    "issue_client_cert",
+    "make_tls_files",
 ]
 
 
@@ -179,6 +183,13 @@ def ca_file(tls_ca: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("ca") / "ca.pem"
     tls_ca.cert_pem.write_to_path(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tls_ca: Any, tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """Certificates for a TLS listener and for mTLS clients (see TLSFiles); the proxy's is
+    from ``tls_ca``, so ``ca_file`` trusts both it and ``tls_origin``."""
+    return make_tls_files(tls_ca, tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

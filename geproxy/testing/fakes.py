@@ -82,6 +82,10 @@ class HookRecorder:
         return (yield)
 
     @hookimpl
+    def on_tls_handshake(self, ctx: Context, error: Optional[str]) -> None:
+        self.calls.append(("on_tls_handshake", error or "ok"))
+
+    @hookimpl
     def on_close(self, ctx: Context, record: Record) -> None:
         self.calls.append(("on_close", f"{record.method} {record.status}"))
 

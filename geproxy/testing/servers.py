@@ -50,6 +50,18 @@ class Proxy:
     def url(self) -> str:
         return f"http://{self.address[0]}:{self.address[1]}"
 
+    @property
+    def tls_address(self) -> tuple[str, int]:
+        """The first TLS listener's address (``listen = tls://127.0.0.1:0``)."""
+        found = [address for address in self.server.addresses if address.tls]
+        assert found, "this proxy has no tls:// listener"
+        return (found[0][0], found[0][1])
+
+    @property
+    def tls_url(self) -> str:
+        """What clients put in ``-x`` for the TLS listener: ``https://127.0.0.1:PORT``."""
+        return f"https://{self.tls_address[0]}:{self.tls_address[1]}"
+
     def connect(self) -> socket.socket:
         sock = socket.create_connection(self.address, timeout=10)
         return sock

@@ -1,0 +1,678 @@
+"""HTTP/2 from clients to the proxy (RFC 9113): many tunnels and requests on one connection.
+
+A client that chose ``h2`` by ALPN on a TLS listener (``[tls] http2 = on``) speaks HTTP/2.
+Each stream is one request, served by a greenlet of its own through the same hooks and
+errors as a request on HTTP/1.1:
+
+- a CONNECT (RFC 9113 section 8.5) is a tunnel: "200" on the stream, then its DATA frames
+  carry the tunnel's bytes; the client's END_STREAM is a half-close of the upstream, the
+  upstream's FIN an END_STREAM; a reset of either side resets the other (CONNECT_ERROR);
+- any other request for an ``http://`` target is forwarded as HTTP/1.1 upstream by the
+  code that forwards HTTP/1.1 requests (``forward.py``), its answer turned into HEADERS
+  and DATA frames.
+
+Flow control is per stream, both ways. The proxy hands a stream's receive window back only
+as its bytes go upstream, so a stream whose upstream is slow stops its client without
+stopping the others (the connection's window is as large as all streams' windows
+together); it reads from an upstream only as much as that stream's send window allows.
+The h2 package does the framing and the state machine; this module does the I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import time
+from collections import deque
+from typing import Any, Optional
+
+import gevent
+import gevent.event
+import gevent.pool
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from . import http11
+from .connection import Connection
+from .errors import ClientError, ClientGone, InternalError, ProxyError, UpstreamTimeout
+from .log import ConnLogger
+from .models import Headers, Record, Request
+
+__all__ = ["serve_h2", "STREAM_WINDOW"]
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 64 * 1024
+#: Bytes a client may send on one stream before the proxy has passed them upstream.
+STREAM_WINDOW = 256 * 1024
+#: Fields of HTTP/1.1 that HTTP/2 forbids (RFC 9113 section 8.2.2).
+_CONNECTION_FIELDS = frozenset({"connection", "keep-alive", "proxy-connection",
+                                "transfer-encoding", "upgrade"})
+_CANCEL = h2.errors.ErrorCodes.CANCEL
+_CONNECT_ERROR = h2.errors.ErrorCodes.CONNECT_ERROR
+_REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
+_INTERNAL = h2.errors.ErrorCodes.INTERNAL_ERROR
+
+
+class _Reset(Exception):
+    """The stream was reset by the client, or its connection ended."""
+
+
+def serve_h2(conn: Connection) -> None:
+    """Serve ``conn`` (its TLS handshake done, ALPN h2) until the client or a stop ends it."""
+    _H2Connection(conn).serve()
+
+
+class _H2Connection:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.sock = conn.sock
+        tls = conn.gen.config["tls"]
+        self.max_streams: int = tls["max_streams"]
+        config = h2.config.H2Configuration(client_side=False, header_encoding="latin-1")
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: conn.settings["max_header_size"],
+        })
+        self.streams: dict[int, H2Stream] = {}
+        self.group = gevent.pool.Group()
+        #: Bytes for the client, sent in order by the writer greenlet: a stream's greenlet
+        #: never waits on the socket, so killing one never cuts a frame in half.
+        self.outgoing: deque[bytes] = deque()
+        self._wake = gevent.event.Event()
+        self._writer: Optional[gevent.Greenlet] = None
+        self.closed = False
+        self.goaway_sent = False
+        #: The connection's greenlet, which reads; a stop ends it once no stream is left.
+        self.reader: Optional[gevent.Greenlet] = None
+
+    # -- the connection's greenlet: reading ---------------------------------------------
+
+    def serve(self) -> None:
+        conn = self.conn
+        idle = conn.settings["idle_timeout"]
+        server = conn.server
+        me = self.reader = gevent.getcurrent()
+        self._writer = gevent.spawn(self._write_loop)
+        try:
+            self.h2.initiate_connection()
+            # The connection's window holds every stream's: streams stall one by one.
+            self.h2.increment_flow_control_window(self.max_streams * STREAM_WINDOW)
+            self.flush()
+            last = time.monotonic()
+            while True:
+                waiting = not self.streams
+                if waiting:
+                    server.idle.add(me)  # a stop may end it at once
+                    if server.stopping:
+                        break
+                try:
+                    self.sock.settimeout(idle)
+                    data = self.sock.recv(RECV_SIZE)
+                except socket.timeout:
+                    if not self.streams and time.monotonic() - last >= idle:
+                        break  # idle: nothing open and nothing said
+                    continue
+                finally:
+                    if waiting:
+                        server.idle.discard(me)
+                if not data:
+                    break
+                last = time.monotonic()
+                try:
+                    events = self.h2.receive_data(data)
+                except h2.exceptions.ProtocolError as exc:
+                    conn.log.info("HTTP/2 protocol error: %s", exc)
+                    self._goaway(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
+                    break
+                for event in events:
+                    self._event(event)
+                self.flush()
+                if self.closed:
+                    break
+        except OSError as exc:  # the client reset, or a write to it failed
+            conn.log.debug("HTTP/2 connection ended: %s", exc)
+        finally:
+            self.reader = None  # ending already: no stream's end may kill it again
+            try:
+                for stream in list(self.streams.values()):
+                    stream.cut("client" if not server.stopping else "shutdown")
+                self.group.kill(block=True, timeout=5)
+                self._goaway(h2.errors.ErrorCodes.NO_ERROR)
+                self.closed = True
+                self._wake.set()
+                self._writer.join(timeout=1)  # the last frames, if the client takes them
+            finally:
+                self.closed = True
+                self._writer.kill(block=False)  # cannot be cut short by a kill of ours
+
+    def _event(self, event: Any) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._request(event)
+        elif isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:  # its tunnel already ended: give the window back
+                self._ack(event.flow_controlled_length, event.stream_id)
+            else:
+                stream.received(event.data, event.flow_controlled_length)
+                if event.stream_ended:
+                    stream.received(None, 0)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.received(None, 0)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.cut("client reset")
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.window.set()
+            else:
+                for stream in self.streams.values():
+                    stream.window.set()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            for stream in self.streams.values():
+                stream.window.set()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            # The client's GOAWAY. HTTP/2 would let its open streams finish, but the h2
+            # state machine takes no frame after a GOAWAY, so they end here.
+            self.closed = True
+            for stream in list(self.streams.values()):
+                stream.cut("client")
+
+    def _request(self, event: Any) -> None:
+        stream_id = event.stream_id
+        if self.conn.server.stopping or self.closed:
+            self.h2.reset_stream(stream_id, _REFUSED)
+            return
+        fields = [(k, v) for k, v in event.headers]
+        stream = H2Stream(self, stream_id, fields, event.stream_ended)
+        self.streams[stream_id] = stream
+        self.group.spawn(stream.run)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Queue what the h2 state machine has for the client; never waits."""
+        data = self.h2.data_to_send()
+        if data:
+            self.outgoing.append(data)
+            self._wake.set()
+
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                while self.outgoing:
+                    data = b"".join(self.outgoing)
+                    self.outgoing.clear()
+                    self.sock.sendall(data)
+                if self.closed:
+                    return
+        except OSError as exc:  # the client is gone or stopped reading for idle_timeout
+            self.conn.log.debug("HTTP/2 write failed: %s", exc)
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # the reader sees it and ends all
+            except OSError:
+                pass
+
+    def _goaway(self, code: int) -> None:
+        """GOAWAY, once: the client opens no more streams; those open go on."""
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        try:
+            self.h2.close_connection(error_code=code)
+            self.flush()
+        except (h2.exceptions.ProtocolError, OSError):
+            pass
+
+    def _ack(self, size: int, stream_id: int) -> None:
+        if size:
+            try:
+                self.h2.acknowledge_received_data(size, stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                # The stream is gone; its share of the connection's window comes back.
+                self.h2.increment_flow_control_window(size)
+
+    def ended(self, stream: "H2Stream") -> None:
+        self.streams.pop(stream.stream_id, None)
+        left = stream.unacked
+        if left and not self.closed:  # received, never passed on: back to the connection
+            stream.unacked = 0
+            self._ack(left, stream.stream_id)
+            self.flush()
+        if not self.streams and self.conn.server.stopping and self.reader is not None:
+            # Draining: the last stream is done, so is the connection (GOAWAY, close).
+            self.reader.kill(block=False)
+
+
+class _StreamSocket:
+    """What forward.py may ask of a client socket, for a stream: an abortive close there
+    (SO_LINGER 0, for a cut answer) is a reset of the stream here."""
+
+    def __init__(self, stream: "H2Stream") -> None:
+        self.stream = stream
+
+    def setsockopt(self, *args: Any) -> None:
+        self.stream.must_reset = True
+
+
+class H2Stream(Connection):
+    """One stream: served as one request on a connection of its own would be. Its context
+    is a copy of the connection's, with an id of its own (``c12-3`` for stream 3 of
+    ``c12``), so ``/tunnels`` lists and closes streams one by one, and what one stream's
+    request sets (its user, its stash) is not another's."""
+
+    def __init__(self, owner: _H2Connection, stream_id: int, fields: list[tuple[str, str]],
+                 ended: bool) -> None:
+        conn = owner.conn
+        # The parts of Connection.__init__ a stream needs: no socket of its own.
+        self.server, self.gen, self.tls = conn.server, conn.gen, True
+        self.settings, self.hooks = conn.settings, conn.hooks
+        # The stash starts as a copy of the connection's (what plugins noted at connect
+        # time holds for every stream); what one stream's request notes is its own.
+        self.ctx = dataclasses.replace(conn.ctx, conn_id=f"{conn.ctx.conn_id}-{stream_id}",
+                                       user=None, requests=0, stash=dict(conn.ctx.stash))
+        self.log = ConnLogger(conn.log.logger, self.ctx)
+        self.buf = b""
+        self.answered = False
+        self.record: Optional[Record] = None
+        self.greenlet: Optional[gevent.Greenlet] = None
+        self.cut_reason = "shutdown"
+        self.detached = None
+        self.owner = owner
+        self.stream_id = stream_id
+        self.fields = fields
+        self.sock = _StreamSocket(self)  # type: ignore[assignment]
+        #: Request body (or tunnel) bytes from the client with their flow-controlled size
+        #: (padding included); None for its END_STREAM.
+        self.inbound: deque[Optional[tuple[bytes, int]]] = deque()
+        self.arrived = gevent.event.Event()
+        #: Set when the send window may have grown (WINDOW_UPDATE, SETTINGS) or at a cut.
+        self.window = gevent.event.Event()
+        self.client_ended = ended
+        #: The request's HEADERS ended the stream: it has no body.
+        self.bodiless = ended
+        self.unacked = 0
+        self.cut_by: Optional[str] = None
+        self.must_reset = False
+        self._writer: Optional[Any] = None
+        #: A plain request without Content-Length: its DATA is passed on chunked.
+        self.chunk_body = False
+
+    # -- from the connection's greenlet ---------------------------------------------------
+
+    def received(self, data: Optional[bytes], size: int) -> None:
+        if data is None:
+            self.client_ended = True
+            self.inbound.append(None)
+        else:
+            self.unacked += size
+            self.inbound.append((data, size))
+        self.arrived.set()
+
+    def cut(self, reason: str) -> None:
+        """The client reset the stream, or the connection ended: stop serving it."""
+        if self.cut_by is None:
+            self.cut_by = reason
+            self.arrived.set()
+            self.window.set()
+            greenlet = self.greenlet
+            if greenlet is not None and greenlet is not gevent.getcurrent():
+                greenlet.kill(_Reset(reason), block=False)
+
+    def close(self, reason: str) -> None:
+        """From the admin listener (or a stop): reset this stream, the others go on."""
+        self.cut_reason = reason
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+
+    # -- the stream's greenlet ------------------------------------------------------------
+
+    def run(self) -> None:
+        ctx = self.ctx
+        record = Record(ctx)
+        record.version = "HTTP/2"
+        request: Optional[Request] = None
+        self.greenlet = gevent.getcurrent()
+        try:
+            try:
+                request = self._make_request()
+                ctx.requests += 1
+                record.request = request
+                record.method, record.target = request.method, request.target
+                self.record = record
+                self.server.active[ctx.conn_id] = self
+                self._dispatch(request, record)
+                self._end(cut=False)
+            except (_Reset, ClientGone):
+                record.close_reason = record.close_reason or self.cut_by or "client"
+            except ProxyError as exc:
+                cut = self.answered  # an answer begun cannot become an error: reset
+                self._fail(exc, record, request)
+                self._end(cut)
+            except Exception as exc:  # a bug, or a plugin that raised: fail closed
+                self.log.exception("internal error")
+                cut = self.answered
+                self._fail(InternalError(repr(exc)), record, request)
+                self._end(cut)
+        except gevent.GreenletExit:
+            record.close_reason = self.cut_reason
+            self._reset(_CANCEL)
+            self._close_record(record)
+            raise
+        finally:
+            self.server.active.pop(ctx.conn_id, None)
+            self.record = None
+            self.owner.ended(self)
+        self._close_record(record)
+
+    def _make_request(self) -> Request:
+        pseudo: dict[str, str] = {}
+        headers: list[tuple[str, str]] = []
+        cookies: list[str] = []
+        for name, value in self.fields:
+            if name.startswith(":"):
+                pseudo[name] = value
+            elif name == "cookie":
+                cookies.append(value)  # split for HTTP/2 (RFC 9113 8.2.3), one for 1.1
+            else:
+                headers.append((name, value))
+        if cookies:
+            headers.append(("cookie", "; ".join(cookies)))
+        method = pseudo.get(":method", "")
+        authority = pseudo.get(":authority", "")
+        if ":protocol" in pseudo:
+            raise ClientError("extended CONNECT is not supported")
+        if method == "CONNECT":
+            target = authority
+        else:
+            scheme = pseudo.get(":scheme", "")
+            if scheme != "http" or not authority:
+                target = pseudo.get(":path", "")  # for the proxy itself, or refused
+                if authority and not target.startswith("/"):
+                    raise ClientError("only http:// targets are forwarded; use CONNECT")
+                if authority:
+                    headers.append(("host", authority))
+            else:
+                target = f"http://{authority}{pseudo.get(':path', '/')}"
+            if not self.bodiless and "content-length" not in (k for k, _ in headers):
+                headers.append(("transfer-encoding", "chunked"))
+                self.chunk_body = True
+        return http11.make_request(method, target, "HTTP/2", Headers(headers, frozen=True))
+
+    # -- what Connection's request code calls ---------------------------------------------
+
+    def recv(self) -> bytes:
+        """The next piece of the request body; b"" after the client's END_STREAM."""
+        if self.buf:
+            data, self.buf = self.buf, b""
+            return data
+        idle = self.settings["idle_timeout"]
+        while not self.inbound:
+            if self.cut_by is not None:
+                raise _Reset(self.cut_by)
+            self.arrived.clear()
+            if not self.arrived.wait(idle) and not self.inbound:
+                raise ClientGone("client sent nothing for idle_timeout")
+        item = self.inbound.popleft()
+        if item is None:
+            self.inbound.appendleft(None)  # it stays at the end
+            if self.chunk_body:
+                self.chunk_body = False
+                return http11.LAST_CHUNK
+            return b""
+        piece, size = item
+        self._give_back(size)
+        if self.chunk_body:
+            return http11.encode_chunk(piece) if piece else b""
+        return piece
+
+    def _give_back(self, size: int) -> None:
+        """Bytes passed on: the client may send that many more on this stream."""
+        size = min(size, self.unacked)
+        if size and self.cut_by is None:
+            self.unacked -= size
+            self.owner._ack(size, self.stream_id)
+            self.owner.flush()
+
+    def send(self, data: bytes, record: Record) -> None:
+        """An HTTP/1.1 answer from the request code (head, then body bytes) as HEADERS
+        and DATA frames."""
+        if self._writer is None:
+            self._writer = _AnswerWriter(self)
+        self._writer.feed(data)
+        if not self.answered:
+            self.answered = True
+            record.first_byte_time = time.time() - record.started
+        record.bytes_out += len(data)
+
+    def _end(self, cut: bool) -> None:
+        """The answer is whole: END_STREAM; a reset when it was cut after its start. A
+        request whose body is still coming is then told to stop sending (NO_ERROR)."""
+        if self.cut_by is not None:
+            return
+        if cut or self.must_reset:
+            self._reset(_INTERNAL)
+            return
+        if self._writer is not None:
+            self._writer.finish()
+        if not self.client_ended:
+            self._reset(h2.errors.ErrorCodes.NO_ERROR)
+
+    def _reset(self, code: int) -> None:
+        if self.cut_by is None and not self.owner.closed:
+            self.cut_by = "reset"
+            try:
+                self.owner.h2.reset_stream(self.stream_id, code)
+                self.owner.flush()
+            except (h2.exceptions.ProtocolError, OSError):
+                pass
+
+    def send_data(self, data: bytes, end: bool = False) -> None:
+        """Send ``data`` on this stream within its flow-control window, waiting (up to
+        idle_timeout) for the client to open it."""
+        owner = self.owner
+        conn = owner.h2
+        view = memoryview(data)
+        idle = self.settings["idle_timeout"]
+        while view or end:
+            if self.cut_by is not None or owner.closed:
+                raise _Reset(self.cut_by or "client")
+            window = conn.local_flow_control_window(self.stream_id)
+            size = min(window, len(view), conn.max_outbound_frame_size)
+            if view and size <= 0:
+                self.window.clear()
+                if not self.window.wait(idle):
+                    raise UpstreamTimeout("client took no bytes for idle_timeout")
+                continue
+            piece = view[:size].tobytes()
+            view = view[size:]
+            last = end and not view
+            conn.send_data(self.stream_id, piece, end_stream=last)
+            owner.flush()
+            if last:
+                break
+
+    # -- tunnels --------------------------------------------------------------------------
+
+    def _tunnel(self, request: Request, record: Record) -> None:
+        routes = self.hooks.route(self.ctx, request)
+        upstream, _, early, _ = self.open_upstream(request, record, routes)
+        try:
+            self.owner.h2.send_headers(self.stream_id, [(":status", "200")])
+            self.owner.flush()
+            self.answered = True
+            record.status = 200
+            record.first_byte_time = time.time() - record.started
+            record.close_reason = _H2Tunnel(self, upstream, record).run(early)
+        finally:
+            upstream.close()
+
+    def _inspect(self, request: Request, record: Record, data: bytes) -> bool:
+        return self._inspect_tunnel(request, record, data)
+
+
+class _H2Tunnel:
+    """A CONNECT stream's relay: this greenlet moves the upstream's bytes to the client,
+    a second one the client's to the upstream."""
+
+    def __init__(self, stream: H2Stream, upstream: socket.socket, record: Record) -> None:
+        self.stream = stream
+        self.upstream = upstream
+        self.record = record
+        self.idle = stream.settings["idle_timeout"]
+        self.last = time.monotonic()
+        self.reason = ""
+
+    def run(self, early: bytes) -> str:
+        stream = self.stream
+        lifetime = stream.settings["max_tunnel_lifetime"]
+        up = gevent.spawn(self._upward)
+        try:
+            with gevent.Timeout(lifetime or None, _Lifetime()):
+                if early:
+                    stream.send_data(early)
+                    self.record.bytes_out += len(early)
+                self._downward()
+                while not up.dead and not self.reason:  # the client's side may still send
+                    up.join(timeout=self.idle)
+                    if not up.dead and time.monotonic() - self.last >= self.idle:
+                        self.reason = self.reason or "idle timeout"
+                        break
+        except _Lifetime:
+            self.reason = "max lifetime"
+        except (_Reset, ClientGone) as exc:
+            self.reason = self.reason or stream.cut_by or str(exc) or "client"
+        except UpstreamTimeout:
+            self.reason = self.reason or "idle timeout"
+        finally:
+            up.kill(block=True)
+        if self.reason and self.reason not in ("client reset", "client"):
+            stream._reset(_CANCEL if self.reason != "upstream" else _CONNECT_ERROR)
+        return self.reason or "done"
+
+    def _downward(self) -> None:
+        """Upstream to client: as much as the stream's window allows, in DATA frames; the
+        upstream's FIN is END_STREAM."""
+        stream = self.stream
+        conn = stream.owner.h2
+        sock = self.upstream
+        while True:
+            while conn.local_flow_control_window(stream.stream_id) <= 0:
+                if stream.cut_by is not None:
+                    raise _Reset(stream.cut_by)
+                stream.window.clear()
+                if not stream.window.wait(self.idle) and (
+                        time.monotonic() - self.last >= self.idle):
+                    self.reason = "idle timeout"
+                    return
+            try:
+                sock.settimeout(self.idle)
+                data = sock.recv(min(RECV_SIZE, conn.local_flow_control_window(
+                    stream.stream_id)))
+            except socket.timeout:
+                if time.monotonic() - self.last >= self.idle:
+                    self.reason = "idle timeout"
+                    return
+                continue
+            except OSError:
+                self.reason = "upstream"
+                return
+            if not data:
+                if not self.reason:  # a FIN, not the other direction's failure
+                    stream.send_data(b"", end=True)
+                return
+            self.last = time.monotonic()
+            stream.send_data(data)
+            self.record.bytes_out += len(data)
+
+    def _upward(self) -> None:
+        """Client to upstream: the stream's DATA, its window given back once sent; the
+        client's END_STREAM is a half-close of the upstream."""
+        stream = self.stream
+        sock = self.upstream
+        first = stream.hooks.inspects_tunnels
+        request = self.record.request
+        try:
+            while True:
+                while not stream.inbound:
+                    if stream.cut_by is not None:
+                        return
+                    stream.arrived.clear()
+                    if not stream.arrived.wait(self.idle) and not stream.inbound and (
+                            time.monotonic() - self.last >= self.idle):
+                        return
+                item = stream.inbound.popleft()
+                if item is None:
+                    sock.shutdown(socket.SHUT_WR)
+                    return
+                piece, size = item
+                if first and request is not None:
+                    first = False
+                    if not stream._inspect(request, self.record, piece):
+                        self.reason = "denied"
+                        sock.shutdown(socket.SHUT_RDWR)
+                        return
+                sock.settimeout(self.idle)
+                sock.sendall(piece)
+                self.last = time.monotonic()
+                self.record.bytes_in += len(piece)
+                stream._give_back(size)
+        except OSError:
+            self.reason = self.reason or "upstream"
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the downward side sees it and ends
+            except OSError:
+                pass
+
+
+class _Lifetime(Exception):
+    pass
+
+
+class _AnswerWriter:
+    """HTTP/1.1 answer bytes, as the request code writes them, turned into the stream's
+    HEADERS (fields HTTP/2 forbids left out) and DATA frames."""
+
+    def __init__(self, stream: H2Stream) -> None:
+        self.stream = stream
+        self.parser: Optional[http11.ResponseHeadParser] = http11.ResponseHeadParser(
+            stream.settings["max_header_size"])
+        self.complete = False
+        self.started = False
+
+    def feed(self, data: bytes) -> None:
+        if self.parser is not None:
+            response = self.parser.feed(data)
+            if response is None:
+                return
+            data, self.parser = self.parser.rest, None
+            fields = [(":status", str(response.status))]
+            fields += [(k.lower(), v) for k, v in response.headers
+                       if k.lower() not in _CONNECTION_FIELDS]
+            if 100 <= response.status < 200:
+                self.parser = http11.ResponseHeadParser(self.stream.settings["max_header_size"])
+            self.stream.owner.h2.send_headers(self.stream.stream_id, fields)
+            self.stream.owner.flush()
+            self.started = True
+        if data:
+            self.stream.send_data(data)
+
+    def finish(self) -> None:
+        if self.started:
+            self.stream.send_data(b"", end=True)
+            self.complete = True

@@ -1,0 +1,373 @@
+"""HTTP/2 to the proxy: CONNECT streams as tunnels, plain requests, flow control, resets.
+
+The client is built on the h2 package (geproxy.testing.h2client), not on geproxy's code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+
+import gevent
+import gevent.event
+import h2.errors
+import pytest
+
+from geproxy.testing import echo, pattern, pattern_sha256, wait_for_records
+from geproxy.testing.h2client import H2Client
+
+#: An echo that also says how many bytes it read, once the client half-closed.
+EOF_MARK = b"<eof>"
+
+
+def h2_ini(tls_files, core="", **tls):
+    """A plain and an HTTP/2 TLS listener; ``core`` lines for [geproxy], ``tls`` options."""
+    return ("[geproxy]\nlisten = 127.0.0.1:0, tls://127.0.0.1:0\n" + core
+            + tls_files.ini(http2="on", **tls))
+
+
+@pytest.fixture
+def h2_proxy(proxy_factory, tls_files):
+    from geproxy.testing import StaticResolver
+
+    resolver = StaticResolver({"origin.test": ["127.0.0.1"]})
+    return proxy_factory(h2_ini(tls_files), resolver=resolver)
+
+
+@pytest.fixture
+def h2_pair(proxy_factory, tls_files):
+    """``h2_pair(ini_extra="", cert=None)``: a proxy with an HTTP/2 TLS listener (origin.test
+    resolving to 127.0.0.1) and an H2Client on it, closed at teardown."""
+    from geproxy.testing import StaticResolver
+
+    clients = []
+
+    def start(extra="", cert=None, core="", **tls):
+        proxy = proxy_factory(h2_ini(tls_files, core, **tls) + extra,
+                              resolver=StaticResolver({"origin.test": ["127.0.0.1"]}))
+        clients.append(H2Client(proxy.tls_address, tls_files.ca_file, cert_file=cert))
+        return proxy, clients[-1]
+
+    yield start
+    for made in clients:
+        made.close()
+
+
+@pytest.fixture
+def client(h2_proxy, tls_files):
+    made = H2Client(h2_proxy.tls_address, tls_files.ca_file)
+    yield made
+    made.close()
+
+
+def echo_then_mark(sock):
+    """Echo until the client's EOF, then say so (the half-close reached the origin)."""
+    echo(sock)
+    sock.sendall(EOF_MARK)
+
+
+def test_fifty_tunnels_on_one_connection_some_reset_midway(h2_proxy, client, raw_origin):
+    origin = raw_origin(echo_then_mark)
+    size = 300 * 1024 + 7
+    streams = [client.connect(f"origin.test:{origin.port}") for _ in range(50)]
+    for stream in streams:
+        assert stream.wait_head() == 200
+    doomed = set(range(0, 50, 10))
+
+    def drive(index, stream):
+        digest = hashlib.sha256()
+        got = 0
+        pieces = list(pattern(size, 16 * 1024))
+        for number, piece in enumerate(pieces):
+            stream.send(piece)
+            if index in doomed and number == len(pieces) // 2:
+                stream.cancel()
+                return "reset"
+        stream.end()
+        while True:
+            data = stream.recv(timeout=30)
+            if not data:
+                break
+            digest.update(data)
+            got += len(data)
+        return got, digest
+
+    jobs = [gevent.spawn(drive, i, s) for i, s in enumerate(streams)]
+    gevent.joinall(jobs, timeout=60, raise_error=True)
+    expected = hashlib.sha256()
+    for piece in pattern(size):
+        expected.update(piece)
+    expected.update(EOF_MARK)
+    for index, job in enumerate(jobs):
+        if index in doomed:
+            assert job.value == "reset"
+            continue
+        got, digest = job.value
+        assert got == size + len(EOF_MARK)
+        assert digest.hexdigest() == expected.hexdigest()
+    records = wait_for_records(h2_proxy, 50)
+    tunnels = [r for r in records if r.method == "CONNECT"]
+    assert len(tunnels) == 50
+    assert all(r.version == "HTTP/2" and r.status == 200 for r in tunnels)
+    assert sum(r.close_reason == "client reset" for r in tunnels) == len(doomed)
+    done = [r for r in tunnels if r.close_reason == "done"]
+    assert len(done) == 50 - len(doomed)
+    assert all(r.bytes_in == size and r.bytes_out == size + len(EOF_MARK) for r in done)
+    assert len({r.ctx.conn_id for r in tunnels}) == 50  # one id per stream
+
+
+def test_plain_get_and_post_over_h2(h2_proxy, client, origin):
+    status, headers, body = client.request("GET", f"http://origin.test:{origin.port}/bytes/70000")
+    assert status == 200
+    assert headers["content-length"] == "70000"
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(70000)
+    assert "connection" not in headers and "via" in headers
+    payload = b"".join(pattern(200_000))
+    status, _, body = client.request("POST", f"http://origin.test:{origin.port}/sha256",
+                                     body=payload)
+    assert status == 200
+    assert json.loads(body) == {"length": len(payload),
+                                "sha256": hashlib.sha256(payload).hexdigest()}
+    seen = origin.seen[-1]
+    assert seen.headers.get("transfer-encoding") == "chunked"  # no length given: chunked
+    status, _, body = client.request(
+        "POST", f"http://origin.test:{origin.port}/sha256", body=b"abc",
+        headers=[("content-length", "3")])
+    assert status == 200 and json.loads(body)["length"] == 3
+    assert origin.seen[-1].headers["content-length"] == "3"
+
+
+def test_a_denied_stream_gets_403_and_the_others_go_on(h2_pair, raw_origin):
+    origin = raw_origin(echo)
+    _, client = h2_pair(f"[acl]\nconnect_ports = {origin.port}\n")
+    good = client.connect(f"origin.test:{origin.port}")
+    bad = client.connect("origin.test:25")
+    assert bad.wait_head() == 403
+    assert dict(bad.headers)["proxy-status"].endswith("error=http_request_denied")
+    assert bad.read_all() == b"403 Forbidden\n"
+    assert good.wait_head() == 200
+    good.send(b"still here")
+    assert good.recv() == b"still here"
+
+
+def test_max_streams_is_advertised(h2_pair):
+    _, client = h2_pair(max_streams="7")
+    assert client.max_concurrent_streams == 7
+
+
+def test_closing_the_connection_closes_every_tunnel(h2_proxy, tls_files, raw_origin):
+    closed = []
+
+    def hold(sock):
+        sock.settimeout(20)
+        try:
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass
+        closed.append(True)
+
+    origin = raw_origin(hold)
+    client = H2Client(h2_proxy.tls_address, tls_files.ca_file)
+    streams = [client.connect(f"origin.test:{origin.port}") for _ in range(5)]
+    for stream in streams:
+        assert stream.wait_head() == 200
+        stream.send(b"x")
+    client.sock.close()  # no GOAWAY: the TCP connection just ends
+    client.reader.kill()
+    with gevent.Timeout(10):
+        while len(closed) < 5:
+            gevent.sleep(0.02)
+    records = wait_for_records(h2_proxy, 5)
+    assert all(r.close_reason == "client" for r in records)
+
+
+def test_a_stalled_stream_does_not_stall_the_others(h2_pair, raw_origin):
+    """One tunnel's client reads nothing (its window fills up) and another's upstream reads
+    nothing (the proxy's window for it fills up): a third still moves megabytes."""
+
+    def flood(sock):
+        try:
+            for piece in pattern(50 * 1024 * 1024):
+                sock.sendall(piece)
+        except OSError:
+            pass
+
+    done = gevent.event.Event()
+
+    def deaf(sock):
+        done.wait(20)  # reads nothing until the test is over
+
+    flooder, deaf_origin, echoer = raw_origin(flood), raw_origin(deaf), raw_origin(echo)
+    _, client = h2_pair()
+    try:
+        unread = client.connect(f"origin.test:{flooder.port}")
+        unheard = client.connect(f"origin.test:{deaf_origin.port}")
+        busy = client.connect(f"origin.test:{echoer.port}")
+        for stream in (unread, unheard, busy):
+            assert stream.wait_head() == 200
+        gevent.spawn(unheard.send, b"z" * (8 * 1024 * 1024), False, 20)
+        gevent.sleep(0.5)  # both stalls in place
+        size = 4 * 1024 * 1024
+        got = 0
+        sender = gevent.spawn(lambda: [busy.send(p) for p in pattern(size, 32 * 1024)])
+        with gevent.Timeout(30):
+            while got < size:
+                got += len(busy.recv())
+        sender.join()
+        assert got == size
+    finally:
+        done.set()
+
+
+def test_admin_close_resets_one_stream(h2_pair, raw_origin):
+    origin = raw_origin(echo)
+    proxy, client = h2_pair()
+    first = client.connect(f"origin.test:{origin.port}")
+    second = client.connect(f"origin.test:{origin.port}")
+    assert first.wait_head() == 200 and second.wait_head() == 200
+    tunnels = proxy.server.tunnels()
+    assert len(tunnels) == 2 and all("-" in t["id"] for t in tunnels)
+    assert proxy.server.close_connection(tunnels[0]["id"])
+    with gevent.Timeout(10):
+        while first.reset is None and second.reset is None:
+            gevent.sleep(0.02)
+    survivor = second if first.reset is not None else first
+    survivor.send(b"ping")
+    assert survivor.recv() == b"ping"
+    record = wait_for_records(proxy, 1)[0]
+    assert (record.close_reason, record.ctx.conn_id) == ("admin", tunnels[0]["id"])
+
+
+def test_h2_not_offered_unless_configured(proxy_factory, tls_files):
+    import ssl
+
+    proxy = proxy_factory("[geproxy]\nlisten = tls://127.0.0.1:0\n" + tls_files.ini())
+    context = ssl.create_default_context(cafile=tls_files.ca_file)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(proxy.tls_address, timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            assert sock.selected_alpn_protocol() == "http/1.1"
+    assert h2.errors.ErrorCodes.NO_ERROR == 0
+
+
+def test_an_upstream_reset_resets_its_stream_only(h2_proxy, client, raw_origin):
+    import struct
+
+    def reset_after_a_byte(sock):
+        sock.recv(65536)
+        sock.sendall(b"!")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    rude, polite = raw_origin(reset_after_a_byte), raw_origin(echo)
+    doomed = client.connect(f"origin.test:{rude.port}")
+    fine = client.connect(f"origin.test:{polite.port}")
+    assert doomed.wait_head() == 200 and fine.wait_head() == 200
+    doomed.send(b"hello")
+    assert doomed.recv() == b"!"
+    with gevent.Timeout(10):
+        while doomed.reset is None:
+            gevent.sleep(0.01)
+    assert doomed.reset == h2.errors.ErrorCodes.CONNECT_ERROR
+    fine.send(b"ping")
+    assert fine.recv() == b"ping"
+    record = next(r for r in wait_for_records(h2_proxy, 1) if r.close_reason == "upstream")
+    assert record.target == f"origin.test:{rude.port}"
+
+
+def test_a_refused_upstream_answers_502_on_its_stream(h2_proxy, client):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now
+    stream = client.connect(f"origin.test:{port}")
+    assert stream.wait_head() == 502
+    assert "error=connection_refused" in dict(stream.headers)["proxy-status"]
+    assert stream.read_all() == b"502 Bad Gateway\n"
+    status, _, body = client.request("GET", f"http://origin.test:{port}/")
+    assert status == 502
+
+
+def test_an_idle_tunnel_stream_is_closed_at_idle_timeout(h2_pair, raw_origin):
+    origin = raw_origin(echo)
+    proxy, client = h2_pair(core="idle_timeout = 300ms\n")
+    stream = client.connect(f"origin.test:{origin.port}")
+    assert stream.wait_head() == 200
+    with gevent.Timeout(10):
+        while stream.reset is None:
+            gevent.sleep(0.02)
+    assert stream.reset == h2.errors.ErrorCodes.CANCEL
+    assert wait_for_records(proxy, 1)[0].close_reason == "idle timeout"
+
+
+def test_the_clients_goaway_closes_its_tunnels(h2_proxy, client, raw_origin):
+    """The h2 state machine takes no frame after a GOAWAY, so a client's GOAWAY ends its
+    open tunnels (recorded as the client's doing), and nothing is left open."""
+    from hyperframe.frame import GoAwayFrame
+
+    origin = raw_origin(echo)
+    stream = client.connect(f"origin.test:{origin.port}")
+    assert stream.wait_head() == 200
+    stream.send(b"ping")
+    assert stream.recv() == b"ping"
+    with client._sending:  # a raw frame: the client's own h2 state would refuse to go on
+        client.sock.sendall(GoAwayFrame(0, last_stream_id=0, error_code=0).serialize())
+    record = wait_for_records(h2_proxy, 1)[0]
+    assert record.close_reason == "client"
+
+
+def test_a_stop_refuses_new_streams_then_cuts_the_rest(h2_proxy, client, raw_origin):
+    origin = raw_origin(echo)
+    stream = client.connect(f"origin.test:{origin.port}")
+    assert stream.wait_head() == 200
+    stopper = gevent.spawn(h2_proxy.server.stop, 0.5)
+    gevent.sleep(0.1)
+    late = client.connect(f"origin.test:{origin.port}")
+    with gevent.Timeout(10):
+        while late.reset is None and client.error is None:
+            gevent.sleep(0.01)
+    assert late.reset in (h2.errors.ErrorCodes.REFUSED_STREAM, -1)
+    stopper.join(timeout=10)
+    assert stopper.dead
+    record = wait_for_records(h2_proxy, 1)[0]
+    assert record.close_reason == "shutdown"
+
+
+def test_healthz_and_mtls_user_over_h2(h2_pair, tls_files, origin):
+    rules = "[acl]\nconnect_ports = 1-65535\nrules =\n    allow user svc-a\n    deny all\n"
+    proxy, client = h2_pair(rules, cert=tls_files.client, client_cert="required",
+                            client_ca=tls_files.client_ca)
+    host, port = proxy.tls_address
+    status, _, body = client.request("GET", f"https://{host}:{port}/healthz")
+    assert (status, body) == (200, b"ok\n")
+    status, _, body = client.request("GET", f"http://origin.test:{origin.port}/")
+    assert (status, body) == (200, b"hello\n")
+    records = wait_for_records(proxy, 2)
+    assert records[-1].ctx.user == "svc-a"
+
+
+def test_credentials_of_one_stream_are_not_anothers(h2_pair, origin, tmp_path):
+    """Streams with different Basic credentials on one connection: each is its own."""
+    import base64
+
+    from passlib.hash import bcrypt
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("".join(f"{user}:{bcrypt.using(ident='2y', rounds=4).hash('pw')}\n"
+                                for user in ("ann", "bob")))
+    _, client = h2_pair(f"[auth]\nhtpasswd = {htpasswd}\n"
+                        "[acl]\nconnect_ports = 1-65535\nrules =\n    allow user ann\n"
+                        "    deny all\n")
+
+    def basic(user):
+        return [("proxy-authorization",
+                 "Basic " + base64.b64encode(f"{user}:pw".encode()).decode())]
+
+    url = f"http://origin.test:{origin.port}/"
+    jobs = [gevent.spawn(client.request, "GET", url, headers=basic(user))
+            for user in ("ann", "bob", "ann", "bob")]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    assert [job.value[0] for job in jobs] == [200, 403, 200, 403]
+    status, headers, _ = client.request("GET", url)
+    assert status == 407 and "proxy-authenticate" in headers
