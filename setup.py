@@ -22,6 +22,7 @@ setup(
         "dnspython>=2.4",
         "libpass[bcrypt]>=1.9",
         "prometheus_client>=0.17",
+        "h2>=4.1",
     ],
     extras_require={
         "test": [

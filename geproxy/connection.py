@@ -117,6 +117,9 @@ class Connection:
 
         settings = self.gen.config["tls"]
         stream = tls.TLSStream(self.sock, self.gen.tls_context)
+        # Bytes read past a PROXY protocol header are the start of the handshake.
+        stream.feed(self.buf)
+        self.buf = b""
         try:
             self.ctx.tls = stream.handshake(settings["handshake_timeout"],
                                             settings["identity_from"])

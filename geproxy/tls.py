@@ -169,6 +169,11 @@ class TLSStream:
 
     # -- the handshake ------------------------------------------------------------------
 
+    def feed(self, data: bytes) -> None:
+        """Bytes already read from the socket (past a PROXY protocol header), first."""
+        if data:
+            self._in.write(data)
+
     def handshake(self, timeout: float, identity_from: str) -> TLSInfo:
         """Complete the handshake within ``timeout`` seconds; HandshakeFailed if not."""
         deadline = time.monotonic() + timeout

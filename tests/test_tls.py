@@ -54,8 +54,8 @@ def handshakes():
 
 @pytest.fixture
 def tls_proxy(proxy_factory, tls_files, handshakes):
-    def start(ini="", **tls):
-        return proxy_factory(LISTEN + tls_files.ini(**tls) + ini, plugins=[handshakes],
+    def start(ini="", core="", **tls):
+        return proxy_factory(LISTEN + core + tls_files.ini(**tls) + ini, plugins=[handshakes],
                              resolver=StaticResolver(RESOLVER))
     return start
 
@@ -150,6 +150,7 @@ def test_same_errors_as_on_a_plain_listener(tls_proxy, tls_files):
     assert head.startswith(b"HTTP/1.1 502 ") and b"error=dns_error" in head
 
 
+@pytest.mark.usefixtures("relay_mode")
 def test_a_large_tunnel_both_ways_and_half_close_over_tls(tls_proxy, tls_files, raw_origin):
     """Past the point where plain tunnels splice: a TLS side is relayed record by record,
     and the origin's FIN reaches the client as close_notify while its own side goes on."""
@@ -294,8 +295,11 @@ def test_handshake_failures_are_counted_in_metrics(proxy_factory, tls_files):
 ACL_SVC_A = "[acl]\nconnect_ports = 1-65535\nrules =\n    allow user svc-a\n    deny all\n"
 
 
-def test_a_client_certificate_names_the_user_for_the_acl(tls_proxy, tls_files, origin):
-    proxy = tls_proxy(ACL_SVC_A, client_cert="optional", client_ca=tls_files.client_ca)
+def test_a_client_certificate_names_the_user_for_the_acl(tls_proxy, tls_files, origin,
+                                                         tmp_path):
+    log = tmp_path / "access.log"
+    proxy = tls_proxy(ACL_SVC_A, core=f"access_log = {log}\nlog_format = json\n",
+                      client_cert="optional", client_ca=tls_files.client_ca)
     url = origin.url("/", host="origin.test")
     out = via_tls(proxy, tls_files, url, cert=tls_files.client)
     assert out.returncode == 0 and out.stdout == b"hello\n", out.stderr
@@ -305,6 +309,8 @@ def test_a_client_certificate_names_the_user_for_the_acl(tls_proxy, tls_files, o
     assert first.ctx.user == "svc-a" and first.status == 200
     assert first.ctx.tls.client_subject == "O=geproxy tests,CN=svc-a"
     assert second.ctx.user is None and second.status == 403
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(line["user"], line["status"]) for line in lines] == [("svc-a", 200), (None, 403)]
 
 
 @pytest.mark.parametrize("source, user", [
@@ -440,3 +446,48 @@ def test_pipelined_requests_in_one_tls_record(tls_proxy, tls_files, origin):
             while data.count(b"hello\n") < 3:
                 data += sock.recv(65536)
     assert data.count(b"HTTP/1.1 200 ") == 3
+
+
+def test_a_proxy_protocol_header_then_the_handshake_in_one_segment(proxy_factory, tls_files,
+                                                                  origin):
+    """A load balancer's PROXY header and the client's ClientHello in one write: the bytes
+    past the header are the handshake's start."""
+    proxy = proxy_factory(LISTEN + "proxy_protocol = v1\nproxy_protocol_from = 127.0.0.1\n"
+                          + tls_files.ini() + "[acl]\nconnect_ports = 1-65535\n"
+                          "rules =\n    allow src 192.0.2.0/24\n",
+                          resolver=StaticResolver(RESOLVER))
+
+    def more():
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the proxy closed")
+        incoming.write(data)
+
+    context = client_context(tls_files)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    session = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with socket.create_connection(proxy.tls_address, timeout=10) as sock:
+        with pytest.raises(ssl.SSLWantReadError):
+            session.do_handshake()
+        sock.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 3129\r\n" + outgoing.read())
+        for _ in range(20):  # a handshake is a few flights
+            try:
+                session.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+                more()
+        session.write(f"GET http://origin.test:{origin.port}/ HTTP/1.1\r\n"
+                      f"Host: origin.test\r\n\r\n".encode())
+        sock.sendall(outgoing.read())
+        answer = b""
+        with gevent.Timeout(10):
+            while b"hello\n" not in answer:
+                more()
+                try:
+                    answer += session.read(65536)
+                except ssl.SSLWantReadError:
+                    pass
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert wait_for_records(proxy, 1)[0].ctx.client_addr == ("192.0.2.7", 40000)

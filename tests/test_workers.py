@@ -95,3 +95,36 @@ def test_metrics_cover_every_worker(proxy_process, origin, tmp_path):
     workers = {json.loads(line)["worker"] for line in log.read_text().splitlines()}
     assert len(workers) == 2  # both served some of the 20 ...
     assert counts[("GET", "200")] == 20  # ... and /metrics, served by one, counts them all
+
+
+def test_workers_serve_a_tls_listener_and_reload_its_certificate(proxy_process, origin,
+                                                                 tls_files, tmp_path):
+    import shutil
+    import socket
+    import ssl
+
+    import trustme
+
+    cert = tmp_path / "proxy.pem"
+    shutil.copy(tls_files.certificate, cert)
+    proxy = proxy_process("workers = 2\nlisten = 127.0.0.1:0, tls://127.0.0.1:0\n"
+                          f"[tls]\ncertificate = {cert}\n")
+    assert proxy.tls_address is not None
+    assert _wait_for(lambda: len(_worker_pids(proxy)) == 2)
+    url = f"https://{proxy.tls_address[0]}:{proxy.tls_address[1]}"
+    for _ in range(10):
+        out = curl("-x", url, "--proxy-cacert", tls_files.ca_file, origin.url("/"))
+        assert out.stdout == b"hello\n", out.stderr
+    renewed = trustme.CA(organization_name="renewed")
+    renewed.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    renewed_ca = tmp_path / "renewed.pem"
+    renewed.cert_pem.write_to_path(str(renewed_ca))
+    proxy.process.send_signal(signal.SIGHUP)
+    assert _wait_for(lambda: sum("reloaded" in line for line in proxy.log) == 2)
+    context = ssl.create_default_context(cafile=str(renewed_ca))
+    for _ in range(6):  # whichever worker the kernel picks has the new certificate
+        with socket.create_connection(proxy.tls_address, timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                assert dict(x[0] for x in sock.getpeercert()["issuer"])[
+                    "organizationName"] == "renewed"
+    assert proxy.stop() == 0

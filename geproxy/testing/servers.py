@@ -146,6 +146,8 @@ class ProxyProcess:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.log: list[str] = []
         self.address: Optional[tuple[str, int]] = None
+        #: The first tls:// listener's address, if there is one.
+        self.tls_address: Optional[tuple[str, int]] = None
         with gevent.Timeout(limit, AssertionError("geproxy did not start listening in time")):
             while self.address is None:
                 line = self.process.stderr.readline().decode(errors="replace")  # type: ignore
@@ -155,6 +157,9 @@ class ProxyProcess:
                 found = re.search(r"listening on (\S+):(\d+)[;,]", line)
                 if found:
                     self.address = (found.group(1).strip("[]"), int(found.group(2)))
+                    tls = re.search(r"tls://(\S+):(\d+)[;,]", line)
+                    if tls:
+                        self.tls_address = (tls.group(1).strip("[]"), int(tls.group(2)))
         self._reader = gevent.spawn(self._drain)
 
     def _drain(self) -> None:
