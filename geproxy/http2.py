@@ -358,7 +358,9 @@ class H2Stream(Connection):
                 self.server.active[ctx.conn_id] = self
                 self._dispatch(request, record)
                 self._end(cut=False)
-            except (_Reset, ClientGone):
+            except (_Reset, ClientGone, h2.exceptions.ProtocolError):
+                # Reset or gone, whichever noticed first: the client's doing (h2 refuses
+                # frames on a stream or connection the client already closed).
                 record.close_reason = record.close_reason or self.cut_by or "client"
             except ProxyError as exc:
                 cut = self.answered  # an answer begun cannot become an error: reset
@@ -402,10 +404,11 @@ class H2Stream(Connection):
         else:
             scheme = pseudo.get(":scheme", "")
             if scheme != "http" or not authority:
-                target = pseudo.get(":path", "")  # for the proxy itself, or refused
-                if authority and not target.startswith("/"):
-                    raise ClientError("only http:// targets are forwarded; use CONNECT")
+                # Only a request for the proxy itself (/healthz, the PAC file) is not
+                # http://: anything else would be forwarded as what the client did not ask.
+                target = pseudo.get(":path", "")
                 if authority:
+                    self._check_addressed_to_us(authority, scheme)
                     headers.append(("host", authority))
             else:
                 target = f"http://{authority}{pseudo.get(':path', '/')}"
@@ -413,6 +416,14 @@ class H2Stream(Connection):
                 headers.append(("transfer-encoding", "chunked"))
                 self.chunk_body = True
         return http11.make_request(method, target, "HTTP/2", Headers(headers, frozen=True))
+
+    def _check_addressed_to_us(self, authority: str, scheme: str) -> None:
+        host, _, port = authority.rpartition(":")
+        if not host or not port.isdigit():
+            host, port = authority, "443" if scheme == "https" else "80"
+        probe = Request("GET", "/", "HTTP/2", Headers(), scheme, host.strip("[]"), int(port))
+        if not self.server.is_local(probe, self.ctx):
+            raise ClientError("only http:// targets are forwarded; use CONNECT for https")
 
     # -- what Connection's request code calls ---------------------------------------------
 

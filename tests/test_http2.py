@@ -371,3 +371,47 @@ def test_credentials_of_one_stream_are_not_anothers(h2_pair, origin, tmp_path):
     assert [job.value[0] for job in jobs] == [200, 403, 200, 403]
     status, headers, _ = client.request("GET", url)
     assert status == 407 and "proxy-authenticate" in headers
+
+
+def test_bad_authority_is_a_400_on_its_stream(client):
+    stream = client.connect("origin.test")  # no port
+    assert stream.wait_head() == 400
+    assert "error=http_request_error" in dict(stream.headers)["proxy-status"]
+    stream = client.open([(":method", "GET"), (":scheme", "https"),
+                          (":authority", "origin.test"), (":path", "/")], end=True)
+    assert stream.wait_head() == 400  # https:// is for CONNECT, not forwarded
+
+
+def test_garbage_after_the_preface_gets_goaway_and_a_close(h2_proxy, tls_files, client,
+                                                           raw_origin):
+    """A broken connection ends alone: another client's tunnel goes on."""
+    import ssl
+
+    origin = raw_origin(echo)
+    busy = client.connect(f"origin.test:{origin.port}")
+    assert busy.wait_head() == 200
+    context = ssl.create_default_context(cafile=tls_files.ca_file)
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(h2_proxy.tls_address, timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            # A SETTINGS frame 5 bytes long: settings come in 6-byte entries.
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                         + b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + b"\x00" * 5)
+            data = b""
+            with gevent.Timeout(10):
+                while True:
+                    try:
+                        piece = sock.recv(65536)
+                    except (ssl.SSLError, ConnectionError):
+                        break
+                    if not piece:
+                        break
+                    data += piece
+    frames = []
+    while len(data) >= 9:  # frame headers: length (3), type (1), flags, stream id
+        length = int.from_bytes(data[:3], "big")
+        frames.append(data[3])
+        data = data[9 + length:]
+    assert 0x7 in frames  # GOAWAY
+    busy.send(b"unaffected")
+    assert busy.recv() == b"unaffected"
