@@ -415,3 +415,46 @@ def test_garbage_after_the_preface_gets_goaway_and_a_close(h2_proxy, tls_files, 
     assert 0x7 in frames  # GOAWAY
     busy.send(b"unaffected")
     assert busy.recv() == b"unaffected"
+
+
+def test_streams_that_end_anywhere_leave_nothing_behind(h2_pair, tls_files, raw_origin,
+                                                        origin):
+    """Streams reset at random points, tunnels and requests mixed, on three connections,
+    one of them cut off: the leak check (every test's) finds nothing left."""
+    import random
+
+    echoer = raw_origin(echo)
+    proxy, first = h2_pair()
+    others = [H2Client(proxy.tls_address, tls_files.ca_file) for _ in range(2)]
+    rng = random.Random(5)
+
+    def one(client, point):
+        try:
+            if rng.random() < 0.3:
+                stream = client.open([(":method", "GET"), (":scheme", "http"),
+                                      (":authority", f"origin.test:{origin.port}"),
+                                      (":path", "/bytes/200000")], end=True)
+            else:
+                stream = client.connect(f"origin.test:{echoer.port}")
+                stream.wait_head()
+                stream.send(b"y" * rng.randrange(1, 100_000))
+            if point == 0:
+                stream.cancel()
+                return
+            stream.recv()
+            if point == 1:
+                stream.cancel()
+        except (ConnectionError, AssertionError, h2.exceptions.ProtocolError):
+            pass
+
+    jobs = [gevent.spawn(one, rng.choice([first, *others]), rng.randrange(3))
+            for _ in range(90)]
+    gevent.sleep(0.2)
+    others[1].sock.close()  # one connection just goes away
+    others[1].reader.kill()
+    gevent.joinall(jobs, timeout=60)
+    assert all(job.dead for job in jobs)
+    for client in others:
+        client.close()
+    status, _, body = first.request("GET", f"http://origin.test:{origin.port}/")
+    assert (status, body) == (200, b"hello\n")

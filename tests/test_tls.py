@@ -491,3 +491,49 @@ def test_a_proxy_protocol_header_then_the_handshake_in_one_segment(proxy_factory
                     pass
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert wait_for_records(proxy, 1)[0].ctx.client_addr == ("192.0.2.7", 40000)
+
+
+def test_clients_that_abort_anywhere_leave_nothing_behind(tls_proxy, tls_files, raw_origin):
+    """Many TLS clients each stop at a random point (mid-handshake, after the CONNECT head,
+    in the middle of a transfer, with a reset or a FIN): the proxy serves the next client,
+    and the leak check (every test's) finds no descriptor or greenlet left."""
+    import random
+    import struct
+
+    proxy = tls_proxy()
+    origin = raw_origin(echo)
+    rng = random.Random(8)
+    context = client_context(tls_files)
+
+    def one(point, reset):
+        raw = socket.create_connection(proxy.tls_address, timeout=10)
+        try:
+            if reset:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if point == 0:
+                raw.sendall(b"\x16\x03\x01\x02\x00\x01")  # half a ClientHello
+                return
+            sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            if point == 1:
+                return
+            sock.sendall(f"CONNECT origin.test:{origin.port} HTTP/1.1\r\n\r\n".encode())
+            if point == 2:
+                return
+            sock.recv(65536)
+            sock.sendall(b"x" * rng.randrange(1, 300_000))
+            if point == 3:
+                return
+            sock.recv(65536)
+        except OSError:
+            pass
+        finally:
+            raw.close()
+
+    jobs = [gevent.spawn(one, rng.randrange(5), rng.random() < 0.5) for _ in range(120)]
+    gevent.joinall(jobs, timeout=60)
+    assert all(job.dead for job in jobs)
+    with tls_connect(proxy, tls_files) as sock:  # still serving
+        sock.sendall(f"CONNECT origin.test:{origin.port} HTTP/1.1\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"ping")
+        assert sock.recv(65536) == b"ping"
