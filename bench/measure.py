@@ -85,10 +85,10 @@ def run_loadgen(loadgen: Path, args: list[str], timeout: float) -> dict[str, Any
         raise MeasureError(f"loadgen {' '.join(args)} ran over {timeout:.0f} s") from exc
     if done.returncode != 0:
         raise MeasureError(f"loadgen failed ({done.returncode}): {done.stderr.strip()[:200]}")
-    return _json_line(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
+    return json_line(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
 
 
-def _json_line(line: str) -> dict[str, Any]:
+def json_line(line: str) -> dict[str, Any]:
     try:
         parsed = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -98,7 +98,7 @@ def _json_line(line: str) -> dict[str, Any]:
     return parsed
 
 
-def _error_note(what: str, result: dict[str, Any]) -> list[str]:
+def error_note(what: str, result: dict[str, Any]) -> list[str]:
     errors = int(result["errors"])
     return [f"{what}: {errors} errors, first: {result['first_error']}"] if errors else []
 
@@ -118,7 +118,7 @@ def cycles(loadgen: Path, target: Target, clients: int, seconds: int) -> Reading
         "p99_ms": float(result["p99_ms"]),
         "loadgen_cpu_cycles": float(result["cpu_s"]) / done * 1000,
         **meter.per_1000(done, "cycles"),
-    }, _error_note("cycles", result))
+    }, error_note("cycles", result))
     return reading
 
 
@@ -157,7 +157,7 @@ def wrk_rate(script: Path, target: Target, connections: int, seconds: int) -> Re
     if done.returncode != 0 or not lines:
         said = (done.stderr or done.stdout).strip()[:200]
         raise MeasureError(f"wrk failed ({done.returncode}): {said}")
-    result = _json_line(lines[-1].removeprefix("BENCH "))
+    result = json_line(lines[-1].removeprefix("BENCH "))
     counts = {key: int(result[key]) for key in ("connect", "read", "write", "status", "timeout")}
     answered = int(result["requests"]) - counts["status"]
     errors = {key: count for key, count in counts.items() if count}
@@ -194,8 +194,8 @@ def idle_rss(loadgen: Path, origin_port: int, proxy: procs.Server,
                 raise MeasureError("loadgen has no stdin pipe")
             holder.stdin.write(f"{level}\n")
             holder.stdin.flush()
-            opened = _json_line(_read_line(holder, HOLD_SECONDS + SLACK))
-            rss = _settled_rss(pid)
+            opened = json_line(read_line(holder, HOLD_SECONDS + SLACK))
+            rss = settled_rss(pid)
             open_count = int(opened["open"])
             if open_count == 0:
                 raise MeasureError(f"no tunnel opened; first error: {opened['first_error']}")
@@ -207,7 +207,7 @@ def idle_rss(loadgen: Path, origin_port: int, proxy: procs.Server,
                 break  # the next levels would only repeat the failure
         if holder.stdin:
             holder.stdin.close()  # releases the tunnels
-        held = _json_line(_read_line(holder, SLACK))
+        held = json_line(read_line(holder, SLACK))
         holder.wait(timeout=SLACK)
     finally:
         procs.stop(holder)
@@ -216,7 +216,7 @@ def idle_rss(loadgen: Path, origin_port: int, proxy: procs.Server,
     return reading
 
 
-def _settled_rss(pid: int) -> int:
+def settled_rss(pid: int) -> int:
     """The RSS once it stops growing (two readings 0.2 s apart within 0.5%), or after
     SETTLE_SECONDS: a proxy may still be setting up the last tunnels it answered."""
     rss = procs.rss_bytes(pid)
@@ -297,7 +297,7 @@ def _ask(sock: socket.socket, port: int) -> tuple[str, bool]:
     return body.decode("latin-1"), closing
 
 
-def _read_line(process: subprocess.Popen[str], timeout: float) -> str:
+def read_line(process: subprocess.Popen[str], timeout: float) -> str:
     """One line of the child's stdout, waiting at most `timeout` seconds for it."""
     if process.stdout is None:
         raise MeasureError("loadgen has no stdout pipe")

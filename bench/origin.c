@@ -4,7 +4,7 @@
  *   origin -p PORT -b BIG_BYTES [-n NAME]
  *       /     a tiny body that names the origin ("hello from the bench origin NAME\n",
  *             NAME "A" by default): the bench's routing check starts two, A and B
- *       /1k   1024 bytes        /big   BIG_BYTES zero bytes
+ *       /1k   1024 bytes        /1m   1 MiB of zero bytes        /big   BIG_BYTES zero bytes
  *
  * Listens on 127.0.0.1:PORT and runs until it is killed.
  */
@@ -83,6 +83,9 @@ static int take_request(struct client *c) {
     } else if (proto - path == 4 && strncmp(path, " /1k", 4) == 0) {
         c->body = filler;
         c->body_left = 1024;
+    } else if (proto - path == 4 && strncmp(path, " /1m", 4) == 0) {
+        c->body = NULL;
+        c->body_left = 1 << 20;
     } else if (proto - path == 5 && strncmp(path, " /big", 5) == 0) {
         c->body = NULL;
         c->body_left = big_bytes;

@@ -2,8 +2,12 @@
 built-in C origin (origin.c) when nginx is not installed.
 
 Two origins, A and B, on two ports of 127.0.0.1. A serves every measure: `/` a tiny body,
-`/1k` 1 KiB, `/big` the throughput file. B serves `/` only, for the keep-alive routing
-check. Each one's `/` says which it is ("hello from the bench origin A").
+`/1k` 1 KiB, `/1m` 1 MiB, `/big` the throughput file. B serves `/` only, for the keep-alive
+routing check. Each one's `/` says which it is ("hello from the bench origin A").
+
+For the TLS measures nginx also serves A's files over TLS on a third port: the direct
+column of the TLS table, a TLS server that costs little, against which the TLS load
+generator's own speed is read. The built-in origin has no TLS.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import certs
 import procs
 
 NGINX = "/usr/sbin/nginx"
@@ -60,7 +65,25 @@ http {{
             return 200 "hello from the bench origin B\\n";
         }}
     }}
-}}
+{tls_server}}}
+"""
+
+#: A's files over TLS. No session cache and no tickets: the load generator makes full
+#: handshakes only, and a ticket nobody uses would be work for nothing. TLS 1.3 allowed, as
+#: by geproxy and squid (nginx before 1.23.4 offers up to TLS 1.2 unless told).
+NGINX_TLS_SERVER = """
+    server {{
+        listen 127.0.0.1:{port} ssl backlog=4096;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_session_cache off;
+        ssl_session_tickets off;
+        root {root}/www;
+        location = / {{
+            return 200 "hello from the bench origin A over TLS\\n";
+        }}
+    }}
 """
 
 
@@ -73,6 +96,7 @@ class Origins:
     port: int
     port_b: int
     version: str
+    tls_port: int = 0  # A over TLS (nginx only), 0 for none
 
     @property
     def pid(self) -> int:
@@ -83,10 +107,12 @@ class Origins:
         return [note for server in self.servers for note in procs.stop_server(server)]
 
 
-def start(kind: str, workdir: Path, big_bytes: int, nofile: int) -> Origins:
-    """nginx, builtin, or (auto) nginx when it is installed; StartError if it does not start."""
+def start(kind: str, workdir: Path, big_bytes: int, nofile: int,
+          tls: certs.TLSFiles | None = None) -> Origins:
+    """nginx, builtin, or (auto) nginx when it is installed; StartError if it does not start.
+    With `tls`, nginx serves A over TLS too."""
     if kind == "nginx" or (kind == "auto" and nginx_installed()):
-        return start_nginx(workdir, big_bytes, nofile)
+        return start_nginx(workdir, big_bytes, nofile, tls)
     return start_builtin(workdir, big_bytes)
 
 
@@ -94,28 +120,36 @@ def nginx_installed() -> bool:
     return Path(NGINX).exists()
 
 
-def start_nginx(workdir: Path, big_bytes: int, nofile: int) -> Origins:
+def start_nginx(workdir: Path, big_bytes: int, nofile: int,
+                tls: certs.TLSFiles | None = None) -> Origins:
     root = workdir / "nginx"
     www = root / "www"
     www.mkdir(parents=True)
     (www / "1k").write_bytes(b"x" * 1024)
+    (www / "1m").write_bytes(bytes(2**20))
     _make_big_file(www / "big", big_bytes)
     port, port_b = procs.free_port(), procs.free_port()
+    tls_port = procs.free_port() if tls else 0
+    tls_server = NGINX_TLS_SERVER.format(port=tls_port, cert=tls.cert, key=tls.key,
+                                         root=root) if tls else ""
     conf = root / "nginx.conf"
     # Every descriptor but a few may be a connection: 9,000 idle tunnels reach A at once.
     conf.write_text(NGINX_CONF.format(
         root=root, port=port, port_b=port_b, nofile=nofile, connections=max(1024, nofile - 64),
+        tls_server=tls_server,
     ))
     server = procs.start_server(
         "nginx", [NGINX, "-p", str(root), "-e", str(root / "error.log"), "-c", str(conf)],
         port, workdir,
     )
     try:
-        procs.wait_port(dataclasses.replace(server, port=port_b))
+        for other in (port_b, tls_port):
+            if other:
+                procs.wait_port(dataclasses.replace(server, port=other))
     except procs.StartError:
         procs.stop_server(server)
         raise
-    return Origins([server], port, port_b, f"{nginx_version()}, 1 process")
+    return Origins([server], port, port_b, f"{nginx_version()}, 1 process", tls_port)
 
 
 def start_builtin(workdir: Path, big_bytes: int) -> Origins:

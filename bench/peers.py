@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import certs
 import procs
 
 TINYPROXY = "/usr/bin/tinyproxy"
@@ -79,9 +80,12 @@ def _squid_user() -> str | None:
     raise procs.StartError(f"running as root and none of the users {SQUID_USERS} exists")
 
 
-def _squid_config(port: int, workdir: Path, user: str | None, workers: int) -> str:
+def _squid_config(port: int, workdir: Path, user: str | None, workers: int,
+                  tls_port: int = 0, tls: certs.TLSFiles | None = None) -> str:
     lines = [
         f"http_port 127.0.0.1:{port}",
+        *([f"https_port 127.0.0.1:{tls_port} tls-cert={tls.cert} tls-key={tls.key}"]
+          if tls else []),
         f"workers {workers}",
         "http_access allow all",  # no Safe_ports/SSL_ports rules: CONNECT to any port
         "cache deny all",
@@ -115,7 +119,22 @@ def _squid_ipc_dir(user: str | None) -> None:
         raise procs.StartError(f"SMP needs {SQUID_IPC_DIR} writable by this user (run as root)")
 
 
-def start_squid(workdir: Path, workers: int) -> procs.Server:
+def squid_tls_library() -> str:
+    """The TLS library squid was built with (Debian's: GnuTLS), from `squid -v`; its
+    https_port needs one."""
+    out = subprocess.run([SQUID, "-v"], capture_output=True, text=True, timeout=10).stdout
+    for option, name in (("--with-openssl", "OpenSSL"), ("--with-gnutls", "GnuTLS")):
+        if option in out:
+            return name
+    return ""
+
+
+def start_squid(workdir: Path, workers: int, tls: certs.TLSFiles | None = None) -> procs.Server:
+    """squid with `workers`; with `tls`, an https_port too (StartError if squid has no TLS
+    library)."""
+    if tls and not squid_tls_library():
+        raise procs.StartError("squid -v names no TLS library (--with-openssl or --with-gnutls)"
+                               ": no https_port")
     user = _squid_user()
     if user:
         # Squid writes its cache.log there after switching user; the dirs above must let
@@ -125,17 +144,19 @@ def start_squid(workdir: Path, workers: int) -> procs.Server:
     if workers > 1:
         _squid_ipc_dir(user)
     port = procs.free_port()
+    tls_port = procs.free_port() if tls else 0
     conf = workdir / "squid.conf"
-    conf.write_text(_squid_config(port, workdir, user, workers))
+    conf.write_text(_squid_config(port, workdir, user, workers, tls_port, tls))
     # A service name of our own keeps its shared-memory segments (/dev/shm/NAME-*.shm) and
     # SMP sockets (/run/squid/NAME-*.ipc) apart from any other squid's; they are removed
     # after the stop.
     service = f"geproxybench{os.getpid()}w{workers}"
     mode = ["--foreground"] if workers > 1 else ["-N"]
-    return procs.start_server(
+    server = procs.start_server(
         f"squid-{workers}", [SQUID, *mode, "-n", service, "-f", str(conf)], port, workdir,
         leftovers=(f"/dev/shm/{service}-*.shm", f"{SQUID_IPC_DIR}/{service}-*.ipc"),
     )
+    return procs.wait_tls_port(server, tls_port) if tls else server
 
 
 # --- privoxy -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ without checking.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import resource
@@ -37,6 +38,7 @@ class Server:
     process: subprocess.Popen[bytes]
     log: Path
     leftovers: tuple[str, ...] = ()  # glob patterns of files it leaves behind when stopped
+    tls_port: int = 0  # its TLS listener on 127.0.0.1, 0 for none
 
     @property
     def pid(self) -> int:
@@ -81,6 +83,18 @@ def start_server(
         stop_server(server)
         raise
     return server
+
+
+def wait_tls_port(server: Server, tls_port: int) -> Server:
+    """The server, with its TLS listener on tls_port, once that port accepts too; the
+    server is stopped and StartError raised if it does not."""
+    with_tls = dataclasses.replace(server, tls_port=tls_port)
+    try:
+        wait_port(dataclasses.replace(server, port=tls_port))
+    except StartError:
+        stop_server(server)
+        raise
+    return with_tls
 
 
 def wait_port(server: Server) -> None:
@@ -216,10 +230,12 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def build_c(source: Path, workdir: Path) -> Path:
-    """Compile one C file with gcc -O2 into workdir; return the binary."""
+def build_c(source: Path, workdir: Path, libs: tuple[str, ...] = ()) -> Path:
+    """Compile one C file with gcc -O2 into workdir, linked with `libs` (-lssl ...); return
+    the binary."""
     if shutil.which("gcc") is None:
         raise SystemExit("bench: gcc is needed to build the load generator (apt-get install gcc)")
     binary = workdir / source.stem
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source)], check=True, timeout=120)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source), *libs], check=True,
+                   timeout=120)
     return binary

@@ -8,6 +8,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from measure import CLOSES, ROUTES, STICKS, TUNNEL_LEVELS, Reading
+from tlsmeasure import H1, H2
 
 BEST_PEER = "best peer"
 AUTO, ONE = "geproxy-auto", "geproxy-1"
@@ -243,3 +244,143 @@ def _number(value: float | None, digits: int) -> str:
 
 def _markdown_row(cells: list[str]) -> str:
     return "| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |"
+
+
+# --- the TLS section ---------------------------------------------------------------------
+
+TLS_METRICS: tuple[Metric, ...] = (
+    Metric("tls_cycles_s", "TLS CONNECT cycles/s ({clients} clients)", 0, True),
+    Metric("tls_p50_ms", "TLS cycle latency p50, ms", 2, False),
+    Metric("tls_p99_ms", "TLS cycle latency p99, ms", 2, False),
+    Metric("proxy_cpu_tls_cycles", "proxy CPU s per 1,000 TLS cycles", 3, False),
+    Metric("cycles_s", "plain CONNECT cycles/s, same process ({clients} clients)", 0, True),
+    Metric("proxy_cpu_cycles", "proxy CPU s per 1,000 plain cycles", 3, False),
+    Metric("tls_mb_s", "one tunnel download through TLS, MB/s ({mib} MiB)", 0, True),
+    Metric("mb_s", "one tunnel download, plain listener, MB/s ({mib} MiB)", 0, True),
+    Metric("proxy_cpu_tls_gb", "proxy CPU s per GB, TLS download", 2, False),
+    Metric("proxy_cpu_gb", "proxy CPU s per GB, plain download", 2, False),
+)
+
+
+@dataclass(frozen=True)
+class Quotient:
+    """A row of each subject's median of `top` divided by its median of `bottom`."""
+
+    label: str
+    top: str
+    bottom: str
+    after: str  # the key of the row it follows
+
+
+TLS_QUOTIENTS = (
+    Quotient("TLS ÷ plain: cycles/s", "tls_cycles_s", "cycles_s", "proxy_cpu_cycles"),
+    Quotient("TLS ÷ plain: CPU per cycle", "proxy_cpu_tls_cycles", "proxy_cpu_cycles",
+             "proxy_cpu_cycles"),
+    Quotient("TLS ÷ plain: download MB/s", "tls_mb_s", "mb_s", "mb_s"),
+    Quotient("TLS ÷ plain: CPU per GB", "proxy_cpu_tls_gb", "proxy_cpu_gb", "proxy_cpu_gb"),
+)
+TLS_RATIOS = (Ratio(AUTO, BEST_PEER), Ratio(ONE, "squid-1"))
+
+#: The held-tunnels table: its two columns (Results subjects: H2, H1) and rows.
+TUNNEL_COLUMNS = {H2: "HTTP/2: {tunnels:,} tunnels on 1 connection",
+                  H1: "HTTP/1.1: {tunnels:,} TLS connections, a tunnel each"}
+TUNNEL_METRICS: tuple[Metric, ...] = (
+    Metric("kib_per_tunnel", "proxy RSS per tunnel, KiB", 1, False),
+    Metric("cpu_ms_per_tunnel", "proxy CPU ms per tunnel, to open it", 3, False),
+    Metric("open_s", "time to open them, s ({opening} at a time)", 2, False),
+    Metric("client_cpu_ms_per_tunnel", "client CPU ms per tunnel, to open it", 3, False),
+    Metric("bulk_mb_s", "{bulk} tunnels × 1 MiB at once, MB/s", 0, True),
+    Metric("proxy_cpu_ms_per_mb", "proxy CPU ms per MB, {bulk} × 1 MiB", 2, False),
+    Metric("client_cpu_ms_per_mb", "client CPU ms per MB, {bulk} × 1 MiB", 2, False),
+)
+
+
+def render_tls(results: Results, tunnels: Results | None, labels: dict[str, object],
+               tunnel_heading: list[str] | None = None) -> list[str]:
+    """The TLS section's tables: through the TLS listener (a column per subject, with the
+    ratios), the TLS load generator check, and (under `tunnel_heading`) HTTP/2 against
+    HTTP/1.1 for held tunnels."""
+    subjects = results.subjects
+    ratios = [ratio for ratio in TLS_RATIOS if ratio.ours in subjects
+              and (ratio.theirs in subjects or (ratio.theirs == BEST_PEER and results.peers))]
+    columns = ["measure", *subjects, *(ratio.label for ratio in ratios)]
+    blank = ["" for _ in ratios]
+    rows = [["version", *(results.versions.get(name, "—") for name in subjects), *blank],
+            ["runs", *(_status(results, name) for name in subjects), *blank],
+            ["TLS agreed", *(_flag(results, name, "tls") for name in subjects), *blank]]
+    for metric in TLS_METRICS:
+        arrow = "↑" if metric.higher_is_better else "↓"
+        rows.append([f"{metric.label.format(**labels)} {arrow}",
+                     *(_number(results.median(name, metric.key), metric.digits)
+                       for name in subjects),
+                     *(_ratio_cell(results, metric, ratio) for ratio in ratios)])
+        for quotient in (q for q in TLS_QUOTIENTS if q.after == metric.key):
+            rows.append([quotient.label, *(_quotient_cell(results, name, quotient)
+                                           for name in subjects), *blank])
+    lines = [_markdown_row(columns), _markdown_row(["---", *("---:" for _ in columns[1:])])]
+    lines += [_markdown_row(row) for row in rows]
+    lines += ["", *tls_generator_check(results)]
+    if tunnels is not None:
+        lines += ["", *(tunnel_heading or []), *_tunnel_table(tunnels, labels)]
+    notes = results.notes + (tunnels.notes if tunnels else [])
+    if notes:
+        lines += ["", "Notes:", *(f"- {note}" for note in notes)]
+    return lines
+
+
+def _flag(results: Results, subject: str, key: str) -> str:
+    values = results.flags.get(subject, {}).get(key, [])
+    return " / ".join(dict.fromkeys(values)) or "—"
+
+
+def _quotient_cell(results: Results, subject: str, quotient: Quotient) -> str:
+    top, bottom = results.median(subject, quotient.top), results.median(subject, quotient.bottom)
+    return "—" if top is None or not bottom else f"{top / bottom:.2f}×"
+
+
+def _tunnel_table(tunnels: Results, labels: dict[str, object]) -> list[str]:
+    """HTTP/2 against HTTP/1.1: a row per measure, a column each and their ratio."""
+    columns = ["held tunnels, geproxy-1", *(TUNNEL_COLUMNS[name].format(**labels)
+                                            for name in (H2, H1)), "HTTP/2 ÷ HTTP/1.1"]
+    rows = [["runs", *(str(tunnels.runs.get(name, 0)) for name in (H2, H1)), ""]]
+    for metric in TUNNEL_METRICS:
+        arrow = "↑" if metric.higher_is_better else "↓"
+        h2, h1 = tunnels.median(H2, metric.key), tunnels.median(H1, metric.key)
+        ratio = "—" if h2 is None or not h1 else f"{h2 / h1:.2f}×"
+        rows.append([f"{metric.label.format(**labels)} {arrow}",
+                     _number(h2, metric.digits), _number(h1, metric.digits), ratio])
+    lines = [_markdown_row(columns), _markdown_row(["---", "---:", "---:", "---:"])]
+    return lines + [_markdown_row(row) for row in rows]
+
+
+def tls_generator_check(results: Results) -> list[str]:
+    """Whether the TLS client could be the limit: its rate and its CPU against the origin's
+    TLS server directly (nginx), against the fastest proxy's."""
+    if results.median("direct", "tls_cycles_s") is None:
+        return ["TLS load generator check: not made (no direct TLS column: it needs nginx as "
+                "the origin)."]
+    lines = ["TLS load generator check (direct: the origin's own TLS server, nginx, asked "
+             "directly with the same load):"]
+    for key, what, unit, cpu_key, per in (
+            ("tls_cycles_s", "TLS cycles", "cycles/s", "tlsgen_cpu_tls_cycles", "1,000 cycles"),
+            ("tls_mb_s", "TLS download", "MB/s", "tlsgen_cpu_tls_gb", "GB")):
+        metric = next(metric for metric in TLS_METRICS if metric.key == key)
+        direct = results.median("direct", key)
+        fastest = results.best(metric, results.proxies, every=True)
+        cpu = results.median("direct", cpu_key)
+        if direct is None or fastest is None:
+            continue
+        line = (f"- {what}: bench/tlsgen.c reached {direct:,.0f} {unit} direct, "
+                f"**{direct / fastest[1]:.1f}×** the fastest proxy ({fastest[0]}, "
+                f"{fastest[1]:,.0f})")
+        if cpu:
+            capacity = 1000 / cpu  # both CPU figures are per 1,000 (cycles, MB)
+            line += (f"; it used {cpu:.3f} CPU s per {per}, "
+                     f"so one core of it drives {capacity:,.0f} {unit}, "
+                     f"**{capacity / fastest[1]:.1f}×** that proxy")
+            if capacity < SEVERAL * fastest[1]:
+                line += (f". Under {SEVERAL:g}×: the client is not several times faster than "
+                         "that proxy, so its rate is bounded by the shared cores too; its CPU "
+                         f"per {per} is the figure that holds")
+        lines.append(line + ".")
+    return lines

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import certs
 import peers
 import procs
 
@@ -34,19 +35,34 @@ class Subject:
     missing: Callable[[], str | None]  # why it cannot run here, or None
     version: Callable[[], str]
     start: Callable[[Path], procs.Server] | None  # None: no proxy, clients go direct
+    #: Starts it with a TLS listener too (procs.Server.tls_port); None: none measured.
+    start_tls: Callable[[Path, certs.TLSFiles], procs.Server] | None = None
 
 
-def geproxy_config(port: int, workers: str | None = None) -> str:
+#: geproxy's [tls] options in the TLS measures, besides the certificate. http2 on: the same
+#: listener serves the HTTP/1.1 measures (the load generator offers no ALPN) and HTTP/2's;
+#: max_streams 1000 lets one HTTP/2 connection carry the 1,000 tunnels of that measure.
+GEPROXY_TLS_OPTIONS = {"http2": "on", "max_streams": "1000"}
+
+
+def geproxy_config(port: int, workers: str | None = None, tls_port: int = 0,
+                   tls: certs.TLSFiles | None = None) -> str:
     """The bench's whole geproxy config: the one place to add or change a section.
 
     Every built-in plugin stays on, as in a deployment. The CONNECT measures tunnel to the
     origin's port on 127.0.0.1, so a policy section that restricts CONNECT ports or loopback
     destinations must let those through here. `workers` (1, auto) is left out when None,
-    for callers that set it themselves (bench/soak.py).
+    for callers that set it themselves (bench/soak.py). With `tls`, a TLS listener on
+    `tls_port` serves beside the plain one.
     """
+    listen = f"127.0.0.1:{port}" + (f", tls://127.0.0.1:{tls_port}" if tls else "")
+    tls_section = "".join(
+        ["\n[tls]\n", f"certificate = {tls.chain}\n",
+         *(f"{key} = {value}\n" for key, value in GEPROXY_TLS_OPTIONS.items())]
+    ) if tls else ""
     return (
         "[geproxy]\n"
-        f"listen = 127.0.0.1:{port}\n"
+        f"listen = {listen}\n"
         + (f"workers = {workers}\n" if workers else "")
         + "max_connections = 20000\n"
         "idle_timeout = 5m\n"
@@ -55,6 +71,7 @@ def geproxy_config(port: int, workers: str | None = None) -> str:
         "connect_ports = 1-65535\n"
         "\n[destinations]\n"
         "allow = 127.0.0.0/8\n"
+        + tls_section
     )
 
 
@@ -93,6 +110,17 @@ def _geproxy_start(workers: str) -> Callable[[Path], procs.Server]:
     return start
 
 
+def _geproxy_start_tls(workers: str) -> Callable[[Path, certs.TLSFiles], procs.Server]:
+    def start(workdir: Path, tls: certs.TLSFiles) -> procs.Server:
+        port, tls_port = procs.free_port(), procs.free_port()
+        conf = workdir / "geproxy.ini"
+        conf.write_text(geproxy_config(port, workers, tls_port, tls))
+        command = [*_geproxy_command(), "--config", str(conf)]
+        server = procs.start_server(f"geproxy-{workers}", command, port, workdir)
+        return procs.wait_tls_port(server, tls_port)
+    return start
+
+
 def _no_proxy() -> str | None:
     return None
 
@@ -109,10 +137,11 @@ SUBJECTS: tuple[Subject, ...] = (
     Subject(DIRECT, DIRECT, "no proxy: the load goes straight to the origin",
             _no_proxy, _fixed("no proxy"), None),
     Subject("geproxy-1", GEPROXY, "`workers = 1`: one process",
-            _geproxy_missing, _geproxy_version, _geproxy_start("1")),
+            _geproxy_missing, _geproxy_version, _geproxy_start("1"), _geproxy_start_tls("1")),
     Subject("geproxy-auto", GEPROXY,
             f"`workers = auto`: a master and {os.cpu_count()} workers on one SO_REUSEPORT port",
-            _geproxy_missing, _geproxy_version, _geproxy_start("auto")),
+            _geproxy_missing, _geproxy_version, _geproxy_start("auto"),
+            _geproxy_start_tls("auto")),
     Subject("tinyproxy", PEER, peers.TINYPROXY_SETUP,
             lambda: peers.missing_binary(peers.TINYPROXY, "tinyproxy"),
             _binary_version([peers.TINYPROXY, "-v"], "tinyproxy", "tinyproxy"),
@@ -120,11 +149,13 @@ SUBJECTS: tuple[Subject, ...] = (
     Subject("squid-1", PEER, peers.SQUID_1_SETUP,
             lambda: peers.missing_binary(peers.SQUID, "squid"),
             _binary_version([peers.SQUID, "-v"], "Squid Cache: Version", "squid"),
-            lambda workdir: peers.start_squid(workdir, 1)),
+            lambda workdir: peers.start_squid(workdir, 1),
+            lambda workdir, tls: peers.start_squid(workdir, 1, tls)),
     Subject("squid-2", PEER, peers.SQUID_2_SETUP,
             lambda: peers.missing_binary(peers.SQUID, "squid"),
             _binary_version([peers.SQUID, "-v"], "Squid Cache: Version", "squid"),
-            lambda workdir: peers.start_squid(workdir, 2)),
+            lambda workdir: peers.start_squid(workdir, 2),
+            lambda workdir, tls: peers.start_squid(workdir, 2, tls)),
     Subject("privoxy", PEER, peers.PRIVOXY_SETUP,
             lambda: peers.missing_binary(peers.PRIVOXY, "privoxy"),
             _binary_version([peers.PRIVOXY, "--version"], "Privoxy version", "privoxy"),

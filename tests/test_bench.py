@@ -44,12 +44,13 @@ def _results(report: ModuleType, measure: ModuleType) -> object:
     return results
 
 
-def _cells(text: str, label: str, *columns: str) -> dict[str, str]:
-    """The cells of the table row that starts with `label`, in the given columns."""
+def _cells(text: str, label: str, *columns: str, header: str = "measure") -> dict[str, str]:
+    """The cells of the table row that starts with `label`, in the given columns (named in
+    the first table whose header row starts with `header`)."""
     def cells(start: str) -> list[str]:
         line = next(line for line in text.splitlines() if line.startswith(f"| {start}"))
         return [cell.strip() for cell in line.strip("|").split("|")]
-    row = dict(zip(cells("measure"), cells(label)))
+    row = dict(zip(cells(header), cells(label)))
     return {column: row[column] for column in columns}
 
 
@@ -93,3 +94,63 @@ def test_the_generator_check_compares_direct_with_the_fastest_proxy(
     keep_alive = next(line for line in lines if "wrk reached" in line)
     # every proxy counts here, one that sticks too: the generator carried its load
     assert "90,000 req/s direct, **2.2×** the fastest proxy (pproxy, 40,000)" in keep_alive
+
+
+def _tls_results(report: ModuleType, measure: ModuleType) -> tuple[object, object]:
+    names = ["direct", "geproxy-1", "squid-1"]
+    results = report.Results(names, peers=["squid-1"], proxies=names[1:])
+    figures = {
+        "direct": {"tls_cycles_s": 1200.0, "cycles_s": 12000.0, "tlsgen_cpu_tls_cycles": 0.6,
+                   "tls_mb_s": 800.0, "mb_s": 2000.0, "tlsgen_cpu_tls_gb": 0.5},
+        "geproxy-1": {"tls_cycles_s": 600.0, "cycles_s": 2400.0, "proxy_cpu_tls_cycles": 1.0,
+                      "proxy_cpu_cycles": 0.25, "tls_mb_s": 500.0, "mb_s": 1250.0},
+        "squid-1": {"tls_cycles_s": 800.0, "cycles_s": 4000.0, "proxy_cpu_tls_cycles": 0.5,
+                    "proxy_cpu_cycles": 0.2, "tls_mb_s": 400.0, "mb_s": 1000.0},
+    }
+    for name, values in figures.items():
+        flags = {"tls": "TLSv1.3 TLS_AES_256_GCM_SHA384 X25519"}
+        results.add(name, 1, measure.Reading(values=values, flags=flags))
+        results.runs[name] = 1
+    tunnels = report.Results([report.H2, report.H1])
+    tunnels.add(report.H2, 1, measure.Reading({"kib_per_tunnel": 8.0, "bulk_mb_s": 250.0}))
+    tunnels.add(report.H1, 1, measure.Reading({"kib_per_tunnel": 16.0, "bulk_mb_s": 500.0}))
+    tunnels.runs.update({report.H2: 1, report.H1: 1})
+    return results, tunnels
+
+
+def test_the_tls_table_shows_tls_against_plain_and_http2_against_http1(
+        bench: tuple[ModuleType, ModuleType]) -> None:
+    report, measure = bench
+    results, tunnels = _tls_results(report, measure)
+    labels = {"clients": 50, "mib": 1, "tunnels": 1000, "opening": 100, "bulk": 100}
+    text = "\n".join(report.render_tls(results, tunnels, labels, ["### held"]))
+    ratio = "geproxy-1 ÷ squid-1"
+    assert "| measure | direct | geproxy-1 | squid-1 | geproxy-1 ÷ squid-1 |" in text
+    assert _cells(text, "TLS CONNECT cycles/s", "geproxy-1", ratio) == {
+        "geproxy-1": "600", ratio: "0.75×"}
+    # each subject's TLS figure over its own plain one, in the same run
+    assert _cells(text, "TLS ÷ plain: cycles/s", "direct", "geproxy-1", "squid-1") == {
+        "direct": "0.10×", "geproxy-1": "0.25×", "squid-1": "0.20×"}
+    assert _cells(text, "TLS ÷ plain: CPU per cycle", "direct", "geproxy-1") == {
+        "direct": "—", "geproxy-1": "4.00×"}
+    assert _cells(text, "TLS agreed", "squid-1") == {
+        "squid-1": "TLSv1.3 TLS_AES_256_GCM_SHA384 X25519"}
+    held = text[text.index("### held"):]
+    assert _cells(held, "proxy RSS per tunnel, KiB", "HTTP/2 ÷ HTTP/1.1",
+                  header="held tunnels") == {"HTTP/2 ÷ HTTP/1.1": "0.50×"}
+    assert "| held tunnels, geproxy-1 | HTTP/2: 1,000 tunnels on 1 connection |" in held
+
+
+def test_the_tls_generator_check_reads_the_direct_tls_server(
+        bench: tuple[ModuleType, ModuleType]) -> None:
+    report, measure = bench
+    results, _ = _tls_results(report, measure)
+    lines = report.tls_generator_check(results)
+    cycles = next(line for line in lines if line.startswith("- TLS cycles"))
+    assert "1,200 cycles/s direct, **1.5×** the fastest proxy (squid-1, 800)" in cycles
+    assert "one core of it drives 1,667 cycles/s, **2.1×** that proxy. Under 3×" in cycles
+    download = next(line for line in lines if line.startswith("- TLS download"))
+    assert "800 MB/s direct, **1.6×** the fastest proxy (geproxy-1, 500)" in download
+    assert "one core of it drives 2,000 MB/s, **4.0×** that proxy." in download
+    without = report.Results(["geproxy-1"], proxies=["geproxy-1"])
+    assert report.tls_generator_check(without)[0].startswith("TLS load generator check: not made")
