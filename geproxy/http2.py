@@ -37,9 +37,10 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from . import http11
+from . import http11, tunnel
 from .connection import Connection
 from .errors import ClientError, ClientGone, InternalError, ProxyError, UpstreamTimeout
+from .h2tunnel import StreamRelay
 from .log import ConnLogger
 from .models import Headers, Record, Request
 
@@ -48,6 +49,9 @@ __all__ = ["serve_h2", "STREAM_WINDOW"]
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 64 * 1024
+#: The bound h2 itself enforces on open streams before the client acknowledged the
+#: proxy's max_streams (see _H2Connection).
+UNACKNOWLEDGED_STREAMS = 10_000
 #: Bytes a client may send on one stream before the proxy has passed them upstream.
 STREAM_WINDOW = 256 * 1024
 #: Fields of HTTP/1.1 that HTTP/2 forbids (RFC 9113 section 8.2.2).
@@ -76,8 +80,12 @@ class _H2Connection:
         self.max_streams: int = tls["max_streams"]
         config = h2.config.H2Configuration(client_side=False, header_encoding="latin-1")
         self.h2 = h2.connection.H2Connection(config=config)
+        # Until the client acknowledges max_streams it may open more (legally: it has not
+        # heard of the limit). h2 would take those as a connection error, and it could not
+        # refuse one stream alone without losing its header block; so h2 enforces a wide
+        # bound until the acknowledgement, and _request refuses what is over max_streams.
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: UNACKNOWLEDGED_STREAMS,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: conn.settings["max_header_size"],
         })
@@ -103,6 +111,8 @@ class _H2Connection:
         self._writer = gevent.spawn(self._write_loop)
         try:
             self.h2.initiate_connection()
+            self.h2.update_settings({
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
             # The connection's window holds every stream's: streams stall one by one.
             self.h2.increment_flow_control_window(self.max_streams * STREAM_WINDOW)
             self.flush()
@@ -144,7 +154,8 @@ class _H2Connection:
             try:
                 for stream in list(self.streams.values()):
                     stream.cut("client" if not server.stopping else "shutdown")
-                self.group.kill(block=True, timeout=5)
+                self.group.join(timeout=5)  # the ends of detached tunnels write records
+                self.group.kill(block=True, timeout=1)
                 self._goaway(h2.errors.ErrorCodes.NO_ERROR)
                 self.closed = True
                 self._wake.set()
@@ -176,13 +187,13 @@ class _H2Connection:
             if event.stream_id:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
-                    stream.window.set()
+                    stream.window_opened()
             else:
                 for stream in self.streams.values():
-                    stream.window.set()
+                    stream.window_opened()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             for stream in self.streams.values():
-                stream.window.set()
+                stream.window_opened()
         elif isinstance(event, h2.events.ConnectionTerminated):
             # The client's GOAWAY. HTTP/2 would let its open streams finish, but the h2
             # state machine takes no frame after a GOAWAY, so they end here.
@@ -192,8 +203,8 @@ class _H2Connection:
 
     def _request(self, event: Any) -> None:
         stream_id = event.stream_id
-        if self.conn.server.stopping or self.closed:
-            self.h2.reset_stream(stream_id, _REFUSED)
+        if self.conn.server.stopping or self.closed or len(self.streams) >= self.max_streams:
+            self.h2.reset_stream(stream_id, _REFUSED)  # the client may try it again
             return
         fields = [(k, v) for k, v in event.headers]
         stream = H2Stream(self, stream_id, fields, event.stream_ended)
@@ -292,7 +303,10 @@ class H2Stream(Connection):
         self.record: Optional[Record] = None
         self.greenlet: Optional[gevent.Greenlet] = None
         self.cut_reason = "shutdown"
-        self.detached = None
+        #: The relay of a CONNECT stream, once its DATA goes straight to it; ``detached``
+        #: too when no greenlet waits for its end.
+        self.relay: Optional[StreamRelay] = None
+        self.detached: Optional[StreamRelay] = None  # type: ignore[assignment]
         self.owner = owner
         self.stream_id = stream_id
         self.fields = fields
@@ -316,13 +330,22 @@ class H2Stream(Connection):
     # -- from the connection's greenlet ---------------------------------------------------
 
     def received(self, data: Optional[bytes], size: int) -> None:
+        item: Optional[tuple[bytes, int]] = None
         if data is None:
             self.client_ended = True
-            self.inbound.append(None)
         else:
             self.unacked += size
-            self.inbound.append((data, size))
+            item = (data, size)
+        if self.relay is not None:
+            self.relay.from_client(item)
+            return
+        self.inbound.append(item)
         self.arrived.set()
+
+    def window_opened(self) -> None:
+        self.window.set()
+        if self.relay is not None:
+            self.relay.window_opened()
 
     def cut(self, reason: str) -> None:
         """The client reset the stream, or the connection ended: stop serving it."""
@@ -330,6 +353,8 @@ class H2Stream(Connection):
             self.cut_by = reason
             self.arrived.set()
             self.window.set()
+            if self.relay is not None:
+                self.relay.abort(reason, None)
             greenlet = self.greenlet
             if greenlet is not None and greenlet is not gevent.getcurrent():
                 greenlet.kill(_Reset(reason), block=False)
@@ -337,7 +362,9 @@ class H2Stream(Connection):
     def close(self, reason: str) -> None:
         """From the admin listener (or a stop): reset this stream, the others go on."""
         self.cut_reason = reason
-        if self.greenlet is not None:
+        if self.detached is not None:
+            self.detached.abort(reason)
+        elif self.greenlet is not None:
             self.greenlet.kill(block=False)
 
     # -- the stream's greenlet ------------------------------------------------------------
@@ -357,6 +384,8 @@ class H2Stream(Connection):
                 self.record = record
                 self.server.active[ctx.conn_id] = self
                 self._dispatch(request, record)
+                if self.detached is not None:
+                    return  # the tunnel relays on; its end writes the record
                 self._end(cut=False)
             except (_Reset, ClientGone, h2.exceptions.ProtocolError):
                 # Reset or gone, whichever noticed first: the client's doing (h2 refuses
@@ -373,13 +402,14 @@ class H2Stream(Connection):
                 self._end(cut)
         except gevent.GreenletExit:
             record.close_reason = self.cut_reason
-            self._reset(_CANCEL)
+            self.reset(_CANCEL)
             self._close_record(record)
             raise
         finally:
-            self.server.active.pop(ctx.conn_id, None)
-            self.record = None
-            self.owner.ended(self)
+            if self.detached is None:
+                self.server.active.pop(ctx.conn_id, None)
+                self.record = None
+                self.owner.ended(self)
         self._close_record(record)
 
     def _make_request(self) -> Request:
@@ -447,12 +477,12 @@ class H2Stream(Connection):
                 return http11.LAST_CHUNK
             return b""
         piece, size = item
-        self._give_back(size)
+        self.give_back(size)
         if self.chunk_body:
             return http11.encode_chunk(piece) if piece else b""
         return piece
 
-    def _give_back(self, size: int) -> None:
+    def give_back(self, size: int) -> None:
         """Bytes passed on: the client may send that many more on this stream."""
         size = min(size, self.unacked)
         if size and self.cut_by is None:
@@ -477,14 +507,14 @@ class H2Stream(Connection):
         if self.cut_by is not None:
             return
         if cut or self.must_reset:
-            self._reset(_INTERNAL)
+            self.reset(_INTERNAL)
             return
         if self._writer is not None:
             self._writer.finish()
         if not self.client_ended:
-            self._reset(h2.errors.ErrorCodes.NO_ERROR)
+            self.reset(h2.errors.ErrorCodes.NO_ERROR)
 
-    def _reset(self, code: int) -> None:
+    def reset(self, code: int) -> None:
         if self.cut_by is None and not self.owner.closed:
             self.cut_by = "reset"
             try:
@@ -523,136 +553,71 @@ class H2Stream(Connection):
     def _tunnel(self, request: Request, record: Record) -> None:
         routes = self.hooks.route(self.ctx, request)
         upstream, _, early, _ = self.open_upstream(request, record, routes)
+        relay: Optional[StreamRelay] = None
         try:
             self.owner.h2.send_headers(self.stream_id, [(":status", "200")])
             self.owner.flush()
             self.answered = True
             record.status = 200
             record.first_byte_time = time.time() - record.started
-            record.close_reason = _H2Tunnel(self, upstream, record).run(early)
+            if early:  # what a parent sent after its 200
+                self.send_data(early)
+                record.bytes_out += len(early)
+            settings = self.settings
+            relay = StreamRelay(self, upstream, record, settings["idle_timeout"],
+                                settings["max_tunnel_lifetime"])
+            ended = gevent.event.Event()
+            relay.on_done = lambda reason: ended.set()
+            relay.start(settings["max_tunnel_lifetime"])
+            if self.hooks.inspects_tunnels:
+                self._inspect_first(request, record, relay)
+            self.relay = relay  # from here the reader hands the client's DATA to it
+            while self.inbound:
+                relay.from_client(self.inbound.popleft())
+            # A tunnel still relaying after DETACH_AFTER goes on with no greenlet: its end
+            # is spawned when it comes (as tunnel.py's detached tunnels).
+            if not ended.wait(tunnel.DETACH_AFTER) and not relay.finished:
+                self.detached = relay
+                self.greenlet = None
+                relay.on_done = lambda reason: self.owner.group.spawn(
+                    self._end_detached, upstream, record, reason)
+                return
+            record.close_reason = relay.reason or "done"
         finally:
+            if self.detached is None:
+                if relay is not None:
+                    relay.close()
+                upstream.close()
+
+    def _inspect_first(self, request: Request, record: Record, relay: StreamRelay) -> None:
+        """on_tunnel_data sees the client's first bytes (in this greenlet: plugins may do
+        what greenlets do) before any goes upstream."""
+        idle = self.settings["idle_timeout"]
+        while not self.inbound and not relay.finished:
+            if self.cut_by is not None:
+                raise _Reset(self.cut_by)
+            self.arrived.clear()
+            if not self.arrived.wait(idle) and not self.inbound:
+                relay.abort("idle timeout")
+        item = self.inbound[0] if self.inbound else None
+        if item is not None and not relay.finished and not self._inspect_tunnel(
+                request, record, item[0]):
+            relay.abort("denied")
+
+    def _end_detached(self, upstream: socket.socket, record: Record, reason: str) -> None:
+        """The end of a tunnel that relayed with no greenlet: what ``run`` does for the
+        others."""
+        relay = self.detached
+        try:
+            if relay is not None:
+                relay.close()
             upstream.close()
-
-    def _inspect(self, request: Request, record: Record, data: bytes) -> bool:
-        return self._inspect_tunnel(request, record, data)
-
-
-class _H2Tunnel:
-    """A CONNECT stream's relay: this greenlet moves the upstream's bytes to the client,
-    a second one the client's to the upstream."""
-
-    def __init__(self, stream: H2Stream, upstream: socket.socket, record: Record) -> None:
-        self.stream = stream
-        self.upstream = upstream
-        self.record = record
-        self.idle = stream.settings["idle_timeout"]
-        self.last = time.monotonic()
-        self.reason = ""
-
-    def run(self, early: bytes) -> str:
-        stream = self.stream
-        lifetime = stream.settings["max_tunnel_lifetime"]
-        up = gevent.spawn(self._upward)
-        try:
-            with gevent.Timeout(lifetime or None, _Lifetime()):
-                if early:
-                    stream.send_data(early)
-                    self.record.bytes_out += len(early)
-                self._downward()
-                while not up.dead and not self.reason:  # the client's side may still send
-                    up.join(timeout=self.idle)
-                    if not up.dead and time.monotonic() - self.last >= self.idle:
-                        self.reason = self.reason or "idle timeout"
-                        break
-        except _Lifetime:
-            self.reason = "max lifetime"
-        except (_Reset, ClientGone) as exc:
-            self.reason = self.reason or stream.cut_by or str(exc) or "client"
-        except UpstreamTimeout:
-            self.reason = self.reason or "idle timeout"
+            record.close_reason = reason
         finally:
-            up.kill(block=True)
-        if self.reason and self.reason not in ("client reset", "client"):
-            stream._reset(_CANCEL if self.reason != "upstream" else _CONNECT_ERROR)
-        return self.reason or "done"
-
-    def _downward(self) -> None:
-        """Upstream to client: as much as the stream's window allows, in DATA frames; the
-        upstream's FIN is END_STREAM."""
-        stream = self.stream
-        conn = stream.owner.h2
-        sock = self.upstream
-        while True:
-            while conn.local_flow_control_window(stream.stream_id) <= 0:
-                if stream.cut_by is not None:
-                    raise _Reset(stream.cut_by)
-                stream.window.clear()
-                if not stream.window.wait(self.idle) and (
-                        time.monotonic() - self.last >= self.idle):
-                    self.reason = "idle timeout"
-                    return
-            try:
-                sock.settimeout(self.idle)
-                data = sock.recv(min(RECV_SIZE, conn.local_flow_control_window(
-                    stream.stream_id)))
-            except socket.timeout:
-                if time.monotonic() - self.last >= self.idle:
-                    self.reason = "idle timeout"
-                    return
-                continue
-            except OSError:
-                self.reason = "upstream"
-                return
-            if not data:
-                if not self.reason:  # a FIN, not the other direction's failure
-                    stream.send_data(b"", end=True)
-                return
-            self.last = time.monotonic()
-            stream.send_data(data)
-            self.record.bytes_out += len(data)
-
-    def _upward(self) -> None:
-        """Client to upstream: the stream's DATA, its window given back once sent; the
-        client's END_STREAM is a half-close of the upstream."""
-        stream = self.stream
-        sock = self.upstream
-        first = stream.hooks.inspects_tunnels
-        request = self.record.request
-        try:
-            while True:
-                while not stream.inbound:
-                    if stream.cut_by is not None:
-                        return
-                    stream.arrived.clear()
-                    if not stream.arrived.wait(self.idle) and not stream.inbound and (
-                            time.monotonic() - self.last >= self.idle):
-                        return
-                item = stream.inbound.popleft()
-                if item is None:
-                    sock.shutdown(socket.SHUT_WR)
-                    return
-                piece, size = item
-                if first and request is not None:
-                    first = False
-                    if not stream._inspect(request, self.record, piece):
-                        self.reason = "denied"
-                        sock.shutdown(socket.SHUT_RDWR)
-                        return
-                sock.settimeout(self.idle)
-                sock.sendall(piece)
-                self.last = time.monotonic()
-                self.record.bytes_in += len(piece)
-                stream._give_back(size)
-        except OSError:
-            self.reason = self.reason or "upstream"
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # the downward side sees it and ends
-            except OSError:
-                pass
-
-
-class _Lifetime(Exception):
-    pass
+            self.server.active.pop(self.ctx.conn_id, None)
+            self.record = None
+            self.owner.ended(self)
+        self._close_record(record)
 
 
 class _AnswerWriter:

@@ -17,6 +17,10 @@ import pytest
 from geproxy.testing import echo, pattern, pattern_sha256, wait_for_records
 from geproxy.testing.h2client import H2Client
 
+# Every test here twice: CONNECT streams relaying with their greenlet waiting, and detached
+# from it at once.
+pytestmark = pytest.mark.usefixtures("relay_mode")
+
 #: An echo that also says how many bytes it read, once the client half-closed.
 EOF_MARK = b"<eof>"
 
@@ -458,3 +462,23 @@ def test_streams_that_end_anywhere_leave_nothing_behind(h2_pair, tls_files, raw_
         client.close()
     status, _, body = first.request("GET", f"http://origin.test:{origin.port}/")
     assert (status, body) == (200, b"hello\n")
+
+
+def test_streams_over_max_streams_before_the_settings_are_refused_alone(h2_pair, raw_origin):
+    """A client may open streams before it has the proxy's SETTINGS (the limit is then
+    unknown to it): those over max_streams are refused (REFUSED_STREAM, to retry), the
+    others served, and the connection stays."""
+    origin = raw_origin(echo)
+    proxy, client = h2_pair(max_streams="5")
+    client.conn.remote_settings.max_concurrent_streams = 100  # as if no SETTINGS came yet
+    streams = [client.connect(f"origin.test:{origin.port}") for _ in range(8)]
+    with gevent.Timeout(10):
+        while sum(s.headers is not None or s.reset is not None for s in streams) < 8:
+            gevent.sleep(0.01)
+    served = [s for s in streams if s.headers is not None]
+    refused = [s for s in streams if s.reset == h2.errors.ErrorCodes.REFUSED_STREAM]
+    assert (len(served), len(refused)) == (5, 3)
+    for stream in served:
+        stream.send(b"ok")
+        assert stream.recv() == b"ok"
+    assert client.error is None and client.goaway is None
