@@ -93,8 +93,10 @@ def expect(condition: bool, message: str) -> None:
 class Conn:
     """One client connection, with the bytes read past the last answer."""
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], tls: Any = None) -> None:
         self.sock = socket.create_connection(address, timeout=IO_TIMEOUT)
+        if tls is not None:  # --tls: a TLS listener, the handshake done here
+            self.sock = tls.wrap_socket(self.sock, server_hostname=address[0])
         self.buf = b""
 
     def send(self, data: bytes) -> None:
@@ -179,6 +181,11 @@ class Target:
     proxy: tuple[str, int]
     origin_port: int
     digests: dict[int, str]
+    #: With --tls: the client side's ssl.SSLContext, trusting the proxy's certificate.
+    tls: Any = None
+
+    def conn(self) -> Conn:
+        return Conn(self.proxy, self.tls)
 
     @property
     def authority(self) -> str:
@@ -204,7 +211,7 @@ class Target:
 
 def tunnel(t: Target, rng: random.Random) -> None:
     """CONNECT, then 1 to 3 GETs through the tunnel; the origin or the client closes."""
-    conn = Conn(t.proxy)
+    conn = t.conn()
     try:
         conn.send(t.connect_head())
         status, _ = conn.head()
@@ -224,7 +231,7 @@ def tunnel(t: Target, rng: random.Random) -> None:
 
 def keepalive(t: Target, rng: random.Random) -> None:
     """2 to 6 plain requests on one connection: lengths, chunked, HEAD, a 404."""
-    conn = Conn(t.proxy)
+    conn = t.conn()
     try:
         count = rng.randint(2, 6)
         last = rng.random() < 0.5
@@ -258,7 +265,7 @@ def post(t: Target, rng: random.Random) -> None:
     size = rng.choice(POST_SIZES)
     body = rng.randbytes(size)
     mode = rng.choice(("length", "chunked", "expect"))
-    conn = Conn(t.proxy)
+    conn = t.conn()
     try:
         framing = ("Transfer-Encoding: chunked\r\n" if mode == "chunked"
                    else f"Content-Length: {size}\r\n")
@@ -287,7 +294,7 @@ def post(t: Target, rng: random.Random) -> None:
 def abort(t: Target, rng: random.Random, point: str, rst: bool) -> None:
     """Go as far as ``point``, then close (with an RST when ``rst``). What comes before the
     point is checked like any client's."""
-    conn = Conn(t.proxy)
+    conn = t.conn()
     try:
         if point == "head":
             head = t.request("GET", "/bytes/1000")
@@ -412,10 +419,16 @@ def serve_origin() -> int:
     return 0
 
 
-def proxy_config() -> str:
-    """The bench's geproxy config (subjects.py), on port 0, one process, an admin port."""
-    return subjects.geproxy_config(0).replace(
+def proxy_config(tls_chain: str = "") -> str:
+    """The bench's geproxy config (subjects.py), on port 0, one process, an admin port; with
+    ``tls_chain`` (--tls), a TLS listener with that certificate too."""
+    text = subjects.geproxy_config(0).replace(
         "[geproxy]\n", "[geproxy]\nworkers = 1\nadmin_listen = 127.0.0.1:0\n", 1)
+    if tls_chain:
+        text = re.sub(r"^listen = (.*)$", r"listen = \1, tls://127.0.0.1:0", text, count=1,
+                      flags=re.M)
+        text += f"\n[tls]\ncertificate = {tls_chain}\n"
+    return text
 
 
 def fetch_stats(admin: tuple[str, int]) -> dict[str, Any]:
@@ -455,6 +468,7 @@ class Settings:
     interval: float
     save: bool
     out: Path
+    tls: bool = False
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -473,6 +487,8 @@ def parse_args(argv: list[str] | None) -> Settings:
                         help="save the report as OUT/soak-YYYYmmdd-HHMMSS.md")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                         help="directory for --save (default bench/results/)")
+    parser.add_argument("--tls", action="store_true",
+                        help="every client speaks TLS to a tls:// listener of the proxy")
     parser.add_argument("--serve-origin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_origin:
@@ -482,7 +498,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     if duration <= 0 or interval <= 0 or not 1 <= args.clients <= 1000:
         parser.error("--duration and --interval must be positive, --clients 1 to 1000")
     seed = args.seed if args.seed is not None else int(time.time()) % 100_000
-    return Settings(duration, args.clients, seed, interval, args.save, args.out)
+    return Settings(duration, args.clients, seed, interval, args.save, args.out, args.tls)
 
 
 class Report:
@@ -504,18 +520,30 @@ def run(settings: Settings, workdir: Path, say: Report) -> list[str]:
                                         "--serve-origin"], workdir,
                              {"origin": r"origin listening on (\S+):(\d+)"})
     conf = workdir / "geproxy.ini"
-    conf.write_text(proxy_config())
+    client_tls = None
+    wanted = {"proxy": r"listening on (\S+):(\d+)[;,]", "admin": r"admin listener on (\S+):(\d+)"}
+    if settings.tls:
+        import ssl
+
+        from certs import make  # bench/certs.py
+
+        files = make(workdir / "tls")
+        conf.write_text(proxy_config(str(files.chain)))
+        client_tls = ssl.create_default_context(cafile=str(files.ca))
+        wanted["proxy"] = r"tls://(\S+):(\d+)[;,]"
+    else:
+        conf.write_text(proxy_config())
     try:
         proxy, proxy_log, addresses = start(
             "geproxy", [sys.executable, "-m", "geproxy", "--config", str(conf)], workdir,
-            {"proxy": r"listening on (\S+):(\d+)[;,]", "admin": r"admin listener on (\S+):(\d+)"})
+            wanted)
     except procs.StartError:
         procs.stop(origin)
         raise
     failures: list[str] = []
     try:
         target = Target(addresses["proxy"], found["origin"][1],
-                        {size: pattern_sha256(size) for size in SIZES})
+                        {size: pattern_sha256(size) for size in SIZES}, client_tls)
         failures += _load_and_judge(settings, target, addresses["admin"], proxy, proxy_log,
                                     say)
     finally:
@@ -657,7 +685,8 @@ def header(settings: Settings, started: datetime.datetime) -> list[str]:
     load = (f"- {settings.duration:g} s of load, {settings.clients} clients, seed "
             f"{settings.seed}, a sample every {settings.interval:g} s; `python bench/soak.py "
             f"--duration {settings.duration:g} --clients {settings.clients} --seed "
-            f"{settings.seed}`")
+            f"{settings.seed}{' --tls' if settings.tls else ''}`"
+            + ("; every client over TLS to a `tls://` listener" if settings.tls else ""))
     growth = (f"- growth: descriptors above baseline + pooled + {FD_SLACK}, greenlets above "
               f"baseline + sweeper + {GREENLET_SLACK}, RSS above the sample at "
               f"{WARMUP_FRACTION:.0%} of the run + max({RSS_SLACK_KIB // 1024} MiB, "
