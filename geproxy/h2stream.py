@@ -302,6 +302,8 @@ class H2Stream(Connection):
         while view or end:
             if self.cut_by is not None or owner.closed:
                 raise _Reset(self.cut_by or "client")
+            if owner.choked and not owner.wait_unchoked(idle):
+                raise UpstreamTimeout("client took no bytes for idle_timeout")
             window = conn.local_flow_control_window(self.stream_id)
             size = min(window, len(view), conn.max_outbound_frame_size)
             if view and size <= 0:

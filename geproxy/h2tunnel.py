@@ -122,6 +122,11 @@ class StreamRelay:
         if window <= 0:
             self.reader.stop()  # until window_opened
             return
+        owner = self.stream.owner
+        if owner.choked:  # the client is not taking what it has: until the writer caught up
+            self.reader.stop()
+            owner.paused.add(self)
+            return
         try:
             data = self.raw.recv(min(window, BUFFER))
         except BlockingIOError:

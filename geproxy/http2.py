@@ -48,7 +48,17 @@ RECV_SIZE = 64 * 1024
 UNACKNOWLEDGED_STREAMS = 10_000
 #: Bytes a client may send on one stream before the proxy has passed them upstream.
 STREAM_WINDOW = 256 * 1024
+#: Bytes queued for the client past which the proxy stops producing more for it (relays
+#: stop reading their upstreams, the reader stops reading the client) until the writer has
+#: sent them down to OUTGOING_LOW: a client that reads nothing costs no more than this,
+#: whatever windows it grants or however many PINGs it sends.
+OUTGOING_HIGH = 1024 * 1024
+OUTGOING_LOW = 256 * 1024
+#: Streams a client may reset (or have refused) per second on one connection, over
+#: max_streams: more is the "rapid reset" attack, and the connection is closed.
+RESETS_PER_SECOND = 200
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
+_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def serve_h2(conn: Connection) -> None:
@@ -78,6 +88,15 @@ class _H2Connection:
         #: Bytes for the client, sent in order by the writer greenlet: a stream's greenlet
         #: never waits on the socket, so killing one never cuts a frame in half.
         self.outgoing: deque[bytes] = deque()
+        self.queued = 0
+        #: Set while ``queued`` is over OUTGOING_HIGH; cleared under OUTGOING_LOW.
+        self.choked = False
+        self._unchoked = gevent.event.Event()
+        self._unchoked.set()
+        #: Relays that stopped reading their upstream while choked.
+        self.paused: set[Any] = set()
+        #: Client resets in the current second: (second, count).
+        self._resets = (0, 0)
         self._wake = gevent.event.Event()
         self._writer: Optional[gevent.Greenlet] = None
         self.closed = False
@@ -102,6 +121,11 @@ class _H2Connection:
             self.flush()
             last = time.monotonic()
             while True:
+                if self.choked:  # the client reads nothing: read nothing from it either
+                    if not self._unchoked.wait(idle):
+                        break
+                    if self.closed:
+                        break
                 waiting = not self.streams
                 if waiting:
                     server.idle.add(me)  # a stop may end it at once
@@ -127,7 +151,10 @@ class _H2Connection:
                     self._goaway(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
                     break
                 for event in events:
-                    self._event(event)
+                    try:
+                        self._event(event)
+                    except h2.exceptions.StreamClosedError:
+                        pass  # reset by the client later in the same read: nothing to do
                 self.flush()
                 if self.closed:
                     break
@@ -146,6 +173,7 @@ class _H2Connection:
                 self._writer.join(timeout=1)  # the last frames, if the client takes them
             finally:
                 self.closed = True
+                self._unchoked.set()
                 self._writer.kill(block=False)  # cannot be cut short by a kill of ours
 
     def _event(self, event: Any) -> None:
@@ -164,6 +192,7 @@ class _H2Connection:
             if stream is not None:
                 stream.received(None, 0)
         elif isinstance(event, h2.events.StreamReset):
+            self._count_reset()
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.cut("client reset")
@@ -189,6 +218,7 @@ class _H2Connection:
         stream_id = event.stream_id
         if self.conn.server.stopping or self.closed or len(self.streams) >= self.max_streams:
             self.h2.reset_stream(stream_id, _REFUSED)  # the client may try it again
+            self._count_reset()
             return
         fields = [(k, v) for k, v in event.headers]
         stream = H2Stream(self, stream_id, fields, event.stream_ended)
@@ -202,7 +232,15 @@ class _H2Connection:
         data = self.h2.data_to_send()
         if data:
             self.outgoing.append(data)
+            self.queued += len(data)
+            if self.queued > OUTGOING_HIGH and not self.choked:
+                self.choked = True
+                self._unchoked.clear()
             self._wake.set()
+
+    def wait_unchoked(self, timeout: float) -> bool:
+        """For a greenlet about to make more for the client: wait while it is choked."""
+        return self._unchoked.wait(timeout)
 
     def _write_loop(self) -> None:
         try:
@@ -213,6 +251,9 @@ class _H2Connection:
                     data = b"".join(self.outgoing)
                     self.outgoing.clear()
                     self.sock.sendall(data)
+                    self.queued -= len(data)
+                    if self.choked and self.queued <= OUTGOING_LOW:
+                        self._unchoke()
                 if self.closed:
                     return
         except OSError as exc:  # the client is gone or stopped reading for idle_timeout
@@ -223,8 +264,26 @@ class _H2Connection:
             except OSError:
                 pass
 
+    def _unchoke(self) -> None:
+        self.choked = False
+        self._unchoked.set()
+        paused, self.paused = self.paused, set()
+        for relay in paused:
+            relay.window_opened()
+
+    def _count_reset(self) -> None:
+        second, count = self._resets
+        now = int(time.monotonic())
+        count = count + 1 if now == second else 1
+        self._resets = (now, count)
+        if count > RESETS_PER_SECOND + self.max_streams and not self.closed:
+            self.conn.log.warning("HTTP/2: %d streams reset in a second; closing "
+                                  "(ENHANCE_YOUR_CALM)", count)
+            self._goaway(_CALM)
+            self.closed = True
+
     def _goaway(self, code: int) -> None:
-        """GOAWAY, once: the client opens no more streams; those open go on."""
+        """GOAWAY, once: the client opens no more streams."""
         if self.goaway_sent:
             return
         self.goaway_sent = True

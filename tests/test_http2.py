@@ -12,6 +12,8 @@ import socket
 import gevent
 import gevent.event
 import h2.errors
+import h2.exceptions
+import h2.settings
 import pytest
 
 from geproxy.testing import echo, pattern, pattern_sha256, wait_for_records
@@ -482,3 +484,65 @@ def test_streams_over_max_streams_before_the_settings_are_refused_alone(h2_pair,
         stream.send(b"ok")
         assert stream.recv() == b"ok"
     assert client.error is None and client.goaway is None
+
+
+def _connections(proxy):
+    """The proxy's HTTP/2 connections, found on the heap (tests only)."""
+    import gc
+
+    from geproxy.http2 import _H2Connection
+
+    return [obj for obj in gc.get_objects() if isinstance(obj, _H2Connection)
+            and obj.conn.server is proxy.server and not obj.closed]
+
+
+def test_a_client_that_reads_nothing_costs_a_bounded_queue(h2_pair, tls_files, raw_origin):
+    """It grants huge windows and then reads nothing: the proxy stops reading the upstreams
+    (and the client) once OUTGOING_HIGH bytes wait for it; another client is served."""
+    from geproxy import http2
+
+    def flood(sock):
+        try:
+            for piece in pattern(64 * 1024 * 1024):
+                sock.sendall(piece)
+        except OSError:
+            pass
+
+    origin, echoer = raw_origin(flood), raw_origin(echo)
+    proxy, greedy = h2_pair()
+    greedy.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    greedy.flush()
+    streams = [greedy.connect(f"origin.test:{origin.port}") for _ in range(4)]
+    for stream in streams:
+        assert stream.wait_head() == 200
+    greedy.reader.kill()  # from here on it reads nothing at all
+    gevent.sleep(1.0)
+    [connection] = [c for c in _connections(proxy) if c.streams]
+    assert connection.choked
+    assert connection.queued <= http2.OUTGOING_HIGH + 4 * 64 * 1024
+    other = H2Client(proxy.tls_address, tls_files.ca_file)
+    try:
+        stream = other.connect(f"origin.test:{echoer.port}")
+        assert stream.wait_head() == 200
+        stream.send(b"fine")
+        assert stream.recv() == b"fine"
+    finally:
+        other.close()
+
+
+def test_rapid_reset_closes_the_connection(h2_pair, raw_origin):
+    """Streams opened and reset as fast as the client can (CVE-2023-44487): past
+    RESETS_PER_SECOND (plus max_streams) in a second, GOAWAY ENHANCE_YOUR_CALM."""
+    origin = raw_origin(echo)
+    proxy, client = h2_pair(max_streams="10")
+    with gevent.Timeout(20):
+        for _ in range(2000):
+            if client.goaway is not None or client.error is not None:
+                break
+            try:
+                client.connect(f"origin.test:{origin.port}").cancel()
+            except (h2.exceptions.ProtocolError, OSError):
+                break
+        while client.goaway is None and client.error is None:
+            gevent.sleep(0.01)
+    assert client.goaway is not None and client.goaway[0] == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
