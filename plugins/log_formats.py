@@ -92,6 +92,15 @@ def _ms(seconds: Optional[float]) -> Optional[float]:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
+def _tls(ctx: Context) -> Optional[dict[str, Optional[str]]]:
+    """The client's TLS to the proxy (a tls:// listener): for an audit of who came how."""
+    tls = ctx.tls
+    if tls is None:
+        return None
+    return {"version": tls.version, "cipher": tls.cipher, "alpn": tls.alpn,
+            "server_name": tls.server_name, "client_subject": tls.client_subject}
+
+
 def json_line(ctx: Context, record: Record) -> str:
     """One JSON object with every field the record has."""
     address = record.upstream_addr
@@ -115,6 +124,7 @@ def json_line(ctx: Context, record: Record) -> str:
         "close_reason": record.close_reason or None,
         "rule": record.rule,
         "sni": record.sni,
+        "tls": _tls(ctx),
         "worker": os.getpid(),
         "conn": ctx.conn_id,
     }, separators=(",", ":"), ensure_ascii=True)

@@ -311,6 +311,9 @@ def test_a_client_certificate_names_the_user_for_the_acl(tls_proxy, tls_files, o
     assert second.ctx.user is None and second.status == 403
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(line["user"], line["status"]) for line in lines] == [("svc-a", 200), (None, 403)]
+    assert lines[0]["tls"]["client_subject"] == "O=geproxy tests,CN=svc-a"
+    assert lines[1]["tls"]["client_subject"] is None
+    assert lines[0]["tls"]["version"] in ("TLSv1.2", "TLSv1.3")
 
 
 @pytest.mark.parametrize("source, user", [
