@@ -546,3 +546,33 @@ def test_rapid_reset_closes_the_connection(h2_pair, raw_origin):
         while client.goaway is None and client.error is None:
             gevent.sleep(0.01)
     assert client.goaway is not None and client.goaway[0] == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_sni_inside_tunnels_is_read_and_enforced_over_h2(h2_pair, tls_files, tls_origin):
+    """on_tunnel_data sees a CONNECT stream's first bytes as it sees a tunnel's: the name of
+    the ClientHello inside is recorded, and a mismatch with the CONNECT closes the stream."""
+    import ssl
+
+    proxy, client = h2_pair("[sni]\nmode = enforce\n")
+    context = ssl.create_default_context(cafile=tls_files.ca_file)
+
+    def hello(stream, name):
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        session = context.wrap_bio(incoming, outgoing, server_hostname=name)
+        try:
+            session.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        stream.send(outgoing.read())
+        return stream.recv()
+
+    good = client.connect(f"origin.test:{tls_origin.port}")
+    assert good.wait_head() == 200
+    assert hello(good, "origin.test")  # the origin's ServerHello comes back
+    bad = client.connect(f"origin.test:{tls_origin.port}")
+    assert bad.wait_head() == 200
+    with pytest.raises(ConnectionResetError):
+        hello(bad, "elsewhere.test")
+    records = {r.ctx.conn_id: r for r in wait_for_records(proxy, 1)}
+    denied = next(r for r in records.values() if r.rule == "sni_mismatch")
+    assert denied.sni == "elsewhere.test" and denied.close_reason == "denied"

@@ -540,3 +540,13 @@ def test_clients_that_abort_anywhere_leave_nothing_behind(tls_proxy, tls_files, 
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
         sock.sendall(b"ping")
         assert sock.recv(65536) == b"ping"
+
+
+def test_sni_inside_a_tunnel_through_the_tls_listener(tls_proxy, tls_files, tls_origin):
+    """TLS inside TLS: the sni plugin reads the inner ClientHello as on a plain listener."""
+    proxy = tls_proxy("[sni]\nmode = enforce\n")
+    out = via_tls(proxy, tls_files, tls_origin.url("/", host="origin.test"), "--cacert",
+                  tls_files.ca_file)
+    assert out.returncode == 0 and out.stdout == b"hello\n", out.stderr
+    first = wait_for_records(proxy, 1)[0]
+    assert first.sni == "origin.test" and first.status == 200
