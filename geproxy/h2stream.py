@@ -399,7 +399,6 @@ class _AnswerWriter:
         self.stream = stream
         self.parser: Optional[http11.ResponseHeadParser] = http11.ResponseHeadParser(
             stream.settings["max_header_size"])
-        self.complete = False
         self.started = False
 
     def feed(self, data: bytes) -> None:
@@ -422,4 +421,3 @@ class _AnswerWriter:
     def finish(self) -> None:
         if self.started:
             self.stream.send_data(b"", end=True)
-            self.complete = True

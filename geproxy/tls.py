@@ -14,7 +14,6 @@ Imported only when a TLS listener is configured: ``ssl`` comes after gevent's pa
 from __future__ import annotations
 
 import _ssl
-import logging
 import socket
 import ssl
 import time
@@ -27,8 +26,6 @@ from .models import TLSInfo
 from .sockets import send_all
 
 __all__ = ["HandshakeFailed", "TLSStream", "server_context", "identity_of"]
-
-log = logging.getLogger(__name__)
 
 RECV_SIZE = 64 * 1024
 
