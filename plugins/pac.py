@@ -341,18 +341,24 @@ def _authority(host: str, port: int) -> str:
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
-def render_proxy(server_addr: tuple[str, int], proxies: Sequence[str], fallback_direct: bool
-                 ) -> str:
-    """What FindProxyForURL returns for hosts that go through the proxy."""
-    items = [f"PROXY {p}" for p in proxies] or [
-        f"PROXY {_authority(server_addr[0], server_addr[1])}"]
+def render_proxy(server_addr: tuple[str, int], proxies: Sequence[str], fallback_direct: bool,
+                 tls: bool = False) -> str:
+    """What FindProxyForURL returns for hosts that go through the proxy: ``proxies`` (PAC
+    items, ``PROXY host:port`` or ``HTTPS host:port``), or else the address the client
+    reached, as ``HTTPS`` when it reached a TLS listener (browsers then speak TLS to it)."""
+    keyword = "HTTPS" if tls else "PROXY"
+    items = list(proxies) or [f"{keyword} {_authority(server_addr[0], server_addr[1])}"]
     if fallback_direct:
         items.append("DIRECT")
     return "; ".join(items)
 
 
 def parse_proxy(item: str) -> str:
-    """``host:port``, ``[IPv6]:port``: an address for a PAC's PROXY; raises ValueError."""
+    """``host:port``, ``[IPv6]:port``, either after ``https://`` for a TLS listener: the
+    PAC item (``PROXY host:port``, ``HTTPS host:port``); raises ValueError."""
+    keyword = "PROXY"
+    if item.lower().startswith("https://"):
+        keyword, item = "HTTPS", item[len("https://"):]
     host, sep, port = item.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"not host:port (port 1-65535): {item!r}")
@@ -363,7 +369,7 @@ def parse_proxy(item: str) -> str:
             raise ValueError(f"not an IPv6 address: {host!r}") from None
     elif not _HOSTNAME.fullmatch(host):
         raise ValueError(f"not a host name or address (IPv6 goes in brackets): {item!r}")
-    return f"{host}:{int(port)}"
+    return f"{keyword} {host}:{int(port)}"
 
 
 # -- the plugin -----------------------------------------------------------------------------
@@ -395,8 +401,9 @@ class PAC:
             .add("fallback_direct", "bool", "off",
                  "Add DIRECT after the proxy, so browsers go direct when it is down.")
             .add("proxy", "list", "",
-                 "host:port to name in the PAC, several for failover; empty: the address "
-                 "the client reached (set it behind a load balancer or NAT).")
+                 "host:port to name in the PAC (https://host:port for a TLS listener), "
+                 "several for failover; empty: the address the client reached (set it "
+                 "behind a load balancer or NAT).")
         )
 
     @hookimpl
@@ -425,12 +432,13 @@ class PAC:
         self.script = Script.build(checks, section["direct_local"])
         self._texts = LRUCache(maxsize=CACHE_SIZE)
 
-    def text(self, server_addr: tuple[str, int]) -> bytes:
-        """The PAC for clients that reached the proxy at ``server_addr``."""
-        key = (server_addr[0], server_addr[1])
+    def text(self, server_addr: tuple[str, int], tls: bool = False) -> bytes:
+        """The PAC for clients that reached the proxy at ``server_addr`` (over TLS: a
+        ``tls://`` listener)."""
+        key = (server_addr[0], server_addr[1], tls)
         text = self._texts.get(key)
         if text is None:
-            proxy = render_proxy(key, self.proxies, self.fallback_direct)
+            proxy = render_proxy(server_addr, self.proxies, self.fallback_direct, tls)
             text = self._texts[key] = self.script.render(proxy).encode("ascii")
         return text
 
@@ -463,4 +471,4 @@ class PAC:
             return Response(405, headers, b"405 Method Not Allowed\n")
         headers = Headers([("Content-Type", CONTENT_TYPE),
                            ("Cache-Control", f"max-age={self.max_age}")])
-        return Response(200, headers, self.text(ctx.server_addr))
+        return Response(200, headers, self.text(ctx.server_addr, ctx.tls is not None))

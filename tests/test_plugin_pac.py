@@ -405,3 +405,20 @@ def test_bad_options_stop_the_start(tmp_path, ini, key):
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, ini)
     assert (info.value.section, info.value.key) == ("pac", key)
+
+
+def test_a_pac_from_a_tls_listener_names_it_https(proxy_factory, tls_files, tmp_path):
+    """Browsers that fetched the file from a tls:// listener must speak TLS to it: HTTPS,
+    not PROXY (Chrome and Firefox read both); https:// in [pac] proxy says the same."""
+    proxy = _start(proxy_factory, "listen = 127.0.0.1:0, tls://127.0.0.1:0\n"
+                                  + tls_files.ini())
+    host, port = proxy.tls_address
+    status, _, body = _get(f"https://{host}:{port}/proxy.pac", "--cacert", tls_files.ca_file)
+    assert status == 200
+    answer = f"HTTPS 127.0.0.1:{port}"
+    _evaluate(tmp_path, body.decode(), {"example.com": answer})
+    assert f"PROXY 127.0.0.1:{proxy.port}" in _fetch(proxy)  # the plain port: PROXY
+    named = _start(proxy_factory, "[pac]\nproxy = https://proxy.corp.example:3129 "
+                                  "proxy.corp.example:3128\n")
+    _evaluate(tmp_path, _fetch(named), {"example.com": "HTTPS proxy.corp.example:3129; "
+                                                       "PROXY proxy.corp.example:3128"})
