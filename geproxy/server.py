@@ -256,12 +256,15 @@ class ProxyServer:
         self.release(conn.gen)
 
     def _refuse(self, conn: Connection) -> None:
-        exc = TooManyConnections("max_connections reached")
-        conn.sock.settimeout(1.0)
-        try:
-            conn.answer(conn.error_response(exc), Record(conn.ctx), close=True)
-        except ProxyError:
-            pass
+        # A 503 in clear on a TLS port would read as garbage to a TLS client, and a
+        # handshake only to refuse costs what the limit is there to spare: close at once.
+        if not conn.tls:
+            exc = TooManyConnections("max_connections reached")
+            conn.sock.settimeout(1.0)
+            try:
+                conn.answer(conn.error_response(exc), Record(conn.ctx), close=True)
+            except ProxyError:
+                pass
         log.warning("refused %s: max_connections (%d) reached", conn.ctx.client_addr[0],
                     self.config.core["max_connections"])
 

@@ -385,7 +385,7 @@ class PAC:
         self.proxies: tuple[str, ...] = ()
         self.script = Script.build((), True)
         #: server address -> the encoded PAC; bounded, and new at each configure.
-        self._texts: LRUCache[tuple[str, int], bytes] = LRUCache(maxsize=CACHE_SIZE)
+        self._texts: LRUCache[tuple[str, int, bool], bytes] = LRUCache(maxsize=CACHE_SIZE)
 
     @hookimpl
     def add_options(self, registry: OptionRegistry) -> None:

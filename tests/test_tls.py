@@ -550,3 +550,29 @@ def test_sni_inside_a_tunnel_through_the_tls_listener(tls_proxy, tls_files, tls_
     assert out.returncode == 0 and out.stdout == b"hello\n", out.stderr
     first = wait_for_records(proxy, 1)[0]
     assert first.sni == "origin.test" and first.status == 200
+
+
+def test_over_max_connections_a_tls_client_is_closed_before_any_handshake(tls_proxy,
+                                                                          tls_files,
+                                                                          handshakes):
+    """No 503 in clear on a TLS port (a TLS client would read it as garbage), and no
+    handshake only to refuse: the connection is closed."""
+    proxy = tls_proxy(core="max_connections = 1\n")
+    with tls_connect(proxy, tls_files) as holder:
+        holder.sendall(b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n")
+        assert holder.recv(1000).startswith(b"HTTP/1.1 200 ")
+        with socket.create_connection(proxy.tls_address, timeout=10) as refused:
+            refused.sendall(b"\x16\x03\x01\x00\x05hello")  # the start of a ClientHello
+            assert recv_all(refused, timeout=5) == b""
+    assert len(handshakes.seen) == 1  # the holder's only
+    for _ in range(100):  # the holder gone (its end takes a moment), served again
+        try:
+            with tls_connect(proxy, tls_files) as later:
+                later.sendall(b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n")
+                if later.recv(1000).startswith(b"HTTP/1.1 200 "):
+                    break
+        except (ssl.SSLError, ConnectionError):
+            pass
+        gevent.sleep(0.02)
+    else:
+        raise AssertionError("not served again after the holder left")
