@@ -17,6 +17,7 @@
  * Flow control: each stream's receive window is STREAM_WINDOW and is given back once half
  * of it was read, the connection's is 1 GiB; DATA is sent within the proxy's windows.
  */
+#define PROG "h2gen"
 #include "tlsload.h"
 
 #include <fcntl.h>

@@ -19,6 +19,8 @@
  * ("cpu_s"). Every loop is bounded by a deadline.
  */
 #define _GNU_SOURCE
+#define PROG "loadgen"
+#include "loadcommon.h"
 #include <errno.h>
 #include <limits.h>
 #include <netinet/in.h>
@@ -35,9 +37,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define HEAD_MAX 8192           /* a response head larger than this is an error */
-#define SCRATCH_SIZE (1 << 20)  /* body bytes are read here and dropped */
-#define HIST_BUCKETS 1000000   /* latency histogram: 1 us buckets, the last one is >= 1 s */
 #define MAX_EVENTS 512
 #define TICK_MS 50
 
@@ -62,69 +61,9 @@ struct options {
     const char *path;
 };
 
-struct stats {
-    long done;
-    long errors;
-    char first_error[160];
-    unsigned int *hist;   /* HIST_BUCKETS counts of cycle times in microseconds */
-    long nsamples;
-    unsigned long long answer_bytes;
-};
 
 static struct options opt = {"cycles", 0, 0, 50, 1000, 10.0, "/"};
-static struct stats st;
-static char scratch[SCRATCH_SIZE];
 static int epfd;
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void die(const char *what) {
-    fprintf(stderr, "loadgen: %s: %s\n", what, strerror(errno));
-    exit(2);
-}
-
-/* Count an error; keep the first one's text, made safe to print inside a JSON string. */
-static void note_error(const char *fmt, ...) {
-    st.errors++;
-    if (st.first_error[0] != '\0') return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(st.first_error, sizeof st.first_error, fmt, ap);
-    va_end(ap);
-    for (char *p = st.first_error; *p; p++)
-        if (*p == '"' || *p == '\\' || (unsigned char)*p < 0x20 || (unsigned char)*p > 0x7e) *p = '?';
-}
-
-static void record_latency(double seconds) {
-    if (!st.hist) {
-        st.hist = calloc(HIST_BUCKETS, sizeof *st.hist);
-        if (!st.hist) die("calloc");
-    }
-    double us = seconds * 1e6;
-    long bucket = us < 0 ? 0 : us >= HIST_BUCKETS - 1 ? HIST_BUCKETS - 1 : (long)us;
-    st.hist[bucket]++;
-    st.nsamples++;
-}
-
-/* The CPU time this process used so far, user + system. */
-static double cpu_seconds(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec +
-           ru.ru_stime.tv_usec / 1e6;
-}
-
-static void raise_nofile(void) {
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-    }
-}
 
 static int send_all(int fd, const char *buf, size_t len) {
     /* A fresh loopback socket's send buffer always takes a request this small at once. */
@@ -184,13 +123,6 @@ static int status_is_200(struct conn *c) {
         note_error("answer was: %.*s", n, c->head);
     }
     return ok;
-}
-
-static long content_length(const char *head, const char *end) {
-    for (const char *line = strstr(head, "\r\n"); line && line < end; line = strstr(line + 2, "\r\n")) {
-        if (strncasecmp(line + 2, "content-length:", 15) == 0) return strtol(line + 17, NULL, 10);
-    }
-    return -1;
 }
 
 /* Read what is there. Returns 1 when the current step is complete, 0 to wait, -1 on error. */
@@ -296,21 +228,6 @@ static int wait_events(struct epoll_event *evs) {
     return n < 0 ? 0 : n;
 }
 
-/* The p-th percentile of the recorded cycle times, in ms: the upper edge of the bucket that
- * holds the sample of that rank (nearest-rank method), so within 1 us above the truth. */
-static double percentile_ms(double p) {
-    if (st.nsamples == 0) return 0.0;
-    long rank = (long)(p / 100.0 * st.nsamples + 0.999999);
-    if (rank < 1) rank = 1;
-    long seen = 0;
-    for (long bucket = 0; bucket < HIST_BUCKETS; bucket++) {
-        seen += st.hist[bucket];
-        if (seen >= rank) return (bucket + 1) / 1000.0;
-    }
-    return HIST_BUCKETS / 1000.0;
-}
-
-/* Repeat cycles on CLIENTS connections until SECONDS pass or LIMIT cycles ended. */
 static void run_cycles(int clients, long limit) {
     struct conn *conns = calloc(clients, sizeof *conns);
     struct epoll_event evs[MAX_EVENTS];

@@ -23,6 +23,7 @@
  * Every result is one JSON line with the CPU seconds the generator itself used ("cpu_s") and
  * what the TLS session agreed on ("tls"). Every loop is bounded by a deadline.
  */
+#define PROG "tlsgen"
 #include "tlsload.h"
 
 #include <limits.h>
