@@ -23,6 +23,7 @@ import h2.exceptions
 from gevent import get_hub
 
 from .models import Record
+from .tunnel import IdleWatch
 
 if TYPE_CHECKING:
     from .http2 import H2Stream
@@ -44,7 +45,6 @@ class StreamRelay:
         self.upstream = upstream
         self.raw = getattr(upstream, "_sock", upstream)  # its calls never wait
         self.record = record
-        self.idle_timeout = idle_timeout
         fd = upstream.fileno()
         self.reader = self.loop.io(fd, _READ)
         self.writer = self.loop.io(fd, _WRITE)
@@ -57,16 +57,15 @@ class StreamRelay:
         self.down_done = False  # the upstream's FIN was passed on
         self.reason = ""
         self.finished = False
-        self.last = self.loop.now()
+        self.idle = IdleWatch(self.loop, idle_timeout, lambda: self.abort("idle timeout"))
         self._timers: list[Any] = []
-        self._idle: Any = None
         #: Called (from the loop's callback queue) with the close reason at the end.
         self.on_done: Optional[Callable[[str], None]] = None
 
     # -- from greenlets ---------------------------------------------------------------
 
     def start(self, lifetime: float) -> None:
-        self._arm(self.idle_timeout)
+        self.idle.start()
         if lifetime:
             timer = self.loop.timer(lifetime)
             timer.start(self.abort, "max lifetime")
@@ -140,7 +139,7 @@ class StreamRelay:
                 self.down_done = True
                 self.h2.end_stream(stream_id)
             else:
-                self.last = self.loop.now()
+                self.idle.last = self.loop.now()
                 size = self.h2.max_outbound_frame_size
                 for start in range(0, len(data), size):
                     self.h2.send_data(stream_id, data[start:start + size])
@@ -197,7 +196,7 @@ class StreamRelay:
 
     def _moved_up(self, sent: int) -> None:
         if sent:
-            self.last = self.loop.now()
+            self.idle.last = self.loop.now()
             self.record.bytes_in += sent
 
     # -- the end --------------------------------------------------------------------------
@@ -213,22 +212,7 @@ class StreamRelay:
     def _stop(self) -> None:
         self.reader.stop()
         self.writer.stop()
+        self.idle.close()
         for timer in self._timers:
             timer.close()
         self._timers = []
-        if self._idle is not None:
-            self._idle.close()
-            self._idle = None
-
-    def _arm(self, delay: float) -> None:
-        timer = self.loop.timer(delay)
-        timer.start(self._check)
-        self._idle = timer
-
-    def _check(self) -> None:
-        idle_for = self.loop.now() - self.last
-        if idle_for >= self.idle_timeout:
-            self.abort("idle timeout")
-        else:
-            self._idle.close()
-            self._arm(self.idle_timeout - idle_for)

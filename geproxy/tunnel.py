@@ -60,6 +60,41 @@ def _raw(sock: socket.socket) -> Any:
     return getattr(sock, "_sock", sock)
 
 
+class IdleWatch:
+    """Calls ``expired()`` from the hub once nothing moved for ``timeout`` seconds. Its owner
+    sets ``last`` to ``loop.now()`` at each move; the timer is armed for what is left of the
+    timeout, not re-armed per move, so a busy relay pays one attribute store per chunk."""
+
+    __slots__ = ("loop", "timeout", "expired", "last", "_timer")
+
+    def __init__(self, loop: Any, timeout: float, expired: Callable[[], None]) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.expired = expired
+        self.last = loop.now()
+        self._timer: Any = None
+
+    def start(self) -> None:
+        self._arm(self.timeout)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
+    def _arm(self, delay: float) -> None:
+        self._timer = self.loop.timer(delay)
+        self._timer.start(self._check)
+
+    def _check(self) -> None:
+        idle_for = self.loop.now() - self.last
+        self.close()
+        if idle_for >= self.timeout:
+            self.expired()
+        else:
+            self._arm(self.timeout - idle_for)
+
+
 class _Direction:
     """One direction of a tunnel: bytes read from ``src`` and written to ``dst``."""
 
@@ -106,17 +141,15 @@ class _Relay:
         self.loop = hub.loop
         self.client, self.upstream = client, upstream
         self.record = record
-        self.idle_timeout = idle_timeout
         self.inspect = inspect
         self.reason = ""
-        self.last = self.loop.now()
+        self.idle = IdleWatch(self.loop, idle_timeout, lambda: self._abort("idle timeout"))
         self.waiter = Waiter(hub)
         #: For the waiting greenlet, in order: client bytes to inspect, _DETACH, _DONE.
         self.messages: deque[Any] = deque()
         self.finished = False
         self.up = _Direction(client, upstream, True, self.loop)
         self.down = _Direction(upstream, client, False, self.loop)
-        self._timer: Any = None
         self._lifetime: Any = None
         self._detach: Any = None
         self._detach_after = 0.0
@@ -126,7 +159,7 @@ class _Relay:
     # -- the greenlet's side ----------------------------------------------------------
 
     def _start(self, lifetime: float) -> None:
-        self._arm(self.idle_timeout)
+        self.idle.start()
         if lifetime:
             self._lifetime = self.loop.timer(lifetime)
             self._lifetime.start(self._abort, "max lifetime")
@@ -218,7 +251,7 @@ class _Relay:
         if not data:
             self._eof(d)
             return
-        self.last = self.loop.now()
+        self.idle.last = self.loop.now()
         if d.upward and self.inspect is not None:
             d.reader.stop()  # until the greenlet had the plugins look at them
             self._wake(data)
@@ -297,7 +330,7 @@ class _Relay:
     def _count(self, d: _Direction, sent: int) -> None:
         if sent:
             d.moved += sent
-            self.last = self.loop.now()
+            self.idle.last = self.loop.now()
             if d.upward:
                 self.record.bytes_in += sent
             else:
@@ -389,23 +422,11 @@ class _Relay:
         for d in (self.up, self.down):
             d.reader.stop()
             d.writer.stop()
-        for timer in (self._timer, self._lifetime, self._detach):
+        self.idle.close()
+        for timer in (self._lifetime, self._detach):
             if timer is not None:
                 timer.close()
-        self._timer = self._lifetime = self._detach = None
-
-    def _arm(self, delay: float) -> None:
-        timer = self.loop.timer(delay)
-        timer.start(self._check)
-        self._timer = timer
-
-    def _check(self) -> None:
-        idle_for = self.loop.now() - self.last
-        if idle_for >= self.idle_timeout:
-            self._abort("idle timeout")
-        else:
-            self._timer.close()
-            self._arm(self.idle_timeout - idle_for)
+        self._lifetime = self._detach = None
 
 
 def open_relay(client: socket.socket, upstream: socket.socket, record: Record,
@@ -439,7 +460,7 @@ def open_relay(client: socket.socket, upstream: socket.socket, record: Record,
     except BaseException:
         tunnel.close()
         raise
-    tunnel.last = tunnel.loop.now()
+    tunnel.idle.last = tunnel.loop.now()
     return tunnel, ""
 
 
