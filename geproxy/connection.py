@@ -143,7 +143,7 @@ class Connection:
         self.hooks.on_tls_handshake(self.ctx, None)
         return True
 
-    def identify(self, request: Request) -> None:
+    def _identify(self, request: Request) -> None:
         """The user a verified client certificate names is the request's user, as a
         Basic-authenticated name would be; a request that also carries Proxy-Authorization
         names two, and is refused rather than guessed at."""
@@ -202,7 +202,7 @@ class Connection:
             self.greenlet.kill(block=False)
 
     def _dispatch(self, request: Request, record: Record) -> bool:
-        self.identify(request)
+        self._identify(request)
         answer = self.hooks.on_request(self.ctx, request)
         if answer is not None:
             if isinstance(answer, ProxyError):

@@ -294,12 +294,10 @@ class _H2Connection:
             pass
 
     def _ack(self, size: int, stream_id: int) -> None:
+        """``size`` bytes of ``stream_id`` were passed on: the client may send as many more
+        (on a closed stream, h2 gives back only the connection's share)."""
         if size:
-            try:
-                self.h2.acknowledge_received_data(size, stream_id)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                # The stream is gone; its share of the connection's window comes back.
-                self.h2.increment_flow_control_window(size)
+            self.h2.acknowledge_received_data(size, stream_id)
 
     def ended(self, stream: "H2Stream") -> None:
         self.streams.pop(stream.stream_id, None)

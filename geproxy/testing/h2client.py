@@ -246,6 +246,11 @@ class H2Client:
                         self.flush()
                     return
 
+    def send_raw(self, data: bytes) -> None:
+        """Bytes past the client's own h2 state (a frame it would refuse to send)."""
+        with self._sending:
+            self.sock.sendall(data)
+
     def reset_stream(self, stream_id: int) -> None:
         self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         self.flush()
