@@ -47,7 +47,8 @@ class Connection:
     """One accepted client connection, served by one greenlet."""
 
     def __init__(self, server: "ProxyServer", gen: "Generation", sock: socket.socket,
-                 address: tuple[str, int], local: tuple[str, int], tls: bool = False) -> None:
+                 address: tuple[str, int], local: tuple[str, int], tls: bool = False,
+                 ctx: Optional[Context] = None) -> None:
         self.server = server
         #: Accepted on a TLS listener: ``sock`` becomes a TLSStream after the handshake.
         self.tls = tls
@@ -56,8 +57,9 @@ class Connection:
         self.sock = sock
         self.settings = gen.config.core
         self.hooks = gen.hooks
-        self.ctx = Context(client_addr=(address[0], address[1]), server_addr=local,
-                           config=gen.config)
+        #: ``ctx`` is given for an HTTP/2 stream (h2stream.py): its connection's, copied.
+        self.ctx = ctx or Context(client_addr=(address[0], address[1]), server_addr=local,
+                                  config=gen.config)
         self.log = ConnLogger(log, self.ctx)
         #: Bytes read from the client and not yet consumed (pipelined requests, bodies).
         self.buf = b""

@@ -20,7 +20,6 @@ from . import http11, tunnel
 from .connection import Connection
 from .errors import ClientError, ClientGone, InternalError, ProxyError, UpstreamTimeout
 from .h2tunnel import StreamRelay
-from .log import ConnLogger
 from .models import Headers, Record, Request
 
 if TYPE_CHECKING:
@@ -59,27 +58,20 @@ class H2Stream(Connection):
     def __init__(self, owner: "_H2Connection", stream_id: int, fields: list[tuple[str, str]],
                  ended: bool) -> None:
         conn = owner.conn
-        # The parts of Connection.__init__ a stream needs: no socket of its own.
-        self.server, self.gen, self.tls = conn.server, conn.gen, True
-        self.settings, self.hooks = conn.settings, conn.hooks
         # The stash starts as a copy of the connection's (what plugins noted at connect
         # time holds for every stream); what one stream's request notes is its own.
-        self.ctx = dataclasses.replace(conn.ctx, conn_id=f"{conn.ctx.conn_id}-{stream_id}",
-                                       user=None, requests=0, stash=dict(conn.ctx.stash))
-        self.log = ConnLogger(conn.log.logger, self.ctx)
-        self.buf = b""
-        self.answered = False
-        self.record: Optional[Record] = None
-        self.greenlet: Optional[gevent.Greenlet] = None
-        self.cut_reason = "shutdown"
+        ctx = dataclasses.replace(conn.ctx, conn_id=f"{conn.ctx.conn_id}-{stream_id}",
+                                  user=None, requests=0, stash=dict(conn.ctx.stash))
+        # No socket of its own: what forward.py may ask of one is answered by _StreamSocket.
+        super().__init__(conn.server, conn.gen, _StreamSocket(self),  # type: ignore[arg-type]
+                         ctx.client_addr, ctx.server_addr, tls=True, ctx=ctx)
         #: The relay of a CONNECT stream, once its DATA goes straight to it; ``detached``
         #: too when no greenlet waits for its end.
         self.relay: Optional[StreamRelay] = None
-        self.detached: Optional[StreamRelay] = None  # type: ignore[assignment]
+        self.detached: Optional[StreamRelay] = None
         self.owner = owner
         self.stream_id = stream_id
         self.fields = fields
-        self.sock = _StreamSocket(self)  # type: ignore[assignment]
         #: Request body (or tunnel) bytes from the client with their flow-controlled size
         #: (padding included); None for its END_STREAM.
         self.inbound: deque[Optional[tuple[bytes, int]]] = deque()
