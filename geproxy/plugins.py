@@ -18,6 +18,7 @@ import pluggy
 
 from . import hookspecs
 from .config import Config, OptionRegistry, build_config, core_options, parse_list, read_ini
+from .dispatch import HookCall
 from .errors import ConfigError, ConnectRefused, Denied, DNSError, ProxyError
 from .models import Context, Record, Request, Resolved, Response, Route
 
@@ -147,16 +148,25 @@ class Hooks:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._hook = pm.hook
+        # Hooks of every connection or request, called without pluggy's per-call cost
+        # (dispatch.py). Not on_request and resolve: built-in plugins wrap those, and a
+        # hook with a wrapper is pluggy's to run anyway; rare hooks go through pluggy too.
+        self._on_connect = HookCall(pm, "on_connect")
+        self._route = HookCall(pm, "route")
+        self._on_response = HookCall(pm, "on_response")
+        self._on_close = HookCall(pm, "on_close")
+        self._on_disconnect = HookCall(pm, "on_disconnect")
+        self._on_tls_handshake = HookCall(pm, "on_tls_handshake")
 
     def on_connect(self, ctx: Context) -> Optional[Denied]:
-        return self._hook.on_connect(ctx=ctx)
+        return self._on_connect(ctx)
 
     def on_request(self, ctx: Context, request: Request) -> Optional[Response]:
         return self._hook.on_request(ctx=ctx, request=request)
 
     def route(self, ctx: Context, request: Request) -> list[Optional[Route]]:
         """The routes to try in order: ``[None]`` means direct."""
-        answer = self._hook.route(ctx=ctx, request=request)
+        answer = self._route(ctx, request)
         if answer is None or isinstance(answer, Route):
             return [answer]
         routes = list(answer)
@@ -187,26 +197,24 @@ class Hooks:
         return self._hook.on_tunnel_data(ctx=ctx, request=request, record=record, data=data)
 
     def on_response(self, ctx: Context, request: Request, response: Response) -> None:
-        self._hook.on_response(ctx=ctx, request=request, response=response)
+        self._on_response(ctx, request, response)
 
     def on_close(self, ctx: Context, record: Record) -> None:
-        self._observe(self._hook.on_close, {"ctx": ctx, "record": record}, ctx)
+        self._observe(self._on_close, (ctx, record), ctx)
 
     def on_disconnect(self, ctx: Context) -> None:
-        self._observe(self._hook.on_disconnect, {"ctx": ctx}, ctx)
+        self._observe(self._on_disconnect, (ctx,), ctx)
 
     def on_tls_handshake(self, ctx: Context, error: Optional[str]) -> None:
-        self._observe(self._hook.on_tls_handshake, {"ctx": ctx, "error": error}, ctx)
+        self._observe(self._on_tls_handshake, (ctx, error), ctx)
 
     @staticmethod
-    def _observe(caller: Any, kwargs: dict[str, Any], ctx: Context) -> None:
+    def _observe(call: HookCall, args: tuple[Any, ...], ctx: Context) -> None:
         # Observers are isolated: one that raises must not keep the others from their call.
-        for impl in reversed(caller.get_hookimpls()):
+        for name, function, pick in call.observers():
             try:
-                impl.function(*[kwargs[name] for name in impl.argnames])
+                function(*args) if pick is None else function(*[args[i] for i in pick])
             except ProxyError:
-                log.warning("[%s] %s of %s raised a ProxyError", ctx.conn_id, caller.name,
-                            impl.plugin_name)
+                log.warning("[%s] %s of %s raised a ProxyError", ctx.conn_id, call.name, name)
             except Exception:
-                log.exception("[%s] %s of %s failed", ctx.conn_id, caller.name,
-                              impl.plugin_name)
+                log.exception("[%s] %s of %s failed", ctx.conn_id, call.name, name)

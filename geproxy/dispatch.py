@@ -1,0 +1,106 @@
+"""Hook calls on the hot path: pluggy's semantics, without its cost per call.
+
+A pluggy call (``pm.hook.on_connect(ctx=...)``) checks its keyword arguments, copies the
+implementation list and runs the general ``_multicall`` loop, built for wrappers, before any
+plugin runs; several such calls go with every request. ``HookCall`` calls a hook whose
+implementations are all plain ones directly: in pluggy's order, positionally (an
+implementation that takes fewer arguments than the spec, or another order, gets its own),
+stopping at the first result for ``firstresult`` hooks, with exceptions going straight to
+the caller as they do through pluggy. The plan is made again whenever the implementations
+change (a plugin registered or unregistered later).
+
+Everything else goes through pluggy itself: a hook with a wrapper among its implementations
+(``wrapper=True`` or ``hookwrapper=True``, whose protocol is pluggy's to run), and every
+hook of a plugin manager with call monitoring or tracing on (``add_hookcall_monitoring``,
+``enable_tracing``), so that what they record stays complete.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pluggy
+
+_PLAIN_EXEC: Any
+try:  # the call pluggy makes when nobody monitors hook calls
+    from pluggy._callers import _multicall as _PLAIN_EXEC
+except ImportError:  # pragma: no cover - another pluggy: always its own path
+    _PLAIN_EXEC = None
+
+__all__ = ["HookCall"]
+
+
+class HookCall:
+    """One hook of a plugin manager, called with the spec's arguments in the spec's order."""
+
+    __slots__ = ("pm", "caller", "name", "argnames", "firstresult", "_impls", "_plan",
+                 "_wrapped", "_observers")
+
+    def __init__(self, pm: pluggy.PluginManager, name: str) -> None:
+        self.pm = pm
+        self.caller = getattr(pm.hook, name)
+        self.name = name
+        spec = self.caller.spec
+        self.argnames: tuple[str, ...] = tuple(spec.argnames) if spec else ()
+        self.firstresult = bool(spec and spec.opts.get("firstresult"))
+        self._impls: Optional[list[Any]] = None
+        #: (function, argument positions or None for all) in calling order; None when a
+        #: wrapper is among them.
+        self._plan: Optional[list[tuple[Any, Optional[tuple[int, ...]]]]] = None
+        self._wrapped = False
+        #: (plugin name, function, argument positions) of each implementation, for
+        #: ``observers``.
+        self._observers: list[tuple[str, Any, Optional[tuple[int, ...]]]] = []
+
+    def _planned(self) -> bool:
+        """Whether the plan fits the current implementations (made again if not); False
+        when this call must go through pluggy."""
+        if getattr(self.pm, "_inner_hookexec", None) is not _PLAIN_EXEC:
+            return False
+        impls = self.caller.get_hookimpls()
+        if impls != self._impls:
+            self._make_plan(impls)
+        return self._plan is not None
+
+    def _make_plan(self, impls: list[Any]) -> None:
+        self._impls = impls
+        plan = []
+        for impl in reversed(impls):  # pluggy calls the last registered first
+            names = tuple(impl.argnames)
+            pick = None if names == self.argnames else tuple(
+                self.argnames.index(name) for name in names)
+            plan.append((impl.function, pick))
+        self._observers = [(impl.plugin_name, function, pick)
+                           for impl, (function, pick) in zip(reversed(impls), plan)]
+        self._wrapped = any(impl.wrapper or impl.hookwrapper for impl in impls)
+        self._plan = None if self._wrapped else plan
+
+    def observers(self) -> list[tuple[str, Any, Optional[tuple[int, ...]]]]:
+        """Each implementation as (plugin name, function, argument positions or None for
+        all), in pluggy's order: for observer hooks, whose implementations are called one
+        by one, each isolated from the others' failures (plugins.Hooks)."""
+        impls = self.caller.get_hookimpls()
+        if impls != self._impls:
+            self._make_plan(impls)
+        return self._observers
+
+    def __call__(self, *args: Any) -> Any:
+        # Once a wrapper was seen, pluggy runs every call: a wrapper going away later only
+        # leaves this hook on the slower path, while a wrapper arriving must never be
+        # missed, so a direct plan is checked on every call.
+        if self._wrapped or not self._planned():
+            return self.caller(**dict(zip(self.argnames, args)))
+        plan = self._plan
+        assert plan is not None
+        if self.firstresult:
+            for function, pick in plan:
+                res = function(*args) if pick is None else function(*[args[i] for i in pick])
+                if res is not None:
+                    return res
+            return None
+        results = []
+        for function, pick in plan:
+            res = function(*args) if pick is None else function(*[args[i] for i in pick])
+            if res is not None:
+                results.append(res)
+        return results
