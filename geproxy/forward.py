@@ -69,19 +69,15 @@ def read_small_body(conn: "Connection", request: Request, limit: int) -> bytes:
     return b"".join(out)
 
 
-def _connection_tokens(headers: Headers) -> set[str]:
-    return set(headers.tokens("connection"))
-
-
-def _end_to_end(headers: Headers) -> list[tuple[str, str]]:
-    """The fields of ``headers`` that may cross the proxy."""
-    named = _connection_tokens(headers)
-    return [(k, v) for k, v in headers
-            if k.lower() not in http11.HOP_BY_HOP and k.lower() not in named]
+def _end_to_end(headers: Headers, also: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """The fields of ``headers`` that may cross the proxy (less those named in ``also``)."""
+    named = headers.tokens("connection")
+    drop = http11.HOP_BY_HOP.union(named, also) if named or also else http11.HOP_BY_HOP
+    return [(k, v) for k, v in headers if k.lower() not in drop]
 
 
 def _wants_upgrade(request: Request) -> bool:
-    return "upgrade" in request.headers and "upgrade" in _connection_tokens(request.headers)
+    return "upgrade" in request.headers and "upgrade" in request.headers.tokens("connection")
 
 
 #: Fields the proxy writes itself on the way upstream, whatever the client sent.
@@ -94,7 +90,7 @@ def _upstream_head(conn: "Connection", request: Request, route: Optional[Route],
     if request.port == 80:
         authority = authority[: -len(":80")]
     headers = [("Host", authority)]
-    headers.extend((k, v) for k, v in _end_to_end(request.headers) if k.lower() not in _FRAMING)
+    headers.extend(_end_to_end(request.headers, _FRAMING))
     if request.method in ("OPTIONS", "TRACE") and "max-forwards" in request.headers:
         headers = [(k, v) for k, v in headers if k.lower() != "max-forwards"]
         headers.append(("Max-Forwards", str(_max_forwards(request) - 1)))
@@ -471,9 +467,9 @@ def _relay_response(conn: "Connection", request: Request, record: Record,
     """Send the response head and stream its body; (client keep-alive, upstream reusable)."""
     skipped = upstream.body_skipped
     reader = http11.response_body_reader(request.method, response)
-    upstream_keeps = (response.version == "HTTP/1.1" and
-                      "close" not in response.headers.tokens("connection")) or (
-        "keep-alive" in response.headers.tokens("connection"))
+    connection = response.headers.tokens("connection")
+    upstream_keeps = (response.version == "HTTP/1.1" and "close" not in connection) or (
+        "keep-alive" in connection)
     length = response.headers.get("content-length")
     headers = Headers(_end_to_end(response.headers))
     via = conn.gen.via

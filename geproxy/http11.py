@@ -75,11 +75,19 @@ HOP_BY_HOP = frozenset(
 _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
                        r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
 _PORT = re.compile(r"[0-9]{1,5}")
+_AUTHORITY_PATH = re.compile(r"([^/?#]*)([^#]*)")
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] ); only visible chars and blanks.
 _CHUNK_EXT = re.compile(rb"(?:[ \t]*;[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+"
                         rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+|\"[^\"\r\n\x00]*\"))?)*")
+
+
+#: llhttp's version numbers that are taken, and how a start line spells them.
+_VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+_AFTER_SPACE = {v: b" " + v.encode() for v in _VERSIONS.values()}
+_BEFORE_SPACE = {v: v.encode() + b" " for v in _VERSIONS.values()}
+_CRLF_BYTES = b"\r\n"
 
 
 class _HeadDone(Exception):
@@ -124,6 +132,7 @@ class _HeadParser:
         self._cb = _Callbacks(max_line)
         self._parser = self._parser_class(self._cb)
         self._start_line = b""
+        self._http_version = ""
         #: Bytes that followed the head, once it is complete.
         self.rest = b""
         #: The size of the head on the wire, once it is complete.
@@ -135,8 +144,13 @@ class _HeadParser:
 
     def _feed(self, data: bytes) -> bool:
         """Feed bytes; True once the head is complete (then ``rest`` holds what followed)."""
-        start = len(self._buf)
-        self._buf += data
+        # A head that comes in one piece, the usual case, is never copied into _buf.
+        if self._buf:
+            start = len(self._buf)
+            self._buf += data
+            buf: Union[bytes, bytearray] = self._buf
+        else:
+            start, buf = 0, data
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserCallbackError, httptools.HttpParserUpgrade):
@@ -148,21 +162,26 @@ class _HeadParser:
         if self._cb.too_long:
             raise self._line_error()
         if not self._cb.done:
-            if len(self._buf) > self.max_size:
+            if len(buf) > self.max_size:
                 raise self._size_error()
+            if buf is data:
+                self._buf = bytearray(data)
             return False
         version = self._parser.get_http_version()
-        if version not in ("1.1", "1.0"):
+        if version not in _VERSIONS:
             # Before looking for the end: llhttp ends an HTTP/0.9 request line at a bare LF.
             raise self._error(f"unsupported HTTP version {version!r}")
+        self._http_version = _VERSIONS[version]
         # llhttp skips empty lines before the start line and insists on CRLF line endings
         # after it, so the head ends at the first empty line after the start line.
-        head_start = len(self._buf) - len(self._buf.lstrip(b"\r\n"))
-        end = self._buf.find(b"\r\n\r\n", max(head_start, start - 3)) + 4
+        head_start = 0
+        while head_start < len(buf) and buf[head_start] in _CRLF_BYTES:
+            head_start += 1
+        end = buf.find(b"\r\n\r\n", max(head_start, start - 3)) + 4
         if end < 4 or end > self.max_size:
             raise self._size_error()
-        self._start_line = bytes(self._buf[head_start : self._buf.find(b"\r\n", head_start)])
-        self.rest = bytes(self._buf[end:])
+        self._start_line = bytes(buf[head_start : buf.find(b"\r\n", head_start)])
+        self.rest = bytes(buf[end:])
         self.size = end
         self._buf = bytearray()
         return True
@@ -177,15 +196,15 @@ class _HeadParser:
         return RequestLineTooLong("request line too long")
 
     def _version(self) -> str:
-        version = self._parser.get_http_version()  # 1.1 or 1.0, checked by _feed
+        version = self._http_version  # HTTP/1.1 or HTTP/1.0, checked by _feed
         # llhttp also takes RTSP/1.0 and ICE/1.0 and reports their version alike.
-        if not self._names_http("HTTP/" + version):
+        if not self._names_http(version):
             raise self._error(f"not HTTP: {self._start_line[:64]!r}")
-        return "HTTP/" + version
+        return version
 
     def _names_http(self, version: str) -> bool:
         """Whether the start line carries ``version``: last in a request line."""
-        return self._start_line.endswith(b" " + version.encode())
+        return self._start_line.endswith(_AFTER_SPACE[version])
 
 
 class RequestHeadParser(_HeadParser):
@@ -239,7 +258,7 @@ class ResponseHeadParser(_HeadParser):
         return UpstreamError(f"upstream response {detail}")
 
     def _names_http(self, version: str) -> bool:
-        return self._start_line.startswith(version.encode() + b" ")
+        return self._start_line.startswith(_BEFORE_SPACE[version])
 
     def _size_error(self) -> Exception:
         return UpstreamError("upstream response head over max_header_size")
@@ -292,19 +311,12 @@ def parse_authority(target: str) -> tuple[str, int]:
 
 
 def _parse_absolute(target: str) -> tuple[str, str, int, str]:
-    scheme, sep, rest = target.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme != "http":
+    if target[:7].lower() != "http://":
         raise ClientError("only http:// targets are forwarded; use CONNECT for https")
-    cut = len(rest)
-    for ch in "/?#":
-        pos = rest.find(ch)
-        if pos != -1 and pos < cut:
-            cut = pos
-    authority, path = rest[:cut], rest[cut:]
+    # The authority ends at the first of "/?#"; the fragment is never sent.
+    authority, path = _AUTHORITY_PATH.match(target, 7).groups()  # type: ignore[union-attr]
     if "@" in authority:
         raise ClientError("userinfo in the target")
-    path = path.partition("#")[0]
     if not path.startswith("/"):
         path = "/" + path
     if authority.endswith("]") or ":" not in authority:
@@ -314,7 +326,7 @@ def _parse_absolute(target: str) -> tuple[str, str, int, str]:
         host, port = host_part, (_check_port(port_part) if port_part else 80)
     if not host:
         raise ClientError("empty host in the target")
-    return scheme, _check_host(host), port, path
+    return "http", _check_host(host), port, path
 
 
 # -- bodies ---------------------------------------------------------------------------------

@@ -86,10 +86,12 @@ class Headers:
         self._items.append((name, value))
 
     def remove(self, name: str) -> None:
-        self._change()
         lname = name.lower()
-        if any(k.lower() == lname for k, _ in self._items):
+        if lname in self._lookup():
+            self._change()
             self._items = [(k, v) for k, v in self._items if k.lower() != lname]
+        elif self._frozen:
+            raise TypeError("these headers are read-only")
 
     def copy(self, *, frozen: bool = False) -> "Headers":
         return Headers(self._items, frozen=frozen)
