@@ -29,7 +29,7 @@ from .errors import (
 from .local import call_wsgi
 from .log import ConnLogger
 from .models import Context, Headers, Record, Request, Response, Route
-from .sockets import send_all
+from .sockets import IdleWait, send_all
 from .static import content_type, find_file
 from .upstream import connect, parent_connect
 
@@ -73,6 +73,9 @@ class Connection:
         #: A tunnel relaying on its own, with no greenlet (see ``_tunnel``); the connection
         #: then ends in ``_end_detached``, not in ``handle``.
         self.detached: Optional[Any] = None
+        #: Bounds the waits of this connection's keep-alive path by idle_timeout with one
+        #: reused timer (sockets.IdleWait): the next request's, the upstream's answer's.
+        self.idle_wait = IdleWait(gen.config.core["idle_timeout"])
 
     # -- the way of one connection ------------------------------------------------------
 
@@ -83,6 +86,7 @@ class Connection:
         try:
             self._serve()
         finally:
+            self.idle_wait.close()
             if self.detached is None:
                 self.hooks.on_disconnect(ctx)
 
@@ -281,14 +285,24 @@ class Connection:
             deadline = self.ctx.started + header_timeout
         else:
             deadline = 0.0
+        # Whether the socket's timeout is other than idle_timeout (set back once the head
+        # is whole): the first head's deadline, or a head that came in pieces.
+        timed = bool(deadline)
         if not self.buf:
             # Between requests the connection is idle: graceful stop may end it here.
             idle = self.server.idle
             idle.add(gevent.getcurrent())
             try:
-                sock.settimeout(max(deadline - time.time(), 0.001) if deadline
-                                else self.settings["idle_timeout"])
-                self.buf = sock.recv(RECV_SIZE)
+                if deadline:
+                    sock.settimeout(max(deadline - time.time(), 0.001))
+                    self.buf = sock.recv(RECV_SIZE)
+                else:
+                    # The connection's reused timer bounds this wait, not a new one.
+                    sock.settimeout(None)
+                    try:
+                        self.buf = self.idle_wait.recv(sock, RECV_SIZE)
+                    finally:
+                        sock.settimeout(self.settings["idle_timeout"])
             except OSError:  # a timeout, a reset: nothing was asked, nothing to answer
                 self.buf = b""
             finally:
@@ -309,12 +323,14 @@ class Connection:
                 if request is not None:
                     self.buf = parser.rest
                     record.bytes_in += parser.size
-                    sock.settimeout(self.settings["idle_timeout"])
+                    if timed:
+                        sock.settimeout(self.settings["idle_timeout"])
                     return request
                 left = deadline - time.time()
                 if left <= 0:
                     raise HeaderTimeout("request head not received in time")
                 sock.settimeout(left)
+                timed = True
         except socket.timeout:
             raise HeaderTimeout("request head not received in time") from None
         except OSError as exc:

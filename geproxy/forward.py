@@ -25,7 +25,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .models import Headers, Record, Request, Response, Route
-from .sockets import peek, send_all
+from .sockets import IdleWait, peek, send_all
 from .tunnel import relay
 from .upstream import basic_credentials
 
@@ -175,12 +175,12 @@ class _Upstream:
         #: The head being read, kept when a wait ends in its middle (the wait for 100).
         self.parser: Optional[http11.ResponseHeadParser] = None
 
-    def recv(self) -> bytes:
+    def recv(self, wait: Optional[IdleWait] = None) -> bytes:
         if self.buf:
             data, self.buf = self.buf, b""
             return data
         try:
-            data = self.sock.recv(RECV_SIZE)
+            data = wait.recv(self.sock, RECV_SIZE) if wait else self.sock.recv(RECV_SIZE)
         except socket.timeout:
             raise UpstreamTimeout("upstream sent nothing for idle_timeout") from None
         except OSError as exc:
@@ -229,22 +229,29 @@ class _Upstream:
             sock.settimeout(timeout)
         return b""
 
-    def read_head(self, max_size: int, deadline: float) -> Response:
+    def read_head(self, max_size: int, deadline: float,
+                  first_wait: Optional[IdleWait] = None) -> Response:
         """The next response head, whole by ``deadline`` (time.monotonic()) or
         UpstreamTimeout: the head is bounded, not each read, so a trickled one ends too.
-        What came of a head cut by the deadline is kept for the next call."""
+        What came of a head cut by the deadline is kept for the next call.
+
+        ``first_wait``, when the deadline is its timeout from now: the first read waits
+        on its reused timer rather than on a new one (the usual head comes in that read)."""
         if self.parser is None:
             self.parser = http11.ResponseHeadParser(max_size)
         idle = self.sock.gettimeout()
         try:
+            if first_wait is not None and not self.buf:
+                self.sock.settimeout(None)
+                data = self.recv(first_wait)
+                response = self._parse_head(data)
+                if response is not None:
+                    return response
             while True:
                 self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 data = self.recv()
-                if not data:
-                    raise ConnectionTerminated("upstream closed before a complete response head")
-                response = self.parser.feed(data)
+                response = self._parse_head(data)
                 if response is not None:
-                    self.buf, self.parser = self.parser.rest, None
                     return response
         except UpstreamTimeout:
             raise UpstreamTimeout("no complete response head within idle_timeout") from None
@@ -254,6 +261,15 @@ class _Upstream:
             raise
         finally:
             self.sock.settimeout(idle)
+
+    def _parse_head(self, data: bytes) -> Optional[Response]:
+        if not data:
+            raise ConnectionTerminated("upstream closed before a complete response head")
+        assert self.parser is not None
+        response = self.parser.feed(data)
+        if response is not None:
+            self.buf, self.parser = self.parser.rest, None
+        return response
 
 
 class _Stale(Exception):
@@ -400,10 +416,12 @@ def _read_final(conn: "Connection", request: Request, record: Record,
     """Read response heads, relaying interim 1xx answers, until a final one (or a 101);
     all of them within idle_timeout, so that interim answers cannot hold the client."""
     deadline = time.monotonic() + conn.settings["idle_timeout"]
+    wait: Optional[IdleWait] = conn.idle_wait  # the first read: the deadline is its timeout
     while True:
-        response = upstream.read_head(conn.settings["max_header_size"], deadline)
+        response = upstream.read_head(conn.settings["max_header_size"], deadline, wait)
         if _is_final(request, response):
             return response
+        wait = None
         _relay_interim(conn, request, record, response)
 
 

@@ -167,6 +167,7 @@ class H2Stream(Connection):
             self._close_record(record)
             raise
         finally:
+            self.idle_wait.close()
             if self.detached is None:
                 self.server.active.pop(ctx.conn_id, None)
                 self.record = None

@@ -383,3 +383,69 @@ def test_forwarded_for_off_on_delete(proxy_factory, origin):
     assert seen["on"]["x-forwarded-for"] == "10.9.8.7, 127.0.0.1"
     assert seen["on"]["forwarded"] == "for=10.9.8.7, for=127.0.0.1"
     assert "x-forwarded-for" not in seen["delete"] and "forwarded" not in seen["delete"]
+
+
+# -- the keep-alive waits on the connection's reused timer (sockets.IdleWait) ---------------
+
+def _ask(sock: socket.socket, port: int, limit: float = 10) -> bytes:
+    """One GET on a kept connection, its whole answer (Content-Length framed) read back."""
+    sock.sendall(f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+                 .encode())
+    data = b""
+    with gevent.Timeout(limit, False):
+        while b"\r\n\r\n" not in data or not data.endswith(b"hello\n"):
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+    return data
+
+
+def test_a_kept_connection_lives_past_idle_timeout_while_used(proxy_factory, origin):
+    """Requests every 0.3 s for 1.5 s with idle_timeout 0.5 s: each wait re-arms the one timer,
+    so none is cut, though the connection as a whole outlives idle_timeout three times."""
+    proxy = proxy_factory("idle_timeout = 500ms\n")
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        for _ in range(6):
+            answer = _ask(sock, origin.port)
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"hello\n")
+            gevent.sleep(0.3)
+    records = wait_for_records(proxy, 6)
+    assert [record.status for record in records] == [200] * 6
+    assert len({seen.remote_port for seen in origin.seen}) == 1  # one upstream connection
+
+
+def test_a_kept_connection_idle_past_idle_timeout_is_closed(proxy_factory, origin):
+    """After its answer the client says nothing: the proxy closes at idle_timeout (the wait for
+    the next request is on the reused timer), and serves the next client."""
+    proxy = proxy_factory("idle_timeout = 300ms\n")
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        assert _ask(sock, origin.port).endswith(b"hello\n")
+        sock.settimeout(10)  # far past idle_timeout: the proxy's close ends this read
+        assert sock.recv(1) == b""
+    assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    assert proxy.server.active == {}
+
+
+def test_an_upstream_silent_on_a_later_request_gets_504(proxy_factory, raw_origin):
+    """The first answer comes; the second never does: 504 at idle_timeout, from the same
+    reused timer that bounded the first wait, and the client connection goes on."""
+    answered = []
+
+    def once_then_silent(sock: socket.socket) -> None:
+        while server.read_head(sock):
+            if answered:
+                gevent.sleep(3)  # three times the proxy's idle_timeout
+                return
+            answered.append(True)
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello\n")
+
+    server = raw_origin(once_then_silent)
+    proxy = proxy_factory("idle_timeout = 1s\n")
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        assert _ask(sock, server.port).endswith(b"hello\n")
+        second = _ask(sock, server.port)
+        assert second.startswith(b"HTTP/1.1 504 "), second
+        assert b"error=http_response_timeout" in second
+    statuses = [record.status for record in wait_for_records(proxy, 2)]
+    assert statuses == [200, 504]
