@@ -223,11 +223,17 @@ def rss_bytes(pid: int) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the process tree, from /proc/PID/stat (all threads included)."""
-    ticks = 0
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the process tree in seconds: user space and the kernel apart."""
+    user = system = 0
     for member in process_tree(pid):
         fields = _stat_fields(member)
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
-    return ticks / os.sysconf("SC_CLK_TCK")
+        user, system = user + int(fields[11]), system + int(fields[12])  # fields 14, 15
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
 
 
 def build_c(source: Path, workdir: Path, libs: tuple[str, ...] = ()) -> Path:

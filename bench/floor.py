@@ -1,0 +1,238 @@
+"""The gevent floor: what the least a gevent proxy can do costs, beside geproxy, in one run.
+
+    python bench/floor.py                 # 3 rounds of 5 s per measure
+    python bench/floor.py --rounds 5 --seconds 8
+
+The yardstick (`serve` below, started as `python bench/floor.py serve PORT [--timeouts]`) is
+a forward proxy reduced to what the bench's loads need and nothing else: a greenlet per
+client connection, CONNECT answered with a 200 and relayed by two greenlets, absolute-form
+GETs sent upstream in origin-form on one upstream connection per client connection
+(another host: another connection), Content-Length bodies only. No parsing beyond the
+request line, no checks, no hooks, no pool, no logging, no error answers. With
+`--timeouts` every socket also gets a timeout, as a proxy's sockets must have: that is a
+gevent.Timeout armed and cancelled for every wait that blocks.
+
+It answers what the rates of the bench leave open: how much of a proxy's CPU per request
+the kernel takes whatever the proxy is written in, how much gevent itself takes, and how far
+above both geproxy is. Each subject (the two yardsticks, geproxy-1 with the bench's config,
+and tinyproxy, privoxy and squid-1 when installed) runs the bench's loads in turn, round
+after round: CONNECT cycles from bench/loadgen.c and keep-alive requests from wrk, 50
+clients each; the table gives medians of the proxy's CPU per item, user space and kernel
+apart. Not a subject of run.py: the yardstick is no proxy anyone could deploy, and it would
+be the best "peer" of every rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import measure
+import origin
+import procs
+import subjects
+
+BENCH_DIR = Path(__file__).resolve().parent
+CLIENTS = 50
+IDLE = 600.0  # the yardstick's socket timeout with --timeouts, as the bench's geproxy
+
+
+def serve(port: int, timeouts: bool) -> None:
+    """Run the yardstick on 127.0.0.1:port until killed."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+    from gevent import socket
+    from gevent.server import StreamServer
+
+    def prepare(sock: Any) -> Any:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if timeouts:
+            sock.settimeout(IDLE)
+        return sock
+
+    def dial(host: bytes, port: int) -> Any:
+        sock = prepare(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        sock.connect((host.decode("ascii"), port))
+        return sock
+
+    def relay(src: Any, dst: Any) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def read_head(sock: Any, buf: bytes) -> tuple[bytes, bytes]:
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            if not data:
+                raise EOFError
+            buf += data
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        return head, rest
+
+    def handle(client: Any, _: Any) -> None:
+        prepare(client)
+        upstream, upstream_key, buf = None, None, b""
+        try:
+            while True:
+                head, buf = read_head(client, buf)
+                lines = head.split(b"\r\n")
+                method, target, _version = lines[0].split(b" ")
+                if method == b"CONNECT":
+                    host, _, port_text = target.rpartition(b":")
+                    tunnel = dial(host, int(port_text))
+                    client.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    back = gevent.spawn(relay, tunnel, client)
+                    relay(client, tunnel)
+                    back.join()
+                    tunnel.close()
+                    return
+                authority, _, path = target[len(b"http://"):].partition(b"/")
+                host, _, port_text = authority.partition(b":")
+                if upstream is None or upstream_key != authority:
+                    if upstream is not None:
+                        upstream.close()
+                    upstream, upstream_key = dial(host, int(port_text or b"80")), authority
+                out = [b"%s /%s HTTP/1.1" % (method, path)]
+                out += [line for line in lines[1:]
+                        if not line.lower().startswith((b"proxy-", b"connection"))]
+                upstream.sendall(b"\r\n".join(out) + b"\r\n\r\n")
+                answer, body = read_head(upstream, b"")
+                length = 0
+                for line in answer.split(b"\r\n")[1:]:
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                while len(body) < length:
+                    data = upstream.recv(65536)
+                    if not data:
+                        raise EOFError
+                    body += data
+                client.sendall(answer + b"\r\n\r\n" + body)
+        except (OSError, EOFError, ValueError):
+            pass
+        finally:
+            if upstream is not None:
+                upstream.close()
+            client.close()
+
+    StreamServer(("127.0.0.1", port), handle, backlog=4096).serve_forever()
+
+
+YARDSTICKS = ("floor", "floor with timeouts")
+PEERS = ("tinyproxy", "privoxy", "squid-1")  # measured too, when installed
+
+
+def start(name: str, workdir: Path) -> procs.Server:
+    """A yardstick, geproxy-1 (the bench's config) or a peer, each in a work dir of its own."""
+    home = workdir / name.replace(" ", "-")
+    home.mkdir(exist_ok=True)
+    home.chmod(0o755)  # squid, after dropping root, reaches it
+    if name in YARDSTICKS:
+        port = procs.free_port()
+        argv = [sys.executable, str(Path(__file__).resolve()), "serve", str(port)]
+        return procs.start_server(home.name, argv + ["--timeouts"] * (name != "floor"),
+                                  port, home)
+    subject = subjects.by_names([name])[0]
+    assert subject.start is not None
+    return subject.start(home)
+
+
+def measured(loadgen: Path, server: procs.Server, origins: origin.Origins,
+             seconds: int) -> dict[str, float]:
+    """Proxy CPU per CONNECT cycle and per keep-alive request, user and kernel apart (ms)."""
+    target = measure.Target(origins.port, server, origins.pid)
+    args = ["-m", "cycles", *target.loadgen_args(), "-c", str(CLIENTS)]
+    measure.run_loadgen(loadgen, [*args, "-d", str(measure.WARMUP_SECONDS)], 60)
+    before = procs.cpu_split(server.pid)
+    result = measure.run_loadgen(loadgen, [*args, "-d", str(seconds)], seconds + 60)
+    after = procs.cpu_split(server.pid)
+    cycles = float(result["cycles"])
+    if not cycles:
+        raise measure.MeasureError(f"no cycle completed: {result['first_error']}")
+    found = {"cycles_s": cycles / float(result["seconds"]),
+             "cycle_user": (after[0] - before[0]) / cycles * 1000,
+             "cycle_sys": (after[1] - before[1]) / cycles * 1000}
+    before = procs.cpu_split(server.pid)
+    reading = measure.wrk_rate(BENCH_DIR / "wrk_absolute.lua", target, CLIENTS, seconds)
+    after = procs.cpu_split(server.pid)
+    requests = reading.values["rps"] * seconds
+    found.update({"rps": reading.values["rps"],
+                  "request_user": (after[0] - before[0]) / requests * 1000,
+                  "request_sys": (after[1] - before[1]) / requests * 1000})
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    serving = sub.add_parser("serve", help="run the yardstick proxy (used by the measure)")
+    serving.add_argument("port", type=int)
+    serving.add_argument("--timeouts", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--seconds", type=int, default=5, help="per measure (default 5)")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.port, args.timeouts)
+        return 0
+    if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 60:
+        parser.error("--rounds 1-20, --seconds 1-60")
+    installed = [subject.name for subject in subjects.by_names(list(PEERS))
+                 if subject.missing() is None]
+    names = [*YARDSTICKS, "geproxy-1", *installed]
+    nofile = procs.raise_nofile()
+    found: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="geproxy-floor-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)
+        loadgen = procs.build_c(BENCH_DIR / "loadgen.c", workdir)
+        origins = origin.start("auto", workdir, 2**20, nofile)
+        try:
+            for number in range(args.rounds):
+                for name in names:
+                    server = start(name, workdir)
+                    try:
+                        found[name].append(measured(loadgen, server, origins, args.seconds))
+                    finally:
+                        procs.stop_server(server)
+                    print(f"round {number + 1} {name}: {found[name][-1]}", file=sys.stderr)
+        finally:
+            origins.stop()
+    print(render(args, found))
+    return 0
+
+
+def render(args: argparse.Namespace, found: dict[str, list[dict[str, float]]]) -> str:
+    """One row per subject: rates, and proxy CPU per item in user space and in the kernel."""
+    lines = [f"{args.rounds} rounds of {args.seconds} s per measure, {CLIENTS} clients "
+             "(bench/loadgen.c cycles, wrk keep-alive), medians; CPU in ms per item, "
+             "user / kernel (utime / stime of the process tree)", "",
+             "| subject | CONNECT cycles/s | cycle: user | cycle: kernel | cycle: total "
+             "| keep-alive req/s | request: user | request: kernel | request: total |",
+             "|---|" + "---:|" * 8]
+    for name, runs in found.items():
+        for run in runs:
+            run["cycle_total"] = run["cycle_user"] + run["cycle_sys"]
+            run["request_total"] = run["request_user"] + run["request_sys"]
+        medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        cells = [f"{medians['cycles_s']:,.0f}",
+                 *(f"{medians[key]:.3f}" for key in ("cycle_user", "cycle_sys", "cycle_total")),
+                 f"{medians['rps']:,.0f}",
+                 *(f"{medians[key]:.3f}"
+                   for key in ("request_user", "request_sys", "request_total"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
