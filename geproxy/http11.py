@@ -90,6 +90,14 @@ _BEFORE_SPACE = {v: v.encode() + b" " for v in _VERSIONS.values()}
 _CRLF_BYTES = b"\r\n"
 
 
+def _leading_crlf(buf: Union[bytes, bytearray]) -> int:
+    """How many CR and LF bytes come before the start line (llhttp skips them)."""
+    start = 0
+    while start < len(buf) and buf[start] in _CRLF_BYTES:
+        start += 1
+    return start
+
+
 class _HeadDone(Exception):
     """Raised from the llhttp callback to stop at the end of the head: bodies are ours."""
 
@@ -162,6 +170,15 @@ class _HeadParser:
         if self._cb.too_long:
             raise self._line_error()
         if not self._cb.done:
+            version = self._parser.get_http_version()  # "0.0" until llhttp read it
+            if version != "0.0" and version not in _VERSIONS:
+                # Refused at the end of its start line, not at header_timeout: a cut HTTP/2
+                # preface ("PRI * HTTP/2.0") has no end of head to wait for. Only a start
+                # line ended within max_size, so that the verdict is the same whole or in
+                # pieces (in pieces, the size is checked as the bytes come).
+                line_end = buf.find(b"\r\n", _leading_crlf(buf)) + 2
+                if 2 <= line_end <= self.max_size:
+                    raise self._error(f"unsupported HTTP version {version!r}")
             if len(buf) > self.max_size:
                 raise self._size_error()
             if buf is data:
@@ -174,9 +191,7 @@ class _HeadParser:
         self._http_version = _VERSIONS[version]
         # llhttp skips empty lines before the start line and insists on CRLF line endings
         # after it, so the head ends at the first empty line after the start line.
-        head_start = 0
-        while head_start < len(buf) and buf[head_start] in _CRLF_BYTES:
-            head_start += 1
+        head_start = _leading_crlf(buf)
         end = buf.find(b"\r\n\r\n", max(head_start, start - 3)) + 4
         if end < 4 or end > self.max_size:
             raise self._size_error()

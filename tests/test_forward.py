@@ -449,3 +449,15 @@ def test_an_upstream_silent_on_a_later_request_gets_504(proxy_factory, raw_origi
         assert b"error=http_response_timeout" in second
     statuses = [record.status for record in wait_for_records(proxy, 2)]
     assert statuses == [200, 504]
+
+
+def test_a_cut_http2_preface_is_answered_at_once(proxy_factory):
+    """"PRI * HTTP/2.0" and nothing more (a prior-knowledge HTTP/2 client on a plain
+    listener, its preface cut): 400 and a close at the end of that line, not a 408 at
+    header_timeout (30 s here, past the 10 s this exchange waits)."""
+    proxy = proxy_factory("header_timeout = 30s\n")
+    answer = exchange(proxy.address, b"PRI * HTTP/2.0\r\n", timeout=10)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"Connection: close" in answer
+    record, = wait_for_records(proxy, 1)
+    assert record.error == "http_request_error"

@@ -440,6 +440,25 @@ def test_http09_request_is_400_in_any_pieces(max_size: int) -> None:
         assert info.value.status == 400, pieces
 
 
+@pytest.mark.parametrize("line", [b"PRI * HTTP/2.0\r\n", b"GET http://a.example/ HTTP/2.0\r\nHo",
+                                  b"\r\nPRI * HTTP/2.0\r\n"])
+def test_an_unknown_version_is_refused_at_its_start_line(line: bytes) -> None:
+    """No end of head is waited for once the start line names a version other than 1.0 or
+    1.1: a cut HTTP/2 preface is answered at once, not at header_timeout."""
+    with pytest.raises(ClientError) as info:
+        RequestHeadParser(MAX).feed(line)
+    assert info.value.status == 400
+    assert "unsupported HTTP version" in info.value.detail
+
+
+def test_a_start_line_not_yet_whole_is_waited_for() -> None:
+    parser = RequestHeadParser(MAX)
+    assert parser.feed(b"GET http://a.example/ HTT") is None
+    assert parser.feed(b"P/1.1\r\nHost: a.exa") is None
+    request = parser.feed(b"mple\r\n\r\n")
+    assert request is not None and request.version == "HTTP/1.1"
+
+
 # -- response heads --------------------------------------------------------------------------
 
 
