@@ -1,7 +1,7 @@
 """The gevent floor: what the least a gevent proxy can do costs, beside geproxy, in one run.
 
-    python bench/floor.py                 # 3 rounds of 5 s per measure
-    python bench/floor.py --rounds 5 --seconds 8
+    python bench/floor.py                 # 3 rounds of 5 s per measure, ~4 minutes
+    python bench/floor.py --rounds 5 --seconds 8 --save
 
 The yardstick (`serve` below, started as `python bench/floor.py serve PORT [--timeouts]`) is
 a forward proxy reduced to what the bench's loads need and nothing else: a greenlet per
@@ -25,6 +25,9 @@ be the best "peer" of every rate.
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     serving.add_argument("--timeouts", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--seconds", type=int, default=5, help="per measure (default 5)")
+    parser.add_argument("--save", action="store_true",
+                        help="also save the table as bench/results/floor-YYYYmmdd-HHMMSS.md")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.port, args.timeouts)
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                  if subject.missing() is None]
     names = [*YARDSTICKS, "geproxy-1", *installed]
     nofile = procs.raise_nofile()
+    started = datetime.datetime.now()
     found: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="geproxy-floor-") as tmp:
         workdir = Path(tmp)
@@ -208,7 +214,20 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {number + 1} {name}: {found[name][-1]}", file=sys.stderr)
         finally:
             origins.stop()
-    print(render(args, found))
+        versions = {name: subjects.by_names([name])[0].version() for name in names
+                    if name not in YARDSTICKS}
+    text = "\n".join([
+        f"# geproxy's gevent floor, {started:%Y-%m-%d %H:%M:%S}", "",
+        f"- machine: {os.cpu_count()} cores, Linux {platform.release()}, Python "
+        f"{platform.python_version()}; load generator, origin ({origins.version}) and "
+        "proxy share the cores",
+        "- versions: " + "; ".join(f"{name}: {version}" for name, version in versions.items()),
+        "", render(args, found), ""])
+    print(text)
+    if args.save:
+        saved = BENCH_DIR / "results" / f"floor-{started:%Y%m%d-%H%M%S}.md"
+        saved.write_text(text)
+        print(f"saved {saved}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,104 @@
+"""bench/floor.py and bench/ab.py: the yardstick proxy does what its figures claim (it
+tunnels, and it routes each keep-alive request by its host), and both tables are made as
+documented, from made-up readings. The measurements themselves are not run here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+import pytest
+
+from geproxy.testing import curl
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture
+def floor(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("floor")
+
+
+@pytest.fixture
+def yardstick() -> Iterator[int]:
+    """`python bench/floor.py serve PORT` on a free port of 127.0.0.1; its port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, str(BENCH / "floor.py"), "serve", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):  # bounded: 10 s
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                time.sleep(0.1)
+        yield port
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def test_the_yardstick_tunnels_and_forwards(yardstick, origin):
+    proxy = f"http://127.0.0.1:{yardstick}"
+    through_tunnel = curl("-sS", "-p", "-x", proxy, origin.url("/"))
+    assert through_tunnel.returncode == 0, through_tunnel.stderr
+    assert through_tunnel.stdout == b"hello\n"
+    forwarded = curl("-sS", "-x", proxy, origin.url("/"))
+    assert forwarded.stdout == b"hello\n"
+
+
+def test_the_yardstick_routes_each_keep_alive_request(yardstick, origin, raw_origin):
+    """Two origins on one client connection: each request reaches its own (the bench's
+    routing check; a yardstick that stuck to the first host would flatter the floor)."""
+
+    def answer(sock: socket.socket) -> None:
+        while second.read_head(sock):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello\n")
+
+    second = raw_origin(answer)
+    with socket.create_connection(("127.0.0.1", yardstick), timeout=10) as sock:
+        for port in (origin.port, second.port, origin.port):
+            sock.sendall(f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}"
+                         "\r\n\r\n".encode())
+            data = b""
+            while not data.endswith(b"hello\n"):
+                piece = sock.recv(65536)
+                assert piece, data
+                data += piece
+            assert data.startswith(b"HTTP/1.1 200 ")
+    assert len(origin.seen) == 2
+    assert second.received.count(b"GET / HTTP/1.1") == 1
+
+
+def test_the_floor_table_splits_user_and_kernel(floor):
+    run = {"cycles_s": 4000.0, "cycle_user": 0.1, "cycle_sys": 0.14, "rps": 20000.0,
+           "request_user": 0.02, "request_sys": 0.03}
+    found = {"floor": [dict(run), dict(run, cycle_user=0.3)], "geproxy-1": [dict(run)]}
+    table = floor.render(argparse.Namespace(rounds=2, seconds=5), found)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
+            if line.startswith("| floor") or line.startswith("| geproxy")}
+    # floor: cycle user median of 0.1 and 0.3, the total the median of the per-run sums
+    assert rows["floor"][1:5] == ["4,000", "0.200", "0.140", "0.340"]
+    assert rows["geproxy-1"][5:9] == ["20,000", "0.020", "0.030", "0.050 |"]
+
+
+def test_the_ab_table_gives_b_over_a(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    ab = importlib.import_module("ab")
+    found = {"A": [{"keepalive": 0.2, "rps": 5000.0}, {"keepalive": 0.22, "rps": 4600.0}],
+             "B": [{"keepalive": 0.15, "rps": 6000.0}, {"keepalive": 0.17, "rps": 5800.0}]}
+    table = ab.render(argparse.Namespace(base="HEAD~1", rounds=2, seconds=5), ["keepalive"],
+                      found)
+    assert "| proxy CPU ms per keep-alive request | 0.2100 | 0.1600 | 0.76 |" in table
+    assert "| req/s | 4800 | 5900 | 1.23 |" in table
