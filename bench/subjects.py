@@ -49,13 +49,15 @@ def geproxy_config(port: int, workers: str | None = None, tls_port: int = 0,
                    tls: certs.TLSFiles | None = None) -> str:
     """The bench's whole geproxy config: the one place to add or change a section.
 
-    Every built-in plugin stays on, as in a deployment. The CONNECT measures tunnel to the
+    Every built-in plugin stays on, as in a deployment; installed plugins of others are off
+    (``foreign_plugins``). The CONNECT measures tunnel to the
     origin's port on 127.0.0.1, so a policy section that restricts CONNECT ports or loopback
     destinations must let those through here. `workers` (1, auto) is left out when None,
     for callers that set it themselves (bench/soak.py). With `tls`, a TLS listener on
     `tls_port` serves beside the plain one.
     """
     listen = f"127.0.0.1:{port}" + (f", tls://127.0.0.1:{tls_port}" if tls else "")
+    foreign = foreign_plugins()
     tls_section = "".join(
         ["\n[tls]\n", f"certificate = {tls.chain}\n",
          *(f"{key} = {value}\n" for key, value in GEPROXY_TLS_OPTIONS.items())]
@@ -64,6 +66,7 @@ def geproxy_config(port: int, workers: str | None = None, tls_port: int = 0,
         "[geproxy]\n"
         f"listen = {listen}\n"
         + (f"workers = {workers}\n" if workers else "")
+        + (f"disable = {' '.join(foreign)}\n" if foreign else "")
         + "max_connections = 20000\n"
         "idle_timeout = 5m\n"
         "access_log = off\n"
@@ -73,6 +76,19 @@ def geproxy_config(port: int, workers: str | None = None, tls_port: int = 0,
         "allow = 127.0.0.0/8\n"
         + tls_section
     )
+
+
+def foreign_plugins() -> list[str]:
+    """Installed plugins that are not geproxy's own (the example in examples/, a developer's
+    own): geproxy loads every one it finds, so the bench turns them off by name, to measure
+    what a deployment of geproxy runs. Empty where geproxy is not installed."""
+    try:
+        from geproxy.plugins import DEFAULT_PLUGINS
+    except ImportError:
+        return []
+    own = {name for name, _ in DEFAULT_PLUGINS}
+    return sorted({entry.name for entry in importlib.metadata.entry_points(group="geproxy")}
+                  - own)
 
 
 def _geproxy_command() -> list[str]:

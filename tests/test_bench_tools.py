@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import socket
 import subprocess
 import sys
@@ -102,3 +103,20 @@ def test_the_ab_table_gives_b_over_a(monkeypatch):
                       found)
     assert "| proxy CPU ms per keep-alive request | 0.2100 | 0.1600 | 0.76 |" in table
     assert "| req/s | 4800 | 5900 | 1.23 |" in table
+
+
+def test_the_bench_config_runs_geproxy_without_others_plugins(monkeypatch, tmp_path):
+    """The example plugin that .ci/run installs is found by geproxy's entry points; the bench
+    measures geproxy as deployed, so its config turns every plugin not geproxy's own off."""
+    from geproxy import DEFAULT_PLUGINS
+    from geproxy.plugins import load, plugin_names
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    subjects = importlib.import_module("subjects")
+    config = tmp_path / "bench.ini"
+    config.write_text(subjects.geproxy_config(3128, "1"))
+    pm, _ = load(str(config))
+    own = {name for name, _ in DEFAULT_PLUGINS}
+    assert set(plugin_names(pm)) == own
+    installed = {entry.name for entry in importlib.metadata.entry_points(group="geproxy")}
+    assert subjects.foreign_plugins() == sorted(installed - own)
