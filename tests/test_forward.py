@@ -11,7 +11,14 @@ import gevent
 import gevent.pool
 import requests
 
-from geproxy.testing import curl, exchange, pattern, pattern_sha256, wait_for_records
+from geproxy.testing import (
+    ResponseReader,
+    curl,
+    exchange,
+    pattern,
+    pattern_sha256,
+    wait_for_records,
+)
 
 
 def _json(out) -> dict:
@@ -151,49 +158,18 @@ def test_close_delimited_response_is_rechunked_for_http11(proxy, raw_origin):
     server = raw_origin(answer)
     request = f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     sock = proxy.connect()
+    answers = ResponseReader(sock)
     try:
         sock.sendall(request)
-        head, body = _read_response(sock)
+        head, body = answers.read()
         assert b"Transfer-Encoding: chunked" in head
         assert hashlib.sha256(body).hexdigest() == pattern_sha256(100_000)
         # The client connection survives: chunked framing told it where the body ended.
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
-        head, body = _read_response(sock)
+        head, body = answers.read()
         assert head.startswith(b"HTTP/1.1 200 ") and body == b"ok\n"
     finally:
         sock.close()
-
-
-def _read_response(sock: socket.socket) -> tuple[bytes, bytes]:
-    """Read one response with a Content-Length or chunked body from a raw socket."""
-    sock.settimeout(10)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        piece = sock.recv(65536)
-        assert piece, "closed before a complete head"
-        data += piece
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lower = head.lower()
-    if b"transfer-encoding: chunked" in lower:
-        body = b""
-        while True:
-            while b"\r\n" not in rest:
-                rest += sock.recv(65536)
-            line, _, rest = rest.partition(b"\r\n")
-            size = int(line.split(b";")[0], 16)
-            while len(rest) < size + 2:
-                rest += sock.recv(65536)
-            if size == 0:
-                return head, body
-            body += rest[:size]
-            rest = rest[size + 2:]
-    length = 0
-    for line in lower.split(b"\r\n"):
-        if line.startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return head, rest[:length]
 
 
 def test_http10_client(proxy, origin):
@@ -208,11 +184,12 @@ def test_http10_client(proxy, origin):
 
 def test_http10_keep_alive(proxy, origin):
     sock = proxy.connect()
+    answers = ResponseReader(sock)
     try:
         for _ in range(2):
             sock.sendall(f"GET http://127.0.0.1:{origin.port}/ HTTP/1.0\r\n"
                          "Connection: keep-alive\r\n\r\n".encode())
-            head, body = _read_response(sock)
+            head, body = answers.read()
             assert b"Connection: keep-alive" in head and body == b"hello\n"
     finally:
         sock.close()
@@ -253,10 +230,11 @@ def test_200_concurrent_clients(proxy, origin):
 def test_pipelined_requests_are_answered_in_order(proxy, origin):
     request = "GET http://127.0.0.1:{}/echo?n={} HTTP/1.1\r\nHost: x\r\n\r\n"
     sock = proxy.connect()
+    answers = ResponseReader(sock)
     try:
         sock.sendall(b"".join(request.format(origin.port, n).encode() for n in range(5)))
         for n in range(5):
-            _, body = _read_response(sock)
+            _, body = answers.read()
             assert json.loads(body)["query"] == f"n={n}"
     finally:
         sock.close()
@@ -387,18 +365,12 @@ def test_forwarded_for_off_on_delete(proxy_factory, origin):
 
 # -- the keep-alive waits on the connection's reused timer (sockets.IdleWait) ---------------
 
-def _ask(sock: socket.socket, port: int, limit: float = 10) -> bytes:
-    """One GET on a kept connection, its whole answer (Content-Length framed) read back."""
-    sock.sendall(f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-                 .encode())
-    data = b""
-    with gevent.Timeout(limit, False):
-        while b"\r\n\r\n" not in data or not data.endswith(b"hello\n"):
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            data += piece
-    return data
+def _ask(answers: ResponseReader, port: int) -> bytes:
+    """One GET on a kept connection; its whole answer."""
+    answers.sock.sendall(f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}"
+                         "\r\n\r\n".encode())
+    head, body = answers.read()
+    return head + b"\r\n\r\n" + body
 
 
 def test_a_kept_connection_lives_past_idle_timeout_while_used(proxy_factory, origin):
@@ -406,8 +378,9 @@ def test_a_kept_connection_lives_past_idle_timeout_while_used(proxy_factory, ori
     so none is cut, though the connection as a whole outlives idle_timeout three times."""
     proxy = proxy_factory("idle_timeout = 500ms\n")
     with socket.create_connection(proxy.address, timeout=10) as sock:
+        answers = ResponseReader(sock)
         for _ in range(6):
-            answer = _ask(sock, origin.port)
+            answer = _ask(answers, origin.port)
             assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"hello\n")
             gevent.sleep(0.3)
     records = wait_for_records(proxy, 6)
@@ -420,7 +393,7 @@ def test_a_kept_connection_idle_past_idle_timeout_is_closed(proxy_factory, origi
     the next request is on the reused timer), and serves the next client."""
     proxy = proxy_factory("idle_timeout = 300ms\n")
     with socket.create_connection(proxy.address, timeout=10) as sock:
-        assert _ask(sock, origin.port).endswith(b"hello\n")
+        assert _ask(ResponseReader(sock), origin.port).endswith(b"hello\n")
         sock.settimeout(10)  # far past idle_timeout: the proxy's close ends this read
         assert sock.recv(1) == b""
     assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
@@ -443,8 +416,9 @@ def test_an_upstream_silent_on_a_later_request_gets_504(proxy_factory, raw_origi
     server = raw_origin(once_then_silent)
     proxy = proxy_factory("idle_timeout = 1s\n")
     with socket.create_connection(proxy.address, timeout=10) as sock:
-        assert _ask(sock, server.port).endswith(b"hello\n")
-        second = _ask(sock, server.port)
+        answers = ResponseReader(sock)
+        assert _ask(answers, server.port).endswith(b"hello\n")
+        second = _ask(answers, server.port)
         assert second.startswith(b"HTTP/1.1 504 "), second
         assert b"error=http_response_timeout" in second
     statuses = [record.status for record in wait_for_records(proxy, 2)]

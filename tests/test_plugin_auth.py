@@ -22,7 +22,7 @@ from passlib.hash import apr_md5_crypt, bcrypt, sha256_crypt, sha512_crypt
 
 from geproxy import DEFAULT_PLUGINS, ConfigError
 from geproxy.plugins import load
-from geproxy.testing import HookRecorder, curl, exchange, wait_for_records
+from geproxy.testing import HookRecorder, ResponseReader, curl, exchange, wait_for_records
 
 AUTH_IS_BUILTIN = any(name == "auth" for name, _ in DEFAULT_PLUGINS)
 
@@ -65,24 +65,6 @@ def _start(proxy_factory, tmp_path: Path, users: Optional[dict[str, tuple[str, s
 
 def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def _read_response(sock) -> tuple[bytes, bytes]:
-    """One response (head, body) from ``sock``; the body by its Content-Length."""
-    sock.settimeout(10)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        piece = sock.recv(65536)
-        assert piece, f"closed before a whole head: {data!r}"
-        data += piece
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
-    while len(body) < length:
-        piece = sock.recv(65536)
-        assert piece, "closed in the middle of a body"
-        body += piece
-    return head, body
 
 
 def _get(target: str, *fields: str, close: bool = False) -> bytes:
@@ -167,12 +149,12 @@ def test_a_challenge_then_a_retry_on_the_same_connection(proxy_factory, origin, 
     url = origin.url("/echo")
     with proxy.connect() as sock:
         sock.sendall(_get(url))
-        head, body = _read_response(sock)
+        head, body = ResponseReader(sock).read()
         assert _challenged(head, "Corp egress"), head
         assert b"\r\nConnection: close" not in head
         assert body == b"407 Proxy Authentication Required\n"  # no detail
         sock.sendall(_get(url, f"Proxy-Authorization: {_basic('alice', 'alice-pw')}"))
-        head, body = _read_response(sock)
+        head, body = ResponseReader(sock).read()
         assert head.startswith(b"HTTP/1.1 200 "), head
         assert "proxy-authorization" not in json.loads(body)["headers"]
     first, second = wait_for_records(proxy, 2)
@@ -187,14 +169,14 @@ def test_a_connect_challenge_then_a_retry_on_the_same_connection(proxy_factory, 
     connect = f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
     with proxy.connect() as sock:
         sock.sendall((connect + "\r\n").encode())
-        head, body = _read_response(sock)
+        head, body = ResponseReader(sock).read()
         assert _challenged(head), head
         credentials = _basic("bob", "bob:pw é")
         sock.sendall((connect + f"Proxy-Authorization: {credentials}\r\n\r\n").encode())
-        head, _ = _read_response(sock)
+        head, _ = ResponseReader(sock).read()
         assert head.startswith(b"HTTP/1.1 200 Connection Established"), head
         sock.sendall(_get("/", close=True))  # now inside the tunnel, to the origin
-        head, body = _read_response(sock)
+        head, body = ResponseReader(sock).read()
         assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello\n"
     first, second = wait_for_records(proxy, 2)
     assert (first.method, first.status, second.method, second.status) == (
@@ -280,9 +262,9 @@ def test_the_access_log_line_names_the_user_of_each_request(proxy_factory, origi
         for credentials in (_basic("carol", "carol-pw"), _basic("carol", "wrong"), None):
             fields = [f"Proxy-Authorization: {credentials}"] if credentials else []
             sock.sendall(_get(url, *fields))
-            _read_response(sock)
+            ResponseReader(sock).read()
         sock.sendall(_get("/healthz", f"Proxy-Authorization: {_basic('carol', 'carol-pw')}"))
-        _read_response(sock)
+        ResponseReader(sock).read()
     wait_for_records(proxy, 4)
     lines = [line.split() for line in log_file.read_text().splitlines()]
     # time duration client method target status error in out upstream user conn rule
@@ -402,7 +384,7 @@ def test_bcrypt_checks_run_off_the_event_loop(proxy_factory, origin, tmp_path, m
     try:
         def authenticate(sock, user: str, password: str) -> bytes:
             sock.sendall(_get(url, f"Proxy-Authorization: {_basic(user, password)}"))
-            return _read_response(sock)[0]
+            return ResponseReader(sock).read()[0]
 
         jobs = [gevent.spawn(authenticate, sockets[n], f"user{n:02}", f"pw{n}")
                 for n in range(20)]
@@ -443,7 +425,7 @@ def test_concurrent_checks_of_the_same_credentials_hash_once(proxy_factory, orig
         def authenticate(sock) -> bytes:
             sock.sendall(_get(origin.url("/"), f"Proxy-Authorization: "
                                                f"{_basic('alice', 'alice-pw')}"))
-            return _read_response(sock)[0]
+            return ResponseReader(sock).read()[0]
 
         jobs = [gevent.spawn(authenticate, sock) for sock in sockets]
         for _ in range(1000):  # bounded: until all ten are in on_request

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import gevent
+import pytest
 
 from geproxy.testing import curl, live_greenlets, open_fds, pattern, settle
 
@@ -73,3 +74,22 @@ def test_the_pool_audit_sees_an_unsound_pool(proxy, origin):
     assert f"{key}: a closed connection is pooled" in proxy.pool_problems()
     proxy.server.pool.clear()  # leave a sound pool to the teardown's own audit
     assert proxy.pool_problems() == []
+
+
+def test_response_reader_reads_pipelined_answers_one_by_one():
+    """Two answers in one segment (Content-Length, then chunked): each read gives one, and a
+    close in the middle of a third fails the test."""
+    from geproxy.testing import ResponseReader
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none"
+                       b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"3\r\ntwo\r\n4;x=y\r\nfour\r\n0\r\n\r\n"
+                       b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\ncut")
+        theirs.shutdown(socket.SHUT_WR)
+        answers = ResponseReader(ours, timeout=5)
+        assert answers.read() == (b"HTTP/1.1 200 OK\r\nContent-Length: 3", b"one")
+        assert answers.read()[1] == b"twofour"
+        with pytest.raises(AssertionError, match="in the middle of a body"):
+            answers.read()

@@ -20,6 +20,7 @@ import pytest
 
 from .certs import TLSFiles, issue_client_cert, make_tls_files
 from .clients import (
+    ResponseReader,
     curl,
     echo,
     exchange,
@@ -59,6 +60,7 @@ __all__ = [
     "open_tunnel",
     "exchange",
     "recv_all",
+    "ResponseReader",
     "pattern",
     "pattern_sha256",
     "wait_for_records",

@@ -35,6 +35,56 @@ def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
         data += piece
 
 
+class ResponseReader:
+    """Answers read one by one from a client socket on a kept connection: ``read()`` gives
+    the next answer's head and body (by its Content-Length, or chunked, decoded; none means
+    an empty body), and bytes past it wait for the next ``read()``, so pipelined answers are
+    read as they came. An answer cut by a close fails the test (AssertionError); every wait
+    is bounded by ``timeout`` seconds (socket.timeout)."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 10) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self.buf = b""
+
+    def _more(self, what: str) -> None:
+        self.sock.settimeout(self.timeout)
+        piece = self.sock.recv(65536)
+        assert piece, f"the proxy closed in the middle of {what}: {self.buf[:200]!r}"
+        self.buf += piece
+
+    def read(self) -> tuple[bytes, bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            self._more("a head")
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        fields = [line.lower() for line in head.split(b"\r\n")[1:]]
+        if any(line.startswith(b"transfer-encoding:") and line.endswith(b"chunked")
+               for line in fields):
+            return head, self._chunked()
+        length = next((int(line.split(b":", 1)[1]) for line in fields
+                       if line.startswith(b"content-length:")), 0)
+        while len(self.buf) < length:
+            self._more("a body")
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return head, body
+
+    def _chunked(self) -> bytes:
+        body = b""
+        while True:
+            while b"\r\n" not in self.buf:
+                self._more("a chunk")
+            line, _, self.buf = self.buf.partition(b"\r\n")
+            size = int(line.split(b";")[0], 16)
+            if size == 0:  # trailers (none from geproxy), then the empty line
+                while b"\r\n" not in self.buf:
+                    self._more("the last chunk")
+                self.buf = self.buf.partition(b"\r\n")[2]
+                return body
+            while len(self.buf) < size + 2:
+                self._more("a chunk")
+            body, self.buf = body + self.buf[:size], self.buf[size + 2:]
+
+
 def open_tunnel(proxy: Any, target: str, extra: bytes = b"",
                 timeout: float = 10) -> tuple[socket.socket, bytes]:
     """Send ``CONNECT target`` (and ``extra`` bytes right after the head) to ``proxy`` (a
