@@ -285,9 +285,6 @@ class Connection:
             deadline = self.ctx.started + header_timeout
         else:
             deadline = 0.0
-        # Whether the socket's timeout is other than idle_timeout (set back once the head
-        # is whole): the first head's deadline, or a head that came in pieces.
-        timed = bool(deadline)
         if not self.buf:
             # Between requests the connection is idle: graceful stop may end it here.
             idle = self.server.idle
@@ -296,13 +293,8 @@ class Connection:
                 if deadline:
                     sock.settimeout(max(deadline - time.time(), 0.001))
                     self.buf = sock.recv(RECV_SIZE)
-                else:
-                    # The connection's reused timer bounds this wait, not a new one.
-                    sock.settimeout(None)
-                    try:
-                        self.buf = self.idle_wait.recv(sock, RECV_SIZE)
-                    finally:
-                        sock.settimeout(self.settings["idle_timeout"])
+                else:  # bounded by the connection's reused timer, not a new one
+                    self.buf = self.idle_wait.recv(sock, RECV_SIZE)
             except OSError:  # a timeout, a reset: nothing was asked, nothing to answer
                 self.buf = b""
             finally:
@@ -323,14 +315,12 @@ class Connection:
                 if request is not None:
                     self.buf = parser.rest
                     record.bytes_in += parser.size
-                    if timed:
-                        sock.settimeout(self.settings["idle_timeout"])
+                    sock.settimeout(self.settings["idle_timeout"])
                     return request
                 left = deadline - time.time()
                 if left <= 0:
                     raise HeaderTimeout("request head not received in time")
                 sock.settimeout(left)
-                timed = True
         except socket.timeout:
             raise HeaderTimeout("request head not received in time") from None
         except OSError as exc:

@@ -242,7 +242,6 @@ class _Upstream:
         idle = self.sock.gettimeout()
         try:
             if first_wait is not None and not self.buf:
-                self.sock.settimeout(None)
                 data = self.recv(first_wait)
                 response = self._parse_head(data)
                 if response is not None:

@@ -24,8 +24,8 @@ class IdleWait:
     made on first use and re-armed (``ev_timer_again``) by each wait, raises
     ``socket.timeout`` in the waiting greenlet when it fires.
 
-    The socket must have no timeout of its own (``settimeout(None)``) for the wait, else
-    gevent arms its own timer as well. ``close`` when the connection ends.
+    The socket's own timeout is set aside for the wait (gevent would arm a timer for it as
+    well) and put back after. ``close`` when the connection ends.
     """
 
     __slots__ = ("timeout", "_timer")
@@ -39,11 +39,14 @@ class IdleWait:
         timer = self._timer
         if timer is None:
             timer = self._timer = get_hub().loop.timer(self.timeout, self.timeout)
+        own = sock.gettimeout()
+        sock.settimeout(None)
         timer.again(getcurrent().throw, socket.timeout)
         try:
             return sock.recv(size)  # type: ignore[no-any-return]
         finally:
             timer.stop()
+            sock.settimeout(own)
 
     def close(self) -> None:
         if self._timer is not None:
