@@ -169,25 +169,20 @@ class _HeadParser:
             raise self._error(f"malformed: {exc}") from None
         if self._cb.too_long:
             raise self._line_error()
+        version = self._parser.get_http_version()  # "0.0" until llhttp has read it
+        if version not in _VERSIONS and (self._cb.done or version != "0.0" and (
+                2 <= buf.find(b"\r\n", _leading_crlf(buf)) + 2 <= self.max_size)):
+            # Checked before looking for the end (llhttp ends an HTTP/0.9 request line at a
+            # bare LF), and before the head is whole once its start line is: a cut HTTP/2
+            # preface ("PRI * HTTP/2.0") has no end to wait for. A start line that ended past
+            # max_size is the size's error, as it is when it comes in pieces.
+            raise self._error(f"unsupported HTTP version {version!r}")
         if not self._cb.done:
-            version = self._parser.get_http_version()  # "0.0" until llhttp read it
-            if version != "0.0" and version not in _VERSIONS:
-                # Refused at the end of its start line, not at header_timeout: a cut HTTP/2
-                # preface ("PRI * HTTP/2.0") has no end of head to wait for. Only a start
-                # line ended within max_size, so that the verdict is the same whole or in
-                # pieces (in pieces, the size is checked as the bytes come).
-                line_end = buf.find(b"\r\n", _leading_crlf(buf)) + 2
-                if 2 <= line_end <= self.max_size:
-                    raise self._error(f"unsupported HTTP version {version!r}")
             if len(buf) > self.max_size:
                 raise self._size_error()
             if buf is data:
                 self._buf = bytearray(data)
             return False
-        version = self._parser.get_http_version()
-        if version not in _VERSIONS:
-            # Before looking for the end: llhttp ends an HTTP/0.9 request line at a bare LF.
-            raise self._error(f"unsupported HTTP version {version!r}")
         self._http_version = _VERSIONS[version]
         # llhttp skips empty lines before the start line and insists on CRLF line endings
         # after it, so the head ends at the first empty line after the start line.
