@@ -33,13 +33,12 @@ __all__ = ["HookCall"]
 class HookCall:
     """One hook of a plugin manager, called with the spec's arguments in the spec's order."""
 
-    __slots__ = ("pm", "caller", "name", "argnames", "firstresult", "_impls", "_plan",
-                 "_wrapped", "_observers")
+    __slots__ = ("pm", "caller", "argnames", "firstresult", "_impls", "_plan", "_wrapped",
+                 "_observers")
 
     def __init__(self, pm: pluggy.PluginManager, name: str) -> None:
         self.pm = pm
         self.caller = getattr(pm.hook, name)
-        self.name = name
         spec = self.caller.spec
         self.argnames: tuple[str, ...] = tuple(spec.argnames) if spec else ()
         self.firstresult = bool(spec and spec.opts.get("firstresult"))

@@ -215,6 +215,7 @@ class Hooks:
             try:
                 function(*args) if pick is None else function(*[args[i] for i in pick])
             except ProxyError:
-                log.warning("[%s] %s of %s raised a ProxyError", ctx.conn_id, call.name, name)
+                log.warning("[%s] %s of %s raised a ProxyError", ctx.conn_id,
+                            call.caller.name, name)
             except Exception:
-                log.exception("[%s] %s of %s failed", ctx.conn_id, call.name, name)
+                log.exception("[%s] %s of %s failed", ctx.conn_id, call.caller.name, name)
