@@ -58,7 +58,7 @@ def link_tree(source: Path, into: Path) -> Path:
 
 def run_side(path_dir: Path, workdir: Path, loadgen: Path, origins: origin.Origins,
              measures: list[str], seconds: int) -> dict[str, float]:
-    """Start geproxy from path_dir, measure, stop it; {measure: proxy CPU ms per item}."""
+    """Start geproxy from path_dir, measure, stop it (measure.cpu_apart's figures)."""
     port = procs.free_port()
     conf = workdir / "geproxy.ini"
     conf.write_text(subjects.geproxy_config(port, "1"))
@@ -69,19 +69,11 @@ def run_side(path_dir: Path, workdir: Path, loadgen: Path, origins: origin.Origi
     finally:
         del os.environ["PYTHONPATH"]
     target = measure.Target(origins.port, server, origins.pid)
-    found: dict[str, float] = {}
     try:
-        if "cycles" in measures:
-            reading = measure.cycles(loadgen, target, CLIENTS, seconds)
-            found["cycles"] = reading.values["proxy_cpu_cycles"]
-            found["cycles_s"] = reading.values["cycles_s"]
-        if "keepalive" in measures:
-            reading = measure.wrk_rate(BENCH_DIR / "wrk_absolute.lua", target, CLIENTS, seconds)
-            found["keepalive"] = reading.values["proxy_cpu_requests"]
-            found["rps"] = reading.values["rps"]
+        return measure.cpu_apart(loadgen, target, CLIENTS, seconds,
+                                 cycles="cycles" in measures, keepalive="keepalive" in measures)
     finally:
         procs.stop_server(server)
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,14 +110,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(args: argparse.Namespace, measures: list[str],
            found: dict[str, list[dict[str, float]]]) -> str:
-    labels = {"cycles": ("proxy CPU ms per CONNECT cycle", "cycles_s", "cycles/s"),
-              "keepalive": ("proxy CPU ms per keep-alive request", "rps", "req/s")}
+    labels = {"cycles": ("proxy CPU ms per CONNECT cycle", "cycle_total", "cycles_s",
+                         "cycles/s"),
+              "keepalive": ("proxy CPU ms per keep-alive request", "request_total", "rps",
+                            "req/s")}
     lines = [f"A = {args.base}, B = working tree; {args.rounds} rounds of {args.seconds} s, "
              f"{CLIENTS} clients, medians", "",
              "| measure | A | B | B/A |", "|---|---:|---:|---:|"]
     for name in measures:
-        label, rate, unit = labels[name]
-        for key, text, digits in ((name, label, 4), (rate, unit, 0)):
+        label, cpu, rate, unit = labels[name]
+        for key, text, digits in ((cpu, label, 4), (rate, unit, 0)):
             a = statistics.median(run[key] for run in found["A"])
             b = statistics.median(run[key] for run in found["B"])
             lines.append(f"| {text} | {a:.{digits}f} | {b:.{digits}f} | {b / a:.2f} |")

@@ -151,31 +151,6 @@ def start(name: str, workdir: Path) -> procs.Server:
     return subject.start(home)
 
 
-def measured(loadgen: Path, server: procs.Server, origins: origin.Origins,
-             seconds: int) -> dict[str, float]:
-    """Proxy CPU per CONNECT cycle and per keep-alive request, user and kernel apart (ms)."""
-    target = measure.Target(origins.port, server, origins.pid)
-    args = ["-m", "cycles", *target.loadgen_args(), "-c", str(CLIENTS)]
-    measure.run_loadgen(loadgen, [*args, "-d", str(measure.WARMUP_SECONDS)], 60)
-    before = procs.cpu_split(server.pid)
-    result = measure.run_loadgen(loadgen, [*args, "-d", str(seconds)], seconds + 60)
-    after = procs.cpu_split(server.pid)
-    cycles = float(result["cycles"])
-    if not cycles:
-        raise measure.MeasureError(f"no cycle completed: {result['first_error']}")
-    found = {"cycles_s": cycles / float(result["seconds"]),
-             "cycle_user": (after[0] - before[0]) / cycles * 1000,
-             "cycle_sys": (after[1] - before[1]) / cycles * 1000}
-    before = procs.cpu_split(server.pid)
-    reading = measure.wrk_rate(BENCH_DIR / "wrk_absolute.lua", target, CLIENTS, seconds)
-    after = procs.cpu_split(server.pid)
-    requests = reading.values["rps"] * seconds
-    found.update({"rps": reading.values["rps"],
-                  "request_user": (after[0] - before[0]) / requests * 1000,
-                  "request_sys": (after[1] - before[1]) / requests * 1000})
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -207,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             for number in range(args.rounds):
                 for name in names:
                     server = start(name, workdir)
+                    target = measure.Target(origins.port, server, origins.pid)
                     try:
-                        found[name].append(measured(loadgen, server, origins, args.seconds))
+                        found[name].append(measure.cpu_apart(loadgen, target, CLIENTS,
+                                                             args.seconds))
                     finally:
                         procs.stop_server(server)
                     print(f"round {number + 1} {name}: {found[name][-1]}", file=sys.stderr)
@@ -240,9 +217,6 @@ def render(args: argparse.Namespace, found: dict[str, list[dict[str, float]]]) -
              "| keep-alive req/s | request: user | request: kernel | request: total |",
              "|---|" + "---:|" * 8]
     for name, runs in found.items():
-        for run in runs:
-            run["cycle_total"] = run["cycle_user"] + run["cycle_sys"]
-            run["request_total"] = run["request_user"] + run["request_sys"]
         medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         cells = [f"{medians['cycles_s']:,.0f}",
                  *(f"{medians[key]:.3f}" for key in ("cycle_user", "cycle_sys", "cycle_total")),

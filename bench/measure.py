@@ -171,6 +171,39 @@ def wrk_rate(script: Path, target: Target, connections: int, seconds: int) -> Re
     }, notes)
 
 
+def cpu_apart(loadgen: Path, target: Target, clients: int, seconds: int,
+              cycles: bool = True, keepalive: bool = True) -> dict[str, float]:
+    """The rates of CONNECT cycles (after the warm-up `cycles` has too) and of keep-alive
+    requests, and the proxy's CPU per item in ms: user space and kernel apart, and their sum
+    (`cycle_user`, `cycle_sys`, `cycle_total`; `request_user`, ...)."""
+    assert target.proxy is not None
+    pid, found = target.proxy.pid, {}
+    wrk_script = Path(__file__).resolve().parent / "wrk_absolute.lua"
+    if cycles:
+        args = ["-m", "cycles", *target.loadgen_args(), "-c", str(clients)]
+        run_loadgen(loadgen, [*args, "-d", str(WARMUP_SECONDS)], WARMUP_SECONDS + SLACK)
+        before = procs.cpu_split(pid)
+        result = run_loadgen(loadgen, [*args, "-d", str(seconds)], seconds + SLACK)
+        done = float(result["cycles"])
+        if not done:
+            raise MeasureError(f"no cycle completed; first error: {result['first_error']}")
+        found.update(_per_item("cycle", before, procs.cpu_split(pid), done))
+        found["cycles_s"] = done / float(result["seconds"])
+    if keepalive:
+        before = procs.cpu_split(pid)
+        reading = wrk_rate(wrk_script, target, clients, seconds)
+        found.update(_per_item("request", before, procs.cpu_split(pid),
+                               reading.values["rps"] * seconds))
+        found["rps"] = reading.values["rps"]
+    return found
+
+
+def _per_item(what: str, before: tuple[float, float], after: tuple[float, float],
+              items: float) -> dict[str, float]:
+    user, system = ((after[i] - before[i]) / items * 1000 for i in (0, 1))
+    return {f"{what}_user": user, f"{what}_sys": system, f"{what}_total": user + system}
+
+
 def _cpu_since(before: resource.struct_rusage) -> float:
     """CPU seconds of the children reaped since `before` (RUSAGE_CHILDREN)."""
     now = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -8,9 +8,7 @@ import argparse
 import importlib
 import importlib.metadata
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
@@ -29,25 +27,16 @@ def floor(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 @pytest.fixture
-def yardstick() -> Iterator[int]:
-    """`python bench/floor.py serve PORT` on a free port of 127.0.0.1; its port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, str(BENCH / "floor.py"), "serve", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(100):  # bounded: 10 s
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert process.poll() is None, process.stderr.read() if process.stderr else ""
-                time.sleep(0.1)
-        yield port
-    finally:
-        process.kill()
-        process.wait(timeout=10)
+def yardstick(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[int]:
+    """`python bench/floor.py serve PORT`, started and stopped as the bench does it; its
+    port."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    procs = importlib.import_module("procs")
+    port = procs.free_port()
+    server = procs.start_server("floor", [sys.executable, str(BENCH / "floor.py"), "serve",
+                                          str(port)], port, tmp_path)
+    yield port
+    assert procs.stop_server(server) == []  # it stopped on SIGTERM, nothing was left
 
 
 def test_the_yardstick_tunnels_and_forwards(yardstick, origin):
@@ -83,9 +72,10 @@ def test_the_yardstick_routes_each_keep_alive_request(yardstick, origin, raw_ori
 
 
 def test_the_floor_table_splits_user_and_kernel(floor):
-    run = {"cycles_s": 4000.0, "cycle_user": 0.1, "cycle_sys": 0.14, "rps": 20000.0,
-           "request_user": 0.02, "request_sys": 0.03}
-    found = {"floor": [dict(run), dict(run, cycle_user=0.3)], "geproxy-1": [dict(run)]}
+    run = {"cycles_s": 4000.0, "cycle_user": 0.1, "cycle_sys": 0.14, "cycle_total": 0.24,
+           "rps": 20000.0, "request_user": 0.02, "request_sys": 0.03, "request_total": 0.05}
+    found = {"floor": [dict(run), dict(run, cycle_user=0.3, cycle_total=0.44)],
+             "geproxy-1": [dict(run)]}
     table = floor.render(argparse.Namespace(rounds=2, seconds=5), found)
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
             if line.startswith("| floor") or line.startswith("| geproxy")}
@@ -97,8 +87,10 @@ def test_the_floor_table_splits_user_and_kernel(floor):
 def test_the_ab_table_gives_b_over_a(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     ab = importlib.import_module("ab")
-    found = {"A": [{"keepalive": 0.2, "rps": 5000.0}, {"keepalive": 0.22, "rps": 4600.0}],
-             "B": [{"keepalive": 0.15, "rps": 6000.0}, {"keepalive": 0.17, "rps": 5800.0}]}
+    found = {"A": [{"request_total": 0.2, "rps": 5000.0},
+                   {"request_total": 0.22, "rps": 4600.0}],
+             "B": [{"request_total": 0.15, "rps": 6000.0},
+                   {"request_total": 0.17, "rps": 5800.0}]}
     table = ab.render(argparse.Namespace(base="HEAD~1", rounds=2, seconds=5), ["keepalive"],
                       found)
     assert "| proxy CPU ms per keep-alive request | 0.2100 | 0.1600 | 0.76 |" in table
