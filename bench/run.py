@@ -134,17 +134,8 @@ def run_steps(settings: Settings, results: report.Results, run: int, name: str,
 def run_all(settings: Settings, workdir: Path, loadgen: Path,
             origins: origin.Origins) -> report.Results:
     chosen = subjects.by_names(settings.subjects)
-    results = report.Results(
-        [subject.name for subject in chosen],
-        peers=[subject.name for subject in chosen if subject.kind == subjects.PEER],
-        proxies=[subject.name for subject in chosen if subject.start is not None],
-    )
-    for subject in chosen:
-        reason = subject.missing()
-        if reason:
-            results.skipped[subject.name] = reason
-        else:
-            results.versions[subject.name] = subject.version()
+    results = _results(chosen, lambda subject: subject.start is not None,
+                       lambda subject: subject.missing(), lambda subject: subject.version())
     # The origin alone goes first in each run, so it is measured before anything else.
     in_order = sorted(chosen, key=lambda subject: subject.start is not None)
     for run in range(1, settings.runs + 1):
@@ -174,6 +165,25 @@ def run_all(settings: Settings, workdir: Path, loadgen: Path,
     return results
 
 
+def _results(chosen: list[subjects.Subject], is_proxy: Callable[[subjects.Subject], bool],
+             missing: Callable[[subjects.Subject], str | None],
+             version: Callable[[subjects.Subject], str]) -> report.Results:
+    """The results of a table of `chosen` subjects, before any run: the peers, the proxies
+    (`is_proxy`), and each one's version, or the reason it is skipped (`missing`)."""
+    results = report.Results(
+        [subject.name for subject in chosen],
+        peers=[subject.name for subject in chosen if subject.kind == subjects.PEER],
+        proxies=[subject.name for subject in chosen if is_proxy(subject)],
+    )
+    for subject in chosen:
+        reason = missing(subject)
+        if reason:
+            results.skipped[subject.name] = reason
+        else:
+            results.versions[subject.name] = version(subject)
+    return results
+
+
 def tls_subjects(settings: Settings) -> list[subjects.Subject]:
     """The chosen subjects that the TLS section measures: direct (the origin's TLS server)
     and those with a TLS listener."""
@@ -187,19 +197,14 @@ def run_tls(settings: Settings, workdir: Path, generators: tlsmeasure.Generators
     """The TLS section: each TLS subject through both its listeners; then, when geproxy-1
     is chosen, its held tunnels over HTTP/2 and over HTTP/1.1."""
     chosen = tls_subjects(settings)
-    results = report.Results(
-        [subject.name for subject in chosen],
-        peers=[subject.name for subject in chosen if subject.kind == subjects.PEER],
-        proxies=[subject.name for subject in chosen if subject.start_tls is not None],
-    )
-    for subject in chosen:
-        reason = subject.missing()
-        if reason is None and subject.start_tls is None and not origins.tls_port:
-            reason = "the built-in origin has no TLS server (nginx is needed)"
-        if reason:
-            results.skipped[subject.name] = reason
-        else:
-            results.versions[subject.name] = _tls_version(subject)
+
+    def missing(subject: subjects.Subject) -> str | None:
+        if subject.start_tls is None and not origins.tls_port:
+            return subject.missing() or "the built-in origin has no TLS server (nginx is needed)"
+        return subject.missing()
+
+    results = _results(chosen, lambda subject: subject.start_tls is not None, missing,
+                       _tls_version)
     for run in range(1, settings.runs + 1):
         for subject in chosen:
             if subject.name not in results.skipped:
