@@ -449,7 +449,7 @@ def test_streams_that_end_anywhere_leave_nothing_behind(h2_pair, tls_files, raw_
             stream.recv()
             if point == 1:
                 stream.cancel()
-        except (ConnectionError, AssertionError, h2.exceptions.ProtocolError):
+        except (ConnectionError, h2.exceptions.ProtocolError):  # a stream or connection cut
             pass
 
     jobs = [gevent.spawn(one, rng.choice([first, *others]), rng.randrange(3))
