@@ -73,6 +73,15 @@ def echo_then_mark(sock):
     sock.sendall(EOF_MARK)
 
 
+def _flood(sock) -> None:
+    """A raw_origin handler that sends 64 MiB, or until the proxy lets go of it."""
+    try:
+        for piece in pattern(64 * 1024 * 1024):
+            sock.sendall(piece)
+    except OSError:
+        pass
+
+
 def test_fifty_tunnels_on_one_connection_some_reset_midway(h2_proxy, client, raw_origin):
     origin = raw_origin(echo_then_mark)
     size = 300 * 1024 + 7
@@ -193,19 +202,12 @@ def test_a_stalled_stream_does_not_stall_the_others(h2_pair, raw_origin):
     """One tunnel's client reads nothing (its window fills up) and another's upstream reads
     nothing (the proxy's window for it fills up): a third still moves megabytes."""
 
-    def flood(sock):
-        try:
-            for piece in pattern(50 * 1024 * 1024):
-                sock.sendall(piece)
-        except OSError:
-            pass
-
     done = gevent.event.Event()
 
     def deaf(sock):
         done.wait(20)  # reads nothing until the test is over
 
-    flooder, deaf_origin, echoer = raw_origin(flood), raw_origin(deaf), raw_origin(echo)
+    flooder, deaf_origin, echoer = raw_origin(_flood), raw_origin(deaf), raw_origin(echo)
     _, client = h2_pair()
     try:
         unread = client.connect(f"origin.test:{flooder.port}")
@@ -500,14 +502,7 @@ def test_a_client_that_reads_nothing_costs_a_bounded_queue(h2_pair, tls_files, r
     (and the client) once OUTGOING_HIGH bytes wait for it; another client is served."""
     from geproxy import http2
 
-    def flood(sock):
-        try:
-            for piece in pattern(64 * 1024 * 1024):
-                sock.sendall(piece)
-        except OSError:
-            pass
-
-    origin, echoer = raw_origin(flood), raw_origin(echo)
+    origin, echoer = raw_origin(_flood), raw_origin(echo)
     proxy, greedy = h2_pair()
     greedy.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
     greedy.flush()
