@@ -1,6 +1,7 @@
 /* loadcommon.h: what every load generator of the bench shares (loadgen.c, and through
  * tlsload.h tlsgen.c and h2gen.c): counters and the first error, the latency histogram and
- * its percentiles, CPU time, the descriptor limit.
+ * its percentiles, CPU time, the descriptor limit, and the non-blocking loopback connect of
+ * loadgen.c and tlsgen.c.
  *
  * A header of static functions: each generator is built from its one .c file
  * (gcc -O2 FILE.c), which defines PROG (its name, for error lines) and includes this from
@@ -13,13 +14,18 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/epoll.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #ifndef PROG
 #define PROG "load"
@@ -103,6 +109,30 @@ static inline void raise_nofile(void) {
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
+}
+
+/* A connection to 127.0.0.1:port under way: non-blocking, TCP_NODELAY, added to `epfd`
+ * edge-triggered both ways, once, with `ptr` as its data (each event then drives the
+ * connection's steps until the socket is wanted again, with no epoll_ctl between them).
+ * Its descriptor, or -1 with the error noted. */
+static inline int open_loopback(int epfd, int port, void *ptr) {
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+                               .sin_port = htons(port)};
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        note_error("socket: %s", strerror(errno));
+        return -1;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
+        note_error("connect: %s", strerror(errno));
+        close(fd);
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = ptr};
+    if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
+    return fd;
 }
 
 /* The Content-Length of an answer head (head .. end), -1 when it has none. */

@@ -78,26 +78,14 @@ static void close_conn(struct conn *c) {
 }
 
 static int start_conn(struct conn *c) {
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    addr.sin_port = htons(opt.proxy_port ? opt.proxy_port : opt.origin_port);
-    c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (c->fd < 0) {
-        note_error("socket: %s", strerror(errno));
-        return -1;
-    }
-    int one = 1;
-    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->started = now();
     c->len = c->need = 0;
     c->state = CONNECTING;
-    if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
-        note_error("connect: %s", strerror(errno));
-        close_conn(c);
+    c->fd = open_loopback(epfd, opt.proxy_port ? opt.proxy_port : opt.origin_port, c);
+    if (c->fd < 0) {
+        c->state = IDLE;
         return -1;
     }
-    /* Edge-triggered, both ways, once: no epoll_ctl between the steps of a cycle. */
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = c};
-    if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
     return 0;
 }
 

@@ -85,30 +85,17 @@ static void close_conn(struct conn *c, int notify) {
 }
 
 static int start_conn(struct conn *c) {
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    addr.sin_port = htons(opt.tls_port);
-    c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (c->fd < 0) {
-        note_error("socket: %s", strerror(errno));
-        return -1;
-    }
-    int one = 1;
-    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->started = now();
     c->in_tunnel = 0;
     c->state = CONNECTING;
-    if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
-        note_error("connect: %s", strerror(errno));
-        close_conn(c, 0);
+    c->fd = open_loopback(epfd, opt.tls_port, c);
+    if (c->fd < 0) {
+        c->state = IDLE;
         return -1;
     }
     c->ssl = SSL_new(ctx);
     if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) die("SSL_new");
     SSL_set_connect_state(c->ssl);
-    /* Edge-triggered, both ways, once: each event drives the cycle until OpenSSL wants the
-     * socket again, so the next edge is always coming. */
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = c};
-    if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
     return 0;
 }
 
