@@ -9,10 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import TYPE_CHECKING, Optional, Sequence
-
-if TYPE_CHECKING:
-    from .server import ProxyServer
+from typing import Optional, Sequence
 
 DEFAULT_CONFIG = "/etc/geproxy/geproxy.ini"
 
@@ -58,8 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config_path = getattr(args, "config", DEFAULT_CONFIG)
     level = getattr(args, "log_level", None) or (
         "debug" if getattr(args, "verbose", 0) else "info")
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .log import FORMAT
+
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format=FORMAT)
 
     from .errors import ConfigError
     from .server import create_server
@@ -73,18 +71,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ConfigError as exc:
             print(f"geproxy: {exc}", file=sys.stderr)
             return 2
+    if args.command != "check-config":
+        from .workers import run
+
+        return run(config_path)
     try:
-        server = create_server(config_path)
+        create_server(config_path)
     except ConfigError as exc:
         print(f"geproxy: {exc}", file=sys.stderr)
-        return 1 if args.command == "check-config" else 2
-    if args.command == "check-config":
-        print(f"{config_path}: ok")
-        return 0
-    return _run(server)
-
-
-def _run(server: "ProxyServer") -> int:
-    from .workers import run
-
-    return run(server)
+        return 1
+    print(f"{config_path}: ok")
+    return 0

@@ -267,11 +267,19 @@ class OptionRegistry:
 
 
 class Config:
-    """The validated configuration: ``config.section("geproxy")["listen"]``."""
+    """The validated configuration: ``config.section("geproxy")["listen"]``.
 
-    def __init__(self, path: str, values: dict[str, dict[str, Any]]) -> None:
+    ``stash`` is the state plugins keep across reloads, keyed by the plugin's own name (as
+    ``ctx.stash`` is per connection): one dict, handed from each configuration of a server
+    to the one a reload makes. What must outlive a reload lives there (the metrics plugin's
+    counters, say); a ``configure`` that may still fail must not change what it finds.
+    """
+
+    def __init__(self, path: str, values: dict[str, dict[str, Any]],
+                 stash: Optional[dict[str, Any]] = None) -> None:
         self.path = path
         self._values = values
+        self.stash: dict[str, Any] = {} if stash is None else stash
 
     def section(self, name: str) -> Mapping[str, Any]:
         return self._values[name]
@@ -287,15 +295,25 @@ class Config:
         return self._values["geproxy"]
 
 
-def read_ini(path: str) -> configparser.ConfigParser:
-    """Read the INI file (interpolation off); any problem is a one-line ConfigError."""
-    parser = configparser.ConfigParser(interpolation=None, default_section="__no_defaults__")
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
+def read_text(path: str) -> str:
+    """The INI file's text; a one-line ConfigError when it cannot be read."""
     try:
         with open(path, encoding="utf-8") as handle:
-            parser.read_file(handle)
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror or exc}", path=path) from None
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"cannot read: {reason}", path=path) from None
+
+
+def read_ini(path: str, text: Optional[str] = None) -> configparser.ConfigParser:
+    """Parse the INI file (interpolation off), or ``text`` read from it earlier (what a
+    master hands its workers); any problem is a one-line ConfigError."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="__no_defaults__")
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    if text is None:
+        text = read_text(path)
+    try:
+        parser.read_string(text, source=path)
     except configparser.Error as exc:
         message = " ".join(str(exc).split())
         raise ConfigError(f"not a valid INI file: {message}", path=path) from None
@@ -307,6 +325,7 @@ def build_config(
     parser: configparser.ConfigParser,
     registry: OptionRegistry,
     ignored_sections: frozenset[str] = frozenset(),
+    stash: Optional[dict[str, Any]] = None,
 ) -> Config:
     """Validate every section and key of ``parser`` against ``registry``."""
     values: dict[str, dict[str, Any]] = {}
@@ -327,7 +346,7 @@ def build_config(
                 out[key] = option.parse(text)
             except ValueError as exc:
                 raise ConfigError(str(exc), path=path, section=section, key=key) from None
-    return Config(path, values)
+    return Config(path, values, stash)
 
 
 def core_options(registry: OptionRegistry) -> None:
@@ -357,6 +376,11 @@ def core_options(registry: OptionRegistry) -> None:
              "A tunnel open this long is closed, however busy; 0 for no limit.", minimum=0)
         .add("graceful_timeout", "duration", "30s",
              "On SIGTERM or SIGINT, time open requests and tunnels get to finish.", minimum=0)
+        .add("reload_tunnels", "str", "keep",
+             "What a reload does to open tunnels: keep lets them run to their end; recheck "
+             "judges each again by the new policy (its recorded user, the address it is "
+             "connected to) and closes those it would now refuse.",
+             choices=("keep", "recheck"))
         .add("max_header_size", "size", "64KiB",
              "Largest request or response head accepted.", minimum=1024)
         .add("via", "token", "geproxy",

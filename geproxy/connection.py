@@ -28,7 +28,7 @@ from .errors import (
 )
 from .local import call_wsgi
 from .log import ConnLogger
-from .models import Context, Headers, Record, Request, Response, Route
+from .models import Context, Headers, Record, Request, Response, Route, new_conn_id
 from .sockets import IdleWait, send_all
 from .static import content_type, find_file
 from .upstream import connect, parent_connect
@@ -59,7 +59,7 @@ class Connection:
         self.hooks = gen.hooks
         #: ``ctx`` is given for an HTTP/2 stream (h2stream.py): its connection's, copied.
         self.ctx = ctx or Context(client_addr=(address[0], address[1]), server_addr=local,
-                                  config=gen.config)
+                                  config=gen.config, conn_id=new_conn_id(server.conn_prefix))
         self.log = ConnLogger(log, self.ctx)
         #: Bytes read from the client and not yet consumed (pipelined requests, bodies).
         self.buf = b""
@@ -402,7 +402,16 @@ class Connection:
 
     def _close_record(self, record: Record) -> None:
         record.finish()
+        self.progress(record)
         self.hooks.on_close(self.ctx, record)
+
+    def progress(self, record: Record) -> None:
+        """Tell on_progress the bytes ``record`` moved since it was last told."""
+        bytes_in = record.bytes_in - record.progress_in
+        bytes_out = record.bytes_out - record.progress_out
+        if bytes_in or bytes_out:
+            record.progress_in, record.progress_out = record.bytes_in, record.bytes_out
+            self.hooks.on_progress(self.ctx, record, bytes_in, bytes_out)
 
     # -- local answers and tunnels --------------------------------------------------------
 

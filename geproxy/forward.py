@@ -366,8 +366,10 @@ def _send_body(conn: "Connection", request: Request, record: Record, upstream: _
         data = conn.recv()
         if not data:
             raise ClientGone("client closed in the middle of the request body")
-        record.bytes_in += len(data)
         pieces = body.feed(data)
+        # What follows the body is the next request's: counted there, never here (a count
+        # told to on_progress cannot go back).
+        record.bytes_in += len(data) - (len(body.rest) if body.done else 0)
         if pieces:
             out = b"".join(http11.encode_chunk(p) for p in pieces if p) if chunked else (
                 pieces[0] if len(pieces) == 1 else b"".join(pieces))
@@ -378,7 +380,6 @@ def _send_body(conn: "Connection", request: Request, record: Record, upstream: _
                     if early is not None:
                         return early
     conn.buf = body.rest
-    record.bytes_in -= len(body.rest)
     if chunked:
         upstream.send(http11.LAST_CHUNK)
     return _read_final(conn, request, record, upstream)

@@ -122,6 +122,22 @@ def reopen_logs() -> None:
     """
 
 
+@hookspec
+def on_reload(config: "Config", error: Optional[str]) -> None:
+    """Observe a reload (SIGHUP): reload counters, an audit trail of configuration changes.
+
+    Called once per reload, in the process that decides it (the master, when there are
+    workers; never once per worker): on the plugins of the new configuration with ``error``
+    None when it was put in force; on the plugins of the running configuration with what
+    refused it (one line) when it was not, the running configuration then staying. Not
+    called for the configuration loaded at start. Errors are logged.
+
+    :param config: the configuration put in force, or the one that stays.
+
+    Must not block for long.
+    """
+
+
 @hookspec(firstresult=True)
 def on_connect(ctx: "Context") -> Optional["Denied"]:
     """Decide on an accepted client connection before any byte is read from it.
@@ -236,6 +252,25 @@ def on_response(ctx: "Context", request: "Request", response: "Response") -> Non
         framing fields are the core's and are set after this hook.
 
     Return value ignored. Must not read the body: bodies are streamed, never held.
+    """
+
+
+@hookspec
+def on_progress(ctx: "Context", record: "Record", bytes_in: int, bytes_out: int) -> None:
+    """Observe bytes as they flow: traffic counters that must not wait for the end of a
+    long download or tunnel to move.
+
+    Called for each request or tunnel in flight that moved bytes since its last call, about
+    once a second, and once more just before its ``on_close`` with whatever moved since (if
+    anything): the sums of its calls' ``bytes_in`` and ``bytes_out`` are the record's. Runs
+    in a greenlet of its own, for every request in flight in turn. Every implementation is
+    called even if another raises; errors are logged. Implementations may not be wrappers.
+
+    :param record: the request or tunnel so far (``record.method`` tells a tunnel).
+    :param bytes_in: bytes received from the client since the last call.
+    :param bytes_out: bytes sent to the client since the last call.
+
+    Must not block, and must not keep ``ctx`` or ``record``.
     """
 
 

@@ -7,7 +7,18 @@ from typing import Any, MutableMapping
 
 from .models import Context
 
-__all__ = ["ConnLogger"]
+__all__ = ["ConnLogger", "FORMAT", "name_process"]
+
+#: The program log's lines (standard error), as ``geproxy`` sets them up.
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def name_process(name: str) -> None:
+    """From now on every line of this process names it (``master``, ``worker 1``), after
+    the level: the workers of a master write to one standard error."""
+    formatter = logging.Formatter(FORMAT.replace("%(name)s", f"{name} %(name)s"))
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
 
 
 class ConnLogger(logging.LoggerAdapter):  # type: ignore[type-arg]

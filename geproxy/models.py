@@ -188,6 +188,12 @@ class TLSInfo:
 _conn_ids = itertools.count(1)
 
 
+def new_conn_id(prefix: str = "") -> str:
+    """A connection id unique in this process: ``c42``. A worker's ids carry its number
+    (``prefix`` ``w1``: ``w1c42``), so that ids are unique across the workers of a master."""
+    return f"{prefix}c{next(_conn_ids)}"
+
+
 @dataclass
 class Context:
     """Per connection. Lives from accept to close; plugins must not keep it after on_close.
@@ -208,7 +214,7 @@ class Context:
 
     def __post_init__(self) -> None:
         if not self.conn_id:
-            self.conn_id = f"c{next(_conn_ids)}"
+            self.conn_id = new_conn_id()
 
     @property
     def client_ip(self) -> str:
@@ -244,6 +250,9 @@ class Record:
     sni: Optional[str] = None
     #: The request, once its head was read (None for a refused connection or a bad head).
     request: Optional["Request"] = None
+    #: How much of ``bytes_in`` and ``bytes_out`` ``on_progress`` has been told of.
+    progress_in: int = 0
+    progress_out: int = 0
 
     def finish(self) -> None:
         self.duration = time.time() - self.started

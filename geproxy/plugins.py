@@ -96,13 +96,16 @@ def get_plugin_manager(
 
 
 def load(
-    path: str, objects: Sequence[Any] = (), entry_points: bool = True
+    path: str, objects: Sequence[Any] = (), entry_points: bool = True,
+    text: Optional[str] = None, stash: Optional[dict[str, Any]] = None,
 ) -> tuple[pluggy.PluginManager, Config]:
-    """Read ``path``, build its plugin manager, validate every section, configure plugins.
+    """Read ``path`` (or parse ``text``, read from it earlier), build its plugin manager,
+    validate every section, configure plugins. ``stash``: the running configuration's
+    ``Config.stash``, which a reload hands on.
 
     Raises ConfigError (one line: file, section, key) for any problem.
     """
-    parser = read_ini(path)
+    parser = read_ini(path, text)
     section = parser["geproxy"] if parser.has_section("geproxy") else {}
     extra = parse_list(section.get("plugins", ""))
     disable = parse_list(section.get("disable", ""))
@@ -120,7 +123,8 @@ def load(
         first = (str(exc).splitlines() or [""])[0]
         raise ConfigError(f"cannot load plugin: {type(exc).__name__}: {first}", path=path,
                           section="geproxy", key="plugins") from None
-    for caller in (pm.hook.on_close, pm.hook.on_disconnect, pm.hook.on_tls_handshake):
+    for caller in (pm.hook.on_close, pm.hook.on_disconnect, pm.hook.on_tls_handshake,
+                   pm.hook.on_progress):
         for impl in caller.get_hookimpls():
             if impl.wrapper or impl.hookwrapper:
                 raise ConfigError(f"plugin {impl.plugin_name!r}: {caller.name} may not be a "
@@ -128,7 +132,7 @@ def load(
     registry = OptionRegistry()
     pm.hook.add_options.call_historic(kwargs={"registry": registry})
     ignored = frozenset(SECTIONS.get(name, name) for name in disable)
-    config = build_config(path, parser, registry, ignored)
+    config = build_config(path, parser, registry, ignored, stash)
     for name in sorted(ignored):
         if parser.has_section(name):
             log.warning("%s: [%s] is ignored: its plugin is disabled", path, name)
@@ -157,6 +161,7 @@ class Hooks:
         self._on_close = HookCall(pm, "on_close")
         self._on_disconnect = HookCall(pm, "on_disconnect")
         self._on_tls_handshake = HookCall(pm, "on_tls_handshake")
+        self._on_progress = HookCall(pm, "on_progress")
 
     def on_connect(self, ctx: Context) -> Optional[Denied]:
         return self._on_connect(ctx)
@@ -201,6 +206,10 @@ class Hooks:
 
     def on_close(self, ctx: Context, record: Record) -> None:
         self._observe(self._on_close, (ctx, record), ctx)
+
+    def on_progress(self, ctx: Context, record: Record, bytes_in: int,
+                    bytes_out: int) -> None:
+        self._observe(self._on_progress, (ctx, record, bytes_in, bytes_out), ctx)
 
     def on_disconnect(self, ctx: Context) -> None:
         self._observe(self._on_disconnect, (ctx,), ctx)

@@ -28,6 +28,8 @@ __all__ = ["ProxyServer", "create_server"]
 log = logging.getLogger(__name__)
 
 BACKLOG = 1024
+#: Seconds between two ``on_progress`` calls for a request or tunnel that moves bytes.
+PROGRESS_INTERVAL = 1.0
 
 
 class ProxyServer:
@@ -69,6 +71,16 @@ class ProxyServer:
         #: with ``connections``, ended by a stop like them.
         self.detached: set[Connection] = set()
         self.admin: Optional[Any] = None  # a gevent.pywsgi.WSGIServer once started
+        #: This process's number among a master's workers; None when it runs alone.
+        self.worker: Optional[int] = None
+        #: What a worker's connection ids start with (``w1``): unique across workers.
+        self.conn_prefix = ""
+        #: A worker's way to its master (workers.py), which answers what only it knows:
+        #: the metrics of every worker. None when this process runs alone.
+        self.coordinator: Optional[Any] = None
+        #: Ticks every PROGRESS_INTERVAL while the server runs (``_progress_due``).
+        self._progress_timer: Optional[Any] = None
+        self._reporting = False
 
     # The current generation's view, for whoever has no connection to ask.
     config = property(lambda self: self.gen.config)
@@ -92,16 +104,20 @@ class ProxyServer:
             return None
         return tuple(self.admin.address[:2])  # type: ignore[return-value]
 
-    def start(self, addresses: Optional[Sequence[tuple[str, int]]] = None,
-              admin: bool = True, reuse_port: bool = False) -> None:
+    def start(self, listeners: Optional[Sequence[tuple[socket.socket, ListenAddress]]] = None,
+              admin: bool = True) -> None:
         """Bind every listen address (and the admin one) and accept; raises OSError if one
-        cannot be bound. A worker passes the ports its master reserved, ``reuse_port`` to
-        share them with its siblings, and ``admin`` for one worker only."""
+        cannot be bound. A worker is given the listening sockets its master bound
+        (``listeners``, each with its address) and no admin listener (``admin``): its
+        master runs that one."""
+        given = list(listeners) if listeners is not None else None
         try:
-            for address in addresses or self.config.core["listen"]:
+            for address in (self.config.core["listen"] if given is None
+                            else [address for _, address in given]):
                 host, port = address
                 tls = getattr(address, "tls", False)
-                listener = _listener(host, port, reuse_port)
+                listener = (_listener(host, port) if given is None
+                            else given[len(self.servers)][0])
                 bound = listener.getsockname()[:2]
                 # A wildcard listener learns each connection's local address from the
                 # kernel; a specific one knows it already.
@@ -117,6 +133,9 @@ class ProxyServer:
             self.close_listeners()
             self._stop_admin()
             raise
+        self._progress_timer = gevent.get_hub().loop.timer(PROGRESS_INTERVAL,
+                                                           PROGRESS_INTERVAL)
+        self._progress_timer.start(self._progress_due)
         log.info("listening on %s; plugins: %s",
                  ", ".join(_fmt(a) for a in self.addresses), ", ".join(plugin_names(self.pm)))
         if self.admin_address is not None:
@@ -148,6 +167,7 @@ class ProxyServer:
             ctx = conn.ctx
             out.append({
                 "id": conn_id,
+                "worker": self.worker or 0,
                 "client": _fmt(ctx.client_addr),
                 "user": ctx.user,
                 "method": record.method,
@@ -168,12 +188,22 @@ class ProxyServer:
         return True
 
     def stats(self) -> dict[str, Any]:
-        """What this process holds, for ``/debug/stats``: a soak test or an operator watching
-        for leaks reads it from outside. Counting greenlets walks the heap (gc): cheap enough
-        for an admin page, not for a hot path. Readings from /proc are None without it."""
-        tunnels = sum(1 for conn in list(self.active.values())
-                      if conn.record is not None and conn.record.method == "CONNECT")
+        """``/debug/stats`` of a process that runs alone: its figures, in the shape a master
+        gives for its workers (combine_stats)."""
+        return combine_stats([self.process_stats()], pid=os.getpid(),
+                             generation=self.gen.number, stopping=self.stopping)
+
+    def process_stats(self) -> dict[str, Any]:
+        """What this process holds: a soak test or an operator watching for leaks reads it
+        from outside. Counting greenlets walks the heap (gc): cheap enough for an admin page,
+        not for a hot path. Readings from /proc are None without it."""
+        tunnels = detached = 0
+        for conn in list(self.active.values()):
+            if conn.record is not None and conn.record.method == "CONNECT":
+                tunnels += 1
+                detached += conn.detached is not None
         return {
+            "worker": self.worker or 0,
             "pid": os.getpid(),
             "rss_kib": _proc_status_kib("VmRSS"),
             "open_fds": _count_entries("/proc/self/fd"),
@@ -183,6 +213,7 @@ class ProxyServer:
             "idle_connections": len(self.idle),
             "in_flight": len(self.active),
             "tunnels": tunnels,
+            "detached_tunnels": detached,
             "upstream_pool": len(self.pool),
             "generation": self.gen.number,
             "stopping": self.stopping,
@@ -190,15 +221,17 @@ class ProxyServer:
 
     def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
         """The text and content type of the ``metrics`` plugin's ``exposition()``, or None
-        when it is not loaded. The one place the core looks a plugin up by name."""
-        plugin = self.pm.get_plugin("metrics")
-        exposition = getattr(plugin, "exposition", None)
-        if exposition is None:
-            return None
-        return exposition()  # type: ignore[no-any-return]
+        when it is not loaded. A worker asks its master, which sees every worker."""
+        if self.coordinator is not None:
+            return self.coordinator.metrics_exposition()  # type: ignore[no-any-return]
+        return exposition(self.pm, {0: os.getpid()})
 
     def serve_forever(self, **start: Any) -> None:
         self.start(**start)
+        self.wait()
+
+    def wait(self) -> None:
+        """Until a stop has ended."""
         self._stopped.wait()
 
     def _handler(self, local: Optional[tuple[str, int]], tls: bool) -> Any:
@@ -206,6 +239,22 @@ class ProxyServer:
             self._handle(sock, address, local, tls)
 
         return handle
+
+    def _progress_due(self) -> None:
+        # In the hub: plugins run in a greenlet, spawned only when anything is in flight.
+        if self.active and not self._reporting:
+            self._reporting = True
+            gevent.spawn(self._report_progress)
+
+    def _report_progress(self) -> None:
+        """``on_progress`` for each request and tunnel in flight that moved bytes."""
+        try:
+            for conn in list(self.active.values()):
+                record = conn.record
+                if record is not None:
+                    conn.progress(record)
+        finally:
+            self._reporting = False
 
     def close_listeners(self) -> None:
         """Close the proxy listeners (the admin one stays open until the end of a stop)."""
@@ -287,27 +336,52 @@ class ProxyServer:
         return False
 
     def reload(self) -> bool:
-        """SIGHUP: read the configuration file and plugins again. The new ones are built and
-        validated first; if that fails, the error is logged and the running ones stay. New
-        connections get the new ones; open connections keep theirs to the end."""
-        path = self.config.path
+        """SIGHUP to a process that runs alone: read the configuration file and plugins
+        again. The new ones are built and validated first (``prepare``); if that fails, the
+        error is logged and the running ones stay. Otherwise they are put in force
+        (``install``). Returns whether they were. A master reloads its workers itself
+        (workers.py), with the same two steps in each."""
         try:
-            pm, config = load(path, objects=self._objects, entry_points=self._entry_points)
-            new = Generation(config, pm, self.gen.number + 1)
-        except ConfigError as exc:
-            log.error("reload refused, the running configuration stays: %s", exc)
+            new = self.prepare()
+        except Exception as exc:
+            self.refused(reload_failure(exc))
             return False
-        except Exception:
-            log.exception("reload failed, the running configuration stays")
+        if new.config.core["workers"] != 1:
+            new.unconfigure()
+            self.refused(f"[geproxy] workers = {new.config.core['workers']} needs a restart: "
+                         "this process runs without a master (workers = 1 when it started)")
             return False
-        for key in ("listen", "admin_listen", "upstream_keepalive", "upstream_idle_timeout"):
-            if config.core[key] != self.config.core[key]:
-                log.warning("reload: [geproxy] %s changes only on restart", key)
+        for line in restart_only_changes(self.config, new.config):
+            log.warning("reload: %s", line)
+        self.install(new)
+        observe_reload(new.pm, new.config, None)
+        return True
+
+    def refused(self, reason: str) -> None:
+        """A reload that was not put in force: said once, and told to the plugins."""
+        log.error("reload refused, the running configuration stays: %s", reason)
+        observe_reload(self.pm, self.config, reason)
+
+    def prepare(self, text: Optional[str] = None) -> "Generation":
+        """The configuration loaded again (from ``text`` when given: the file as a master
+        read it) with fresh plugins, configured but not in force. Raises ConfigError, or
+        whatever a plugin raised."""
+        pm, config = load(self.config.path, objects=self._objects,
+                          entry_points=self._entry_points, text=text,
+                          stash=self.config.stash)
+        try:
+            return Generation(config, pm, self.gen.number + 1)
+        except BaseException:
+            _unconfigure(pm, config)
+            raise
+
+    def install(self, new: "Generation") -> None:
+        """Put ``new`` (from ``prepare``) in force: every connection accepted from now on is
+        served with it. The one it replaces is released when its last connection ends."""
         old, self.gen = self.gen, new
         old.retired = True
         self.release(old, 0)
-        log.info("reloaded %s; plugins: %s", path, ", ".join(plugin_names(pm)))
-        return True
+        log.info("reloaded %s; plugins: %s", new.config.path, ", ".join(plugin_names(new.pm)))
 
     def release(self, gen: "Generation", users: int = 1) -> None:
         """A connection of ``gen`` ended; a retired generation with none left is
@@ -343,6 +417,8 @@ class ProxyServer:
             self.connections.kill(timeout=5)
             self._drained(5)
         self.pool.clear()
+        if self._progress_timer is not None:
+            self._progress_timer.close()
         self.gen.unconfigure()
         self._stop_admin()
         self._stopped.set()
@@ -396,10 +472,69 @@ class Generation:
         if self.released:
             return
         self.released = True
-        try:
-            self.pm.hook.unconfigure(config=self.config)
-        except Exception:
-            log.exception("a plugin failed to release its resources")
+        _unconfigure(self.pm, self.config)
+
+
+def _unconfigure(pm: Any, config: Config) -> None:
+    try:
+        pm.hook.unconfigure(config=config)
+    except Exception:
+        log.exception("a plugin failed to release its resources")
+
+
+#: ``[geproxy]`` options a reload cannot change: they shape the listeners and the pool.
+RESTART_ONLY = ("listen", "admin_listen", "upstream_keepalive", "upstream_idle_timeout")
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """What a reload from ``old`` to ``new`` changes that only a restart applies."""
+    return [f"[geproxy] {key} changes only on restart" for key in RESTART_ONLY
+            if new.core[key] != old.core[key]]
+
+
+def reload_failure(exc: BaseException) -> str:
+    """What refused a reload, in one line; a plugin's bug gets its traceback logged too."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    log.error("loading the configuration failed", exc_info=exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def observe_reload(pm: Any, config: Config, error: Optional[str]) -> None:
+    """``on_reload`` of every plugin of ``pm``; errors are logged, never raised."""
+    try:
+        pm.hook.on_reload(config=config, error=error)
+    except Exception:
+        log.exception("a plugin failed to observe the reload")
+
+
+#: The figures of /debug/stats that add up over workers.
+SUMMED = ("rss_kib", "open_fds", "greenlets", "threads", "connections", "idle_connections",
+          "in_flight", "tunnels", "detached_tunnels", "upstream_pool")
+
+
+def combine_stats(workers: Sequence[dict[str, Any]], **top: Any) -> dict[str, Any]:
+    """``/debug/stats``: the sum of each figure over ``workers`` (None when no worker could
+    read it), the answering process's ``top`` fields (pid, generation, stopping), and each
+    worker's own figures under ``workers``. One process alone answers the same shape, with
+    itself as its one worker."""
+    out: dict[str, Any] = dict(top)
+    for name in SUMMED:
+        read = [figures[name] for figures in workers if figures.get(name) is not None]
+        out[name] = sum(read) if read else None
+    out["workers"] = sorted(workers, key=lambda figures: figures["worker"])
+    return out
+
+
+def exposition(pm: Any, processes: dict[int, int]) -> Optional[tuple[bytes, str]]:
+    """The text and content type of the ``metrics`` plugin's ``exposition()``, or None when
+    it is not loaded: the one place the core looks a plugin up by name. ``processes``: the
+    pid of each serving process by worker number, whose figures it reads from /proc."""
+    plugin = pm.get_plugin("metrics")
+    method = getattr(plugin, "exposition", None)
+    if method is None:
+        return None
+    return method(processes)  # type: ignore[no-any-return]
 
 
 def _proc_status_kib(name: str) -> Optional[int]:
@@ -464,8 +599,9 @@ def _fmt(address: Sequence[Any]) -> str:
     return "tls://" + text if getattr(address, "tls", False) else text
 
 
-def create_server(path: str, objects: Sequence[Any] = (),
-                  entry_points: bool = True) -> ProxyServer:
-    """Build a ProxyServer from the INI file at ``path`` (raises ConfigError)."""
-    pm, config = load(path, objects=objects, entry_points=entry_points)
+def create_server(path: str, objects: Sequence[Any] = (), entry_points: bool = True,
+                  text: Optional[str] = None) -> ProxyServer:
+    """Build a ProxyServer from the INI file at ``path``, or from ``text`` read from it
+    (raises ConfigError)."""
+    pm, config = load(path, objects=objects, entry_points=entry_points, text=text)
     return ProxyServer(config, pm, objects, entry_points)

@@ -1,110 +1,314 @@
-"""``workers = N``: a master process and N workers sharing the listen ports.
+"""``workers = N``: a master process and N workers that act as one proxy.
 
-The master reserves each listen port (bound with SO_REUSEPORT, never listening, so port 0
-becomes one concrete port), forks the workers, and supervises them: a worker that dies is
-started again, and SIGTERM, SIGINT, SIGHUP and SIGUSR1 are passed on to every worker. Each
-worker binds the same ports with SO_REUSEPORT and the kernel spreads new connections among
-them; worker 0 also runs the admin listener. The master serves no connection itself.
+The master loads and validates the configuration itself and forks every worker from that
+loaded state, so a worker runs exactly what the master holds (the files the configuration
+names as they were when it was loaded), never the file on disk as it is now. The master
+binds every address before the first fork: on each listen address one listening socket per
+worker, shared among them only by SO_REUSEPORT (the kernel spreads new connections), after
+a plain bind has shown that no other process serves the address; and the admin listener,
+which it serves itself. A worker that dies leaves its sockets open in the master, so the
+connections queued there wait for its successor instead of being reset.
+
+Supervision: a worker that fails before it serves stops the start (exit 2). One that dies
+later is started again after a pause that grows with each death; MAX_DEATHS deaths within
+DEATH_WINDOW seconds stop the master (exit 1), leaving the restart policy to the service
+manager. A reload (SIGHUP) is all or nothing: the master reads the file and loads it, every
+worker loads the same text (``prepare``), and only when all could does each put it in force
+(``commit``); otherwise none does (``abort``). A reload that changes ``workers`` starts or
+stops workers to match. SIGTERM and SIGINT stop every worker gracefully; SIGUSR1 reopens
+the log files in every process.
+
+The admin listener answers for all: ``/tunnels``, ``/debug/stats`` and ``POST
+/tunnels/ID/close`` ask the workers over their channels (channel.py); ``/metrics`` sums every
+worker's figures (prometheus_client's multiprocess mode). The master serves no proxy
+connection.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
-from typing import Any
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, NoReturn, Optional
 
 import gevent
+import gevent.pool
 
-from .config import ListenAddress
-from .server import ProxyServer, _fmt, _listener, create_server
+from .channel import Channel, ChannelClosed, RemoteError
+from .config import ListenAddress, parse_workers, read_ini, read_text
+from .errors import ConfigError
+from .local import admin_app
+from .log import name_process
+from .server import (
+    Generation,
+    ProxyServer,
+    _fmt,
+    _listener,
+    combine_stats,
+    create_server,
+    exposition,
+    observe_reload,
+    reload_failure,
+    restart_only_changes,
+)
 
-__all__ = ["Master", "serve", "run"]
+__all__ = ["Master", "serve", "run", "describe_status"]
 
 #: prometheus_client's multiprocess directory (see the metrics plugin).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 log = logging.getLogger(__name__)
 
-#: A worker that dies sooner than this after its start is restarted only after a pause,
-#: so a worker that cannot start does not spin the master.
-RESTART_PAUSE = 1.0
+#: Deaths of workers within DEATH_WINDOW seconds that stop the master: a crash loop.
+MAX_DEATHS = 5
+DEATH_WINDOW = 60.0
+#: The pause before a dead worker is started again: FIRST_PAUSE, doubled for each other
+#: death within DEATH_WINDOW.
+FIRST_PAUSE = 0.5
+#: Seconds the workers get to start serving at start; a worker's answer to the master.
+START_TIMEOUT = 30.0
+ASK_TIMEOUT = 5.0
+#: Seconds every worker gets to load a configuration on reload.
+PREPARE_TIMEOUT = 60.0
+#: How often the master looks for ended workers and due restarts.
+TICK = 0.05
+
+
+def describe_status(status: int) -> str:
+    """How a process ended, from its wait status, in words: ``killed by SIGKILL``,
+    ``exited with status 2``."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"killed by {name}"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"ended (wait status {status})"
+
+
+def restart_pause(deaths: int) -> float:
+    """The pause before a restart, given the deaths within DEATH_WINDOW (this one too)."""
+    return FIRST_PAUSE * 2 ** max(deaths - 1, 0)
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int
+    channel: Channel
+    started: float
+    #: It said it serves (its listeners are open).
+    ready: bool = False
+    #: Asked to stop (the master stops, or a reload lowered ``workers``): not restarted.
+    leaving: bool = False
 
 
 class Master:
-    def __init__(self, server: ProxyServer, count: int) -> None:
-        self.template = server  # validated at start; each worker builds its own
-        self.path = server.config.path
+    """Forks, supervises and reloads ``count`` workers from the loaded ``server`` (which
+    it never starts), and answers the admin listener for them all."""
+
+    def __init__(self, server: ProxyServer, count: int, metrics_dir: str) -> None:
+        #: The configuration in force, loaded here: every worker is forked from it.
+        self.server = server
         self.count = count
-        self.workers: dict[int, int] = {}  # pid -> worker index
-        self.started: dict[int, float] = {}  # worker index -> when it started
-        self.stopping = False
+        self.metrics_dir = metrics_dir
+        self.workers: dict[int, _Worker] = {}
+        #: Each worker's listening sockets, by worker number, bound and kept by the master.
+        self.listeners: dict[int, list[tuple[socket.socket, ListenAddress]]] = {}
         self.addresses: list[ListenAddress] = []
-        self._reserved: list[object] = []
-        self._signals: list[Any] = []  # the master's handlers, which a worker drops
-        self.metrics_dir = ""
+        #: When a dead worker is due to be started again, by worker number.
+        self.due: dict[int, float] = {}
+        self.deaths: collections.deque[float] = collections.deque()
+        #: Until every worker of the start serves: a worker that fails stops the start.
+        self.starting = True
+        #: The workers that served at least once (every one does, once the start is over).
+        self.served: set[int] = set()
+        self.stopping = False
+        self.reloading = False
+        self.reload_again = False
+        self.exit_code = 0
+        #: Every greenlet of the master (channel readers, admin requests, reloads): killed
+        #: first thing in a forked worker, where they have nothing to do.
+        self.tasks = gevent.pool.Group()
+        self._signals: list[Any] = []
+        self.admin: Optional[Any] = None
+
+    # -- start and supervision ------------------------------------------------------------
 
     def run(self) -> int:
-        # Counters that every worker adds to, summed on /metrics (prometheus_client's
-        # multiprocess mode, which the metrics plugin turns on when this is set).
-        self.metrics_dir = tempfile.mkdtemp(prefix="geproxy-metrics-")
-        os.environ[MULTIPROC_ENV] = self.metrics_dir
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._signals.append(gevent.signal_handler(signum, self.stop))
+        self._signals.append(gevent.signal_handler(signal.SIGHUP, self._sighup))
+        self._signals.append(gevent.signal_handler(signal.SIGUSR1, self._reopen_logs))
         try:
-            return self._supervise()
-        finally:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
-
-    def _supervise(self) -> int:
-        for address in self.template.config.core["listen"]:
-            reserved = _listener(address[0], address[1], reuse_port=True, listen=False)
-            self._reserved.append(reserved)
-            bound = reserved.getsockname()  # type: ignore[attr-defined]
-            self.addresses.append(ListenAddress(bound[0], bound[1], address.tls))
+            self._bind_all()
+            self._start_admin()
+        except OSError as exc:
+            print(f"geproxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+            self._close_listeners()
+            return 2
         log.info("master %d: %d workers on %s", os.getpid(), self.count,
                  ", ".join(_fmt(a) for a in self.addresses))
         for index in range(self.count):
             self._spawn(index)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._signals.append(gevent.signal_handler(signum, self._stop))
-        for signum in (signal.SIGHUP, signal.SIGUSR1):
-            self._signals.append(gevent.signal_handler(signum, self._pass_on, signum))
-        while self.workers:  # until the last worker is gone, after a stop
-            self._reap()
-            gevent.sleep(0.1)
+        try:
+            self._supervise()
+        finally:
+            if self.admin is not None:
+                self.admin.stop(timeout=1)
+            self._close_listeners()
+            self.server.gen.unconfigure()
         log.info("master %d: stopped", os.getpid())
-        return 0
+        return self.exit_code
+
+    def _supervise(self) -> None:
+        started = time.monotonic()
+        while True:
+            self._reap()
+            if self.stopping:
+                if not self.workers:
+                    return
+            else:
+                if self.starting and time.monotonic() - started > START_TIMEOUT:
+                    log.error("the workers did not all start serving within %gs; stopping",
+                              START_TIMEOUT)
+                    self.exit_code = 2
+                    self.stop()
+                elif not self.reloading:  # a fork during a reload could miss its commit
+                    now = time.monotonic()
+                    for index, when in sorted(self.due.items()):
+                        if when <= now:
+                            del self.due[index]
+                            self._spawn(index)
+            gevent.sleep(TICK)
+
+    def _bind_all(self) -> None:
+        for address in self.server.config.core["listen"]:
+            host, port = address
+            if port:
+                # A plain bind fails on an address any process serves, with SO_REUSEPORT or
+                # not: so no second geproxy joins the group of this one's sockets.
+                _listener(host, port).close()
+            first = _listener(host, port, reuse_port=True)
+            bound = ListenAddress(host, first.getsockname()[1],
+                                  getattr(address, "tls", False))
+            self.addresses.append(bound)
+            self.listeners.setdefault(0, []).append((first, bound))
+        for index in range(1, self.count):
+            self._bind(index)
+
+    def _bind(self, index: int) -> None:
+        """Worker ``index``'s sockets, on the addresses bound for worker 0."""
+        socks: list[tuple[socket.socket, ListenAddress]] = []
+        try:
+            for address in self.addresses:
+                socks.append((_listener(address[0], address[1], reuse_port=True), address))
+        except OSError:
+            for sock, _ in socks:
+                sock.close()
+            raise
+        self.listeners[index] = socks
+
+    def _close_listeners(self, index: Optional[int] = None) -> None:
+        for number in ([index] if index is not None else list(self.listeners)):
+            for sock, _ in self.listeners.pop(number, []):
+                sock.close()
+
+    def _start_admin(self) -> None:
+        address = self.server.config.core["admin_listen"]
+        if address is None:
+            return
+        import gevent.pywsgi  # imports ssl: not at module import, before monkey-patching
+
+        class AdminServer(gevent.pywsgi.WSGIServer):
+            """Keeps its clients' sockets: a forked worker closes its copies first thing,
+            so that no greenlet of the master ever writes to them from the worker."""
+
+            clients: set[socket.socket] = set()
+
+            def handle(self, sock: socket.socket, address: Any) -> None:
+                self.clients.add(sock)
+                try:
+                    super().handle(sock, address)
+                finally:
+                    self.clients.discard(sock)
+
+        self.admin = AdminServer(_listener(*address), admin_app(self), log=None,
+                                 spawn=self.tasks.spawn,
+                                 error_log=logging.getLogger("geproxy.admin"))
+        self.admin.start()
+        log.info("admin listener on %s", _fmt(self.admin.address))
 
     def _spawn(self, index: int) -> None:
+        """Fork worker ``index``. Only the main greenlet forks: in the child, it goes on as
+        the worker, and every other greenlet of the master is killed."""
+        ours, theirs = socket.socketpair()
         pid = gevent.fork()
-        if pid == 0:  # the worker
-            # Until its handlers are in place, a reload or log reopening passed on by the
-            # master must not end it (their default action); it reads the file anyway.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-            for handler in self._signals:  # a worker restarted later inherited them
-                handler.cancel()
-            code = 1
-            try:
-                code = self._work(index)
-            finally:
-                os._exit(code)
-        self.workers[pid] = index
-        self.started[index] = time.monotonic()
+        if pid == 0:
+            ours.close()
+            self._become_worker(index, theirs)
+        theirs.close()
+        channel = Channel(ours, self._serve_worker, self.tasks.spawn,
+                          on_close=lambda: None)
+        self.workers[index] = _Worker(index, pid, channel, time.monotonic())
         log.info("worker %d started, pid %d", index, pid)
 
-    def _work(self, index: int) -> int:
-        for reserved in self._reserved:
-            reserved.close()  # type: ignore[attr-defined]
+    def _become_worker(self, index: int, sock: socket.socket) -> NoReturn:
+        code = 1
         try:
-            server = create_server(self.path)
-        except Exception as exc:  # the file changed since the master read it
-            print(f"geproxy: worker {index}: {exc}", file=sys.stderr)
-            return 2
-        return serve(server, addresses=self.addresses, admin=index == 0, reuse_port=True)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's handlers
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            for handler in self._signals:
+                handler.cancel()
+            # The master's sockets first: its greenlets, killed next, run their last lines
+            # here, and whatever they write then goes nowhere.
+            if self.admin is not None:
+                # Not close(): a handler's file objects keep the descriptor open. Each one
+                # is pointed at a socket connected to nothing, where a write fails.
+                dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                for client in list(self.admin.clients):
+                    os.dup2(dead.fileno(), client.fileno())
+                dead.close()
+                self.admin.close()
+            for worker in self.workers.values():
+                worker.channel.sock.close()
+            self.tasks.kill(block=True, timeout=2)
+            for number in list(self.listeners):
+                if number != index:
+                    self._close_listeners(number)
+            code = work(self.server, index, self.listeners[index], sock)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+
+    def _serve_worker(self, op: str, message: dict[str, Any]) -> Any:
+        """What a worker asks or tells its master."""
+        if op == "ready":
+            worker = self.workers.get(message["worker"])
+            if worker is not None:
+                worker.ready = True
+                log.info("worker %d (pid %d) serves", worker.index, worker.pid)
+                self.served.add(worker.index)
+                if self.starting and len(self.served) >= self.count:
+                    self.starting = False  # every worker of the start served
+            return None
+        if op == "metrics":
+            found = self.metrics_exposition()
+            return None if found is None else [found[0].decode(), found[1]]
+        raise RemoteError(f"unknown request {op!r}")
 
     def _reap(self) -> None:
         while True:
@@ -114,34 +318,295 @@ class Master:
                 return
             if pid == 0:
                 return
-            index = self.workers.pop(pid, None)
-            if index is None:
+            worker = next((w for w in self.workers.values() if w.pid == pid), None)
+            if worker is None:
                 continue
-            from prometheus_client import multiprocess
+            self._ended(worker, describe_status(status))
 
-            multiprocess.mark_process_dead(pid, self.metrics_dir)  # its live gauges go
-            if self.stopping:
-                log.info("worker %d (pid %d) stopped", index, pid)
-                continue
-            log.warning("worker %d (pid %d) died with status %d; starting it again",
-                        index, pid, status)
-            if time.monotonic() - self.started.get(index, 0) < RESTART_PAUSE:
-                gevent.sleep(RESTART_PAUSE)
-            self._spawn(index)
+    def _ended(self, worker: _Worker, how: str) -> None:
+        del self.workers[worker.index]
+        worker.channel.close()
+        from prometheus_client import multiprocess
 
-    def _stop(self) -> None:
+        multiprocess.mark_process_dead(worker.pid, self.metrics_dir)  # its live gauges go
+        if self.stopping or worker.leaving:
+            log.info("worker %d (pid %d) %s", worker.index, worker.pid, how)
+            return
+        if self.starting and not worker.ready:
+            log.error("worker %d (pid %d) %s before it served; stopping", worker.index,
+                      worker.pid, how)
+            self.exit_code = 2
+            self.stop()
+            return
+        now = time.monotonic()
+        self.deaths.append(now)
+        while self.deaths and self.deaths[0] < now - DEATH_WINDOW:
+            self.deaths.popleft()
+        if len(self.deaths) >= MAX_DEATHS:
+            log.error("worker %d (pid %d) %s: %d deaths within %gs; stopping", worker.index,
+                      worker.pid, how, len(self.deaths), DEATH_WINDOW)
+            self.exit_code = 1
+            self.stop()
+            return
+        pause = restart_pause(len(self.deaths))
+        log.warning("worker %d (pid %d) %s; starting it again in %gs", worker.index,
+                    worker.pid, how, pause)
+        self.due[worker.index] = now + pause
+
+    def stop(self) -> None:
+        """SIGTERM, SIGINT: every worker stops gracefully; none is started again."""
+        if self.stopping:
+            return
         self.stopping = True
-        self._pass_on(signal.SIGTERM)
+        self.due.clear()
+        log.info("master %d: stopping %d workers", os.getpid(), len(self.workers))
+        self._signal_all(signal.SIGTERM)
 
-    def _pass_on(self, signum: int) -> None:
-        for pid in list(self.workers):
+    def _signal_all(self, signum: int) -> None:
+        for worker in list(self.workers.values()):
             try:
-                os.kill(pid, signum)
+                os.kill(worker.pid, signum)
             except ProcessLookupError:
                 pass
 
+    def _reopen_logs(self) -> None:
+        self.server.reopen_logs()  # the master's copies: a rotated file is let go
+        self._signal_all(signal.SIGUSR1)
 
-def serve(server: ProxyServer, **start: Any) -> int:
+    # -- reload ---------------------------------------------------------------------------
+
+    def _sighup(self) -> None:
+        if self.stopping:
+            return
+        if self.reloading:
+            self.reload_again = True  # the file may have changed since this reload read it
+            return
+        self.reloading = True
+        self.tasks.spawn(self._reloads)
+
+    def _reloads(self) -> None:
+        try:
+            while True:
+                self.reload()
+                if not self.reload_again or self.stopping:
+                    return
+                self.reload_again = False
+        finally:
+            self.reloading = False
+
+    def reload(self) -> bool:
+        """Read and load the file; put it in force in every worker and here, or nowhere."""
+        server = self.server
+        try:
+            text = read_text(server.config.path)
+            new = server.prepare(text)
+        except Exception as exc:
+            server.refused(reload_failure(exc))
+            return False
+        count = new.config.core["workers"]
+        added = range(self.count, count)
+        try:
+            for index in added:
+                self._bind(index)
+        except OSError as exc:
+            for index in added:
+                self._close_listeners(index)
+            new.unconfigure()
+            server.refused(f"cannot listen for worker {index}: {exc.strerror or exc}")
+            return False
+        failure = self._prepare_all(text)
+        if failure is not None:
+            for index in added:
+                self._close_listeners(index)
+            new.unconfigure()
+            server.refused(failure)
+            return False
+        for line in restart_only_changes(server.config, new.config):
+            log.warning("reload: %s", line)
+        self._ask_all("commit", ASK_TIMEOUT)
+        server.install(new)
+        self._resize(count)
+        observe_reload(new.pm, new.config, None)
+        return True
+
+    def _prepare_all(self, text: str) -> Optional[str]:
+        """Every worker loads ``text``; None when all could, else what failed (then none
+        keeps it). A worker that ended meanwhile is no failure: it is started again from
+        what is in force once the reload is over."""
+        answers = self._ask_all("prepare", PREPARE_TIMEOUT, text=text)
+        failed = [(index, str(answer)) for index, answer in answers.items()
+                  if isinstance(answer, RemoteError)]
+        if not failed:
+            return None
+        self._ask_all("abort", ASK_TIMEOUT)
+        index, error = failed[0]
+        return f"worker {index}: {error}"
+
+    def _ask_all(self, op: str, timeout: float, **args: Any) -> dict[int, Any]:
+        """Ask every worker that is not leaving, at once; each answer by worker number (an
+        exception for a worker that failed, or is gone)."""
+        asked = [w for w in self.workers.values() if not w.leaving]
+        calls = {w.index: self.tasks.spawn(self._ask, w, op, timeout, args) for w in asked}
+        gevent.joinall(list(calls.values()))
+        return {index: call.value for index, call in calls.items()}
+
+    @staticmethod
+    def _ask(worker: _Worker, op: str, timeout: float, args: dict[str, Any]) -> Any:
+        try:
+            return worker.channel.call(op, timeout, **args)
+        except (ChannelClosed, RemoteError) as exc:
+            return exc
+
+    def _resize(self, count: int) -> None:
+        """A reload changed ``workers``: start the new ones, stop the ones past ``count``."""
+        if count == self.count:
+            return
+        log.info("reload: workers %d -> %d", self.count, count)
+        for index in range(self.count, count):
+            self.due[index] = time.monotonic()
+        for index in range(count, self.count):
+            self.due.pop(index, None)
+            # No new connection for it: its sockets leave the group at once here, and in
+            # the worker as soon as it stops.
+            self._close_listeners(index)
+            worker = self.workers.get(index)
+            if worker is None:
+                continue
+            worker.leaving = True
+            try:
+                os.kill(worker.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self.count = count
+
+    # -- the admin listener (local.AdminTarget) ---------------------------------------------
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for index, answer in sorted(self._ask_all("tunnels", ASK_TIMEOUT).items()):
+            if isinstance(answer, Exception):
+                log.warning("/tunnels: worker %d did not answer: %s", index, answer)
+                continue
+            found.extend(answer)
+        return found
+
+    def close_connection(self, conn_id: str) -> bool:
+        match = re.match(r"w([0-9]+)c", conn_id)
+        worker = self.workers.get(int(match.group(1))) if match else None
+        if worker is None:
+            return False
+        try:
+            return bool(worker.channel.call("close", ASK_TIMEOUT, id=conn_id))
+        except (ChannelClosed, RemoteError) as exc:
+            log.warning("closing %s: worker %d did not answer: %s", conn_id, worker.index,
+                        exc)
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        figures = []
+        for index, answer in sorted(self._ask_all("stats", ASK_TIMEOUT).items()):
+            if isinstance(answer, Exception):
+                log.warning("/debug/stats: worker %d did not answer: %s", index, answer)
+                continue
+            figures.append(answer)
+        return combine_stats(figures, pid=os.getpid(), generation=self.server.gen.number,
+                             stopping=self.stopping)
+
+    def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
+        return exposition(self.server.pm, {w.index: w.pid for w in self.workers.values()})
+
+
+# -- a worker -------------------------------------------------------------------------------
+
+
+class _WorkerOps:
+    """What a worker does for its master."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.pending: Optional[Generation] = None
+
+    def __call__(self, op: str, message: dict[str, Any]) -> Any:
+        server = self.server
+        if op == "tunnels":
+            return server.tunnels()
+        if op == "stats":
+            return server.process_stats()
+        if op == "close":
+            return server.close_connection(message["id"])
+        if op == "prepare":
+            self._drop_pending()
+            try:
+                self.pending = server.prepare(message["text"])
+            except Exception as exc:
+                raise RemoteError(reload_failure(exc)) from None
+            return None
+        if op == "commit":
+            if self.pending is None:
+                raise RemoteError("nothing prepared")
+            new, self.pending = self.pending, None
+            server.install(new)
+            return None
+        if op == "abort":
+            self._drop_pending()
+            return None
+        raise RemoteError(f"unknown request {op!r}")
+
+    def _drop_pending(self) -> None:
+        if self.pending is not None:
+            self.pending.unconfigure()
+            self.pending = None
+
+
+class _MasterLink:
+    """A worker's way to what only its master knows (ProxyServer.coordinator)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
+        try:
+            found = self.channel.call("metrics", ASK_TIMEOUT)
+        except (ChannelClosed, RemoteError) as exc:
+            log.warning("metrics: the master did not answer: %s", exc)
+            return None
+        return None if found is None else (found[0].encode(), found[1])
+
+
+def work(server: ProxyServer, index: int,
+         listeners: list[tuple[socket.socket, ListenAddress]], sock: socket.socket) -> int:
+    """Serve as worker ``index`` on ``listeners`` until stopped; ``sock``: the line to the
+    master, which stops this worker when it breaks (the master is gone)."""
+    server.worker = index
+    server.conn_prefix = f"w{index}"
+    name_process(f"worker {index}")
+    channel = Channel(sock, _WorkerOps(server), gevent.spawn,
+                      on_close=lambda: gevent.spawn(server.stop))
+    server.coordinator = _MasterLink(channel)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, lambda: gevent.spawn(server.stop))
+    gevent.signal_handler(signal.SIGUSR1, server.reopen_logs)
+    gevent.signal_handler(signal.SIGHUP, lambda: log.warning(
+        "SIGHUP ignored: the master (pid %d) reloads every worker at once", os.getppid()))
+    try:
+        server.start(listeners=listeners, admin=False)
+    except OSError as exc:
+        print(f"geproxy: worker {index}: cannot listen: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    try:
+        channel.tell("ready", worker=index)
+    except ChannelClosed:
+        server.stop(timeout=0)
+    server.wait()
+    channel.close()
+    return 0
+
+
+# -- one process, or a master ---------------------------------------------------------------
+
+
+def serve(server: ProxyServer) -> int:
     """Run one server until SIGTERM or SIGINT has drained it; SIGHUP reloads, SIGUSR1
     reopens logs. Returns the exit status: 0, or 2 when a listen address cannot be bound."""
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -149,16 +614,48 @@ def serve(server: ProxyServer, **start: Any) -> int:
     gevent.signal_handler(signal.SIGUSR1, server.reopen_logs)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(server.reload))
     try:
-        server.serve_forever(**start)
+        server.serve_forever()
     except OSError as exc:
         print(f"geproxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def run(server: ProxyServer) -> int:
-    """``workers = 1``: this process serves; more: a master and its workers."""
-    count = server.config.core["workers"]
-    if count <= 1:
-        return serve(server)
-    return Master(server, count).run()
+def workers_wanted(path: str, text: str) -> int:
+    """The ``workers`` the file asks for, read before the plugins load (they must know
+    whether their figures are shared); 1 when the value is bad (the load says why)."""
+    try:
+        parser = read_ini(path, text)
+        return parse_workers(parser.get("geproxy", "workers", fallback="1"))
+    except (ConfigError, ValueError):
+        return 1
+
+
+def run(path: str, load: Callable[..., ProxyServer] = create_server) -> int:
+    """Run the proxy of the file at ``path``: this process serves (``workers = 1``), or a
+    master and its workers do. Returns the exit status (2 for a bad configuration)."""
+    try:
+        text = read_text(path)
+    except ConfigError as exc:
+        print(f"geproxy: {exc}", file=sys.stderr)
+        return 2
+    count = workers_wanted(path, text)
+    metrics_dir = ""
+    if count > 1:
+        # Counters that every worker adds to, summed on /metrics (prometheus_client's
+        # multiprocess mode, which the metrics plugin turns on when this is set).
+        metrics_dir = tempfile.mkdtemp(prefix="geproxy-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        try:
+            server = load(path, text=text)
+        except ConfigError as exc:
+            print(f"geproxy: {exc}", file=sys.stderr)
+            return 2
+        if count <= 1:
+            return serve(server)
+        name_process("master")
+        return Master(server, count, metrics_dir).run()
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

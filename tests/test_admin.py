@@ -143,9 +143,10 @@ def test_the_proxy_port_serves_no_admin_page(proxy_factory):
     assert answer.startswith(b"HTTP/1.1 200 ")
 
 
-STATS_KEYS = {"pid", "rss_kib", "open_fds", "greenlets", "threads", "connections",
-              "idle_connections", "in_flight", "tunnels", "upstream_pool", "generation",
-              "stopping"}
+#: The figures of one process, summed over the workers at the top level.
+FIGURES = {"rss_kib", "open_fds", "greenlets", "threads", "connections", "idle_connections",
+           "in_flight", "tunnels", "detached_tunnels", "upstream_pool"}
+STATS_KEYS = FIGURES | {"pid", "generation", "stopping", "workers"}
 
 
 def _stats(proxy) -> dict:
@@ -172,8 +173,13 @@ def test_debug_stats_follow_a_tunnel_and_a_pooled_connection(proxy_factory, raw_
     server = raw_origin(echo)
     before = _stats(proxy)
     assert set(before) == STATS_KEYS
-    # The proxy runs in this process here: its figures are this process's.
+    # The proxy runs in this process here: its figures are this process's, the same at
+    # the top and as its one worker's, as a master gives them for its workers.
     assert before["pid"] == os.getpid()
+    worker, = before["workers"]
+    assert set(worker) == FIGURES | {"worker", "pid", "generation", "stopping"}
+    assert worker["worker"] == 0 and worker["pid"] == os.getpid()
+    assert all(worker[name] == before[name] for name in FIGURES - {"greenlets", "open_fds"})
     assert 10_000 < before["rss_kib"] < 4_000_000
     assert 3 < before["open_fds"] < 1000 and before["threads"] >= 1
     assert before["greenlets"] >= 0 and before["generation"] == 1
@@ -193,6 +199,8 @@ def test_debug_stats_follow_a_tunnel_and_a_pooled_connection(proxy_factory, raw_
         later = _stats_until(proxy, lambda s: s["greenlets"] == before["greenlets"] + 1)
         assert later["greenlets"] == before["greenlets"] + 1
         assert (later["connections"], later["in_flight"], later["tunnels"]) == (1, 1, 1)
+        # A tunnel that relays with no greenlet waiting for it is told apart.
+        assert later["detached_tunnels"] == 1
     finally:
         sock.close()
     after = _stats_until(proxy, lambda s: s["connections"] == 0 and

@@ -100,13 +100,20 @@ def test_unusual_methods_share_one_label(proxy_factory, origin):
     assert samples[("geproxy_requests_total", (("method", "OTHER"), ("status", "200")))] == 1
 
 
-def test_each_instance_has_its_own_registry():
-    first, second = Metrics(), Metrics()
-    first.connections.inc()
+def test_figures_belong_to_a_server_and_outlive_its_reloads():
+    from geproxy import Config
+
+    first, second, reloaded = Metrics(), Metrics(), Metrics()
+    stash: dict = {}
+    first.configure(Config("a.ini", {}, stash))
+    second.configure(Config("b.ini", {}))  # another server: a stash of its own
+    reloaded.configure(Config("a.ini", {}, stash))  # a reload of the first server
+    first.figures.connections.inc()
     text, content_type = second.exposition()
     assert content_type == prometheus_client.CONTENT_TYPE_LATEST
     assert b"geproxy_connections_total 0.0" in text
-    assert b"geproxy_connections_total 1.0" in first.exposition()[0]
+    assert b"geproxy_connections_total 1.0" in reloaded.exposition()[0]
+    assert b"_created" not in text  # as with workers, whose multiprocess mode has none
     assert prometheus_client.REGISTRY.get_sample_value("geproxy_connections_total") is None
 
 
