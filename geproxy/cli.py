@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("target", help="host:port for CONNECT, http://host/path otherwise")
     explain.add_argument("--from", dest="client", default="127.0.0.1", metavar="IP",
                          help="the client address (default 127.0.0.1)")
-    explain.add_argument("--user", default=None, help="the authenticated user name")
+    explain.add_argument("--user", default=None, metavar="NAME",
+                         help="the client as this authenticated user (no password is checked); "
+                              "without it, a proxy with [auth] answers 407")
     explain.add_argument("--no-resolve", action="store_true", help="skip name resolution")
     return parser
 

@@ -1,22 +1,52 @@
 """``geproxy explain``: a dry run of the policy for one request, without connecting.
 
 The request goes through on_connect, on_request, route and resolve as the proxy would run
-them, and every plugin's own answer is printed, so an operator sees which plugin decided and
-why. For the decisions, each implementation is asked in pluggy's order and the first answer
-wins, exactly as in the proxy; the plugins after it are still asked (and marked) so their
-opinion shows too. Nothing is connected; with ``--no-resolve`` nothing is resolved either.
+them, with ``ctx.decide_only`` set (``--user`` is an identity already established: no
+credentials are checked, nothing is counted), and the run ends with what the client would get.
+
+Each decision is the proxy's own call of the hook, wrappers included: the first answer wins,
+an error raised or returned, or a ``Response`` (a 407, the PAC file), which is sent to the
+client as it is. Beside it, every implementation's own opinion is printed, in pluggy's order:
+plain implementations are each called directly (those after the first answer too), and a
+wrapper's part is found by calling the hook without it: it shows when it changes the answer.
+
+Verdict: ``allowed`` (exit 0) when the request would be tunnelled, forwarded upstream, or
+answered with a status below 400; ``refused`` (exit 1) for an error or any answer of 400 or
+more (a 407 included). Nothing is connected; with ``--no-resolve`` nothing is resolved either.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
 from . import http11
-from .errors import ProxyError, proxy_name
-from .models import Context, Request, Response
+from .errors import InternalError, LoopDetected, ProxyError, proxy_name
+from .local import addressed_to_proxy, call_wsgi, local_app
+from .models import Context, Request, Response, Route
 from .plugins import Hooks, load
+from .static import docroot_file
 
-__all__ = ["explain"]
+__all__ = ["explain", "Answer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the client would get."""
+
+    #: The status sent, None when it is the origin's (forwarded upstream).
+    status: Optional[int]
+    #: The ``answer`` line.
+    text: str
+    #: The error the proxy answers with, None for any other answer.
+    error: Optional[ProxyError] = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.error is None and (self.status is None or self.status < 400)
 
 
 def _request(method: str, target: str) -> Request:
@@ -27,6 +57,27 @@ def _request(method: str, target: str) -> Request:
     request = parser.feed(head.encode("latin-1"))
     assert request is not None  # a complete head always parses or raises
     return request
+
+
+def _outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """What a hook call comes to: its answer, or the ProxyError it raised. Anything else
+    raised is what the proxy fails closed on (500): an InternalError here."""
+    try:
+        return call(*args, **kwargs)
+    except ProxyError as exc:
+        return exc
+    except Exception as exc:
+        log.debug("a plugin raised", exc_info=True)
+        return InternalError(f"{type(exc).__name__}: {exc}")
+
+
+def _key(outcome: Any) -> Any:
+    """What makes two outcomes the same answer to the client."""
+    if isinstance(outcome, ProxyError):
+        return (type(outcome), outcome.status, outcome.error, getattr(outcome, "rule", None))
+    if isinstance(outcome, Response):
+        return (Response, outcome.status)
+    return outcome
 
 
 def _describe(value: Any) -> str:
@@ -49,63 +100,169 @@ def _verdict(exc: ProxyError) -> str:
     return text
 
 
+def _is_wrapper(impl: Any) -> bool:
+    return bool(impl.wrapper or impl.hookwrapper)
+
+
+class _DryServer:
+    """The server as the proxy port's local app sees it in a dry run (local.AdminTarget):
+    running, nothing in flight. Only the status of its answers matters here."""
+
+    stopping = False
+
+    def __init__(self, pm: Any) -> None:
+        self.pm = pm
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        return []
+
+    def close_connection(self, conn_id: str) -> bool:
+        return False
+
+    def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
+        # As the server finds it: the plugin named metrics, if it has an exposition.
+        found = getattr(self.pm.get_plugin("metrics"), "exposition", None)
+        return None if found is None else (b"", "text/plain")
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
 class _Explainer:
-    def __init__(self, hooks: Hooks, out: TextIO) -> None:
+    def __init__(self, hooks: Hooks, config: Any, out: TextIO) -> None:
         self.hooks = hooks
+        self.config = config
         self.out = out
 
     def say(self, label: str, text: str) -> None:
         self.out.write(f"{label:<12}{text}".rstrip() + "\n")
 
-    def decide(self, hook_name: str, kwargs: dict[str, Any]) -> Any:
-        """Ask every implementation in order; the first answer (or raise) decides."""
-        caller = getattr(self.hooks.pm.hook, hook_name)
-        impls = list(reversed(caller.get_hookimpls()))
-        self.say(hook_name, "" if impls else "(no plugin implements it)")
-        decided: Any = None
-        done = False
-        for impl in impls:
-            if impl.wrapper or impl.hookwrapper:
-                self.out.write(f"  {impl.plugin_name:<22}(wrapper: observes)\n")
-                continue
-            try:
-                answer = impl.function(*[kwargs[name] for name in impl.argnames])
-            except ProxyError as exc:
-                answer = exc
-            mark = "" if done or answer is None else "  <- decides"
-            self.out.write(f"  {impl.plugin_name:<22}{_describe(answer)}{mark}\n")
-            if not done and answer is not None:
-                decided, done = answer, True
-        return decided
+    def decide(self, hook_name: str, kwargs: dict[str, Any],
+               call: Callable[[], Any]) -> tuple[Any, Optional[str]]:
+        """Run ``call``, the proxy's own call of a firstresult hook, and print every
+        implementation's opinion; returns the outcome and the plugin that decided it."""
+        pm = self.hooks.pm
+        impls = list(reversed(getattr(pm.hook, hook_name).get_hookimpls()))
+        ctx: Context = kwargs["ctx"]
+        stash, user = dict(ctx.stash), ctx.user
 
-    def run(self, ctx: Context, request: Request, resolve: bool,
-            is_local: Callable[[Request], bool]) -> Optional[ProxyError]:
-        """The verdict: None if the request would go upstream (or be answered locally)."""
-        verdict = self.decide("on_connect", {"ctx": ctx})
+        def afresh() -> None:
+            # Every call starts from the same ctx, so the last one, the proxy's own, leaves
+            # in it what the proxy's would, and nothing from plugins only asked for opinions.
+            ctx.stash.clear()
+            ctx.stash.update(stash)
+            ctx.user = user
+
+        opinions: dict[Any, Any] = {}
+        for impl in impls:
+            afresh()
+            if _is_wrapper(impl):
+                without = pm.subset_hook_caller(hook_name, remove_plugins=[impl.plugin])
+                opinions[impl] = _outcome(without, **kwargs)
+            else:
+                opinions[impl] = _outcome(impl.function,
+                                          *[kwargs[name] for name in impl.argnames])
+        afresh()
+        decided = _outcome(call)
+        changed = [impl for impl in impls
+                   if _is_wrapper(impl) and _key(opinions[impl]) != _key(decided)]
+        # The outermost wrapper that changes the answer has the last word; else the first
+        # plain implementation that answered (when anyone did).
+        answered = [impl for impl in impls if not _is_wrapper(impl)
+                    and opinions[impl] is not None and decided is not None]
+        decider = (changed or answered or [None])[0]
+        self.say(hook_name, "" if impls else "(no plugin implements it)")
+        for impl in impls:
+            if not _is_wrapper(impl):
+                text = _describe(opinions[impl])
+            elif impl not in changed:
+                text = "(wrapper) no change"
+            elif impl is decider:
+                text = "(wrapper) " + _describe(decided)
+            else:
+                text = "(wrapper) changes what the others answer"
+            mark = "  <- decides" if impl is decider else ""
+            self.out.write(f"  {impl.plugin_name:<22}{text}{mark}\n")
+        return decided, None if decider is None else decider.plugin_name
+
+    def run(self, ctx: Context, request: Request, resolve: bool) -> Answer:
+        """Where the request ends, as in the proxy's connection: the first answer decides."""
+        verdict, _ = self.decide("on_connect", {"ctx": ctx},
+                                 lambda: self.hooks.on_connect(ctx))
         if verdict is not None:
-            return verdict if isinstance(verdict, ProxyError) else ProxyError("on_connect")
-        answer = self.decide("on_request", {"ctx": ctx, "request": request})
+            return _error(verdict if isinstance(verdict, ProxyError)
+                          else InternalError(f"on_connect returned {verdict!r}"), self.config)
+        answer, by = self.decide("on_request", {"ctx": ctx, "request": request},
+                                 lambda: self.hooks.on_request(ctx, request))
         if isinstance(answer, ProxyError):
-            return answer
+            return _error(answer, self.config)
         if isinstance(answer, Response):
-            self.say("answer", f"{answer.status} from a plugin")
-            return None
-        if is_local(request):
-            self.say("answer", "answered by the proxy itself (local request)")
-            return None
+            return _plugin_answer(answer, by)
+        if answer is not None:
+            return _error(InternalError(f"on_request returned {answer!r}"), self.config)
+        core = self.config.core
+        if addressed_to_proxy(request, core["listen"], ctx.server_addr[0]):
+            return self.local(ctx, request)
+        route = self.route(ctx, request, resolve)
+        via = f" through parent proxy {route.host}:{route.port}" if route else ""
+        if request.is_connect:
+            return Answer(200, f"200 Connection Established, then a tunnel{via}")
+        return Answer(None, f"forwarded upstream{via}: the status is the origin's")
+
+    def local(self, ctx: Context, request: Request) -> Answer:
+        """The proxy's own answer to a request addressed to it."""
+        if request.is_connect:
+            raise LoopDetected("CONNECT to the proxy itself")
+        core = self.config.core
+        if docroot_file(core["docroot"], core["local_paths"], request.method, request.path):
+            return Answer(200, "200 OK, a file of docroot, from the proxy itself")
+        app = local_app(_DryServer(self.hooks.pm), core["local_paths"])
+        response = call_wsgi(app, ctx, request)
+        return Answer(response.status, f"{response.status} {response.reason}, from the proxy "
+                                       f"itself")
+
+    def route(self, ctx: Context, request: Request, resolve: bool) -> Optional[Route]:
+        """The route the request would take: the first whose address resolves (the proxy
+        then connects; a parent that fails there is not known here)."""
         routes = self.hooks.route(ctx, request)
-        route = routes[0]
-        host, port = (route.host, route.port) if route else (request.host, request.port)
         self.say("route", " then ".join(f"parent proxy {r.host}:{r.port}" if r else "direct"
                                         for r in routes))
-        if resolve:
-            addresses = self.hooks.resolve(ctx, host, port)
+        if not resolve:
+            self.say("resolve", "skipped (--no-resolve)")
+            return routes[0]
+        failure: Optional[ProxyError] = None
+        for route in routes:
+            host, port = (route.host, route.port) if route else (request.host, request.port)
+            try:
+                addresses = self.hooks.resolve(ctx, host, port)
+            except ProxyError as exc:
+                if route is None:
+                    raise
+                # As the proxy does: this parent failed, the next route is tried.
+                self.say("resolve", f"parent proxy {host}:{port}: {_verdict(exc)}")
+                failure = exc
+                continue
             ttl = getattr(addresses, "ttl", None)
             listed = ", ".join(_address(a) for a in addresses)
             self.say("resolve", listed + (f"  (ttl {ttl:g}s)" if ttl is not None else ""))
-        else:
-            self.say("resolve", "skipped (--no-resolve)")
-        return None
+            return route
+        assert failure is not None  # routes is never empty
+        raise failure
+
+
+def _error(exc: ProxyError, config: Any) -> Answer:
+    return Answer(exc.status, f"{exc.status} {http11.reason_phrase(exc.status)}; "
+                              f"Proxy-Status: {proxy_name(_via(config))}; "
+                              f"{exc.proxy_status_params()}", exc)
+
+
+def _plugin_answer(response: Response, plugin: Optional[str]) -> Answer:
+    reason = response.reason or http11.reason_phrase(response.status)
+    text = f"{response.status} {reason}, from the {plugin or 'a'} plugin"
+    status_field = response.headers.get("proxy-status")
+    if status_field:
+        text += f"; Proxy-Status: {status_field}"
+    return Answer(response.status, text)
 
 
 def _address(address: tuple[Any, ...]) -> str:
@@ -117,8 +274,9 @@ def explain(config_path: str, method: str, target: str, client: str = "127.0.0.1
             out: Optional[TextIO] = None) -> int:
     """Print the dry run to ``out``; 0 when the request would be allowed, 1 when refused.
 
-    Raises ConfigError for a bad configuration; a malformed request is reported as the
-    proxy would answer it (400), with exit status 1.
+    ``user`` is taken as an authenticated user (no credentials are checked). Raises
+    ConfigError for a bad configuration; a malformed request is reported as the proxy would
+    answer it (400), with exit status 1.
     """
     import sys
 
@@ -126,38 +284,26 @@ def explain(config_path: str, method: str, target: str, client: str = "127.0.0.1
     pm, config = load(config_path)
     hooks = Hooks(pm)
     listen = config.core["listen"][0]
-    ctx = Context(client_addr=(client, 0), server_addr=listen, config=config, user=user)
-    writer = _Explainer(hooks, out)
+    ctx = Context(client_addr=(client, 0), server_addr=listen, config=config,
+                  user=user, decide_only=True)
+    writer = _Explainer(hooks, config, out)
     writer.say("request", f"{method} {target} from {client}"
                + (f" as {user}" if user else ""))
-    verdict: Optional[ProxyError]
     try:
-        request = _request(method, target)
-        verdict = writer.run(ctx, request, resolve, lambda r: _is_local(r, listen))
+        answer = writer.run(ctx, _request(method, target), resolve)
     except ProxyError as exc:
-        verdict = exc
+        answer = _error(exc, config)
+    except Exception as exc:  # a plugin's bug in route or resolve: the proxy fails closed
+        log.exception("explain: a plugin failed")
+        answer = _error(InternalError(f"{type(exc).__name__}: {exc}"), config)
     for name, value in sorted(ctx.stash.items()):
         if not name.startswith("_"):  # a leading underscore: a plugin's private mark
             writer.say("stash", f"{name}: {value}")
-    if verdict is not None:
-        writer.say("answer", f"{verdict.status} {http11.reason_phrase(verdict.status)}; "
-                             f"Proxy-Status: {proxy_name(_via(config))}; "
-                             f"{verdict.proxy_status_params()}")
-        writer.say("verdict", "refused")
-        return 1
-    if request.is_connect:
-        writer.say("answer", "200 Connection Established, then a tunnel")
-    elif request.host:
-        writer.say("answer", "forwarded upstream")
-    writer.say("verdict", "allowed")
-    return 0
+    writer.say("answer", answer.text)
+    writer.say("verdict", "allowed" if answer.allowed else "refused")
+    return 0 if answer.allowed else 1
 
 
 def _via(config: Any) -> str:
     via: str = config.core["via"]
     return "" if via.lower() == "off" else via
-
-
-def _is_local(request: Request, listen: tuple[str, int]) -> bool:
-    return not request.host or (request.port == listen[1] and request.host in (listen[0],
-                                                                              "localhost"))

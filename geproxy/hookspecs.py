@@ -148,6 +148,9 @@ def on_connect(ctx: "Context") -> Optional["Denied"]:
     :returns: ``None`` to allow (no opinion), or a ``Denied`` to close the connection
         without sending anything. Raising ``Denied`` does the same.
 
+    With ``ctx.decide_only`` set (``geproxy explain``) no connection was accepted: decide as
+    for any other, and count or log nothing (no open connection, no per-client count).
+
     Must not read from or write to the client: there is no socket in ``ctx``, on purpose.
     """
 
@@ -163,6 +166,16 @@ def on_request(ctx: "Context", request: "Request") -> Optional["Response"]:
         ``path``, ``headers``. For CONNECT, ``host`` and ``port`` are the tunnel's target.
     :returns: ``None`` to let the request go on, or a ``Response`` to answer with it instead
         (403, 407, a local page ...). Raising a ``ProxyError`` answers with its status.
+
+    With ``ctx.decide_only`` set, the request is only being decided, not served
+    (``geproxy explain``; the re-check of open tunnels after a reload), and the hook may be
+    called more than once for it. Answer exactly as for a request being served, with these
+    differences: ``ctx.user`` is an identity already established (or given with
+    ``--user``), or None. A plugin that authenticates takes it as it is: it reads and checks
+    no credentials and does not reset ``ctx.user``; with a user set the request is
+    authenticated, and with None it answers its challenge (a 407) exactly as to a client
+    that sent no credentials. A plugin that counts or logs requests leaves this one out:
+    ``on_close`` will not follow.
 
     Must not mutate ``request``; use ``ctx.user`` to record an authenticated identity.
     """

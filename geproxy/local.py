@@ -11,13 +11,14 @@ The admin listener (``admin_listen``) serves a second, separate app through geve
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import sys
 from typing import Any, Callable, Iterable, Optional, Protocol
 
 from .models import Context, Headers, Request, Response
 
-__all__ = ["local_app", "admin_app", "AdminTarget", "call_wsgi"]
+__all__ = ["local_app", "admin_app", "AdminTarget", "call_wsgi", "addressed_to_proxy"]
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -25,6 +26,33 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 #: The admin paths the proxy port may also serve (``local_paths``); never /tunnels nor
 #: /debug/stats, which tell what is in flight and what the process holds.
 PROXY_PORT_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def addressed_to_proxy(request: Request, listeners: Iterable[tuple[str, int]],
+                       local_host: str) -> bool:
+    """Whether ``request`` is addressed to the proxy itself rather than through it.
+
+    True for an origin-form request (no host), and for an absolute-form or CONNECT target on
+    the port of one of ``listeners`` (``(host, port)`` each) whose host is that listener's
+    host, ``local_host`` (the address the client reached), ``localhost``, or a loopback
+    address when the listener is a wildcard or on loopback. The server and ``geproxy
+    explain`` both ask this, so a dry run calls local what the proxy would answer itself.
+    """
+    if not request.host:
+        return True
+    for host, port in listeners:
+        if request.port != port:
+            continue
+        if request.host in (host, local_host, "localhost"):
+            return True
+        try:
+            target = ipaddress.ip_address(request.host)
+        except ValueError:
+            continue
+        if target.is_loopback and (host in ("0.0.0.0", "::") or
+                                   ipaddress.ip_address(host).is_loopback):
+            return True
+    return False
 
 
 def local_app(target: "AdminTarget", paths: Iterable[str] = ("/healthz",)) -> WSGIApp:

@@ -211,6 +211,12 @@ class Context:
     requests: int = 0
     #: The TLS session, on a TLS listener once the handshake is done; None on a plain one.
     tls: Optional[TLSInfo] = None
+    #: True while a request is only being decided, not served: ``geproxy explain``, and the
+    #: re-check of open tunnels after a reload. ``ctx.user`` then holds an identity already
+    #: established (or given with ``--user``), or None: plugins that authenticate take it as
+    #: it is, check no credentials, and answer their challenge only when it is None; plugins
+    #: that count or log requests leave the request out.
+    decide_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.conn_id:

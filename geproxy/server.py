@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import ipaddress
 import logging
 import os
 import socket
@@ -18,7 +17,7 @@ from gevent.server import StreamServer
 from .config import Config, ListenAddress
 from .connection import Connection
 from .errors import ConfigError, ProxyError, TooManyConnections, proxy_name
-from .local import PROXY_PORT_PATHS, admin_app, local_app
+from .local import PROXY_PORT_PATHS, addressed_to_proxy, admin_app, local_app
 from .models import Context, Record, Request
 from .plugins import Hooks, load, plugin_names
 from .upstream import UpstreamPool
@@ -319,21 +318,7 @@ class ProxyServer:
 
     def is_local(self, request: Request, ctx: Context) -> bool:
         """Whether ``request`` is addressed to this proxy rather than through it."""
-        if not request.host:
-            return True
-        for host, port in self.addresses:
-            if request.port != port:
-                continue
-            if request.host in (host, ctx.server_addr[0], "localhost"):
-                return True
-            try:
-                target = ipaddress.ip_address(request.host)
-            except ValueError:
-                continue
-            if target.is_loopback and (host in ("0.0.0.0", "::") or
-                                       ipaddress.ip_address(host).is_loopback):
-                return True
-        return False
+        return addressed_to_proxy(request, self.addresses, ctx.server_addr[0])
 
     def reload(self) -> bool:
         """SIGHUP to a process that runs alone: read the configuration file and plugins

@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import mimetypes
 import os
-from typing import Optional
+from typing import Iterable, Optional
 from urllib.parse import unquote
 
-__all__ = ["find_file", "content_type"]
+__all__ = ["find_file", "content_type", "docroot_file"]
+
+
+def docroot_file(docroot: str, local_paths: Iterable[str], method: str,
+                 path: str) -> Optional[str]:
+    """The file of ``docroot`` that answers a request (without a body) for the proxy itself,
+    or None: GET and HEAD only, and never for a path of ``local_paths``, the proxy's own
+    pages, which come first."""
+    if not docroot or method not in ("GET", "HEAD"):
+        return None
+    if path.partition("?")[0] in local_paths:
+        return None
+    return find_file(docroot, path)
 
 
 def find_file(docroot: str, path: str) -> Optional[str]:

@@ -319,7 +319,8 @@ class ACL:
 
     @hookimpl
     def on_connect(self, ctx: Context) -> Optional[Denied]:
-        if self.per_client:
+        # A connection only being decided (geproxy explain) is not open: not counted.
+        if self.per_client and not ctx.decide_only:
             client = ctx.client_addr[0]
             count = self._open[client] = self._open.get(client, 0) + 1
             ctx.stash[COUNTED_KEY] = count > self.per_client  # True: over the limit

@@ -266,6 +266,12 @@ class Auth:
     def on_request(self, ctx: Context, request: Request) -> Optional[Response]:
         if not self.path:
             return None
+        if ctx.decide_only:
+            # Only deciding: ctx.user is the identity already established (or None), taken
+            # as it is; no credentials are read. Without one, the client gets the challenge.
+            if ctx.user is not None or not request.host:
+                return None
+            return self.challenge()
         tls = ctx.tls
         if tls is not None and tls.identity is not None:
             ctx.user = tls.identity  # a verified client certificate authenticates

@@ -238,7 +238,10 @@ class DNSCache:
 
     def _count(self, ctx: Context, outcome: str) -> None:
         """Count a lookup's outcome, and leave it in ``ctx.stash["dnscache"]`` for the
-        ``metrics`` plugin (``hits``, ``misses`` or ``stale``)."""
+        ``metrics`` plugin (``hits``, ``misses`` or ``stale``); a lookup of a request only
+        being decided (``ctx.decide_only``: geproxy explain) is not counted."""
+        if ctx.decide_only:
+            return
         setattr(self, outcome, getattr(self, outcome) + 1)
         ctx.stash[STASH] = outcome
 

@@ -246,6 +246,8 @@ class Metrics:
 
     @hookimpl
     def on_connect(self, ctx: Context) -> None:
+        if ctx.decide_only:  # only deciding (geproxy explain): nothing was accepted
+            return
         figures = self._figures()
         figures.connections.inc()
         figures.open.inc()
@@ -271,7 +273,10 @@ class Metrics:
     @hookimpl(wrapper=True)
     def on_request(self, ctx: Context, request: Request) -> Generator[None, Any,
                                                                       Optional[Response]]:
-        # A wrapper runs whatever the other plugins answer, so every request is counted.
+        # A wrapper runs whatever the other plugins answer, so every request is counted;
+        # one only being decided (geproxy explain, a re-check) is not served: not counted.
+        if ctx.decide_only:
+            return (yield)
         figures = self._figures()
         ctx.stash[STASH] = figures
         figures.in_flight.inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -128,3 +129,128 @@ def test_the_acl_rule_that_decides_is_shown(tmp_path):
     assert explain(str(path), "CONNECT", "api.example.com:443", client="192.0.2.1",
                    resolve=False, out=out) == 1
     assert "acl: decided at connect: deny (rule others)" in out.getvalue()
+
+
+# -- the first answer decides, as in the proxy ---------------------------------------------
+
+AUTH_POLICY = textwrap.dedent('''
+    from geproxy import DNSError, hookimpl
+
+    class Names:
+        name = "names"
+
+        @hookimpl(tryfirst=True)
+        def resolve(self, ctx, host, port):
+            if host.endswith(".missing"):
+                raise DNSError(f"no address for {host}", rcode="NXDOMAIN")
+            return [("127.0.0.1", port)] if host.endswith(".test") else None
+
+    class Broken:
+        name = "broken"
+
+        @hookimpl
+        def on_request(self, ctx, request):
+            if request.host == "bug.test":
+                raise KeyError("a bug")
+            return None
+''')
+
+
+@pytest.fixture
+def auth_config(tmp_path, monkeypatch):
+    """A proxy with [auth] (alice, bcrypt), an ACL that denies one host and lets the rest
+    through, the PAC file, and a parent for *.via.test behind a parent that does not
+    resolve. Its listen address is never bound: explain connects nowhere."""
+    from passlib.hash import bcrypt
+
+    (tmp_path / "auth_policy.py").write_text(AUTH_POLICY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"alice:{bcrypt.using(ident='2y', rounds=5).hash('pw')}\n")
+    path = tmp_path / "auth.ini"
+    path.write_text(
+        "[geproxy]\nlisten = 0.0.0.0:3128\naccess_log = off\n"
+        "plugins = auth_policy:Names auth_policy:Broken\n"
+        f"[auth]\nhtpasswd = {htpasswd}\n"
+        "[acl]\nconnect_ports = 443\nrules =\n"
+        "    blocked: deny dst blocked.test\n    others: allow all\n"
+        "[destinations]\nallow = 127.0.0.0/8\n"
+        "[parents]\nparents = http://gone.missing:3128 http://127.0.0.1:3129\n"
+        "rules =\n    parent .via.test\n")
+    return str(path)
+
+
+def _answer(text):
+    return [line for line in text.splitlines() if line.startswith("answer ")]
+
+
+def test_a_user_given_is_authenticated_and_the_acl_decides(auth_config):
+    code, text = _run(auth_config, "CONNECT", "blocked.test:443", user="alice")
+    assert code == 1, text
+    assert "(rule blocked)" in text and "<- decides" in text
+    assert _answer(text) == ["answer      403 Forbidden; Proxy-Status: geproxy; "
+                             "error=http_request_denied"]
+    assert text.endswith("verdict     refused\n")
+    code, text = _run(auth_config, "CONNECT", "allowed.test:443", user="alice")
+    assert code == 0 and "verdict     allowed" in text, text
+    assert "resolve     127.0.0.1:443" in text
+
+
+def test_without_a_user_auth_answers_407_and_that_is_a_refusal(auth_config):
+    code, text = _run(auth_config, "CONNECT", "allowed.test:443")
+    assert code == 1, text
+    assert re.search(r"^  auth +answers 407  <- decides$", text, re.M), text
+    assert _answer(text) == ["answer      407 Proxy Authentication Required, from the auth "
+                             "plugin; Proxy-Status: geproxy; error=http_request_denied"]
+    assert "verdict     refused" in text and "route" not in text
+    # The stash shows what the proxy's own call left: acl was never asked there.
+    assert "acl.request" not in text
+
+
+def test_a_plugins_response_is_what_the_client_gets(auth_config):
+    code, text = _run(auth_config, "GET", "/proxy.pac")
+    assert code == 0, text
+    assert re.search(r"^  pac +\(wrapper\) answers 200  <- decides$", text, re.M), text
+    assert _answer(text) == ["answer      200 OK, from the pac plugin"]
+    assert re.search(r"^  metrics +\(wrapper\) no change$", text, re.M), text
+
+
+def test_the_proxys_own_pages_answer_with_their_status(auth_config):
+    code, text = _run(auth_config, "GET", "/healthz")
+    assert code == 0 and _answer(text) == ["answer      200 OK, from the proxy itself"], text
+    code, text = _run(auth_config, "GET", "/no-such-page")
+    assert code == 1 and _answer(text) == ["answer      404 Not Found, from the proxy itself"]
+    # Addressed to the wildcard listener through a loopback address, as the server sees it.
+    code, text = _run(auth_config, "GET", "http://127.0.0.2:3128/healthz", user="alice")
+    assert code == 0 and _answer(text) == ["answer      200 OK, from the proxy itself"], text
+    code, text = _run(auth_config, "GET", "http://127.0.0.2:3129/healthz", user="alice")
+    assert code == 0 and "forwarded upstream" in _answer(text)[0], text
+
+
+def test_a_connect_to_the_proxy_itself_is_a_loop(tmp_path):
+    path = tmp_path / "loop.ini"
+    path.write_text("[geproxy]\nlisten = 127.0.0.1:3128\naccess_log = off\n"
+                    "[acl]\nconnect_ports = 3128\nrules = allow all\n")
+    code, text = _run(str(path), "CONNECT", "localhost:3128")
+    assert code == 1
+    assert _answer(text) == ["answer      502 Bad Gateway; Proxy-Status: geproxy; "
+                             "error=proxy_loop_detected"]
+
+
+def test_a_parent_that_does_not_resolve_is_passed_over(auth_config):
+    code, text = _run(auth_config, "GET", "http://www.via.test/", user="alice")
+    assert code == 0, text
+    assert "route       parent proxy gone.missing:3128 then parent proxy 127.0.0.1:3129" in text
+    assert "resolve     parent proxy gone.missing:3128: 502 dns_error" in text
+    assert "resolve     127.0.0.1:3129" in text
+    assert _answer(text) == ["answer      forwarded upstream through parent proxy "
+                             "127.0.0.1:3129: the status is the origin's"]
+
+
+def test_a_plugin_that_raises_fails_closed(auth_config):
+    code, text = _run(auth_config, "GET", "http://bug.test/", user="alice")
+    assert code == 1
+    assert re.search(r"^  broken +500 proxy_internal_error: KeyError: 'a bug'  <- decides$",
+                     text, re.M), text
+    assert _answer(text) == ["answer      500 Internal Server Error; Proxy-Status: geproxy; "
+                             "error=proxy_internal_error"]

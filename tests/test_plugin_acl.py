@@ -471,3 +471,25 @@ def test_max_connections_per_client(proxy_factory, origin):
             break
         gevent.sleep(0.01)
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_connection_only_decided_is_not_counted_per_client(tmp_path):
+    """``ctx.decide_only`` (geproxy explain): no count toward max_connections_per_client,
+    so dry runs leave no open connection behind and never push a client over its limit."""
+    from geproxy.errors import TooManyConnections
+
+    acl, config = _load_acl(tmp_path, "[acl]\nmax_connections_per_client = 1\n"
+                                      "rules = allow all\n")
+    request = _request("GET", "origin.test")
+    for _ in range(3):
+        ctx = _ctx(config, "192.0.2.7")
+        ctx.decide_only = True
+        assert _at_connect(acl, ctx) is None
+        assert _verdict(acl, ctx, request) is None
+    served = _ctx(config, "192.0.2.7")
+    assert _at_connect(acl, served) is None
+    assert _verdict(acl, served, request) is None  # the first one counted: within the limit
+    second = _ctx(config, "192.0.2.7")
+    acl.on_connect(second)
+    with pytest.raises(TooManyConnections):
+        acl.on_request(second, request)

@@ -517,3 +517,35 @@ def test_a_file_without_users_is_valid_with_a_warning(tmp_path, caplog):
     plugin = _load(tmp_path, f"htpasswd = {path}\n")
     assert plugin.users == {}
     assert any("has no user" in r.getMessage() for r in caplog.records)
+
+
+# -- deciding only (geproxy explain, re-checks) ----------------------------------------------
+
+
+def test_deciding_only_takes_ctx_user_as_it_is_and_checks_nothing(tmp_path, monkeypatch):
+    """With ``ctx.decide_only``, a user set is authenticated and kept; without one the
+    challenge is the answer, even beside good credentials: none are read or hashed."""
+    from geproxy import Context, Headers, Request
+
+    plugin = _load(tmp_path, f"htpasswd = {_write(tmp_path / 'htpasswd', USERS)}\n")
+    hashed: list[str] = []
+    monkeypatch.setattr(plugin, "verify_hash", lambda password, stored: hashed.append(stored))
+    good = Headers([("Proxy-Authorization", _basic("alice", "alice-pw"))], frozen=True)
+    tunnel = Request("CONNECT", "origin.test:443", "HTTP/1.1", good, "", "origin.test", 443)
+    own_page = Request("GET", "/healthz", "HTTP/1.1", Headers(frozen=True), path="/healthz")
+
+    def ctx(user: Optional[str]) -> Context:
+        return Context(client_addr=("127.0.0.1", 1), server_addr=("127.0.0.1", 3128),
+                       config=None, user=user, decide_only=True)
+
+    alice = ctx("alice")
+    assert plugin.on_request(alice, tunnel) is None and alice.user == "alice"
+    named = ctx("someone")  # not in the file: taken as it is, as explain's --user is
+    assert plugin.on_request(named, tunnel) is None and named.user == "someone"
+    nobody = ctx(None)
+    answer = plugin.on_request(nobody, tunnel)
+    assert answer is not None and answer.status == 407
+    assert answer.headers.get("Proxy-Authenticate") == 'Basic realm="geproxy"'
+    assert nobody.user is None
+    assert plugin.on_request(ctx(None), own_page) is None  # the proxy's pages: no challenge
+    assert hashed == []

@@ -167,3 +167,31 @@ def test_a_client_going_away_is_not_an_error(proxy_factory, origin):
     samples = _samples(proxy)
     assert not [key for key in samples if key[0] == "geproxy_errors_total"]
     assert samples[("geproxy_connections_total", ())] == 1
+
+
+def test_a_request_only_decided_is_not_counted(tmp_path):
+    """``ctx.decide_only`` (geproxy explain): neither the connection nor the request is
+    counted; the same hooks on a served one count both."""
+    from geproxy import Context, Headers, Request
+    from geproxy.plugins import load
+
+    path = tmp_path / "metrics.ini"
+    path.write_text("[geproxy]\naccess_log = off\n")
+    pm, config = load(str(path), entry_points=False)
+    metrics = pm.get_plugin("metrics")
+    request = Request("CONNECT", "origin.test:443", "HTTP/1.1", Headers(frozen=True), "",
+                      "origin.test", 443)
+
+    def figures() -> tuple[float, float, float]:
+        text = metrics.exposition()[0].decode()
+        return tuple(next(float(line.split()[-1]) for line in text.splitlines()
+                          if line.startswith(name + " "))
+                     for name in ("geproxy_connections_total", "geproxy_connections_open",
+                                  "geproxy_requests_in_flight"))
+
+    for decide_only, counted in ((True, (0, 0, 0)), (False, (1, 1, 1))):
+        ctx = Context(client_addr=("127.0.0.1", 1), server_addr=("127.0.0.1", 3128),
+                      config=config, decide_only=decide_only)
+        assert pm.hook.on_connect(ctx=ctx) is None
+        assert pm.hook.on_request(ctx=ctx, request=request) is None
+        assert figures() == counted
