@@ -14,7 +14,7 @@ The plugin's own ``[access_log]`` section leaves out the lines nobody reads: ``s
 requests for the proxy itself (origin-form, ``GET /healthz``) whose path is listed, such as a
 load balancer's health checks; ``skip_src``, every line of the clients in these networks,
 refused connections included, as Squid's ``access_log ... !acl`` does. The program log still
-has its line for each refusal and failure.
+has its line for each denial and failure.
 """
 
 from __future__ import annotations
