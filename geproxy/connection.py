@@ -360,7 +360,7 @@ class Connection:
         if record.error is None:  # a plugin's answer names its cause in Proxy-Status
             record.error = _proxy_status_error(headers.get("proxy-status"))
         body = b"" if request is not None and request.method == "HEAD" else response.body
-        record.status = response.status
+        record.status, record.content_type = response.status, headers.get("content-type")
         self.send(head + body, record)
         return not close
 
@@ -434,11 +434,11 @@ class Connection:
             return self.answer(Response(404, body=b"not found\n"), record, request)
         with handle:
             size = os.fstat(handle.fileno()).st_size
-            headers = [("Content-Type", content_type(filename)),
-                       ("Content-Length", str(size))]
+            kind = content_type(filename)
+            headers = [("Content-Type", kind), ("Content-Length", str(size))]
             keep = forward.client_keeps_alive(request) and not self.server.stopping
             headers.append(("Connection", "keep-alive" if keep else "close"))
-            record.status = 200
+            record.status, record.content_type = 200, kind
             self.send(http11.serialize_head("HTTP/1.1 200 OK", headers), record)
             if request.method == "GET":
                 while True:
@@ -547,6 +547,9 @@ class Connection:
                     route: Optional[Route]) -> tuple[socket.socket, tuple, bytes]:
         host, port = (route.host, route.port) if route is not None else (request.host,
                                                                            request.port)
+        # The record tells of the last attempt: its route, and its address once connected.
+        record.route, record.upstream_addr = route, None
+        record.routes_tried += 1
         started = time.time()
         addresses = self.hooks.resolve(self.ctx, host, port)
         record.dns_time = time.time() - started

@@ -323,7 +323,7 @@ def _exchange(conn: "Connection", request: Request, record: Record, upstream: _U
     try:
         chunked = isinstance(body, http11.ChunkedReader)
         head = _upstream_head(conn, request, route, body)
-        record.upstream_addr = upstream.address[:2]
+        record.upstream_addr, record.route = upstream.address[:2], route
         try:
             upstream.send(head)
             if body.done:
@@ -518,7 +518,7 @@ def _relay_response(conn: "Connection", request: Request, record: Record,
         headers.add("Connection", "keep-alive")
     reason = edited.reason or http11.reason_phrase(edited.status)
     out = http11.serialize_head(f"HTTP/1.1 {edited.status} {reason}", headers)
-    record.status = edited.status
+    record.status, record.content_type = edited.status, headers.get("content-type")
     data = upstream.buf
     upstream.buf = b""
     try:

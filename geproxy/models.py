@@ -256,6 +256,17 @@ class Record:
     sni: Optional[str] = None
     #: The request, once its head was read (None for a refused connection or a bad head).
     request: Optional["Request"] = None
+    #: The parent proxy of the upstream connection (``upstream_addr`` is then the parent's),
+    #: or of the last attempt when none could be made; None when direct, or never tried.
+    route: Optional[Route] = None
+    #: How many of the routes the ``route`` hook offered were tried, in their order (the
+    #: field ``route`` is the last one): 1 when the first worked, more after a failover, 0
+    #: when a pooled connection served the request or none was needed.
+    routes_tried: int = 0
+    #: The Content-Type field of the final answer's head sent to the client (the origin's, as
+    #: ``on_response`` left it, or that of an answer the proxy or a plugin made); None when it
+    #: had none (an established tunnel, a 204 without one, nothing sent).
+    content_type: Optional[str] = None
     #: How much of ``bytes_in`` and ``bytes_out`` ``on_progress`` has been told of.
     progress_in: int = 0
     progress_out: int = 0

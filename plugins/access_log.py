@@ -9,19 +9,28 @@ The file is ``[geproxy] access_log`` (``-`` for standard output, ``off`` for non
 with ``-`` for an empty field, ``squid`` (Squid's native line), ``combined`` (Apache/nginx)
 or ``json`` (every field); see log_formats.py. A rotated file (moved away by logrotate) is
 reopened by name, and on SIGUSR1 (``reopen_logs``).
+
+The plugin's own ``[access_log]`` section leaves out the lines nobody reads: ``skip_paths``,
+requests for the proxy itself (origin-form, ``GET /healthz``) whose path is listed, such as a
+load balancer's health checks; ``skip_src``, every line of the clients in these networks,
+refused connections included, as Squid's ``access_log ... !acl`` does. The program log still
+has its line for each denial and failure.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import logging.handlers
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
-from geproxy import Config, ConfigError, Context, Record, hookimpl
+from geproxy import Config, ConfigError, Context, OptionRegistry, Record, hookimpl, hosts
 
 from .log_formats import FORMATS
+
+SECTION = "access_log"
 
 
 class AccessLog:
@@ -30,11 +39,34 @@ class AccessLog:
     def __init__(self) -> None:
         self._logger: Optional[logging.Logger] = None
         self._format = FORMATS["geproxy"]
+        #: Paths of origin-form requests (for the proxy itself) that are not logged.
+        self._skip_paths: frozenset[str] = frozenset()
+        #: Client networks whose requests and connections are not logged.
+        self._skip_src: tuple[Any, ...] = ()
+
+    @hookimpl
+    def add_options(self, registry: OptionRegistry) -> None:
+        (
+            registry.section(SECTION)
+            .add("skip_paths", "list", "",
+                 "Requests for the proxy itself (origin-form: GET /healthz) whose path, "
+                 "without its query, is one of these are not logged: health checks.")
+            .add("skip_src", "networks", "",
+                 "Nothing from clients in these networks is logged, refused connections "
+                 "included: monitors, load balancers.")
+        )
 
     @hookimpl
     def configure(self, config: Config) -> None:
+        section = config.section(SECTION)
+        for path in section["skip_paths"]:
+            if not path.startswith("/") or "?" in path:
+                raise ConfigError(f"not a path: {path!r} (write /healthz, without a query)",
+                                  path=config.path, section=SECTION, key="skip_paths")
         target = config.core["access_log"]
         self._format = FORMATS[config.core["log_format"]]
+        self._skip_paths = frozenset(section["skip_paths"])
+        self._skip_src = tuple(section["skip_src"])
         if target.lower() == "off":
             self._logger = None
             return
@@ -45,8 +77,11 @@ class AccessLog:
             handler = logging.StreamHandler(sys.stdout)
         else:
             # Opened on the first line, so check-config creates no file; checked now.
-            if not _writable(target):
-                raise ConfigError("cannot write there", path=config.path,
+            reason = cannot_write(target)
+            if reason is not None:
+                shown = target if os.path.isabs(target) else (
+                    f"{target} ({os.path.abspath(target)})")
+                raise ConfigError(f"cannot write {shown}: {reason}", path=config.path,
                                   section="geproxy", key="access_log")
             handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8", delay=True)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -62,9 +97,22 @@ class AccessLog:
 
     @hookimpl
     def on_close(self, ctx: Context, record: Record) -> None:
-        if self._logger is None:
+        if self._logger is None or self._skipped(ctx, record):
             return
         self._logger.info("%s", self._format(ctx, record))
+
+    def _skipped(self, ctx: Context, record: Record) -> bool:
+        """Whether ``skip_paths`` or ``skip_src`` leaves this line out. Only an origin-form
+        request is for the proxy by its form alone: a forwarded request for
+        ``http://example.com/healthz`` is always logged."""
+        request = record.request
+        if self._skip_paths and request is not None and not request.host and (
+                request.path.partition("?")[0] in self._skip_paths):
+            return True
+        if self._skip_src:
+            client = hosts.unmapped(ipaddress.ip_address(ctx.client_ip))
+            return any(client in network for network in self._skip_src)
+        return False
 
     @hookimpl
     def reopen_logs(self) -> None:
@@ -78,7 +126,37 @@ class AccessLog:
                         handler.release()
 
 
-def _writable(path: str) -> bool:
-    if os.path.exists(path):
-        return os.path.isfile(path) and os.access(path, os.W_OK)
-    return os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
+def cannot_write(path: str) -> Optional[str]:
+    """Why the access log could not be appended to at ``path``, in a few words; None when
+    it can. Nothing is created or opened: the file exists and is writable, or its directory
+    exists and may take a new file. A symbolic link is judged by what it points to, which
+    the first line creates if it is missing."""
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        return "is a directory"
+    if os.path.exists(real):
+        if not os.path.isfile(real):
+            return "not a regular file (- is standard output)"
+        return None if os.access(real, os.W_OK) else _denied(real, "")
+    directory = os.path.dirname(real)
+    try:
+        os.stat(directory)
+    except FileNotFoundError:
+        return f"no such directory {directory}"
+    except OSError as exc:  # a part of the path is a file, or may not be searched
+        return f"directory {directory}: {(exc.strerror or str(exc)).lower()}"
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return _denied(directory, f" on directory {directory}")
+    return None
+
+
+def _denied(path: str, where: str) -> str:
+    """What a failed write-access check means: a read-only file system, or permissions."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return f"read-only file system{where}"
+    except OSError:
+        pass
+    return f"permission denied{where}"

@@ -26,11 +26,14 @@ def _field(value: Optional[str]) -> str:
     return "".join(c if " " < c < "\x7f" else f"%{ord(c):02X}" for c in value)
 
 
+def _hostport(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _upstream(record: Record) -> str:
     address = record.upstream_addr
-    if not address:
-        return "-"
-    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+    return _hostport(*address) if address else "-"
 
 
 def geproxy_line(ctx: Context, record: Record) -> str:
@@ -44,25 +47,56 @@ def geproxy_line(ctx: Context, record: Record) -> str:
     ])
 
 
+#: Proxy-Status errors of a policy refusal: Squid's ``http_access deny`` (TCP_DENIED).
+_DENIALS = frozenset({"http_request_denied", "destination_ip_prohibited"})
+
+
 def _squid_code(record: Record) -> str:
-    if record.error == "http_request_denied":
+    """Squid's result code (``%Ss``), as Squid 5 writes it for the same outcome: TCP_DENIED
+    for a refusal by policy (403, 407, or a connection closed for it), TCP_TUNNEL for an
+    established CONNECT, NONE_NONE when no request was read, it was malformed or a CONNECT
+    failed (Squid tags a CONNECT only once its tunnel is up), TCP_MISS for the rest (every
+    answer is a miss: nothing is cached), with ``_ABORTED`` when the client went away in the
+    middle of a plain request or its answer."""
+    if record.error in _DENIALS and record.status < 500:
         return "TCP_DENIED"
-    if record.method == "CONNECT" and record.status == 200:
-        return "TCP_TUNNEL"
-    if record.status == 0:
+    if record.method == "CONNECT":
+        return "TCP_TUNNEL" if 200 <= record.status < 300 else "NONE_NONE"
+    if record.request is None or record.error == "http_request_error":
         return "NONE_NONE"
-    return "TCP_MISS"
+    return "TCP_MISS_ABORTED" if record.close_reason == "client" else "TCP_MISS"
+
+
+def _squid_hierarchy(record: Record) -> str:
+    """``%Sh/%<a``: how the upstream was chosen, and its address. A parent's code is Squid's
+    for its peers in order (``never_direct``): FIRSTUP_PARENT when the first parent offered
+    served the request, ANY_OLD_PARENT when it fell over to a later one. Without a connection,
+    a parent is named by its configured host; a direct request is ``HIER_NONE/-``."""
+    address = record.upstream_addr
+    route = record.route
+    if route is None:
+        return f"HIER_DIRECT/{address[0]}" if address else "HIER_NONE/-"
+    code = "FIRSTUP_PARENT" if record.routes_tried <= 1 else "ANY_OLD_PARENT"
+    return f"{code}/{address[0] if address else route.host}"
+
+
+def _mime_type(value: Optional[str]) -> str:
+    """``%mt``: the Content-Type without its parameters, as Squid logs it (``text/html``
+    for ``text/html; charset=utf-8``); ``-`` when the answer had none."""
+    if value is None:
+        return "-"
+    return _field(value.split(";", 1)[0].split("\t", 1)[0].strip())
 
 
 def squid_line(ctx: Context, record: Record) -> str:
     """Squid's native format (``logformat squid``), so Squid log analysers read it:
-    ``%ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt``."""
-    address = record.upstream_addr
-    hierarchy = f"HIER_DIRECT/{address[0]}" if address else "HIER_NONE/-"
-    return (f"{record.started:.3f} {int(record.duration * 1000):6d} {ctx.client_addr[0]} "
+    ``%ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt``. The time is when the
+    line is written, the end of the request or tunnel, as Squid's is."""
+    ended = record.started + record.duration
+    return (f"{ended:.3f} {int(record.duration * 1000):6d} {ctx.client_addr[0]} "
             f"{_squid_code(record)}/{record.status:03d} {record.bytes_out} "
             f"{_field(record.method)} {_field(record.target)} {_field(ctx.user)} "
-            f"{hierarchy} -")
+            f"{_squid_hierarchy(record)} {_mime_type(record.content_type)}")
 
 
 def _quoted(value: Optional[str]) -> str:
@@ -103,7 +137,7 @@ def _tls(ctx: Context) -> Optional[dict[str, Optional[str]]]:
 
 def json_line(ctx: Context, record: Record) -> str:
     """One JSON object with every field the record has."""
-    address = record.upstream_addr
+    address, route = record.upstream_addr, record.route
     return json.dumps({
         "time": round(record.started, 3),
         "client": ctx.client_addr[0],
@@ -112,11 +146,15 @@ def json_line(ctx: Context, record: Record) -> str:
         "method": record.method,
         "target": record.target,
         "version": record.version,
-        "upstream": f"{address[0]}:{address[1]}" if address else None,
+        "upstream": _hostport(*address) if address else None,
+        # The parent's host and port, never its credentials.
+        "parent": _hostport(route.host, route.port) if route else None,
+        "routes_tried": record.routes_tried,
         "status": record.status,
         "error": record.error,
         "bytes_in": record.bytes_in,
         "bytes_out": record.bytes_out,
+        "content_type": record.content_type,
         "dns_ms": _ms(record.dns_time),
         "connect_ms": _ms(record.connect_time),
         "first_byte_ms": _ms(record.first_byte_time),

@@ -213,6 +213,59 @@ def test_run_missing_file_exits_2(tmp_path: Path) -> None:
     assert_one_line_error(result, path, "cannot read")
 
 
+def _without_root_powers() -> list[str]:
+    """A command prefix under which file permissions hold: root's are dropped by setpriv
+    (no CAP_DAC_OVERRIDE), so a read-only directory refuses root too."""
+    if os.geteuid() != 0:
+        return []
+    caps = "-dac_override,-dac_read_search"
+    return [require_tool("setpriv"), f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
+@pytest.mark.parametrize("where, reason", [
+    ("missing/access.log", "no such directory {tmp}/missing"),
+    (".", "is a directory"),
+    ("file/access.log", "{tmp}/file is not a directory"),
+    ("locked/access.log", "permission denied on directory {tmp}/locked"),
+    ("locked/old.log", "permission denied"),
+], ids=["no-directory", "a-directory", "under-a-file", "directory-locked", "file-locked"])
+def test_check_config_says_why_the_access_log_cannot_be_written(
+        tmp_path: Path, where: str, reason: str) -> None:
+    """The one-line error names the access log's path and the reason it cannot be
+    written; check-config exits 1 and creates nothing."""
+    (tmp_path / "file").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "old.log").write_text("")
+    (locked / "old.log").chmod(0o444)
+    locked.chmod(0o555)
+    target = str(tmp_path / where) if where != "." else str(tmp_path)
+    path = write_ini(tmp_path, f"[geproxy]\nlisten = 127.0.0.1:0\naccess_log = {target}\n")
+    try:
+        result = subprocess.run([*_without_root_powers(), sys.executable, "-m", "geproxy",
+                                 "check-config", "--config", path],
+                                capture_output=True, text=True, timeout=20, env=_env())
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 1
+    assert_one_line_error(result, path, f"[geproxy] access_log: cannot write {target}: "
+                          + reason.format(tmp=os.path.realpath(tmp_path)))
+    assert sorted(p.name for p in locked.iterdir()) == ["old.log"]
+    assert not (tmp_path / "missing").exists()
+
+
+def test_check_config_shows_a_relative_access_log_from_the_working_directory(
+        tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[geproxy]\nlisten = 127.0.0.1:0\naccess_log = logs/a.log\n")
+    result = subprocess.run([sys.executable, "-m", "geproxy", "check-config", "--config", path],
+                            capture_output=True, text=True, timeout=20, env=_env(),
+                            cwd=tmp_path)
+    real = os.path.realpath(tmp_path)  # the working directory, as the process sees it
+    assert result.returncode == 1
+    assert_one_line_error(result, f"cannot write logs/a.log ({real}/logs/a.log): "
+                          f"no such directory {real}/logs")
+
+
 def test_run_address_in_use_exits_2(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -164,6 +164,15 @@ def settle(baseline_fds: int, baseline_greenlets: int, limit: float = 5.0) -> tu
     return fds, greenlets
 
 
+def free_port() -> int:
+    """A loopback port free a moment ago (bound to port 0, read, closed), for a tool that
+    cannot listen on port 0 and tell its port (squid, haproxy, tinyproxy). Another process
+    may take it in between: start the tool at once, and fail clearly when it cannot bind."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def require_tool(tool: str) -> str:
     """The path of a command a test needs; skips the test when it is missing, or fails it
     when ``GEPROXY_REQUIRE_TOOLS`` is set (CI, where every tool must be there)."""
