@@ -1,0 +1,181 @@
+"""/metrics with ``workers = 1`` and ``workers = 2``: the same samples, bytes counted as they
+flow, reloads counted once, counters that outlive a reload, and each worker's process
+figures."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+
+import gevent
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from geproxy.testing import curl, echo
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _wait_for(predicate, limit: float = 15.0) -> bool:
+    for _ in range(int(limit / 0.02)):
+        if predicate():
+            return True
+        gevent.sleep(0.02)
+    return predicate()
+
+
+def _start(proxy_process, workers: int, ini: str = ""):
+    proxy = proxy_process(f"workers = {workers}\nadmin_listen = 127.0.0.1:0\n" + ini)
+    assert _wait_for(lambda: any("admin listener on" in line for line in proxy.log))
+    line = next(line for line in proxy.log if "admin listener on" in line)
+    proxy.admin = "http://" + re.search(r"admin listener on (\S+)", line).group(1)
+    if workers > 1:
+        assert _wait_for(lambda: sum(") serves" in line for line in proxy.log) >= workers)
+    return proxy
+
+
+def _samples(proxy) -> Samples:
+    answer = requests.get(proxy.admin + "/metrics", timeout=10)
+    assert answer.status_code == 200, answer.text
+    out = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _value(proxy, name: str, **labels: str) -> float:
+    return _samples(proxy).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _traffic(proxy, origin, tls_files, server) -> None:
+    """The same requests, each on a connection of its own."""
+    for path in ("/", "/status/404"):
+        out = curl("-x", proxy.url, origin.url(path))
+        assert out.returncode == 0, out.stderr
+    url = f"https://{proxy.tls_address[0]}:{proxy.tls_address[1]}"
+    out = curl("-x", url, "--proxy-cacert", tls_files.ca_file, origin.url("/"))
+    assert out.stdout == b"hello\n", out.stderr
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        target = f"127.0.0.1:{server.port}"
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"x" * 1000)
+        received = b""
+        while len(received) < 1000:
+            received += sock.recv(65536)
+
+
+#: Samples that differ between two runs of the same traffic, or by design with the number
+#: of workers: times, the process figures (labelled by worker), the workers alive, and how
+#: many upstream connections were opened (each worker pools its own).
+VARYING = re.compile(r"geproxy_(process_|workers_alive|reload_last|resolve_seconds|"
+                     r"connect_seconds)")
+
+
+def test_the_same_samples_whatever_the_number_of_workers(proxy_process, origin, tls_files,
+                                                         raw_origin):
+    server = raw_origin(echo)
+    found = {}
+    for workers in (1, 2):
+        proxy = _start(proxy_process, workers, "listen = 127.0.0.1:0, tls://127.0.0.1:0\n"
+                       f"[tls]\ncertificate = {tls_files.certificate}\n")
+        _traffic(proxy, origin, tls_files, server)
+        # Each request is counted when its record is made, after curl has its answer.
+        assert _wait_for(lambda: sum(
+            v for (name, _), v in _samples(proxy).items()
+            if name == "geproxy_requests_total") == 4)
+        assert _wait_for(lambda: _value(proxy, "geproxy_connections_open") == 0)
+        samples = _samples(proxy)
+        assert not [key for key in samples if key[0].endswith("_created")]
+        found[workers] = {key: value for key, value in samples.items()
+                          if not VARYING.match(key[0])}
+        assert samples[("geproxy_workers_alive", ())] == workers
+        assert {dict(labels)["worker"] for name, labels in samples
+                if name == "geproxy_process_open_fds"} == {str(n) for n in range(workers)}
+        proxy.stop()
+    assert found[1] == found[2]
+    assert found[1][("geproxy_tls_handshakes_total", (("result", "ok"),))] == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bytes_are_counted_while_they_flow(proxy_process, raw_origin, origin, workers):
+    server = raw_origin(echo)
+    proxy = _start(proxy_process, workers)
+    sock = socket.create_connection(proxy.address, timeout=10)
+    try:
+        target = f"127.0.0.1:{server.port}"
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
+        payload = b"y" * 200_000
+        sock.sendall(payload)
+        received = 0
+        while received < len(payload):
+            received += len(sock.recv(65536))
+        # The tunnel is still open: its bytes show within about a second.
+        assert _wait_for(lambda: _value(proxy, "geproxy_tunnel_bytes_total",
+                                        direction="up") >= len(payload), 10)
+        assert _value(proxy, "geproxy_tunnel_bytes_total", direction="down") >= len(payload)
+        assert _value(proxy, "geproxy_requests_total", method="CONNECT", status="200") == 0
+    finally:
+        sock.close()
+    out = curl("-x", proxy.url, origin.url("/bytes/50000"))
+    assert out.returncode == 0 and len(out.stdout) == 50_000
+    assert _wait_for(lambda: _value(proxy, "geproxy_http_bytes_total",
+                                    direction="down") >= 50_000)
+    assert _value(proxy, "geproxy_http_bytes_total", direction="up") > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reloads_are_counted_once_and_counters_outlive_them(proxy_process, origin,
+                                                           workers):
+    proxy = _start(proxy_process, workers)
+    for _ in range(3):
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    assert _wait_for(lambda: _value(proxy, "geproxy_requests_total", method="GET",
+                                    status="200") == 3)
+    started = _value(proxy, "geproxy_reload_last_success_timestamp_seconds")
+    assert 0 < started <= time.time()
+    path = proxy.process.args[-1]
+    text = open(path, encoding="utf-8").read()
+    gevent.sleep(0.01)
+    proxy.process.send_signal(signal.SIGHUP)
+    assert _wait_for(lambda: _value(proxy, "geproxy_reloads_total", outcome="ok") == 1)
+    assert _value(proxy, "geproxy_reload_last_success_timestamp_seconds") > started
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("\n[auth]\ncache_size = many\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    assert _wait_for(lambda: _value(proxy, "geproxy_reloads_total", outcome="refused") == 1)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    proxy.process.send_signal(signal.SIGHUP)
+    assert _wait_for(lambda: _value(proxy, "geproxy_reloads_total", outcome="ok") == 2)
+    assert _value(proxy, "geproxy_reloads_total", outcome="refused") == 1
+    # Counters go on from where they were: Prometheus counters never go back.
+    assert _value(proxy, "geproxy_requests_total", method="GET", status="200") == 3
+    assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    assert _wait_for(lambda: _value(proxy, "geproxy_requests_total", method="GET",
+                                    status="200") == 4)
+
+
+def test_each_worker_has_its_process_figures(proxy_process):
+    proxy = _start(proxy_process, 2)
+    samples = _samples(proxy)
+    for worker in ("0", "1"):
+        labels = (("worker", worker),)
+        assert samples[("geproxy_process_resident_memory_bytes", labels)] > 1_000_000
+        assert samples[("geproxy_process_open_fds", labels)] > 3
+        assert samples[("geproxy_process_cpu_seconds_total", labels)] >= 0
+    first = samples[("geproxy_process_start_time_seconds", (("worker", "0"),))]
+    assert abs(first - time.time()) < 600
+    pid = max(int(m.group(1)) for line in proxy.log
+              for m in [re.search(r"worker 0 started, pid (\d+)", line)] if m)
+    os.kill(pid, signal.SIGKILL)
+    assert _wait_for(lambda: sum(") serves" in line for line in proxy.log) == 3)
+    assert _wait_for(lambda: _value(proxy, "geproxy_process_start_time_seconds",
+                                    worker="0") > first)
+    assert _value(proxy, "geproxy_workers_alive") == 2
