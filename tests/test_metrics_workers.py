@@ -179,3 +179,20 @@ def test_each_worker_has_its_process_figures(proxy_process):
     assert _wait_for(lambda: _value(proxy, "geproxy_process_start_time_seconds",
                                     worker="0") > first)
     assert _value(proxy, "geproxy_workers_alive") == 2
+
+
+def test_a_worker_serves_every_workers_metrics_on_the_proxy_port(proxy_process, origin):
+    proxy = _start(proxy_process, 2, "local_paths = /healthz /metrics\n")
+    for _ in range(10):  # new connections: both workers count some
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    assert _wait_for(lambda: _value(proxy, "geproxy_requests_total", method="GET",
+                                    status="200") == 10)
+    for scrape in range(4):  # whichever worker answers, it gives the master's sum (each
+        assert _wait_for(lambda: _value(  # scrape before it counts as a request too)
+            proxy, "geproxy_requests_total", method="GET", status="200") == 10 + scrape)
+        out = curl(f"{proxy.url}/metrics")
+        assert out.returncode == 0, out.stderr
+        text = out.stdout.decode()
+        assert re.search(rf'^geproxy_requests_total\{{method="GET",status="200"\}} '
+                         rf'{10 + scrape}\.0$', text, re.M), text[:2000]
+        assert re.search(r"^geproxy_workers_alive 2\.0$", text, re.M)
