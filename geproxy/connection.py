@@ -6,6 +6,7 @@ Everything that decides is a hook; everything that moves bytes is in tunnel.py o
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -52,7 +53,12 @@ class Connection:
         self.server = server
         #: Accepted on a TLS listener: ``sock`` becomes a TLSStream after the handshake.
         self.tls = tls
-        #: The configuration and plugins this connection is served with, to its end.
+        #: The configuration and plugins the connection was accepted with, to its end: its
+        #: own hooks (on_connect, on_disconnect, on_tls_handshake), its TLS and PROXY
+        #: protocol settings. The server holds one use of it for the connection.
+        self.conn_gen = gen
+        #: Those of the request being served: the generation in force when it arrived, so
+        #: a reload applies to the next request of a kept-alive connection (``follow``).
         self.gen = gen
         self.sock = sock
         self.settings = gen.config.core
@@ -81,19 +87,38 @@ class Connection:
 
     def handle(self) -> None:
         ctx = self.ctx
-        if self.gen.proxy_protocol != "off" and not self._read_proxy_header():
+        if self.conn_gen.proxy_protocol != "off" and not self._read_proxy_header():
             return
         try:
             self._serve()
         finally:
             self.idle_wait.close()
             if self.detached is None:
-                self.hooks.on_disconnect(ctx)
+                self.conn_gen.hooks.on_disconnect(ctx)
+
+    def follow(self, gen: "Generation") -> None:
+        """Serve what comes next with ``gen``, the generation in force. The connection holds
+        one use of its request's generation, when it is not its own (``let_go``)."""
+        old = self.gen
+        if gen is old:
+            return
+        gen.users += 1
+        self.gen, self.settings, self.hooks = gen, gen.config.core, gen.hooks
+        self.ctx.config = gen.config
+        self.idle_wait.set_timeout(self.settings["idle_timeout"])
+        if old is not self.conn_gen:
+            self.server.release(old)
+
+    def let_go(self) -> None:
+        """The connection (or stream) ended: the use of its request's generation goes."""
+        if self.gen is not self.conn_gen:
+            self.server.release(self.gen)
+            self.gen = self.conn_gen
 
     def _serve(self) -> None:
         ctx = self.ctx
         try:
-            denied = self.hooks.on_connect(ctx)
+            denied = self.conn_gen.hooks.on_connect(ctx)
             if denied is not None:
                 raise denied if isinstance(denied, ProxyError) else Denied("on_connect")
         except ProxyError as exc:
@@ -121,8 +146,8 @@ class Connection:
         the connection closed) when it failed."""
         from . import tls
 
-        settings = self.gen.config["tls"]
-        stream = tls.TLSStream(self.sock, self.gen.tls_context)
+        settings = self.conn_gen.config["tls"]
+        stream = tls.TLSStream(self.sock, self.conn_gen.tls_context)
         # Bytes read past a PROXY protocol header are the start of the handshake.
         stream.feed(self.buf)
         self.buf = b""
@@ -131,7 +156,7 @@ class Connection:
                                             settings["identity_from"])
         except tls.HandshakeFailed as exc:
             self.log.info("TLS handshake failed (%s): %s", exc.reason, exc.detail)
-            self.hooks.on_tls_handshake(self.ctx, exc.reason)
+            self.conn_gen.hooks.on_tls_handshake(self.ctx, exc.reason)
             if exc.reason == "plain_http":
                 # As nginx does: a client that forgot https:// learns why, in clear text.
                 self.sock.settimeout(1.0)
@@ -146,7 +171,7 @@ class Connection:
         if info.client_subject is not None and info.identity is None:
             self.log.info("client certificate %s names no user (identity_from = %s)",
                           info.client_subject, settings["identity_from"])
-        self.hooks.on_tls_handshake(self.ctx, None)
+        self.conn_gen.hooks.on_tls_handshake(self.ctx, None)
         return True
 
     def _identify(self, request: Request) -> None:
@@ -170,6 +195,7 @@ class Connection:
             request = self._read_request(record)
             if request is None:
                 return False
+            self.follow(self.server.gen)  # decided by the configuration in force now
             self.ctx.requests += 1
             record.request = request
             record.method, record.target, record.version = (
@@ -197,6 +223,33 @@ class Connection:
             return False  # the tunnel goes on without this greenlet; its record comes later
         self._close_record(record)
         return keep_alive and not self.server.stopping
+
+    def recheck(self, gen: "Generation", record: Record) -> Optional[str]:
+        """Why ``gen`` would refuse this connection's tunnel now, or None. Its request is
+        decided again (``on_request``) with the identity it had (``ctx.decide_only``: no
+        credentials asked, nothing counted), and the destination guard judges the address
+        it is connected to (``resolve`` of that address alone: no lookup, no new route).
+        A plugin that raises refuses (fails closed)."""
+        request = record.request
+        if request is None:
+            return None
+        ctx = dataclasses.replace(self.ctx, decide_only=True, stash=dict(self.ctx.stash),
+                                  config=gen.config)
+        try:
+            answer = gen.hooks.on_request(ctx, request)
+            if isinstance(answer, ProxyError):
+                raise answer
+            if answer is not None:
+                return f"a plugin answers {answer.status}"
+            if record.upstream_addr is not None:
+                host, port = record.upstream_addr[:2]
+                gen.hooks.resolve(ctx, host, port)
+        except ProxyError as exc:
+            return f"{exc.status} {exc.error}" + (f": {exc.detail}" if exc.detail else "")
+        except Exception:
+            self.log.exception("rechecking the tunnel failed; closing it")
+            return "500 proxy_internal_error"
+        return None
 
     def close(self, reason: str) -> None:
         """End this connection from another greenlet (the admin listener): the request or
@@ -232,10 +285,10 @@ class Connection:
         say nothing) when the sender may not send one or the header is bad or late."""
         peer: Any = ipaddress.ip_address(self.ctx.client_addr[0])
         peer = getattr(peer, "ipv4_mapped", None) or peer
-        if not any(peer in network for network in self.gen.proxy_protocol_from):
+        if not any(peer in network for network in self.conn_gen.proxy_protocol_from):
             self.log.warning("refused: not in proxy_protocol_from")
             return False
-        deadline = self.ctx.started + self.settings["header_timeout"]
+        deadline = self.ctx.started + self.conn_gen.config.core["header_timeout"]
         data = b""
         try:
             while True:
@@ -244,7 +297,7 @@ class Connection:
                 if not piece:
                     return False
                 data += piece
-                found = proxyproto.parse(data, self.gen.proxy_protocol)
+                found = proxyproto.parse(data, self.conn_gen.proxy_protocol)
                 if found is not None:
                     break
         except proxyproto.ProxyHeaderError as exc:
@@ -499,7 +552,7 @@ class Connection:
             self.server.active.pop(self.ctx.conn_id, None)
             self.record = None
             self._close_record(record)
-            self.hooks.on_disconnect(self.ctx)
+            self.conn_gen.hooks.on_disconnect(self.ctx)
         finally:
             self.server.attach(self)
 

@@ -63,8 +63,11 @@ class H2Stream(Connection):
         ctx = dataclasses.replace(conn.ctx, conn_id=f"{conn.ctx.conn_id}-{stream_id}",
                                   user=None, requests=0, stash=dict(conn.ctx.stash))
         # No socket of its own: what forward.py may ask of one is answered by _StreamSocket.
-        super().__init__(conn.server, conn.gen, _StreamSocket(self),  # type: ignore[arg-type]
+        super().__init__(conn.server, conn.conn_gen,
+                         _StreamSocket(self),  # type: ignore[arg-type]
                          ctx.client_addr, ctx.server_addr, tls=True, ctx=ctx)
+        # A stream is a request: decided by the configuration in force when it came.
+        self.follow(conn.server.gen)
         #: The relay of a CONNECT stream, once its DATA goes straight to it; ``detached``
         #: too when no greenlet waits for its end.
         self.relay: Optional[StreamRelay] = None
@@ -164,7 +167,10 @@ class H2Stream(Connection):
         except gevent.GreenletExit:
             record.close_reason = self.cut_reason
             self.reset(_CANCEL)
-            self._close_record(record)
+            try:
+                self._close_record(record)
+            finally:
+                self.let_go()
             raise
         finally:
             self.idle_wait.close()
@@ -172,7 +178,10 @@ class H2Stream(Connection):
                 self.server.active.pop(ctx.conn_id, None)
                 self.record = None
                 self.owner.ended(self)
-        self._close_record(record)
+        try:
+            self._close_record(record)
+        finally:
+            self.let_go()
 
     def _make_request(self) -> Request:
         pseudo: dict[str, str] = {}
@@ -381,7 +390,10 @@ class H2Stream(Connection):
             self.server.active.pop(self.ctx.conn_id, None)
             self.record = None
             self.owner.ended(self)
-        self._close_record(record)
+        try:
+            self._close_record(record)
+        finally:
+            self.let_go()
 
 
 class _AnswerWriter:

@@ -79,6 +79,8 @@ class ProxyServer:
         self.coordinator: Optional[Any] = None
         #: Ticks every PROGRESS_INTERVAL while the server runs (``_progress_due``).
         self._progress_timer: Optional[Any] = None
+        #: The greenlet judging open tunnels after a reload (``reload_tunnels = recheck``).
+        self.rechecking: Optional[gevent.Greenlet] = None
         self._reporting = False
 
     # The current generation's view, for whoever has no connection to ask.
@@ -278,6 +280,8 @@ class ProxyServer:
         finally:
             if conn is None or conn.detached is None:
                 (sock if conn is None else conn.sock).close()  # a TLS one says close_notify
+                if conn is not None:
+                    conn.let_go()
                 self.release(gen)
 
     def _drained(self, timeout: float) -> bool:
@@ -301,7 +305,8 @@ class ProxyServer:
         """The end of a detached connection: what ``_handle`` does for the others."""
         self.detached.discard(conn)
         conn.sock.close()
-        self.release(conn.gen)
+        conn.let_go()
+        self.release(conn.conn_gen)
 
     def _refuse(self, conn: Connection) -> None:
         # A 503 in clear on a TLS port would read as garbage to a TLS client, and a
@@ -367,6 +372,28 @@ class ProxyServer:
         old.retired = True
         self.release(old, 0)
         log.info("reloaded %s; plugins: %s", new.config.path, ", ".join(plugin_names(new.pm)))
+        if new.config.core["reload_tunnels"] == "recheck":
+            self.rechecking = gevent.spawn(self._recheck_tunnels, new)
+
+    def _recheck_tunnels(self, gen: "Generation") -> None:
+        """``reload_tunnels = recheck``: every open tunnel judged again by ``gen``; those it
+        would refuse now are closed (close reason ``reload``)."""
+        closed = checked = 0
+        for conn in list(self.active.values()):
+            if self.gen is not gen:
+                return  # a later reload rechecks them instead
+            record = conn.record
+            if (record is None or record.method != "CONNECT" or record.status != 200
+                    or conn.gen is gen):
+                continue  # not an established tunnel, or one the new policy let in
+            checked += 1
+            verdict = conn.recheck(gen, record)
+            if verdict is not None and conn.record is record:
+                conn.log.info("tunnel to %s closed by the reload: %s", record.target,
+                              verdict)
+                conn.close("reload")
+                closed += 1
+        log.info("reload: %d open tunnels rechecked, %d closed", checked, closed)
 
     def release(self, gen: "Generation", users: int = 1) -> None:
         """A connection of ``gen`` ended; a retired generation with none left is

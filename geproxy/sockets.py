@@ -48,6 +48,12 @@ class IdleWait:
             timer.stop()
             sock.settimeout(own)
 
+    def set_timeout(self, timeout: float) -> None:
+        """Bound the next waits by ``timeout`` (a reload changed idle_timeout)."""
+        if timeout != self.timeout:
+            self.close()
+            self.timeout = timeout
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.close()
