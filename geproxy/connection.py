@@ -496,7 +496,8 @@ class Connection:
             size = os.fstat(handle.fileno()).st_size
             headers = [("Content-Type", content_type(filename)),
                        ("Content-Length", str(size))]
-            keep = forward.client_keeps_alive(request) and not self.server.stopping
+            keep = forward.client_keeps_alive(request) and not self.server.stopping and (
+                not self.switch_refused(request, 200))
             headers.append(("Connection", "keep-alive" if keep else "close"))
             record.status = 200
             self.send(http11.serialize_head("HTTP/1.1 200 OK", headers), record)

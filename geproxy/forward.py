@@ -53,8 +53,11 @@ def request_has_body(request: Request) -> bool:
 
 
 def read_small_body(conn: "Connection", request: Request, limit: int) -> bytes:
-    """Read a request body meant for the proxy itself, up to ``limit`` bytes."""
+    """Read a request body meant for the proxy itself, up to ``limit`` bytes. What
+    follows the body (a pipelined request) stays in ``conn.buf``."""
     reader = http11.request_body_reader(request)
+    if reader.done:
+        return b""  # no body: conn.buf is the next request's, untouched
     out: list[bytes] = []
     size = 0
     while not reader.done:

@@ -436,10 +436,12 @@ def _declining_origin() -> tuple[RawOrigin, list[bytes]]:
     return origin, lines
 
 
-@pytest.mark.parametrize("declined_by", ["origin", "policy"])
-def test_bytes_behind_a_declined_upgrade_are_never_a_request(proxy_factory, declined_by):
+@pytest.mark.parametrize("declined_by", ["origin", "policy", "local page", "docroot file"])
+def test_bytes_behind_a_declined_upgrade_are_never_a_request(proxy_factory, tmp_path,
+                                                            declined_by):
     """A client may send the new protocol's bytes right behind its Upgrade request; when
-    the switch is declined (the origin answers 200, or policy 403) they are no request."""
+    the switch is declined (the origin answers 200, policy 403, the proxy's own page or
+    file 200) they are no request."""
 
     class NoUpgrades:
         @hookimpl
@@ -447,10 +449,15 @@ def test_bytes_behind_a_declined_upgrade_are_never_a_request(proxy_factory, decl
             if "upgrade" in request.headers:
                 raise Denied("no upgrades here")
 
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "page.txt").write_text("a page\n")
     origin, lines = _declining_origin()
     try:
-        proxy = proxy_factory(plugins=[NoUpgrades()] if declined_by == "policy" else [])
-        upgrade = (f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: x\r\n"
+        proxy = proxy_factory(f"docroot = {tmp_path / 'www'}\n",
+                              plugins=[NoUpgrades()] if declined_by == "policy" else [])
+        target = {"local page": "/healthz", "docroot file": "/page.txt"}.get(
+            declined_by, f"http://127.0.0.1:{origin.port}/")
+        upgrade = (f"GET {target} HTTP/1.1\r\nHost: x\r\n"
                    "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n").encode()
         status = b"403" if declined_by == "policy" else b"200"
         with proxy.connect() as sock:
@@ -461,13 +468,14 @@ def test_bytes_behind_a_declined_upgrade_are_never_a_request(proxy_factory, decl
             assert _field(head, b"connection") == b"close"
             assert _closed_after(sock, reader)
         assert lines == ([b"GET / HTTP/1.1"] if declined_by == "origin" else [])
+        lines.clear()
         # With nothing behind the head, the client waited: the connection goes on.
         with proxy.connect() as sock:
             sock.sendall(upgrade)
             reader = ResponseReader(sock)
             head, _ = reader.read()
             assert head.startswith(b"HTTP/1.1 " + status), head
-            assert _field(head, b"connection") is None
+            assert _field(head, b"connection") != b"close"
             sock.sendall(_smuggled(origin).replace(b"/smuggled", b"/again"))
             head, body = reader.read()
             assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello\n", head
