@@ -210,8 +210,9 @@ def route_failed(ctx: "Context", request: "Request", route: "Route",
     """Learn that a parent proxy chosen by ``route`` could not be used.
 
     Called once per failed attempt through a parent: it could not be resolved or connected
-    to in time, it closed, or it answered CONNECT with anything but 2xx. The core then tries
-    the next route of the list ``route`` returned.
+    to in time, it closed, it answered CONNECT with anything but 2xx, or the destination
+    guard prohibits its address (``errors.ParentProhibited``: a configuration fault, not an
+    outage). The core then tries the next route of the list ``route`` returned.
 
     :param error: the ProxyError the attempt ended with (its ``error`` is the Proxy-Status
         type, its ``detail`` says what happened).

@@ -93,8 +93,9 @@ def _smuggled(origin: Any) -> bytes:
 
 
 def test_a_client_refused_by_its_address_gets_403_to_its_first_request(proxy_factory,
-                                                                         origin):
-    proxy = proxy_factory(REFUSE_LOOPBACK)
+                                                                         origin, tmp_path):
+    log = tmp_path / "access.log"
+    proxy = proxy_factory(f"access_log = {log}\n" + REFUSE_LOOPBACK)
     out = curl("-i", "-x", proxy.url, origin.url("/"))
     assert out.stdout.startswith(b"HTTP/1.1 403 "), (out.stdout, out.stderr)
     assert DENIED in out.stdout and b"Empty reply" not in out.stderr
@@ -115,6 +116,13 @@ def test_a_client_refused_by_its_address_gets_403_to_its_first_request(proxy_fac
         ("CONNECT", f"127.0.0.1:{origin.port}", 403, "http_request_denied", "lo", "denied"),
         ("GET", origin.url("/a"), 403, "http_request_denied", "lo", "denied")]
     assert origin.seen == []
+    # The access log's line: the request it answered, 403, the error and the rule.
+    deadline = time.monotonic() + 10
+    while len(log.read_text().splitlines()) < 3 and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    fields = log.read_text().splitlines()[0].split()
+    assert fields[3:7] + fields[12:13] == [
+        "GET", origin.url("/"), "403", "http_request_denied", "lo"], fields
 
 
 def test_no_hook_but_the_observers_sees_a_refused_clients_request(proxy_factory, origin):
@@ -288,6 +296,21 @@ def test_a_prohibited_destination_is_403_and_a_prohibited_parent_502(proxy_facto
     assert f"parent proxy 127.0.0.2:{parent.port} is prohibited" in warned[0], warned
     failed = [line for line in warned[1:] if f"parent 127.0.0.2:{parent.port} failed" in line]
     assert len(failed) == 2 and all("prohibited" in line for line in failed), warned
+
+
+def test_a_prohibited_parent_is_passed_over_and_not_marked_down(proxy_factory, origin):
+    """The next parent carries the request; the prohibited one is not "down" (no wait
+    cures it), so it is neither left out nor reported up again later."""
+    parent = proxy_factory("via = parent-proxy\n")
+    child = proxy_factory(
+        "[destinations]\nallow = 127.0.0.1/32\n"
+        f"[parents]\nparents = http://127.0.0.2:9 http://127.0.0.1:{parent.port}\n")
+    for _ in range(2):
+        out = curl("-p", "-x", child.url, origin.url("/"))
+        assert out.stdout == b"hello\n", out.stderr
+    assert child.server.pm.get_plugin("parent").down == {}
+    records = wait_for_records(child, 2)
+    assert [r.upstream_addr for r in records] == [("127.0.0.1", parent.port)] * 2
 
 
 # -- D: a parent the guard prohibits is a warning at each load -------------------------------
