@@ -22,15 +22,17 @@ from .errors import (
     ClientError,
     ClientGone,
     Denied,
+    DestinationProhibited,
     HeaderTimeout,
     InternalError,
     LoopDetected,
+    ParentProhibited,
     ProxyError,
 )
 from .local import call_wsgi
 from .log import ConnLogger
 from .models import Context, Headers, Record, Request, Response, Route, new_conn_id
-from .sockets import IdleWait, send_all
+from .sockets import IdleWait, send_all, still_idle
 from .static import content_type, find_file
 from .upstream import connect, parent_connect
 
@@ -82,6 +84,9 @@ class Connection:
         #: Bounds the waits of this connection's keep-alive path by idle_timeout with one
         #: reused timer (sockets.IdleWait): the next request's, the upstream's answer's.
         self.idle_wait = IdleWait(gen.config.core["idle_timeout"])
+        #: The refusal ``on_connect`` gave (not silent): the first request is answered with
+        #: it, whatever it asks, and the connection closes (``_serve_one``).
+        self.refusal: Optional[ProxyError] = None
 
     # -- the way of one connection ------------------------------------------------------
 
@@ -122,24 +127,40 @@ class Connection:
             if denied is not None:
                 raise denied if isinstance(denied, ProxyError) else Denied("on_connect")
         except ProxyError as exc:
-            self.log.info("refused at connect: %s", exc.detail or exc.error)
-            record = Record(ctx, status=0, error=exc.error, close_reason="denied",
-                            rule=getattr(exc, "rule", None))
-            self._close_record(record)
-            return
+            if getattr(exc, "silent", False):
+                # A firewall's drop, on request: no handshake, no byte read or sent.
+                self.log.info("refused at connect, closed: %s", exc.detail or exc.error)
+                self._close_record(_refused(Record(ctx), exc))
+                return
+            # Told, not dropped: the client learns that policy refused it (a 403 rather
+            # than curl's "Empty reply from server"), once its first head is read.
+            self.refusal = exc
         except Exception:
             self.log.exception("on_connect failed; closing")
             self._close_record(Record(ctx, error="proxy_internal_error", close_reason="error"))
             return
         if self.tls and not self._handshake():
+            if self.refusal is not None:
+                self._refused_unasked(Record(ctx))
             return
         if ctx.tls is not None and ctx.tls.alpn == "h2":
             from .http2 import serve_h2  # the h2 package: only for connections that chose it
 
             serve_h2(self)
+            if self.refusal is not None and ctx.requests == 0:  # no stream to answer on
+                self._refused_unasked(Record(ctx))
             return
         while self._serve_one():
             pass
+
+    def _refused_unasked(self, record: Record) -> None:
+        """A client refused at connect that sent no request to answer (it closed, kept
+        silent for header_timeout, or failed its TLS handshake): the refusal is on record
+        all the same, with status 0."""
+        assert self.refusal is not None
+        self.log.info("refused at connect: %s (no request came to answer)",
+                      self.refusal.detail or self.refusal.error)
+        self._close_record(_refused(record, self.refusal))
 
     def _handshake(self) -> bool:
         """The TLS handshake of a TLS listener's connection; False (logged, counted, and
@@ -188,12 +209,16 @@ class Connection:
     def _serve_one(self) -> bool:
         """Read and serve one request; True to read another on this connection."""
         record = Record(self.ctx)
+        if self.refusal is not None:  # whatever happens next, the refusal is on record
+            _refused(record, self.refusal)
         self.answered = False
         keep_alive = False
         request: Optional[Request] = None
         try:
             request = self._read_request(record)
             if request is None:
+                if self.refusal is not None:
+                    self._refused_unasked(record)
                 return False
             self.follow(self.server.gen)  # decided by the configuration in force now
             self.ctx.requests += 1
@@ -205,6 +230,10 @@ class Connection:
             self.server.active[self.ctx.conn_id] = self
             keep_alive = self._dispatch(request, record)
         except ProxyError as exc:
+            if self.refusal is not None and not isinstance(exc, ClientGone):
+                # Refused already: a head that is late, too large or malformed gets the
+                # refusal too, which is what the client must learn first.
+                exc = self.refusal
             keep_alive = self._fail(exc, record, request)
         except Exception as exc:  # a bug, or a plugin that raised: fail closed
             self.log.exception("internal error")
@@ -261,6 +290,9 @@ class Connection:
             self.greenlet.kill(block=False)
 
     def _dispatch(self, request: Request, record: Record) -> bool:
+        if self.refusal is not None:  # refused at connect: no hook sees the request
+            _refused(record, self.refusal)
+            raise self.refusal  # answered by _fail; answer() closes after it
         self._identify(request)
         answer = self.hooks.on_request(self.ctx, request)
         if answer is not None:
@@ -394,11 +426,21 @@ class Connection:
     def answer(self, response: Response, record: Record, request: Optional[Request] = None,
                close: bool = False) -> bool:
         """Send a complete answer made here (or by a plugin); True if the connection may
-        serve another request."""
-        close = close or self.server.stopping or (
+        serve another request.
+
+        It closes whenever what follows on the connection cannot be framed with certainty:
+        a request body left unread, a CONNECT answered 2xx without a tunnel (the client
+        takes it for one), a refused switch of protocols with bytes behind its head; and
+        after the answer to a client refused at connect."""
+        close = close or self.server.stopping or self.refusal is not None or (
             request is not None and not forward.client_keeps_alive(request))
-        if request is not None and forward.request_has_body(request):
-            close = True  # its body was not read: the stream's framing is in doubt
+        if request is not None and not close:
+            if forward.request_has_body(request):
+                close = True  # its body was not read: the stream's framing is in doubt
+            elif request.is_connect and 200 <= response.status < 300:
+                close = True  # "established" for the client: what it sends next is no HTTP
+            elif self.switch_refused(request, response.status):
+                close = True
         headers = response.headers.copy()
         for name in ("content-length", "transfer-encoding", "connection"):
             headers.remove(name)
@@ -416,6 +458,33 @@ class Connection:
         record.status, record.content_type = response.status, headers.get("content-type")
         self.send(head + body, record)
         return not close
+
+    def switch_refused(self, request: Request, status: int) -> bool:
+        """Whether the client may have begun another protocol after ``request``, which was
+        answered ``status`` instead: it asked to switch (CONNECT, or Upgrade), the answer
+        did not switch (not 2xx, not 101), and bytes followed its head, read already or
+        waiting. A client may send its first tunnel or WebSocket bytes before the answer
+        (RFC 9110 9.3.6, 7.8); after a refusal they are no request, so the connection must
+        close after the answer, and nothing of them is read. With nothing behind the head
+        the client waited, and the connection may go on (a 407's retry, say)."""
+        if request.is_connect:
+            if 200 <= status < 300:
+                return False
+        elif status == 101 or not forward.wants_upgrade(request):
+            return False
+        return self.sent_more()
+
+    def sent_more(self) -> bool:
+        """Whether the client sent anything past what was parsed: bytes in ``buf``, or
+        bytes (or its close) waiting to be read. Asked as late as possible, just before an
+        answer goes out; bytes still on their way then cannot be told from a next request
+        sent after the answer."""
+        if self.buf:
+            return True
+        pending = getattr(self.sock, "pending", None)  # a TLSStream's decrypted bytes
+        if pending is not None and pending():
+            return True
+        return not still_idle(self.sock)
 
     def error_response(self, exc: ProxyError) -> Response:
         reason = http11.reason_phrase(exc.status)
@@ -489,7 +558,8 @@ class Connection:
             size = os.fstat(handle.fileno()).st_size
             kind = content_type(filename)
             headers = [("Content-Type", kind), ("Content-Length", str(size))]
-            keep = forward.client_keeps_alive(request) and not self.server.stopping
+            keep = forward.client_keeps_alive(request) and not self.server.stopping and (
+                not self.switch_refused(request, 200))
             headers.append(("Connection", "keep-alive" if keep else "close"))
             record.status, record.content_type = 200, kind
             self.send(http11.serialize_head("HTTP/1.1 200 OK", headers), record)
@@ -588,7 +658,9 @@ class Connection:
             except ProxyError as exc:
                 if route is None:
                     raise
-                self.log.info("parent %s:%d failed: %s", route.host, route.port, exc.detail)
+                # A prohibited parent is the operator's to fix, not a passing failure.
+                level = logging.WARNING if isinstance(exc, ParentProhibited) else logging.INFO
+                self.log.log(level, "parent %s failed: %s", route.authority, exc.detail)
                 self.hooks.route_failed(self.ctx, request, route, exc)
                 failure = exc
                 continue
@@ -604,7 +676,13 @@ class Connection:
         record.route, record.upstream_addr = route, None
         record.routes_tried += 1
         started = time.time()
-        addresses = self.hooks.resolve(self.ctx, host, port)
+        try:
+            addresses = self.hooks.resolve(self.ctx, host, port)
+        except DestinationProhibited as exc:
+            if route is None:
+                raise  # the client's destination: a policy refusal (403)
+            raise ParentProhibited(f"{exc.detail} (a configuration fault: the parent "
+                                   "proxy must be exempt there)") from None
         record.dns_time = time.time() - started
         started = time.time()
         sock, address = connect(addresses, self.settings["connect_timeout"])
@@ -620,6 +698,15 @@ class Connection:
                 sock.close()
                 raise
         return sock, address, early
+
+
+def _refused(record: Record, refusal: ProxyError) -> Record:
+    """``record`` marked with a refusal at connect: its error, its rule, close reason
+    ``denied``. Its status stays 0 unless an answer is sent."""
+    record.error = refusal.error
+    record.rule = getattr(refusal, "rule", None)
+    record.close_reason = "denied"
+    return record
 
 
 def _proxy_status_error(value: Optional[str]) -> Optional[str]:

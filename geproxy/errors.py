@@ -19,6 +19,7 @@ __all__ = [
     "DNSError",
     "DNSTimeout",
     "DestinationProhibited",
+    "ParentProhibited",
     "ConnectRefused",
     "DestinationUnreachable",
     "ParentRefused",
@@ -98,17 +99,24 @@ class HeaderTimeout(ClientError):
 
 
 class Denied(ProxyError):
-    """Refused by policy: 403. Plugins raise or return it; the body never names the rule."""
+    """Refused by policy: 403. Plugins raise or return it; the body never names the rule.
+
+    ``silent=True`` matters only to ``on_connect``: the connection is then closed at once,
+    before any byte is read or sent (a firewall's drop), instead of answering its first
+    request with this 403. A denial from any other hook is always answered."""
 
     status = 403
     error = "http_request_denied"
     close = False
     client_fault = True
 
-    def __init__(self, detail: str = "", *, rule: str | None = None) -> None:
+    def __init__(self, detail: str = "", *, rule: str | None = None,
+                 silent: bool = False) -> None:
         super().__init__(detail)
         #: The id of the rule that denied, for the access log.
         self.rule = rule
+        #: From on_connect: close without a word rather than answer the first request.
+        self.silent = silent
 
 
 class DNSError(ProxyError):
@@ -126,10 +134,24 @@ class DNSTimeout(ProxyError):
 
 
 class DestinationProhibited(ProxyError):
-    status = 502
+    """Every address of the destination is in a network the proxy may not connect to (the
+    destination guard): a policy refusal of the client's request, so 403."""
+
+    status = 403
     error = "destination_ip_prohibited"
     close = False
     client_fault = True
+
+
+class ParentProhibited(ProxyError):
+    """Every address of a parent proxy is prohibited by the destination guard: a fault of
+    the proxy's configuration (the parent needs an exemption there), not of the client's
+    request, which did not choose the parent. 502, as for any parent that cannot be used;
+    not a client fault: the line that tells of it is a warning, naming the parent."""
+
+    status = 502
+    error = "proxy_configuration_error"
+    close = False
 
 
 class ConnectRefused(ProxyError):

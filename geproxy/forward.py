@@ -32,7 +32,8 @@ from .upstream import basic_credentials
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["forward", "client_keeps_alive", "request_has_body", "read_small_body", "via_loop"]
+__all__ = ["forward", "client_keeps_alive", "request_has_body", "read_small_body", "via_loop",
+           "wants_upgrade"]
 
 RECV_SIZE = 64 * 1024
 #: How long to wait for an origin's "100 Continue" before sending the body anyway (as curl).
@@ -52,8 +53,11 @@ def request_has_body(request: Request) -> bool:
 
 
 def read_small_body(conn: "Connection", request: Request, limit: int) -> bytes:
-    """Read a request body meant for the proxy itself, up to ``limit`` bytes."""
+    """Read a request body meant for the proxy itself, up to ``limit`` bytes. What
+    follows the body (a pipelined request) stays in ``conn.buf``."""
     reader = http11.request_body_reader(request)
+    if reader.done:
+        return b""  # no body: conn.buf is the next request's, untouched
     out: list[bytes] = []
     size = 0
     while not reader.done:
@@ -76,7 +80,8 @@ def _end_to_end(headers: Headers, also: frozenset[str] = frozenset()) -> list[tu
     return [(k, v) for k, v in headers if k.lower() not in drop]
 
 
-def _wants_upgrade(request: Request) -> bool:
+def wants_upgrade(request: Request) -> bool:
+    """Whether ``request`` asks to switch protocols (Upgrade, named in Connection)."""
     return "upgrade" in request.headers and "upgrade" in request.headers.tokens("connection")
 
 
@@ -94,7 +99,7 @@ def _upstream_head(conn: "Connection", request: Request, route: Optional[Route],
     if request.method in ("OPTIONS", "TRACE") and "max-forwards" in request.headers:
         headers = [(k, v) for k, v in headers if k.lower() != "max-forwards"]
         headers.append(("Max-Forwards", str(_max_forwards(request) - 1)))
-    if _wants_upgrade(request):
+    if wants_upgrade(request):
         headers.append(("Connection", "Upgrade"))
         headers.append(("Upgrade", request.headers.get("upgrade") or ""))
     # The framing is the body reader's, never the client's field list: a client naming
@@ -307,7 +312,7 @@ def forward(conn: "Connection", request: Request, record: Record) -> bool:
                              (route, request.host, request.port))
         except _Stale as stale:
             assert route is not None  # only a parent's new connection is retried
-            conn.log.info("parent %s:%d failed: %s", route.host, route.port, stale)
+            conn.log.info("parent %s failed: %s", route.authority, stale)
             conn.hooks.route_failed(conn.ctx, request, route, stale.error)
             routes = routes[routes.index(route) + 1:]
             if not routes:
@@ -441,7 +446,7 @@ def _read_early(conn: "Connection", request: Request, record: Record,
 
 def _is_final(request: Request, response: Response) -> bool:
     if response.status >= 200 or response.status == 101:
-        if response.status == 101 and not _wants_upgrade(request):
+        if response.status == 101 and not wants_upgrade(request):
             raise UpstreamError("101 without an Upgrade request")
         return True
     return False
@@ -511,7 +516,10 @@ def _relay_response(conn: "Connection", request: Request, record: Record,
             chunk = True
         else:
             client_keep = False
-    client_keep = client_keep and not conn.server.stopping
+    # An upgrade the origin declined: bytes the client sent behind the head may be the
+    # other protocol's, never a next request.
+    client_keep = client_keep and not conn.server.stopping and not conn.switch_refused(
+        request, response.status)
     if not client_keep:
         headers.add("Connection", "close")
     elif request.version == "HTTP/1.0":

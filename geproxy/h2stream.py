@@ -90,6 +90,8 @@ class H2Stream(Connection):
         self._writer: Optional[Any] = None
         #: A plain request without Content-Length: its DATA is passed on chunked.
         self.chunk_body = False
+        #: Refused at connect: this stream, the connection's one, is answered with it.
+        self.refusal = conn.refusal
 
     # -- from the connection's greenlet ---------------------------------------------------
 
@@ -252,6 +254,11 @@ class H2Stream(Connection):
         if self.chunk_body:
             return http11.encode_chunk(piece) if piece else b""
         return piece
+
+    def sent_more(self) -> bool:
+        """Never: a stream's DATA is framed by HTTP/2, so no byte of it can be taken for a
+        next request, whatever the answer."""
+        return False
 
     def give_back(self, size: int) -> None:
         """Bytes passed on: the client may send that many more on this stream."""

@@ -97,8 +97,9 @@ def on_disconnect(ctx: "Context") -> None:
 def on_tls_handshake(ctx: "Context", error: Optional[str]) -> None:
     """Observe a client's TLS handshake on a TLS listener: handshake counters, audit.
 
-    Called once per connection to a TLS listener whose ``on_connect`` let it in, when its
-    handshake ended: ``ctx.tls`` is set on success. Every implementation is called even if
+    Called once per connection to a TLS listener, when its handshake ended: ``ctx.tls`` is
+    set on success. A connection ``on_connect`` refused has its handshake too (its 403 goes
+    over it), unless the denial was silent. Every implementation is called even if
     another raises; errors are logged. Implementations may not be wrappers.
 
     :param error: None when the handshake completed; else what ended it: ``timeout``
@@ -106,7 +107,8 @@ def on_tls_handshake(ctx: "Context", error: Optional[str]) -> None:
         (missing or not from ``client_ca``), ``server_certificate`` (the client refused the
         proxy's certificate), ``protocol`` (no common version, cipher or
         ALPN protocol), ``plain_http`` (a plain HTTP request sent to the TLS port) or
-        ``error``. A failed handshake gets no ``on_close``; ``on_disconnect`` follows.
+        ``error``. A failed handshake gets no ``on_close`` (but a connection refused at
+        connect gets its refusal's record, status 0); ``on_disconnect`` follows.
 
     Must not block, and must not keep ``ctx``.
     """
@@ -143,10 +145,23 @@ def on_connect(ctx: "Context") -> Optional["Denied"]:
     """Decide on an accepted client connection before any byte is read from it.
 
     Called once per accepted connection, after the PROXY protocol header (when configured),
-    so ``ctx.client_addr`` is the real client.
+    so ``ctx.client_addr`` is the real client, and before the TLS handshake of a TLS
+    listener.
 
-    :returns: ``None`` to allow (no opinion), or a ``Denied`` to close the connection
-        without sending anything. Raising ``Denied`` does the same.
+    :returns: ``None`` to allow (no opinion), or a ``Denied`` to refuse; raising it does the
+        same. A refused connection is told so: its TLS handshake is completed (on a TLS
+        listener), its first request head is read (bounded by ``header_timeout`` and
+        ``max_header_size``) and answered with the denial's status, 403 with
+        ``Proxy-Status: ...; error=http_request_denied`` (on HTTP/2, the first stream; any
+        other is refused with ``REFUSED_STREAM``), and the connection is closed. No other
+        hook sees that request: no ``on_request``, ``route`` or ``resolve``. Its
+        ``on_close`` record carries the request's method and target, status 403, the
+        error and ``rule`` of the denial, close reason ``denied``; a client that sends no
+        head (it closes, or is silent for ``header_timeout``) gets a record with status 0.
+        ``Denied(..., silent=True)`` asks for a firewall's drop instead: the connection is
+        closed at once, before any handshake, with no byte read or sent (record status 0,
+        close reason ``denied``). Another ``ProxyError`` refuses the same way, answered with
+        its own status; any other non-``None`` value is a ``Denied``.
 
     With ``ctx.decide_only`` set (``geproxy explain``) no connection was accepted: decide as
     for any other, and count or log nothing (no open connection, no per-client count).
@@ -200,13 +215,33 @@ def route(ctx: "Context", request: "Request") -> Any:
 
 
 @hookspec
+def parent_proxies() -> Optional[Sequence["Route"]]:
+    """Name the parent proxies this plugin's ``route`` may choose, for the checks at load.
+
+    Called once per plugin manager, after every plugin's ``configure``: at start, at each
+    reload, and by ``geproxy check-config`` and ``geproxy explain``. The core asks
+    ``resolve`` about each parent given as an IP literal (answered without a lookup, so the
+    destination guard sees it) and logs a warning for one whose address is prohibited:
+    every request through it would fail with 502. A parent given by name is not looked up
+    here (the answer could differ at run time, and a check must work offline); it is
+    checked on each connect, as any destination is.
+
+    :returns: the ``Route`` objects ``route`` may return (their credentials are never
+        logged), or ``None`` when it routes through none.
+
+    Must not resolve, connect or block: return what ``configure`` parsed.
+    """
+
+
+@hookspec
 def route_failed(ctx: "Context", request: "Request", route: "Route",
                  error: "ProxyError") -> None:
     """Learn that a parent proxy chosen by ``route`` could not be used.
 
     Called once per failed attempt through a parent: it could not be resolved or connected
-    to in time, it closed, or it answered CONNECT with anything but 2xx. The core then tries
-    the next route of the list ``route`` returned.
+    to in time, it closed, it answered CONNECT with anything but 2xx, or the destination
+    guard prohibits its address (``errors.ParentProhibited``: a configuration fault, not an
+    outage). The core then tries the next route of the list ``route`` returned.
 
     :param error: the ProxyError the attempt ended with (its ``error`` is the Proxy-Status
         type, its ``detail`` says what happened).

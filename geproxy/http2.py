@@ -109,6 +109,8 @@ class _H2Connection:
     def serve(self) -> None:
         conn = self.conn
         idle = conn.settings["idle_timeout"]
+        if conn.refusal is not None:  # refused at connect: its one request is due soon
+            idle = min(idle, conn.settings["header_timeout"])
         server = conn.server
         me = self.reader = gevent.getcurrent()
         self._writer = gevent.spawn(self._write_loop)
@@ -216,13 +218,17 @@ class _H2Connection:
 
     def _request(self, event: Any) -> None:
         stream_id = event.stream_id
-        if self.conn.server.stopping or self.closed or len(self.streams) >= self.max_streams:
+        conn = self.conn
+        if conn.server.stopping or self.closed or len(self.streams) >= self.max_streams or (
+                conn.refusal is not None and conn.ctx.requests):
+            # A connection refused at connect answers its first stream only.
             self.h2.reset_stream(stream_id, _REFUSED)  # the client may try it again
             self._count_reset()
             return
         fields = [(k, v) for k, v in event.headers]
         stream = H2Stream(self, stream_id, fields, event.stream_ended)
         self.streams[stream_id] = stream
+        conn.ctx.requests += 1
         self.group.spawn(stream.run)
 
     # -- writing ------------------------------------------------------------------------
@@ -306,6 +312,8 @@ class _H2Connection:
             stream.unacked = 0
             self._ack(left, stream.stream_id)
             self.flush()
-        if not self.streams and self.conn.server.stopping and self.reader is not None:
-            # Draining: the last stream is done, so is the connection (GOAWAY, close).
+        if not self.streams and self.reader is not None and (
+                self.conn.server.stopping or self.conn.refusal is not None):
+            # Draining, or refused at connect and its one answer given: the last stream
+            # is done, so is the connection (GOAWAY, close).
             self.reader.kill(block=False)

@@ -122,8 +122,7 @@ class Request:
     @property
     def authority(self) -> str:
         """``host:port`` with IPv6 literals in brackets, as a CONNECT target spells it."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return authority(self.host, self.port)
 
 
 @dataclass
@@ -165,6 +164,16 @@ class Route:
     port: int
     username: str = ""
     password: str = ""
+
+    @property
+    def authority(self) -> str:
+        """``host:port`` of the parent, IPv6 literals in brackets; never its credentials."""
+        return authority(self.host, self.port)
+
+
+def authority(host: str, port: int) -> str:
+    """``host:port``, an IPv6 literal in brackets: how a CONNECT target or a log spells it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)

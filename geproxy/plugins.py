@@ -19,7 +19,15 @@ import pluggy
 from . import hookspecs
 from .config import Config, OptionRegistry, build_config, core_options, parse_list, read_ini
 from .dispatch import HookCall
-from .errors import ConfigError, ConnectRefused, Denied, DNSError, ProxyError
+from .errors import (
+    ConfigError,
+    ConnectRefused,
+    Denied,
+    DestinationProhibited,
+    DNSError,
+    ProxyError,
+)
+from .hosts import literal_address
 from .models import Context, Record, Request, Resolved, Response, Route
 
 __all__ = ["DEFAULT_PLUGINS", "hookimpl", "get_plugin_manager", "load", "Hooks"]
@@ -137,7 +145,30 @@ def load(
         if parser.has_section(name):
             log.warning("%s: [%s] is ignored: its plugin is disabled", path, name)
     pm.hook.configure.call_historic(kwargs={"config": config})
+    check_parents(pm, config)
     return pm, config
+
+
+def check_parents(pm: pluggy.PluginManager, config: Config) -> None:
+    """Warn about each parent proxy (``parent_proxies``) given as an IP literal that the
+    ``resolve`` hook refuses: the destination guard prohibits its address, so every request
+    routed through it would fail with 502. Names are not looked up (see the hookspec)."""
+    listen = config.core["listen"]
+    ctx = Context(client_addr=("0.0.0.0", 0), conn_id="check", config=config,
+                  server_addr=(listen[0][0], listen[0][1]) if listen else ("0.0.0.0", 0))
+    hooks = Hooks(pm)
+    for routes in pm.hook.parent_proxies():
+        for route in routes or ():
+            if literal_address(route.host, route.port) is None:
+                continue
+            try:
+                hooks.resolve(ctx, route.host, route.port)
+            except DestinationProhibited as exc:
+                log.warning("%s: parent proxy %s is prohibited by the destination guard: "
+                            "every request routed through it will fail with 502 (%s)",
+                            config.path, route.authority, exc.detail)
+            except ProxyError as exc:  # not this check's business: the run will tell
+                log.debug("%s: parent proxy %s: %s", config.path, route.authority, exc)
 
 
 def plugin_names(pm: pluggy.PluginManager) -> list[str]:

@@ -18,9 +18,10 @@ at (rule id ``connect_ports``), like Squid's ``http_access deny CONNECT !SSL_por
 
 Where the decision is made: when every rule that could match a client, up to the first one
 that surely does, is decided by the client's address alone, the verdict is known when the
-client connects. A denied client is then closed in ``on_connect`` before a byte is read;
-otherwise each request is decided in ``on_request``. The per-client plan is kept in
-``ctx.stash["acl"]``.
+client connects. A denied client is then refused in ``on_connect``: its first request is
+answered 403 and the connection closed (``refuse_at_connect = answer``), or it is closed
+before a byte is read (``close``); otherwise each request is decided in ``on_request``. The
+per-client plan is kept in ``ctx.stash["acl"]``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ SECTION = "acl"
 DEFAULT_CONNECT_PORTS = "443 563"
 DEFAULT_RULES = "loopback: allow src 127.0.0.0/8 ::1"
 MODES = ("enforce", "report")
+#: What a client denied by its address alone gets: a 403 to its first request, or a close.
+REFUSALS = ("answer", "close")
 CONDITIONS = ("src", "dst", "port", "method", "user")
 #: Rule ids the plugin gives its own denials; a rule may not take them.
 DEFAULT_ID = "default"
@@ -279,6 +282,8 @@ class ACL:
         # Replaced by configure(); the defaults until then, never "allow everything".
         self.policy = _default_policy()
         self.per_client = 0
+        #: refuse_at_connect = close: denials at connect close without an answer.
+        self.silent = False
         #: Open connections per client address, while max_connections_per_client is set.
         self._open: dict[str, int] = {}
         #: Bounded: one entry per recent client address.
@@ -297,6 +302,10 @@ class ACL:
             .add("rules", "lines", DEFAULT_RULES,
                  "Ordered rules, one per line, first match wins: [id:] allow|deny all, or "
                  "allow|deny with src, dst, port, method, user conditions; no match denies.")
+            .add("refuse_at_connect", "str", "answer",
+                 "A client denied by its address alone: answer reads its first request head "
+                 "and answers 403, then closes; close closes at once, before any byte is read "
+                 "or sent (a firewall's drop, no TLS handshake).", choices=REFUSALS)
             .add("max_connections_per_client", "int", "0",
                  "Connections one client address may have open at once; over it, its "
                  "requests get 503. 0 for no limit.", minimum=0)
@@ -316,6 +325,7 @@ class ACL:
             log.warning("%s: [acl] rules is empty: every client is denied", config.path)
         self.policy = Policy(rules, ports, report=mode == "report")
         self.per_client = section["max_connections_per_client"]
+        self.silent = section["refuse_at_connect"] == "close"
 
     @hookimpl
     def on_connect(self, ctx: Context) -> Optional[Denied]:
@@ -330,7 +340,7 @@ class ACL:
             # Report mode: the "would deny" line is logged per request, with its target.
             return None
         return Denied(f"client {ctx.client_addr[0]} denied by [acl] rule {verdict.rule}",
-                      rule=verdict.rule)
+                      rule=verdict.rule, silent=self.silent)
 
     @hookimpl
     def on_disconnect(self, ctx: Context) -> None:

@@ -18,9 +18,11 @@ Rules, for each address of an answer:
 3. An address (or the IPv4 address it carries) in an ``allow`` network is kept: allow wins.
    Else one (or whose IPv4 address is) in a ``deny`` network is dropped. Else it is kept.
 
-When nothing is left the request is refused: 502 with ``Proxy-Status: ...;
-error=destination_ip_prohibited``. The addresses and networks are parsed once, in
-``configure``; a check is a few integer comparisons (a binary search over merged ranges).
+When nothing is left the request is refused: 403 with ``Proxy-Status: ...;
+error=destination_ip_prohibited``, a policy refusal (the core answers 502
+``proxy_configuration_error`` when the address was a parent proxy's). The addresses and
+networks are parsed once, in ``configure``; a check is a few integer comparisons (a binary
+search over merged ranges).
 """
 
 from __future__ import annotations

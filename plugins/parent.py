@@ -183,8 +183,7 @@ def parse_rules(lines: Sequence[str]) -> tuple[Rule, ...]:
 
 def label(route: Route) -> str:
     """``host:port`` of a parent, IPv6 in brackets; never its credentials."""
-    host = f"[{route.host}]" if ":" in route.host else route.host
-    return f"{host}:{route.port}"
+    return route.authority
 
 
 @dataclass
@@ -272,6 +271,11 @@ class Parent:
         self.retry_after = section["retry_after"]
         self.down = {}
 
+    @hookimpl
+    def parent_proxies(self) -> list[Route]:
+        # The core checks them against the destination guard at each load.
+        return list(self.parents)
+
     def via_parents(self, host: str) -> bool:
         """Whether requests for ``host`` go to the parents (by the rules)."""
         if not self.rules:
@@ -311,6 +315,8 @@ class Parent:
             attempt.failed.add(route)
         if isinstance(error, errors.ParentRefused):
             return  # the parent is alive: it refused this one request
+        if isinstance(error, errors.ParentProhibited):
+            return  # not down: this proxy's configuration forbids it, which no wait cures
         now = self.clock()
         state = self.down.get(route)
         if state is None:

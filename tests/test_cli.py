@@ -283,6 +283,46 @@ def test_unknown_log_level_is_a_usage_error() -> None:
     assert "invalid choice" in result.stderr
 
 
+#: Parents on loopback: the default [destinations] prohibits them; [::1] given in brackets.
+LOOPBACK_PARENTS = ("[geproxy]\nlisten = 127.0.0.1:0\naccess_log = off\n"
+                    "[parents]\nparents = http://egress:s3cret@127.0.0.1:3128 "
+                    "http://[::1]:3129 http://10.40.0.9:3128\n[destinations]\n")
+
+
+@pytest.mark.parametrize("allow, warned", [
+    ("", ["127.0.0.1:3128", "[::1]:3129", "10.40.0.9:3128"]),
+    ("allow = 10.40.0.9 ::1\n", ["127.0.0.1:3128"]),
+    ("allow = 127.0.0.1 ::1 10.40.0.0/24\n", []),
+])
+def test_check_config_warns_of_a_parent_the_guard_prohibits(tmp_path: Path, allow: str,
+                                                           warned: list[str]) -> None:
+    """Valid, so exit 0; but each parent every request through which would get 502 is
+    named in a warning (never with its credentials)."""
+    path = tmp_path / "geproxy.ini"
+    path.write_text(LOOPBACK_PARENTS + allow)
+    result = run_geproxy("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{path}: ok"
+    lines = result.stderr.splitlines()
+    assert len(lines) == len(warned), result.stderr
+    for line, parent in zip(lines, warned):
+        assert " WARNING " in line and f"{path}: parent proxy {parent} is prohibited" in line
+        assert "502" in line and "[destinations]" in line, line
+    assert "s3cret" not in result.stderr
+
+
+def test_the_start_warns_of_a_parent_the_guard_prohibits(
+        tmp_path: Path, geproxy_process: Callable[..., Running]) -> None:
+    path = tmp_path / "geproxy.ini"
+    path.write_text(LOOPBACK_PARENTS + "allow = ::1 10.40.0.9\n")
+    proxy = geproxy_process("--config", str(path))
+    line = proxy.read_until("stderr", r"parent proxy .* is prohibited").string
+    assert "127.0.0.1:3128" in line and " WARNING " in line, line
+    proxy.wait_listening()  # a warning, not a refusal to start
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.wait(timeout=10) == 0
+
+
 PROBE = '''
 import logging
 

@@ -291,14 +291,21 @@ def test_on_request_may_answer_with_a_response(proxy_factory, origin):
     _still_serves(proxy, origin)
 
 
-def test_on_connect_denial_closes_without_a_byte(proxy_factory):
+@pytest.mark.parametrize("silent", [False, True])
+def test_an_on_connect_denial_answers_the_first_request_unless_silent(proxy_factory, silent):
     class NoOne:
         @hookimpl
         def on_connect(self, ctx):
-            return Denied("nobody")
+            return Denied("nobody", silent=silent)
 
     proxy = proxy_factory(plugins=[NoOne()])
-    assert exchange(proxy.address, b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n") == b""
+    answer = exchange(proxy.address, b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n")
+    if silent:
+        assert answer == b""
+    else:
+        assert answer.startswith(b"HTTP/1.1 403 ") and answer.endswith(b"403 Forbidden\n")
+        assert _field(answer, b"proxy-status") == b"geproxy; error=http_request_denied"
+        assert _field(answer, b"connection") == b"close"
 
 
 def _unused_port() -> int:

@@ -124,7 +124,8 @@ def test_every_hook_has_a_contract():
     assert {spec.__name__ for spec in specs} == {
         "add_options", "configure", "unconfigure", "on_connect", "on_request", "route",
         "route_failed", "resolve", "on_tunnel_data", "on_response", "on_close",
-        "reopen_logs", "on_disconnect", "on_tls_handshake", "on_progress", "on_reload"}
+        "reopen_logs", "on_disconnect", "on_tls_handshake", "on_progress", "on_reload",
+        "parent_proxies"}
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert "Called" in doc, spec.__name__

@@ -49,6 +49,19 @@ def test_no_path_escapes_the_docroot(proxy_factory, docroot, path):
     assert answer.startswith((b"HTTP/1.1 404 ", b"HTTP/1.1 400 "))
 
 
+def test_requests_pipelined_behind_a_local_page_are_answered(proxy_factory, origin):
+    """The bytes behind a bodiless request for the proxy itself are the next request: kept,
+    and answered in order (they were dropped, and the client left waiting)."""
+    proxy = proxy_factory()
+    pipelined = (b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n"
+                 + f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                 + b"GET /healthz HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+    answer = exchange(proxy.address, pipelined)
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 3, answer
+    assert answer.endswith(b"\r\n\r\nok\n") and b"\r\n\r\nhello\n" in answer
+    assert [seen.path for seen in origin.seen] == ["/"]
+
+
 def test_local_paths_expose_admin_pages_on_the_proxy_port(proxy_factory):
     proxy = proxy_factory("local_paths = /healthz /readyz /metrics\n")
     assert curl(f"{proxy.url}/readyz").stdout == b"ready\n"

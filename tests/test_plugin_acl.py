@@ -198,13 +198,22 @@ def test_rule_ids_go_to_the_record_never_to_the_client(proxy_factory, origin):
     ("deny all", "line 1"),
     ("allow src 10.0.0.0/8 dst origin.test", "default"),  # no rule can match 127.0.0.1
 ])
-def test_a_client_decided_by_its_address_is_closed_before_a_byte(proxy_factory, origin,
-                                                                  rules, rule):
-    proxy = _start(proxy_factory, rules)
-    assert _ask(proxy, "GET", origin.url("/")) == b""
+@pytest.mark.parametrize("refuse", ["answer", "close"])
+def test_a_client_decided_by_its_address_is_refused_at_connect(proxy_factory, origin,
+                                                               rules, rule, refuse):
+    """answer (the default): its first request gets 403, then the close; close: the
+    connection is closed before a byte is read."""
+    proxy = _start(proxy_factory, rules, refuse_at_connect=refuse)
+    answer = _ask(proxy, "GET", origin.url("/"))
     [record] = wait_for_records(proxy, 1)
-    assert (record.method, record.status, record.error, record.close_reason, record.rule) == (
-        "-", 0, "http_request_denied", "denied", rule)
+    if refuse == "answer":
+        assert _denied_properly(answer) and b"\r\nConnection: close\r\n" in answer, answer
+        assert (record.method, record.status) == ("GET", 403)
+    else:
+        assert answer == b""
+        assert (record.method, record.status) == ("-", 0)
+    assert (record.error, record.close_reason, record.rule) == (
+        "http_request_denied", "denied", rule)
     assert origin.seen == []
 
 

@@ -211,27 +211,28 @@ def test_loopback_literals_are_prohibited_by_default(proxy_factory, origin, raw_
     server = raw_origin(lambda sock: sock.sendall(b"never"))
 
     answer = _ask(proxy.address, f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\n\r\n".encode())
-    assert answer.startswith(b"HTTP/1.1 502 "), answer
+    # A policy refusal, not an upstream fault: 403, as the ACL's are.
+    assert answer.startswith(b"HTTP/1.1 403 "), answer
     assert _field(answer, b"proxy-status") == PROHIBITED
-    assert answer.endswith(b"\r\n\r\n502 Bad Gateway\n")  # no host, address or rule
+    assert answer.endswith(b"\r\n\r\n403 Forbidden\n")  # no host, address or rule
     assert server.accepted == 0
 
     answer = _ask(proxy.address, f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n"
                                  "Host: x\r\n\r\n".encode())
-    assert answer.startswith(b"HTTP/1.1 502 "), answer
+    assert answer.startswith(b"HTTP/1.1 403 "), answer
     assert _field(answer, b"proxy-status") == PROHIBITED
     assert _field(answer, b"connection") is None  # the client may go on
     assert origin.seen == []
 
-    assert _fetch(proxy, origin.url("/"), tunnel=True)[0] == "502"
-    assert _fetch(proxy, origin.url("/"), tunnel=False)[0] == "502"
+    assert _fetch(proxy, origin.url("/"), tunnel=True)[0] == "403"
+    assert _fetch(proxy, origin.url("/"), tunnel=False)[0] == "403"
     assert origin.seen == [] and server.accepted == 0
     assert tripwire.passed == []  # nothing reached the core's connect
 
     records = wait_for_records(proxy, 4)
     assert [(r.method, r.status, r.error, r.upstream_addr) for r in records] == [
-        ("CONNECT", 502, "destination_ip_prohibited", None),
-        ("GET", 502, "destination_ip_prohibited", None)] * 2
+        ("CONNECT", 403, "destination_ip_prohibited", None),
+        ("GET", 403, "destination_ip_prohibited", None)] * 2
 
 
 @TUNNEL
@@ -240,7 +241,7 @@ def test_a_name_resolving_to_loopback_is_prohibited(proxy_factory, origin, tunne
     proxy, _ = _start(proxy_factory, DEFAULTS)
     proxy.resolver.add("evil.test", "127.0.0.1")
     status, _ = _fetch(proxy, origin.url("/", host="evil.test"), tunnel)
-    assert status == "502"
+    assert status == "403"
     assert origin.seen == []
     assert proxy.resolver.queries["evil.test"] == 1
     # The reason is in the log once, with the host and the address; the client saw neither.
@@ -268,7 +269,7 @@ def test_ipv6_loopback_is_prohibited_unless_allowed(proxy_factory, listeners, tu
     for proxy in (denied, allowed):
         proxy.resolver.add("six.test", "::1")
     for url in (f"http://six.test:{server.port}/", f"http://[::1]:{server.port}/"):
-        assert _fetch(denied, url, tunnel)[0] == "502"
+        assert _fetch(denied, url, tunnel)[0] == "403"
         assert server.accepted["::1"] == 0
     for url in (f"http://six.test:{server.port}/", f"http://[::1]:{server.port}/"):
         assert _fetch(allowed, url, tunnel) == ("200", b"served by ::1\n")
@@ -313,7 +314,7 @@ def test_prohibited_literals_are_never_connected(proxy_factory, listeners, liter
     answer = _ask(proxy.address, (
         f"CONNECT {literal}:{server.port} HTTP/1.1\r\n\r\n" if tunnel else
         f"GET http://{literal}:{server.port}/ HTTP/1.1\r\nHost: x\r\n\r\n").encode())
-    assert answer.startswith(b"HTTP/1.1 502 "), answer
+    assert answer.startswith(b"HTTP/1.1 403 "), answer
     assert _field(answer, b"proxy-status") == PROHIBITED
     assert sum(server.accepted.values()) == 0
     assert tripwire.passed == []
@@ -328,7 +329,7 @@ def test_rebinding_is_judged_on_every_resolution(proxy_factory, listeners, tunne
     # No pooling, so every plain request resolves again, as a tunnel does.
     proxy, tripwire = _start(proxy_factory, "upstream_keepalive = 0\n" + ALLOW_ONE, resolver)
     answers = [_fetch(proxy, f"http://rebind.test:{server.port}/", tunnel) for _ in range(6)]
-    assert [status for status, _ in answers] == ["200", "502"] * 3
+    assert [status for status, _ in answers] == ["200", "403"] * 3
     assert answers[0][1] == answers[2][1] == answers[4][1] == b"served by 127.0.0.1\n"
     assert resolver.queries["rebind.test"] == 6  # no second lookup behind the check
     assert server.accepted == Counter({"127.0.0.1": 3})
@@ -398,7 +399,7 @@ def test_a_cache_hit_from_a_tryfirst_implementation_is_judged_too():
     with pytest.raises(errors.DestinationProhibited) as caught:
         _resolve(_manager(resolver, cache), host="cached.test")
     assert (cache.calls, resolver.calls) == (1, 0)
-    assert caught.value.status == 502 and caught.value.error == "destination_ip_prohibited"
+    assert caught.value.status == 403 and caught.value.error == "destination_ip_prohibited"
     assert "cached.test" in caught.value.detail and "127.0.0.1" in caught.value.detail
 
 

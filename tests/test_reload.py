@@ -30,7 +30,8 @@ def test_a_reload_changes_the_acl_and_an_open_tunnel_keeps_working(proxy_factory
         _rewrite(proxy, DENY)
         assert proxy.server.reload()
         # New connections get the new policy: refused at connect.
-        assert exchange(proxy.address, b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n") == b""
+        refused = exchange(proxy.address, b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n")
+        assert refused.startswith(b"HTTP/1.1 403 "), refused
         # The open tunnel keeps its policy and its bytes.
         tunnel.settimeout(10)
         tunnel.sendall(b"still here")
@@ -87,7 +88,7 @@ def test_sighup_reloads_the_running_process(proxy_process, origin, tmp_path):
         gevent.sleep(0.01)
     assert any("reloaded" in line for line in proxy.log), proxy.log[-5:]
     refused = curl("-x", proxy.url, origin.url("/"))
-    assert refused.returncode != 0 and refused.stdout == b""
+    assert refused.stdout == b"403 Forbidden\n", refused.stderr
 
 
 # -- a reload applies to what comes next ---------------------------------------------------
