@@ -72,7 +72,7 @@ class H2Stream(Connection):
         #: too when no greenlet waits for its end.
         self.relay: Optional[StreamRelay] = None
         self.detached: Optional[StreamRelay] = None
-        self.owner = owner
+        self.owner: "_H2Connection" = owner
         self.stream_id = stream_id
         self.fields = fields
         #: Request body (or tunnel) bytes from the client with their flow-controlled size

@@ -155,7 +155,8 @@ def check_parents(pm: pluggy.PluginManager, config: Config) -> None:
     routed through it would fail with 502. Names are not looked up (see the hookspec)."""
     listen = config.core["listen"]
     ctx = Context(client_addr=("0.0.0.0", 0), conn_id="check", config=config,
-                  server_addr=(listen[0][0], listen[0][1]) if listen else ("0.0.0.0", 0))
+                  server_addr=(listen[0][0], listen[0][1]) if listen else ("0.0.0.0", 0),
+                  decide_only=True)
     hooks = Hooks(pm)
     for routes in pm.hook.parent_proxies():
         for route in routes or ():

@@ -73,7 +73,7 @@ class ProxyServer:
         #: This process's number among a master's workers; None when it runs alone.
         self.worker: Optional[int] = None
         #: What a worker's connection ids start with (``w1``): unique across workers.
-        self.conn_prefix = ""
+        self.conn_prefix: str = ""
         #: A worker's way to its master (workers.py), which answers what only it knows:
         #: the metrics of every worker. None when this process runs alone.
         self.coordinator: Optional[Any] = None

@@ -86,10 +86,10 @@ def test_the_same_samples_whatever_the_number_of_workers(proxy_process, origin, 
                        f"[tls]\ncertificate = {tls_files.certificate}\n")
         _traffic(proxy, origin, tls_files, server)
         # Each request is counted when its record is made, after curl has its answer.
-        assert _wait_for(lambda: sum(
+        assert _wait_for(lambda proxy=proxy: sum(
             v for (name, _), v in _samples(proxy).items()
             if name == "geproxy_requests_total") == 4)
-        assert _wait_for(lambda: _value(proxy, "geproxy_connections_open") == 0)
+        assert _wait_for(lambda proxy=proxy: _value(proxy, "geproxy_connections_open") == 0)
         samples = _samples(proxy)
         assert not [key for key in samples if key[0].endswith("_created")]
         found[workers] = {key: value for key, value in samples.items()
@@ -188,7 +188,7 @@ def test_a_worker_serves_every_workers_metrics_on_the_proxy_port(proxy_process, 
     assert _wait_for(lambda: _value(proxy, "geproxy_requests_total", method="GET",
                                     status="200") == 10)
     for scrape in range(4):  # whichever worker answers, it gives the master's sum (each
-        assert _wait_for(lambda: _value(  # scrape before it counts as a request too)
+        assert _wait_for(lambda scrape=scrape: _value(  # scrape before it counts too)
             proxy, "geproxy_requests_total", method="GET", status="200") == 10 + scrape)
         out = curl(f"{proxy.url}/metrics")
         assert out.returncode == 0, out.stderr

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import signal
-
-import pytest
+import socket
 
 import gevent
+import pytest
 
 from geproxy.testing import ResponseReader, curl, echo, exchange, kit_ini, wait_for_records
 
@@ -116,8 +116,6 @@ def test_the_next_request_of_a_kept_alive_connection_follows_the_reload(proxy_fa
     """A destination the reload revokes is refused on a connection opened before it; what
     belongs to the connection (its per-client count, the open-connection gauge) stays with
     the configuration it was accepted with, so nothing leaks or goes negative."""
-    import socket
-
     base = ADMIN + "[acl]\nconnect_ports = 1-65535\nmax_connections_per_client = 1\n"
     proxy = proxy_factory(base + "rules = allow all\n")
     get = (f"GET {origin.url('/')} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
@@ -147,9 +145,7 @@ def test_the_next_request_of_a_kept_alive_connection_follows_the_reload(proxy_fa
     assert out.returncode == 0 and out.stdout == b"ok\n"
 
 
-def _tunnel(proxy, port: int) -> "socket.socket":
-    import socket
-
+def _tunnel(proxy, port: int) -> socket.socket:
     sock = socket.create_connection(proxy.address, timeout=10)
     sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
@@ -159,8 +155,6 @@ def _tunnel(proxy, port: int) -> "socket.socket":
 def _connect_status(proxy, port: int) -> int:
     """The status a new CONNECT to ``port`` gets (its head only: a refused CONNECT with
     nothing after it may stay open)."""
-    import socket
-
     with socket.create_connection(proxy.address, timeout=10) as sock:
         sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         return int(sock.recv(1000).split()[1])
@@ -256,8 +250,6 @@ def test_recheck_keeps_the_identity_the_tunnel_was_opened_with(proxy_factory, ra
 
     proxy = proxy_factory(policy("alice"))
     credentials = base64.b64encode(b"alice:pw").decode()
-    import socket
-
     tunnel = socket.create_connection(proxy.address, timeout=10)
     try:
         tunnel.sendall(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\nHost: x\r\n"

@@ -221,7 +221,7 @@ def test_a_crash_loop_stops_the_master(proxy_process):
         pid = _worker_pids(proxy)[0]
         os.kill(pid, signal.SIGKILL)
         if death < 5:
-            assert _wait_for(lambda: _worker_pids(proxy)[0] != pid), proxy.log[-4:]
+            assert _wait_for(lambda pid=pid: _worker_pids(proxy)[0] != pid), proxy.log[-4:]
             assert _wait_for(lambda: _alive(_worker_pids(proxy)[0]))
     assert proxy.process.wait(timeout=30) == 1
     assert _count(proxy, "killed by SIGKILL; starting it again in") == 4
@@ -446,3 +446,55 @@ def test_workers_serve_a_tls_listener_and_reload_its_certificate(proxy_process, 
                 assert dict(x[0] for x in sock.getpeercert()["issuer"])[
                     "organizationName"] == "renewed"
     assert proxy.stop() == 0
+
+
+def _revoking(port: int) -> str:
+    return ("workers = 2\n[acl]\nconnect_ports = 1-65535\n"
+            f"rules =\n    revoked: deny port {port}\n    allow all\n")
+
+
+def _reload(proxy, text: str) -> None:
+    """Put ``text`` in force in every worker, and wait until all say so."""
+    reloaded = _count(proxy, "reloaded")
+    with open(_config_path(proxy), "w", encoding="utf-8") as handle:
+        handle.write(kit_ini(text, access_log="-"))
+    proxy.process.send_signal(signal.SIGHUP)
+    assert _wait_for(lambda: _count(proxy, "reloaded") == reloaded + 3), proxy.log[-5:]
+
+
+def test_workers_decide_the_next_request_of_a_kept_connection_by_the_reload(proxy_process,
+                                                                           origin):
+    from geproxy.testing import ResponseReader
+
+    proxy = proxy_process("workers = 2\n" + ALLOW)
+    _serving(proxy)
+    get = (f"GET {origin.url('/')} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+           ).encode()
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        answers = ResponseReader(sock)
+        sock.sendall(get)
+        assert answers.read()[0].startswith(b"HTTP/1.1 200 ")
+        _reload(proxy, _revoking(origin.port))
+        sock.sendall(get)  # the same connection, to whichever worker accepted it
+        head, _ = answers.read()
+        assert head.startswith(b"HTTP/1.1 403 ") and b"error=http_request_denied" in head
+
+
+def test_workers_recheck_their_open_tunnels_on_reload(proxy_process, raw_origin):
+    revoked, kept = raw_origin(echo), raw_origin(echo)
+    proxy = proxy_process("workers = 2\nadmin_listen = 127.0.0.1:0\n" + ALLOW)
+    admin = _admin(proxy)
+    doomed = _tunnels_on_both_workers(proxy, admin, f"127.0.0.1:{revoked.port}")
+    spared = _connect(proxy, f"127.0.0.1:{kept.port}")
+    try:
+        _reload(proxy, "reload_tunnels = recheck\nadmin_listen = 127.0.0.1:0\n"
+                + _revoking(revoked.port))
+        for sock in doomed:  # each worker closed its own
+            sock.settimeout(10)
+            assert sock.recv(100) == b""
+        spared.sendall(b"still here")
+        assert spared.recv(100) == b"still here"
+        assert _count(proxy, "closed by the reload") == len(doomed)
+    finally:
+        for sock in [*doomed, spared]:
+            sock.close()
