@@ -190,6 +190,9 @@ class _Explainer:
         verdict, _ = self.decide("on_connect", {"ctx": ctx},
                                  lambda: self.hooks.on_connect(ctx))
         if verdict is not None:
+            if getattr(verdict, "silent", False):  # [acl] refuse_at_connect = close
+                return Answer(0, "none: the connection is closed before any byte is read "
+                                 f"({_verdict(verdict)})", verdict)
             return _error(verdict if isinstance(verdict, ProxyError)
                           else InternalError(f"on_connect returned {verdict!r}"), self.config)
         answer, by = self.decide("on_request", {"ctx": ctx, "request": request},

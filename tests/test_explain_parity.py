@@ -243,3 +243,36 @@ def test_explain_gives_the_proxys_answer(auth: bool, tmp_path: Path, origin: Ori
               or (expected.status == ANY and got.verdict != "refused")):
             mismatches.append((row.name, identity, "both", got, "expected", expected))
     assert not mismatches, "\n".join(map(str, mismatches))
+
+
+@pytest.mark.parametrize("mode", ["answer", "close"])
+def test_explain_and_the_proxy_agree_on_a_client_refused_by_its_address(
+        tmp_path: Path, processes: list[ProxyProcess], mode: str) -> None:
+    """``--from`` a client the ACL refuses by its address alone: a 403 to its request
+    (``refuse_at_connect = answer``), or a close before any byte (``close``), in both."""
+    from geproxy.testing import kit_ini
+
+    config = tmp_path / "refusing.ini"
+    config.write_text(kit_ini("[acl]\nconnect_ports = 1-65535\n"
+                              f"refuse_at_connect = {mode}\n"
+                              "rules =\n    outsiders: deny src 127.0.0.2\n    allow all\n"))
+    processes.append(ProxyProcess(str(config)))
+    proxy = processes[-1].address
+    done = subprocess.run([sys.executable, "-m", "geproxy", "explain", "--config",
+                           str(config), "--from", "127.0.0.2", "GET", "/healthz"],
+                          capture_output=True, text=True, timeout=60)
+    answer = re.findall(r"^answer +(.*)$", done.stdout, re.M)[-1]
+    assert done.returncode == 1 and re.search(r"^verdict +refused$", done.stdout, re.M)
+    with socket.create_connection(proxy, timeout=10, source_address=("127.0.0.2", 0)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        try:
+            got = sock.recv(65536)
+        except ConnectionResetError:
+            got = b""  # closed with the request unread: a reset, as good as a close
+    if mode == "answer":
+        assert got.startswith(b"HTTP/1.1 403 ") and b"error=http_request_denied" in got
+        assert answer.startswith("403 ") and "error=http_request_denied" in answer
+    else:
+        assert got == b""
+        assert answer.startswith("none: the connection is closed before any byte is read")
+        assert "(rule outsiders)" in answer
