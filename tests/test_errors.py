@@ -12,7 +12,15 @@ import gevent
 import pytest
 
 from geproxy import Denied, Response, hookimpl
-from geproxy.testing import curl, echo, exchange, open_tunnel, recv_all, wait_for_records
+from geproxy.testing import (
+    curl,
+    echo,
+    exchange,
+    head_field,
+    open_tunnel,
+    recv_all,
+    wait_for_records,
+)
 
 
 def _answer_and_state(address, data: bytes, timeout: float = 10) -> tuple[bytes, bool]:
@@ -27,7 +35,7 @@ def _answer_and_state(address, data: bytes, timeout: float = 10) -> tuple[bytes,
                 return answer, True
             answer += piece
         head, _, body = answer.partition(b"\r\n\r\n")
-        length = int(_field(head, b"content-length") or 0)
+        length = int(head_field(head, b"content-length") or 0)
         while len(body) < length:
             body += sock.recv(65536)
         # An answer that keeps the connection open is followed by silence, not EOF.
@@ -42,13 +50,6 @@ def _answer_and_state(address, data: bytes, timeout: float = 10) -> tuple[bytes,
     finally:
         sock.close()
 
-
-def _field(head: bytes, name: bytes) -> bytes | None:
-    for line in head.split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == name:
-            return value.strip()
-    return None
 
 
 HEALTHZ_CLOSE = b"GET /healthz HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
@@ -89,8 +90,8 @@ def test_malformed_requests_get_400_and_close(proxy, origin, case):
     data = BAD_REQUESTS[case].replace(b"{port}", str(origin.port).encode())
     answer, closed = _answer_and_state(proxy.address, data)
     assert answer.startswith(b"HTTP/1.1 400 "), answer
-    assert _field(answer, b"proxy-status") == b"geproxy; error=http_request_error"
-    assert _field(answer, b"connection") == b"close"
+    assert head_field(answer, b"proxy-status") == b"geproxy; error=http_request_error"
+    assert head_field(answer, b"connection") == b"close"
     assert closed
     if case not in ("bad chunk size",):
         assert origin.seen == []  # nothing reached the origin
@@ -103,7 +104,7 @@ def test_head_over_max_header_size_is_431(proxy_factory, origin):
             + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"v" * 100) for i in range(50)) + b"\r\n")
     answer, closed = _answer_and_state(proxy.address, data)
     assert answer.startswith(b"HTTP/1.1 431 ") and closed
-    assert _field(answer, b"proxy-status") == b"geproxy; error=http_request_error"
+    assert head_field(answer, b"proxy-status") == b"geproxy; error=http_request_error"
     _still_serves(proxy, origin)
 
 
@@ -139,7 +140,7 @@ def test_slow_head_is_cut_at_header_timeout(proxy_factory, origin):
     finally:
         sock.close()
     assert answer.startswith(b"HTTP/1.1 408 ")
-    assert _field(answer, b"connection") == b"close"
+    assert head_field(answer, b"connection") == b"close"
     _still_serves(proxy, origin)
 
 
@@ -158,7 +159,7 @@ def test_connection_refused_is_502(proxy, origin):
     answer, closed = _answer_and_state(
         proxy.address, f"GET http://127.0.0.1:{closed_port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 502 ")
-    assert _field(answer, b"proxy-status") == b"geproxy; error=connection_refused"
+    assert head_field(answer, b"proxy-status") == b"geproxy; error=connection_refused"
     assert not closed  # the framing is sound: the client may go on
     assert answer.endswith(b"502 Bad Gateway\n")  # no internal detail in the body
     _still_serves(proxy, origin)
@@ -176,7 +177,7 @@ def test_unknown_name_is_502_dns_error(proxy, origin):
                  b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n"):
         answer, closed = _answer_and_state(proxy.address, data)
         assert answer.startswith(b"HTTP/1.1 502 ")
-        assert _field(answer, b"proxy-status") == b'geproxy; error=dns_error; rcode="NXDOMAIN"'
+        assert head_field(answer, b"proxy-status") == b'geproxy; error=dns_error; rcode="NXDOMAIN"'
     assert proxy.resolver.queries["nowhere.test"] == 2
     _still_serves(proxy, origin)
 
@@ -190,7 +191,7 @@ def test_too_many_connections_is_503(proxy_factory, origin):
             assert holder.recv(1000).startswith(b"HTTP/1.1 200 ")
         answer = exchange(proxy.address, HEALTHZ_CLOSE)
         assert answer.startswith(b"HTTP/1.1 503 ")
-        assert _field(answer, b"proxy-status") == b"geproxy; error=connection_limit_reached"
+        assert head_field(answer, b"proxy-status") == b"geproxy; error=connection_limit_reached"
     finally:
         for holder in holders:
             holder.close()
@@ -257,7 +258,7 @@ def test_denied_by_a_plugin_is_403(proxy_factory, origin):
     answer, closed = _answer_and_state(
         proxy.address, f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 403 ")
-    assert _field(answer, b"proxy-status") == b"geproxy; error=http_request_denied"
+    assert head_field(answer, b"proxy-status") == b"geproxy; error=http_request_denied"
     assert b"test policy" not in answer and b"r1" not in answer
     assert not closed
 
@@ -272,7 +273,7 @@ def test_a_plugin_that_raises_fails_closed_with_500(proxy_factory, origin):
     answer, closed = _answer_and_state(
         proxy.address, f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 500 ")
-    assert _field(answer, b"proxy-status") == b"geproxy; error=proxy_internal_error"
+    assert head_field(answer, b"proxy-status") == b"geproxy; error=proxy_internal_error"
     assert b"bug in a policy" not in answer
     assert origin.seen == []
 
@@ -304,8 +305,8 @@ def test_an_on_connect_denial_answers_the_first_request_unless_silent(proxy_fact
         assert answer == b""
     else:
         assert answer.startswith(b"HTTP/1.1 403 ") and answer.endswith(b"403 Forbidden\n")
-        assert _field(answer, b"proxy-status") == b"geproxy; error=http_request_denied"
-        assert _field(answer, b"connection") == b"close"
+        assert head_field(answer, b"proxy-status") == b"geproxy; error=http_request_denied"
+        assert head_field(answer, b"connection") == b"close"
 
 
 def _unused_port() -> int:
@@ -332,7 +333,7 @@ def test_a_refused_request_body_is_never_read_as_a_request(proxy_factory, origin
             f"Content-Length: {len(smuggled)}\r\n\r\n{smuggled}").encode()
     answer, closed = _answer_and_state(proxy.address, data)
     assert answer.startswith(b"HTTP/1.1 403 ")
-    assert _field(answer, b"connection") == b"close" and closed
+    assert head_field(answer, b"connection") == b"close" and closed
     assert origin.seen == []
 
 

@@ -15,26 +15,19 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from geproxy.testing import curl, echo
+from geproxy.testing import curl, echo, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def _wait_for(predicate, limit: float = 15.0) -> bool:
-    for _ in range(int(limit / 0.02)):
-        if predicate():
-            return True
-        gevent.sleep(0.02)
-    return predicate()
-
 
 def _start(proxy_process, workers: int, ini: str = ""):
     proxy = proxy_process(f"workers = {workers}\nadmin_listen = 127.0.0.1:0\n" + ini)
-    assert _wait_for(lambda: any("admin listener on" in line for line in proxy.log))
+    assert wait_until(lambda: any("admin listener on" in line for line in proxy.log))
     line = next(line for line in proxy.log if "admin listener on" in line)
     proxy.admin = "http://" + re.search(r"admin listener on (\S+)", line).group(1)
     if workers > 1:
-        assert _wait_for(lambda: sum(") serves" in line for line in proxy.log) >= workers)
+        assert wait_until(lambda: sum(") serves" in line for line in proxy.log) >= workers)
     return proxy
 
 
@@ -86,10 +79,10 @@ def test_the_same_samples_whatever_the_number_of_workers(proxy_process, origin, 
                        f"[tls]\ncertificate = {tls_files.certificate}\n")
         _traffic(proxy, origin, tls_files, server)
         # Each request is counted when its record is made, after curl has its answer.
-        assert _wait_for(lambda proxy=proxy: sum(
+        assert wait_until(lambda proxy=proxy: sum(
             v for (name, _), v in _samples(proxy).items()
             if name == "geproxy_requests_total") == 4)
-        assert _wait_for(lambda proxy=proxy: _value(proxy, "geproxy_connections_open") == 0)
+        assert wait_until(lambda proxy=proxy: _value(proxy, "geproxy_connections_open") == 0)
         samples = _samples(proxy)
         assert not [key for key in samples if key[0].endswith("_created")]
         found[workers] = {key: value for key, value in samples.items()
@@ -117,7 +110,7 @@ def test_bytes_are_counted_while_they_flow(proxy_process, raw_origin, origin, wo
         while received < len(payload):
             received += len(sock.recv(65536))
         # The tunnel is still open: its bytes show within about a second.
-        assert _wait_for(lambda: _value(proxy, "geproxy_tunnel_bytes_total",
+        assert wait_until(lambda: _value(proxy, "geproxy_tunnel_bytes_total",
                                         direction="up") >= len(payload), 10)
         assert _value(proxy, "geproxy_tunnel_bytes_total", direction="down") >= len(payload)
         assert _value(proxy, "geproxy_requests_total", method="CONNECT", status="200") == 0
@@ -125,7 +118,7 @@ def test_bytes_are_counted_while_they_flow(proxy_process, raw_origin, origin, wo
         sock.close()
     out = curl("-x", proxy.url, origin.url("/bytes/50000"))
     assert out.returncode == 0 and len(out.stdout) == 50_000
-    assert _wait_for(lambda: _value(proxy, "geproxy_http_bytes_total",
+    assert wait_until(lambda: _value(proxy, "geproxy_http_bytes_total",
                                     direction="down") >= 50_000)
     assert _value(proxy, "geproxy_http_bytes_total", direction="up") > 0
 
@@ -136,7 +129,7 @@ def test_reloads_are_counted_once_and_counters_outlive_them(proxy_process, origi
     proxy = _start(proxy_process, workers)
     for _ in range(3):
         assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
-    assert _wait_for(lambda: _value(proxy, "geproxy_requests_total", method="GET",
+    assert wait_until(lambda: _value(proxy, "geproxy_requests_total", method="GET",
                                     status="200") == 3)
     started = _value(proxy, "geproxy_reload_last_success_timestamp_seconds")
     assert 0 < started <= time.time()
@@ -144,21 +137,21 @@ def test_reloads_are_counted_once_and_counters_outlive_them(proxy_process, origi
     text = open(path, encoding="utf-8").read()
     gevent.sleep(0.01)
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _value(proxy, "geproxy_reloads_total", outcome="ok") == 1)
+    assert wait_until(lambda: _value(proxy, "geproxy_reloads_total", outcome="ok") == 1)
     assert _value(proxy, "geproxy_reload_last_success_timestamp_seconds") > started
     with open(path, "a", encoding="utf-8") as handle:
         handle.write("\n[auth]\ncache_size = many\n")
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _value(proxy, "geproxy_reloads_total", outcome="refused") == 1)
+    assert wait_until(lambda: _value(proxy, "geproxy_reloads_total", outcome="refused") == 1)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _value(proxy, "geproxy_reloads_total", outcome="ok") == 2)
+    assert wait_until(lambda: _value(proxy, "geproxy_reloads_total", outcome="ok") == 2)
     assert _value(proxy, "geproxy_reloads_total", outcome="refused") == 1
     # Counters go on from where they were: Prometheus counters never go back.
     assert _value(proxy, "geproxy_requests_total", method="GET", status="200") == 3
     assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
-    assert _wait_for(lambda: _value(proxy, "geproxy_requests_total", method="GET",
+    assert wait_until(lambda: _value(proxy, "geproxy_requests_total", method="GET",
                                     status="200") == 4)
 
 
@@ -175,8 +168,8 @@ def test_each_worker_has_its_process_figures(proxy_process):
     pid = max(int(m.group(1)) for line in proxy.log
               for m in [re.search(r"worker 0 started, pid (\d+)", line)] if m)
     os.kill(pid, signal.SIGKILL)
-    assert _wait_for(lambda: sum(") serves" in line for line in proxy.log) == 3)
-    assert _wait_for(lambda: _value(proxy, "geproxy_process_start_time_seconds",
+    assert wait_until(lambda: sum(") serves" in line for line in proxy.log) == 3)
+    assert wait_until(lambda: _value(proxy, "geproxy_process_start_time_seconds",
                                     worker="0") > first)
     assert _value(proxy, "geproxy_workers_alive") == 2
 
@@ -185,10 +178,10 @@ def test_a_worker_serves_every_workers_metrics_on_the_proxy_port(proxy_process, 
     proxy = _start(proxy_process, 2, "local_paths = /healthz /metrics\n")
     for _ in range(10):  # new connections: both workers count some
         assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
-    assert _wait_for(lambda: _value(proxy, "geproxy_requests_total", method="GET",
+    assert wait_until(lambda: _value(proxy, "geproxy_requests_total", method="GET",
                                     status="200") == 10)
     for scrape in range(4):  # whichever worker answers, it gives the master's sum (each
-        assert _wait_for(lambda scrape=scrape: _value(  # scrape before it counts too)
+        assert wait_until(lambda scrape=scrape: _value(  # scrape before it counts too)
             proxy, "geproxy_requests_total", method="GET", status="200") == 10 + scrape)
         out = curl(f"{proxy.url}/metrics")
         assert out.returncode == 0, out.stderr

@@ -26,7 +26,7 @@ from geproxy_plugins.destinations import DEFAULT_DENY, Destinations, Policy
 
 from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Resolved, errors, hookimpl, hookspecs
 from geproxy.plugins import load
-from geproxy.testing import StaticResolver, curl, wait_for_records
+from geproxy.testing import StaticResolver, curl, head_field, wait_for_records
 
 BUILT_IN = any(name == "destinations" for name, _ in DEFAULT_PLUGINS)
 PROHIBITED = b"geproxy; error=destination_ip_prohibited"
@@ -169,7 +169,7 @@ def _ask(address: tuple[str, int], data: bytes) -> bytes:
                 return answer
             answer += piece
         head, _, body = answer.partition(b"\r\n\r\n")
-        length = int(_field(head, b"content-length") or 0)
+        length = int(head_field(head, b"content-length") or 0)
         while len(body) < length:
             piece = sock.recv(65536)
             if not piece:
@@ -179,13 +179,6 @@ def _ask(address: tuple[str, int], data: bytes) -> bytes:
     finally:
         sock.close()
 
-
-def _field(head: bytes, name: bytes) -> Optional[bytes]:
-    for line in head.split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == name:
-            return value.strip()
-    return None
 
 
 def _fetch(proxy: Any, url: str, tunnel: bool) -> tuple[str, bytes]:
@@ -213,15 +206,15 @@ def test_loopback_literals_are_prohibited_by_default(proxy_factory, origin, raw_
     answer = _ask(proxy.address, f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\n\r\n".encode())
     # A policy refusal, not an upstream fault: 403, as the ACL's are.
     assert answer.startswith(b"HTTP/1.1 403 "), answer
-    assert _field(answer, b"proxy-status") == PROHIBITED
+    assert head_field(answer, b"proxy-status") == PROHIBITED
     assert answer.endswith(b"\r\n\r\n403 Forbidden\n")  # no host, address or rule
     assert server.accepted == 0
 
     answer = _ask(proxy.address, f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n"
                                  "Host: x\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 403 "), answer
-    assert _field(answer, b"proxy-status") == PROHIBITED
-    assert _field(answer, b"connection") is None  # the client may go on
+    assert head_field(answer, b"proxy-status") == PROHIBITED
+    assert head_field(answer, b"connection") is None  # the client may go on
     assert origin.seen == []
 
     assert _fetch(proxy, origin.url("/"), tunnel=True)[0] == "403"
@@ -315,7 +308,7 @@ def test_prohibited_literals_are_never_connected(proxy_factory, listeners, liter
         f"CONNECT {literal}:{server.port} HTTP/1.1\r\n\r\n" if tunnel else
         f"GET http://{literal}:{server.port}/ HTTP/1.1\r\nHost: x\r\n\r\n").encode())
     assert answer.startswith(b"HTTP/1.1 403 "), answer
-    assert _field(answer, b"proxy-status") == PROHIBITED
+    assert head_field(answer, b"proxy-status") == PROHIBITED
     assert sum(server.accepted.values()) == 0
     assert tripwire.passed == []
 

@@ -29,6 +29,7 @@ from geproxy.testing import (
     StaticResolver,
     curl,
     exchange,
+    free_port,
     require_tool,
     wait_for_records,
 )
@@ -63,13 +64,6 @@ def _child(proxy_factory: Callable[..., Proxy], parents: str, rules: Optional[st
                          plugins=_plugins(*plugins), resolver=resolver)
 
 
-def _free_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
 
 def _connect(proxy: Proxy, authority: str) -> bytes:
     return exchange(proxy.address, f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
@@ -97,7 +91,7 @@ def tinyproxy(tmp_path: Path) -> Iterator[Callable[..., Tinyproxy]]:
     started: list[Tinyproxy] = []
 
     def start(auth: Optional[tuple[str, str]] = None) -> Tinyproxy:
-        port = _free_port()
+        port = free_port()
         conf = tmp_path / f"tinyproxy-{len(started)}.conf"
         lines = [f"Port {port}", "Listen 127.0.0.1", "Timeout 30", "MaxClients 50",
                  "LogLevel Critical", "Allow 127.0.0.1"]  # no ConnectPort: every port
@@ -220,7 +214,7 @@ def test_failover_to_the_next_parent_and_back(proxy_factory, tinyproxy, origin,
     """A parent that refuses is marked down and the next one is used; it is left out for
     retry_after, then tried again, and is up again once a connection through it works."""
     caplog.set_level(logging.INFO, logger="geproxy_plugins.parent")
-    first_port = _free_port()  # nothing listens here yet
+    first_port = free_port()  # nothing listens here yet
     parent = tinyproxy()
     failed: list[tuple[int, str]] = []
 
@@ -278,11 +272,11 @@ def test_a_parent_that_times_out_is_marked_down(proxy_factory, tinyproxy, origin
 def test_every_parent_down_answers_502(proxy_factory, fake_clock):
     """Never direct: when every parent failed, and while all are down, the client gets 502
     connection_refused; nothing is sent direct."""
-    dead = [_free_port(), _free_port()]
+    dead = [free_port(), free_port()]
     child = _child(proxy_factory, " ".join(f"http://127.0.0.1:{p}" for p in dead))
     plugin = _parent_plugin(child)
     plugin.clock = fake_clock
-    target = f"127.0.0.1:{_free_port()}"
+    target = f"127.0.0.1:{free_port()}"
     for _ in range(2):  # both tried and failed; then both left out
         answer = _connect(child, target)
         assert answer.startswith(b"HTTP/1.1 502 "), answer

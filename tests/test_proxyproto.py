@@ -10,7 +10,7 @@ import gevent
 import pytest
 
 from geproxy.proxyproto import V2_SIGNATURE, ProxyHeaderError, parse
-from geproxy.testing import curl, exchange, require_tool, wait_for_records
+from geproxy.testing import curl, exchange, free_port, require_tool, wait_for_records
 
 
 def v2(source: str, port: int, command: int = 1) -> bytes:
@@ -119,14 +119,6 @@ backend proxies
 """
 
 
-def _free_port() -> int:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
-
-
 def test_haproxy_in_front_of_two_instances(proxy_factory, origin, tmp_path):
     """haproxy (TCP mode, send-proxy-v2) balances two geproxy instances: the ACL holds on
     the real client address, and the access log shows it."""
@@ -135,7 +127,7 @@ def test_haproxy_in_front_of_two_instances(proxy_factory, origin, tmp_path):
               "rules =\n    office: allow src 127.0.0.5\n    rest: deny all\n")
     logs = [tmp_path / "one.log", tmp_path / "two.log"]
     proxies = [proxy_factory(_ini(f"access_log = {log}\n") + policy) for log in logs]
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "haproxy.cfg"
     config.write_text(HAPROXY.format(port=port, one=proxies[0].port, two=proxies[1].port))
     process = subprocess.Popen([haproxy, "-db", "-f", str(config)],

@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import gevent
 import pytest
@@ -32,6 +32,8 @@ from geproxy.testing import (
     StaticResolver,
     curl,
     exchange,
+    free_port,
+    head_field,
     wait_for_records,
 )
 
@@ -42,20 +44,6 @@ DENIED = b"Proxy-Status: geproxy; error=http_request_denied\r\n"
 REFUSE_LOOPBACK = "[acl]\nconnect_ports = 1-65535\nrules = lo: deny src 127.0.0.1\n"
 
 
-def _field(head: bytes, name: bytes) -> Optional[bytes]:
-    for line in head.split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == name:
-            return value.strip()
-    return None
-
-
-def _free_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def _closed_after(sock: socket.socket, reader: ResponseReader, limit: float = 10) -> bool:
@@ -107,7 +95,7 @@ def test_a_client_refused_by_its_address_gets_403_to_its_first_request(proxy_fac
                  f"GET {origin.url('/b')} HTTP/1.1\r\nHost: x\r\n\r\n").encode()
     answer = exchange(proxy.address, pipelined)
     assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 403 "), answer
-    assert _field(answer, b"connection") == b"close"
+    assert head_field(answer, b"connection") == b"close"
     assert answer.endswith(b"\r\n\r\n403 Forbidden\n")  # the rule stays in the log
     records = wait_for_records(proxy, 3)
     assert [(r.method, r.target, r.status, r.error, r.rule, r.close_reason)
@@ -360,7 +348,7 @@ def _refused_connect(proxy_factory, tmp_path, origin, kind):
     ini, target, status = REFUSED_CONNECTS[kind]
     proxy = proxy_factory(ini(tmp_path, origin.port),
                           resolver=StaticResolver({"blocked.test": ["127.0.0.1"]}))
-    target = target.format(origin=origin.port, closed=_free_port())
+    target = target.format(origin=origin.port, closed=free_port())
     return proxy, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode(), status
 
 
@@ -373,7 +361,7 @@ def test_bytes_behind_a_refused_connect_are_never_a_request(proxy_factory, origi
         reader = ResponseReader(sock)
         head, _ = reader.read()
         assert head.startswith(f"HTTP/1.1 {status} ".encode()), head
-        assert _field(head, b"connection") == b"close"
+        assert head_field(head, b"connection") == b"close"
         assert _closed_after(sock, reader)
     [record] = wait_for_records(proxy, 1)
     assert (record.method, record.status) == ("CONNECT", status)
@@ -390,7 +378,7 @@ def test_with_nothing_behind_a_refused_connect_the_connection_goes_on(proxy_fact
         reader = ResponseReader(sock)
         head, _ = reader.read()
         assert head.startswith(f"HTTP/1.1 {status} ".encode()), head
-        assert _field(head, b"connection") is None
+        assert head_field(head, b"connection") is None
         if kind == "auth":  # the 407's retry, with credentials, as a client sends it
             sock.sendall(connect.replace(b"\r\n\r\n", f"\r\n{credentials}\r\n".encode()))
             head, _ = reader.read()
@@ -418,7 +406,7 @@ def test_bytes_that_arrive_while_a_connect_fails_are_never_a_request(proxy_facto
         reader = ResponseReader(sock)
         head, _ = reader.read()
         assert head.startswith(b"HTTP/1.1 504 "), head
-        assert _field(head, b"connection") == b"close"
+        assert head_field(head, b"connection") == b"close"
         assert _closed_after(sock, reader)
     assert origin.seen == []
 
@@ -436,7 +424,7 @@ def test_a_plugins_2xx_to_a_connect_closes_the_connection(proxy_factory, origin)
         sock.sendall(b"CONNECT example.test:443 HTTP/1.1\r\n\r\n")
         reader = ResponseReader(sock)
         head, _ = reader.read()
-        assert head.startswith(b"HTTP/1.1 200 ") and _field(head, b"connection") == b"close"
+        assert head.startswith(b"HTTP/1.1 200 ") and head_field(head, b"connection") == b"close"
         sock.sendall(_smuggled(origin))
         assert _closed_after(sock, reader)
     assert origin.seen == []
@@ -488,7 +476,7 @@ def test_bytes_behind_a_declined_upgrade_are_never_a_request(proxy_factory, tmp_
             reader = ResponseReader(sock)
             head, _ = reader.read()
             assert head.startswith(b"HTTP/1.1 " + status), head
-            assert _field(head, b"connection") == b"close"
+            assert head_field(head, b"connection") == b"close"
             assert _closed_after(sock, reader)
         assert lines == ([b"GET / HTTP/1.1"] if declined_by == "origin" else [])
         lines.clear()
@@ -498,7 +486,7 @@ def test_bytes_behind_a_declined_upgrade_are_never_a_request(proxy_factory, tmp_
             reader = ResponseReader(sock)
             head, _ = reader.read()
             assert head.startswith(b"HTTP/1.1 " + status), head
-            assert _field(head, b"connection") != b"close"
+            assert head_field(head, b"connection") != b"close"
             sock.sendall(_smuggled(origin).replace(b"/smuggled", b"/again"))
             head, body = reader.read()
             assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello\n", head

@@ -7,7 +7,15 @@ import socket
 import gevent
 import pytest
 
-from geproxy.testing import curl, live_greenlets, open_fds, pattern, settle
+from geproxy.testing import (
+    curl,
+    head_field,
+    live_greenlets,
+    open_fds,
+    pattern,
+    settle,
+    wait_until,
+)
 
 
 def test_the_leak_counters_see_sockets_and_greenlets():
@@ -93,3 +101,19 @@ def test_response_reader_reads_pipelined_answers_one_by_one():
         assert answers.read()[1] == b"twofour"
         with pytest.raises(AssertionError, match="in the middle of a body"):
             answers.read()
+
+
+@pytest.mark.pure
+def test_wait_until_is_bounded_and_says_whether_it_held():
+    calls = []
+    assert wait_until(lambda: calls.append(1) or len(calls) >= 3, limit=5)
+    assert len(calls) == 3
+    assert not wait_until(lambda: False, limit=0.05)
+
+
+@pytest.mark.pure
+def test_head_field_finds_a_field_whatever_its_case():
+    head = b"HTTP/1.1 403 Forbidden\r\nProxy-Status: geproxy; error=x\r\nX-A:  1 \r\nx-a: 2"
+    assert head_field(head, b"proxy-status") == b"geproxy; error=x"
+    assert head_field(head, b"x-a") == b"1"
+    assert head_field(head, b"via") is None

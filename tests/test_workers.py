@@ -16,23 +16,14 @@ import socket
 import subprocess
 import sys
 
-import gevent
 import pytest
 import requests
 
-from geproxy.testing import curl, echo, kit_ini
+from geproxy.testing import curl, echo, kit_ini, wait_until
 
 ALLOW = "[acl]\nconnect_ports = 1-65535\nrules = allow src 127.0.0.1\n"
 DENY = "[acl]\nconnect_ports = 1-65535\nrules = closed: deny method CONNECT\n"
 
-
-def _wait_for(predicate, limit: float = 15.0) -> bool:
-    """Poll ``predicate`` (bounded: ``limit`` seconds)."""
-    for _ in range(int(limit / 0.02)):
-        if predicate():
-            return True
-        gevent.sleep(0.02)
-    return predicate()
 
 
 def _worker_pids(proxy) -> dict[int, int]:
@@ -58,7 +49,7 @@ def _alive(pid: int) -> bool:
 
 
 def _admin(proxy) -> str:
-    assert _wait_for(lambda: _count(proxy, "admin listener on") == 1)
+    assert wait_until(lambda: _count(proxy, "admin listener on") == 1)
     line = next(line for line in proxy.log if "admin listener on" in line)
     return "http://" + re.search(r"admin listener on (\S+)", line).group(1)
 
@@ -88,7 +79,7 @@ def _connect_status(proxy, target: str) -> int:
 
 def _serving(proxy, count: int = 2) -> None:
     """Wait until ``count`` workers were said to serve, by the master."""
-    assert _wait_for(lambda: _count(proxy, ") serves") >= count), proxy.log[-5:]
+    assert wait_until(lambda: _count(proxy, ") serves") >= count), proxy.log[-5:]
 
 
 def _restart(proxy, index: int) -> None:
@@ -97,7 +88,7 @@ def _restart(proxy, index: int) -> None:
     before = _worker_pids(proxy)[index]
     serving = _count(proxy, ") serves")
     os.kill(before, signal.SIGKILL)
-    assert _wait_for(lambda: _worker_pids(proxy)[index] != before), proxy.log[-5:]
+    assert wait_until(lambda: _worker_pids(proxy)[index] != before), proxy.log[-5:]
     _serving(proxy, serving + 1)
 
 
@@ -114,7 +105,7 @@ def test_two_workers_share_the_port_and_each_line_names_its_process(proxy_proces
     _serving(proxy)
     for _ in range(40):  # new connections each: the kernel spreads them over the workers
         assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
-    assert _wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 40)
+    assert wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 40)
     served_by = {json.loads(line)["worker"] for line in log.read_text().splitlines()}
     assert served_by == set(_worker_pids(proxy).values())
     workers = list(_worker_pids(proxy).values())
@@ -146,7 +137,7 @@ def test_a_restart_after_a_refused_reload_serves(proxy_process, raw_origin):
     with open(_config_path(proxy), "a", encoding="utf-8") as handle:
         handle.write("\n[auth]\ncache_size = many\n")
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _count(proxy, "reload refused") == 1)
+    assert wait_until(lambda: _count(proxy, "reload refused") == 1)
     _restart(proxy, 0)
     assert _count(proxy, "worker 0 started") == 2  # started once again, not in a loop
     assert [_connect_status(proxy, target) for _ in range(4)] == [200] * 4
@@ -221,8 +212,8 @@ def test_a_crash_loop_stops_the_master(proxy_process):
         pid = _worker_pids(proxy)[0]
         os.kill(pid, signal.SIGKILL)
         if death < 5:
-            assert _wait_for(lambda pid=pid: _worker_pids(proxy)[0] != pid), proxy.log[-4:]
-            assert _wait_for(lambda: _alive(_worker_pids(proxy)[0]))
+            assert wait_until(lambda pid=pid: _worker_pids(proxy)[0] != pid), proxy.log[-4:]
+            assert wait_until(lambda: _alive(_worker_pids(proxy)[0]))
     assert proxy.process.wait(timeout=30) == 1
     assert _count(proxy, "killed by SIGKILL; starting it again in") == 4
     pauses = [float(re.search(r"again in ([0-9.]+)s", line).group(1))
@@ -236,10 +227,10 @@ def test_a_stop_during_a_restart_pause_starts_no_worker(proxy_process):
     _serving(proxy)
     pid = _worker_pids(proxy)[0]
     os.kill(pid, signal.SIGKILL)
-    assert _wait_for(lambda: _worker_pids(proxy)[0] != pid)
+    assert wait_until(lambda: _worker_pids(proxy)[0] != pid)
     pid = _worker_pids(proxy)[0]
     os.kill(pid, signal.SIGKILL)  # the second death waits for its restart
-    assert _wait_for(lambda: _count(proxy, "starting it again in 1s") == 1), proxy.log[-3:]
+    assert wait_until(lambda: _count(proxy, "starting it again in 1s") == 1), proxy.log[-3:]
     assert proxy.stop() == 0
     stopping = next(i for i, line in enumerate(proxy.log) if "stopping" in line)
     assert not [line for line in proxy.log[stopping:] if "started, pid" in line]
@@ -280,7 +271,7 @@ def test_the_admin_listener_sees_and_closes_every_workers_tunnels(proxy_process,
             victim = next(entry["id"] for entry in listed if entry["worker"] == worker)
             answer = requests.post(f"{admin}/tunnels/{victim}/close", timeout=10)
             assert answer.status_code == 200, answer.text
-        assert _wait_for(lambda: len(requests.get(admin + "/tunnels", timeout=10).json())
+        assert wait_until(lambda: len(requests.get(admin + "/tunnels", timeout=10).json())
                          == len(tunnels) - 2)
         assert requests.post(f"{admin}/tunnels/w7c1/close", timeout=10).status_code == 404
     finally:
@@ -300,7 +291,7 @@ def test_detached_tunnels_explain_the_greenlets(proxy_process, raw_origin):
             stats.update(requests.get(admin + "/debug/stats", timeout=10).json())
             return stats["detached_tunnels"] == 1
 
-        assert _wait_for(detached)  # after DETACH_AFTER, no greenlet waits for it
+        assert wait_until(detached)  # after DETACH_AFTER, no greenlet waits for it
         assert stats["tunnels"] == 1 and stats["connections"] == 1
         tunnel.sendall(b"still relayed")
         assert tunnel.recv(100) == b"still relayed"
@@ -319,17 +310,17 @@ def test_a_reload_changes_the_number_of_workers(proxy_process):
         assert answer.status_code == 200, answer.text
         return len(answer.json()["workers"])
 
-    assert _wait_for(lambda: count() == 2)
+    assert wait_until(lambda: count() == 2)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text.replace("workers = 2", "workers = 3"))
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: count() == 3), proxy.log[-5:]
+    assert wait_until(lambda: count() == 3), proxy.log[-5:]
     assert _count(proxy, "workers 2 -> 3") == 1
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text.replace("workers = 2", "workers = 1"))
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: count() == 1), proxy.log[-5:]
-    assert _wait_for(lambda: _count(proxy, "exited with status 0") == 2), proxy.log[-5:]
+    assert wait_until(lambda: count() == 1), proxy.log[-5:]
+    assert wait_until(lambda: _count(proxy, "exited with status 0") == 2), proxy.log[-5:]
     assert curl("-x", proxy.url, f"{admin}/healthz").returncode == 0
     assert proxy.stop() == 0
 
@@ -341,7 +332,7 @@ def test_one_process_refuses_a_reload_to_workers(proxy_process):
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text.replace("workers = 1", "workers = 2"))
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _count(proxy, "reload refused") == 1)
+    assert wait_until(lambda: _count(proxy, "reload refused") == 1)
     line = next(line for line in proxy.log if "reload refused" in line)
     assert "workers = 2 needs a restart" in line
 
@@ -382,14 +373,14 @@ def test_a_reload_is_all_or_nothing_across_workers(proxy_process, raw_origin, tm
     with open(_config_path(proxy), "w", encoding="utf-8") as handle:
         handle.write(kit_ini(common + DENY, access_log="-"))
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _count(proxy, "reload refused") == 1), proxy.log[-5:]
+    assert wait_until(lambda: _count(proxy, "reload refused") == 1), proxy.log[-5:]
     line = next(line for line in proxy.log if "reload refused" in line)
     assert "worker 1: " in line and "fault injected" in line
     assert _count(proxy, "reloaded") == 0
     assert [_connect_status(proxy, target) for _ in range(8)] == [200] * 8
     pid_file.unlink()  # the same file again, now loadable everywhere: every worker denies
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _count(proxy, "reloaded") == 3), proxy.log[-5:]  # and master
+    assert wait_until(lambda: _count(proxy, "reloaded") == 3), proxy.log[-5:]  # and master
     assert [_connect_status(proxy, target) for _ in range(8)] == [403] * 8
 
 
@@ -410,7 +401,7 @@ def test_metrics_cover_every_worker(proxy_process, origin, tmp_path):
         for sample in family.samples:
             if sample.name == "geproxy_requests_total":
                 counts[(sample.labels["method"], sample.labels["status"])] = sample.value
-    assert _wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 20)
+    assert wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 20)
     workers = {json.loads(line)["worker"] for line in log.read_text().splitlines()}
     assert len(workers) == 2  # both served some of the 20 ...
     assert counts[("GET", "200")] == 20  # ... and /metrics, served by the master, counts all
@@ -438,7 +429,7 @@ def test_workers_serve_a_tls_listener_and_reload_its_certificate(proxy_process, 
     renewed_ca = tmp_path / "renewed.pem"
     renewed.cert_pem.write_to_path(str(renewed_ca))
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _count(proxy, "reloaded") == 3)  # the master and each worker
+    assert wait_until(lambda: _count(proxy, "reloaded") == 3)  # the master and each worker
     context = ssl.create_default_context(cafile=str(renewed_ca))
     for _ in range(6):  # whichever worker the kernel picks has the new certificate
         with socket.create_connection(proxy.tls_address, timeout=10) as raw:
@@ -459,7 +450,7 @@ def _reload(proxy, text: str) -> None:
     with open(_config_path(proxy), "w", encoding="utf-8") as handle:
         handle.write(kit_ini(text, access_log="-"))
     proxy.process.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _count(proxy, "reloaded") == reloaded + 3), proxy.log[-5:]
+    assert wait_until(lambda: _count(proxy, "reloaded") == reloaded + 3), proxy.log[-5:]
 
 
 def test_workers_decide_the_next_request_of_a_kept_connection_by_the_reload(proxy_process,

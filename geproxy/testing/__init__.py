@@ -25,12 +25,14 @@ from .clients import (
     echo,
     exchange,
     free_port,
+    head_field,
     live_greenlets,
     open_fds,
     open_tunnel,
     recv_all,
     require_tool,
     settle,
+    wait_until,
 )
 from .data import pattern, pattern_sha256
 from .dns import DNSServer, FakeClock
@@ -70,6 +72,8 @@ __all__ = [
     "settle",
     "require_tool",
     "free_port",
+    "head_field",
+    "wait_until",
     "start_origin",
     "start_proxy",
     "kit_ini",

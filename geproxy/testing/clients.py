@@ -6,7 +6,7 @@ import os
 import socket
 import subprocess
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import gevent
 
@@ -162,6 +162,28 @@ def settle(baseline_fds: int, baseline_greenlets: int, limit: float = 5.0) -> tu
         gevent.sleep(0.02)
         fds, greenlets = open_fds(), live_greenlets()
     return fds, greenlets
+
+
+def wait_until(predicate: Callable[[], Any], limit: float = 15.0) -> bool:
+    """Poll ``predicate`` until it holds, for ``limit`` seconds at the most (every wait of a
+    test is bounded); whether it held. For what a test cannot be told of: a process's log
+    line, a figure on an admin page."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        gevent.sleep(0.02)
+    return True
+
+
+def head_field(head: bytes, name: bytes) -> Optional[bytes]:
+    """The first value of field ``name`` (lower case) in an answer's ``head``, stripped; None
+    when it has none."""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
 
 
 def free_port() -> int:
