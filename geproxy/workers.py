@@ -108,7 +108,6 @@ class _Worker:
     index: int
     pid: int
     channel: Channel
-    started: float
     #: It said it serves (its listeners are open).
     ready: bool = False
     #: Asked to stop (the master stops, or a reload lowered ``workers``): not restarted.
@@ -162,7 +161,8 @@ class Master:
         log.info("master %d: %d workers on %s", os.getpid(), self.count,
                  ", ".join(_fmt(a) for a in self.addresses))
         for index in range(self.count):
-            self._spawn(index)
+            if not self.stopping:  # a SIGTERM already: no worker to start, none to stop
+                self._spawn(index)
         try:
             self._supervise()
         finally:
@@ -260,9 +260,9 @@ class Master:
             ours.close()
             self._become_worker(index, theirs)
         theirs.close()
-        channel = Channel(ours, self._serve_worker, self.tasks.spawn,
-                          on_close=lambda: None)
-        self.workers[index] = _Worker(index, pid, channel, time.monotonic())
+        # Its end is told by waitpid (_reap), not by its channel's.
+        channel = Channel(ours, self._serve_worker, self.tasks.spawn)
+        self.workers[index] = _Worker(index, pid, channel)
         log.info("worker %d started, pid %d", index, pid)
 
     def _become_worker(self, index: int, sock: socket.socket) -> NoReturn:
@@ -655,7 +655,7 @@ def run(path: str, load: Callable[..., ProxyServer] = create_server) -> int:
         if count <= 1:
             return serve(server)
         name_process("master")
-        return Master(server, count, metrics_dir).run()
+        return Master(server, server.config.core["workers"], metrics_dir).run()
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
