@@ -16,7 +16,7 @@ import h2.exceptions
 import h2.settings
 import pytest
 
-from geproxy.testing import echo, pattern, pattern_sha256, wait_for_records
+from geproxy.testing import echo, kit_ini, pattern, pattern_sha256, wait_for_records
 from geproxy.testing.h2client import H2Client
 
 # Every test here twice: CONNECT streams relaying with their greenlet waiting, and detached
@@ -572,3 +572,26 @@ def test_sni_inside_tunnels_is_read_and_enforced_over_h2(h2_pair, tls_files, tls
     records = {r.ctx.conn_id: r for r in wait_for_records(proxy, 1)}
     denied = next(r for r in records.values() if r.rule == "sni_mismatch")
     assert denied.sni == "elsewhere.test" and denied.close_reason == "denied"
+
+
+def test_a_stream_opened_after_a_reload_is_decided_by_it(h2_pair, raw_origin, tls_files):
+    """Each stream is a request: one opened on a connection from before the reload follows
+    the new configuration, and (reload_tunnels = recheck) the open streams are judged again."""
+    revoked, kept = raw_origin(echo), raw_origin(echo)
+    acl = "[acl]\nconnect_ports = 1-65535\nrules =\n"
+    proxy, client = h2_pair(acl + "    allow all\n")
+    doomed = client.connect(f"origin.test:{revoked.port}")
+    spared = client.connect(f"origin.test:{kept.port}")
+    assert doomed.wait_head() == 200 and spared.wait_head() == 200
+    with open(proxy.server.config.path, "w", encoding="utf-8") as handle:
+        handle.write(kit_ini(h2_ini(tls_files, "reload_tunnels = recheck\n") + acl
+                             + f"    revoked: deny port {revoked.port}\n    allow all\n"))
+    assert proxy.server.reload()
+    refused = client.connect(f"origin.test:{revoked.port}")  # the same connection
+    assert refused.wait_head() == 403
+    with pytest.raises(ConnectionResetError):  # the stream is reset, the others go on
+        doomed.recv()
+    spared.send(b"still here")
+    assert spared.recv() == b"still here"
+    record = next(r for r in wait_for_records(proxy, 2) if r.close_reason == "reload")
+    assert record.target == f"origin.test:{revoked.port}"
