@@ -431,11 +431,11 @@ class Master:
 
     def _prepare_all(self, text: str) -> Optional[str]:
         """Every worker loads ``text``; None when all could, else what failed (then none
-        keeps it). A worker that ended meanwhile is no failure: it is started again from
-        what is in force once the reload is over."""
+        keeps it). A worker that did not answer in time, or ended meanwhile, fails it too:
+        one that would go on loading could not be told to commit."""
         answers = self._ask_all("prepare", PREPARE_TIMEOUT, text=text)
         failed = [(index, str(answer)) for index, answer in answers.items()
-                  if isinstance(answer, RemoteError)]
+                  if answer is not None]
         if not failed:
             return None
         self._ask_all("abort", ASK_TIMEOUT)
