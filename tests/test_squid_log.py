@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import gevent
 import gevent.pywsgi
@@ -82,15 +82,17 @@ rules =
 
 def _origin_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     """``/`` a page with a charset (Squid logs the type without it), ``/empty`` a 204 with
-    no type at all, ``/big`` 20 MB streamed (for a client that goes away in the middle)."""
+    no type at all, ``/big`` 256 MiB streamed (for a client that goes away in the middle:
+    more than the socket buffers on the way hold, so a proxy cannot have sent it all before
+    the client left; loopback receive buffers grow to 32 MiB here)."""
     path = environ["PATH_INFO"]
     if path == "/empty":
         start_response("204 No Content", [])
         return []
     if path == "/big":
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
-                                  ("Content-Length", str(20 * 2 ** 20))])
-        return (b"x" * 2 ** 20 for _ in range(20))
+                                  ("Content-Length", str(256 * 2 ** 20))])
+        return (b"x" * 2 ** 20 for _ in range(256))
     start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                               ("Content-Length", "6")])
     return [b"hello\n"]
@@ -211,12 +213,12 @@ def squid(tmp_path: Path) -> Iterator[Callable[..., Squid]]:
 @dataclass
 class Case:
     """One request; ``differs`` maps a field to (squid's value, geproxy's) where the two
-    proxies answer differently by design."""
+    proxies answer differently by design, or where squid's varies from run to run (None)."""
 
     name: str
     method: str
     url: str
-    differs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    differs: dict[str, tuple[Optional[str], str]] = field(default_factory=dict)
 
 
 FIELDS = ("time", "elapsed", "client", "result", "bytes", "method", "url", "user",
@@ -246,7 +248,11 @@ def _cases(ports: dict[str, int], closed: int) -> list[Case]:
         Case("CONNECT to a closed port", "CONNECT", f"{DIRECT}:{closed}",
              {"result": ("NONE_NONE/503", "NONE_NONE/502"), "type": ("-", "text/plain"),
               **refused}),
-        Case("client gone in the middle", "GET", f"http://{DIRECT}:{direct}/big"),
+        # Squid 5.7 tags it _ABORTED only when it notices the close before its last write
+        # of the moment, which a loaded machine turns either way (seen: 1.5 MB sent of
+        # 256 MiB, logged TCP_MISS/200); geproxy always tells the client's leaving.
+        Case("client gone in the middle", "GET", f"http://{DIRECT}:{direct}/big",
+             {"result": (None, "TCP_MISS_ABORTED/200")}),
     ]
 
 
@@ -326,5 +332,6 @@ def test_squid_lines_match_what_squid_logs(squid, proxy_factory: Callable[..., P
             expected = squid_line[name]
             if name in case.differs:
                 squid_value, expected = case.differs[name]
-                assert squid_line[name] == squid_value, (case.name, name, squid_line)
+                assert squid_value is None or squid_line[name] == squid_value, (
+                    case.name, name, squid_line)
             assert our_line[name] == expected, (case.name, name, our_line, squid_line)
