@@ -33,7 +33,7 @@ from .local import call_wsgi
 from .log import ConnLogger
 from .models import Context, Headers, Record, Request, Response, Route, new_conn_id
 from .sockets import IdleWait, send_all, still_idle
-from .static import content_type, find_file
+from .static import content_type, docroot_file
 from .upstream import connect, parent_connect
 
 if TYPE_CHECKING:
@@ -538,12 +538,11 @@ class Connection:
     # -- local answers and tunnels --------------------------------------------------------
 
     def _serve_local(self, request: Request, record: Record) -> bool:
-        docroot = self.settings["docroot"]
-        if docroot and request.method in ("GET", "HEAD") and not forward.request_has_body(
-                request) and request.path.partition("?")[0] not in self.settings["local_paths"]:
-            found = find_file(docroot, request.path)
-            if found is not None:
-                return self._serve_file(request, record, found)
+        found = None if forward.request_has_body(request) else docroot_file(
+            self.settings["docroot"], self.settings["local_paths"], request.method,
+            request.path)
+        if found is not None:
+            return self._serve_file(request, record, found)
         body = forward.read_small_body(self, request, limit=64 * 1024)
         response = call_wsgi(self.server.local_app, self.ctx, request, body)
         return self.answer(response, record, request)
