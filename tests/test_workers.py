@@ -150,16 +150,21 @@ def test_files_the_configuration_names_are_read_once_for_every_worker(proxy_proc
                                                                       tmp_path):
     import shutil
 
-    cert = tmp_path / "proxy.pem"
+    from passlib.hash import bcrypt
+
+    cert, users = tmp_path / "proxy.pem", tmp_path / "users"
     shutil.copy(tls_files.certificate, cert)
+    users.write_text("alice:" + bcrypt.using(ident="2y", rounds=4).hash("pw") + "\n")
     proxy = proxy_process("workers = 2\nlisten = 127.0.0.1:0, tls://127.0.0.1:0\n"
-                          f"[tls]\ncertificate = {cert}\n")
+                          f"[tls]\ncertificate = {cert}\n[auth]\nhtpasswd = {users}\n")
     cert.write_text("broken since\n")  # a restarted worker never reads it
+    users.write_text("broken since\n")  # nor this: it keeps the users of the start
     _restart(proxy, 0)
     _restart(proxy, 1)
     url = f"https://{proxy.tls_address[0]}:{proxy.tls_address[1]}"
     for _ in range(4):
-        out = curl("-x", url, "--proxy-cacert", tls_files.ca_file, origin.url("/"))
+        out = curl("-x", url, "--proxy-cacert", tls_files.ca_file, "--proxy-user",
+                   "alice:pw", origin.url("/"))
         assert out.stdout == b"hello\n", out.stderr
 
 
