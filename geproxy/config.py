@@ -69,9 +69,21 @@ def parse_list(text: str) -> list[str]:
 
 
 def parse_lines(text: str) -> list[str]:
-    """One item per non-empty line (continuation lines of an INI value); ``#`` comments."""
-    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    """One item per non-empty line (continuation lines of an INI value). Comments are gone
+    already: ``read_ini`` removes them from every value alike."""
+    lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line]
+
+
+#: What ``logfile`` values name instead of a file.
+STDOUT, OFF = "-", "off"
+
+
+def parse_logfile(text: str) -> str:
+    """A log's destination: ``-`` (standard output), ``off`` (any case: none), or a file
+    path (made absolute by ``build_config``, as every file an option names)."""
+    value = text.strip()
+    return OFF if value.lower() == OFF else value
 
 
 class ListenAddress(tuple):  # type: ignore[type-arg]
@@ -199,6 +211,7 @@ def _parse_str(text: str) -> str:
 _KINDS: dict[str, Callable[[str], Any]] = {
     "str": _parse_str,
     "path": _parse_str,
+    "logfile": parse_logfile,
     "token": parse_token,
     "int": _parse_int,
     "float": lambda text: float(text.strip()),
@@ -278,8 +291,16 @@ class Config:
     def __init__(self, path: str, values: dict[str, dict[str, Any]],
                  stash: Optional[dict[str, Any]] = None) -> None:
         self.path = path
+        #: The directory of the file, absolute: what relative file names are taken from.
+        self.directory = config_directory(path)
         self._values = values
         self.stash: dict[str, Any] = {} if stash is None else stash
+
+    def resolve_path(self, name: str) -> str:
+        """A file name written in this configuration, made absolute against its directory
+        (an absolute name unchanged, an empty one empty). Options of kind ``path`` and
+        ``logfile`` arrive resolved already; this is for file names inside other values."""
+        return resolve_path(self.directory, name)
 
     def section(self, name: str) -> Mapping[str, Any]:
         return self._values[name]
@@ -305,10 +326,20 @@ def read_text(path: str) -> str:
         raise ConfigError(f"cannot read: {reason}", path=path) from None
 
 
+#: Written in a value, a ``#`` that would otherwise start a comment.
+COMMENT_ESCAPE = "\\#"
+
+
 def read_ini(path: str, text: Optional[str] = None) -> configparser.ConfigParser:
     """Parse the INI file (interpolation off), or ``text`` read from it earlier (what a
-    master hands its workers); any problem is a one-line ConfigError."""
-    parser = configparser.ConfigParser(interpolation=None, default_section="__no_defaults__")
+    master hands its workers); any problem is a one-line ConfigError.
+
+    Comments: a line whose first non-blank character is ``#`` or ``;``, and, in every line
+    of every value alike, a ``#`` at its start or after white space, to the end of the
+    line (configparser's inline comments); ``\\#`` in a value stands for a ``#`` itself.
+    No other character is special, so the values plugins get are final text."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="__no_defaults__",
+                                       inline_comment_prefixes=("#",))
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     if text is None:
         text = read_text(path)
@@ -317,7 +348,38 @@ def read_ini(path: str, text: Optional[str] = None) -> configparser.ConfigParser
     except configparser.Error as exc:
         message = " ".join(str(exc).split())
         raise ConfigError(f"not a valid INI file: {message}", path=path) from None
+    for section in parser.sections():
+        for key, value in parser.items(section):
+            if COMMENT_ESCAPE in value:
+                parser.set(section, key, value.replace(COMMENT_ESCAPE, "#"))
     return parser
+
+
+def config_directory(path: str) -> str:
+    """The absolute directory of the configuration file ``path``, as named (a symbolic link
+    to the file is not followed): relative file names in it are taken from there."""
+    return os.path.dirname(os.path.abspath(path))
+
+
+def resolve_path(directory: str, name: str) -> str:
+    """``name`` made absolute against ``directory``: an absolute name unchanged, an empty
+    one (no file) empty. Never normalised: ``..`` is left for the kernel to follow, through
+    symbolic links, as it would have been from that directory."""
+    if not name or os.path.isabs(name):
+        return name
+    return os.path.join(directory, name)
+
+
+def _resolve_logfile(directory: str, value: str) -> str:
+    return value if value in (STDOUT, OFF) else resolve_path(directory, value)
+
+
+#: The kinds whose values name files, and how each is made absolute: every option of these
+#: kinds is resolved against the configuration file's directory before any plugin sees it.
+_FILE_KINDS: dict[str, Callable[[str, str], str]] = {
+    "path": resolve_path,
+    "logfile": _resolve_logfile,
+}
 
 
 def build_config(
@@ -338,14 +400,17 @@ def build_config(
         for key in parser[section]:
             if key not in registry.options[section]:
                 raise ConfigError("unknown option", path=path, section=section, key=key)
+    directory = config_directory(path)
     for section, options in registry.options.items():
         out = values.setdefault(section, {})
         for key, option in options.items():
             text = parser.get(section, key, fallback=option.default)
             try:
-                out[key] = option.parse(text)
+                value = option.parse(text)
             except ValueError as exc:
                 raise ConfigError(str(exc), path=path, section=section, key=key) from None
+            resolve = _FILE_KINDS.get(option.kind)
+            out[key] = value if resolve is None else resolve(directory, value)
     return Config(path, values, stash)
 
 
@@ -390,7 +455,7 @@ def core_options(registry: OptionRegistry) -> None:
              "X-Forwarded-For and Forwarded: off passes the client's own unchanged and adds "
              "none, on adds the client address, delete removes them.",
              choices=("off", "on", "delete"))
-        .add("access_log", "str", "-",
+        .add("access_log", "logfile", "-",
              "Where the access log goes: a file path, - for standard output, off for none.")
         .add("log_format", "str", "geproxy",
              "The access-log line: geproxy, squid (Squid's native), combined (Apache/nginx) "

@@ -45,8 +45,9 @@ def add_options(registry: "OptionRegistry") -> None:
 
     :param registry: call ``registry.section("name").add(key, kind, default, help)`` for each
         key. ``kind`` is one of ``str token int float bool duration size list lines
-        path listen``. Options declared here are validated at start, with the file, section
-        and key in every error.
+        path logfile listen address networks ports workers``; an option that names a file is
+        a ``path`` (or a ``logfile``), which ``configure`` gets absolute. Options declared
+        here are validated at start, with the file, section and key in every error.
 
     Must not read files or open sockets; return value ignored.
     """
@@ -61,7 +62,9 @@ def configure(config: "Config") -> None:
     ``geproxy explain`` (so it must not act on the world beyond checking it can).
 
     :param config: ``config.section("name")`` is a mapping of the section's typed values
-        (defaults filled in); ``config.path`` is the file it came from.
+        (defaults filled in); ``config.path`` is the file it came from. A ``path`` value is
+        absolute, a relative one taken from that file's directory; ``config.resolve_path``
+        does the same for a file named inside another value.
 
     Raise ``geproxy.errors.ConfigError`` (with ``section`` and ``key``) for a value that is
     well-typed but unusable, such as a file that does not exist: the start stops with that one

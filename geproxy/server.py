@@ -54,8 +54,8 @@ class ProxyServer:
                                   f"{' '.join(PROXY_PORT_PATHS)})", path=config.path,
                                   section="geproxy", key="local_paths")
         if core["docroot"] and not os.path.isdir(core["docroot"]):
-            raise ConfigError("not a directory", path=config.path, section="geproxy",
-                              key="docroot")
+            raise ConfigError(f"not a directory: {core['docroot']}", path=config.path,
+                              section="geproxy", key="docroot")
         #: The proxy port's answers to requests for the proxy itself.
         self.local_app = local_app(self, core["local_paths"])
         self.connections = gevent.pool.Group()

@@ -84,14 +84,22 @@ def server_context(tls: Mapping[str, Any], path: str, http2: bool) -> ssl.SSLCon
     # does on a plain listener; OpenSSL would otherwise fail the whole session, and the
     # answer still owed to the client could not be sent.
     context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    # OpenSSL's error does not say which file it could not read: each is tried first.
+    for which in ("certificate", "key"):
+        if tls[which]:
+            try:
+                with open(tls[which], "rb"):
+                    pass
+            except OSError as exc:
+                raise fault(which, f"cannot read {tls[which]}: {exc.strerror or exc}") from None
     try:
         context.load_cert_chain(tls["certificate"], tls["key"] or None)
     except OSError as exc:
         if isinstance(exc, ssl.SSLError):
             raise fault("key" if tls["key"] else "certificate",
                         f"not a certificate and its key: {exc.reason or exc}") from None
-        which = "key" if tls["key"] and exc.filename == tls["key"] else "certificate"
-        raise fault(which, f"cannot read: {exc.strerror or exc}") from None
+        raise fault("certificate", f"cannot read {tls['certificate']}: {exc.strerror or exc}"
+                    ) from None
     if tls["ciphers"]:
         try:
             context.set_ciphers(tls["ciphers"])
@@ -104,7 +112,7 @@ def server_context(tls: Mapping[str, Any], path: str, http2: bool) -> ssl.SSLCon
             context.load_verify_locations(cafile=tls["client_ca"])
         except OSError as exc:
             detail = exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror
-            raise fault("client_ca", f"cannot load: {detail or exc}") from None
+            raise fault("client_ca", f"cannot load {tls['client_ca']}: {detail or exc}") from None
         context.verify_mode = (ssl.CERT_REQUIRED if tls["client_cert"] == "required"
                                else ssl.CERT_OPTIONAL)
     context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])

@@ -67,7 +67,7 @@ class AccessLog:
         self._format = FORMATS[config.core["log_format"]]
         self._skip_paths = frozenset(section["skip_paths"])
         self._skip_src = tuple(section["skip_src"])
-        if target.lower() == "off":
+        if target == "off":  # the logfile kind: "off" (any case written), "-" or a path
             self._logger = None
             return
         # A private logger, not registered globally: each server owns its own.
@@ -76,12 +76,11 @@ class AccessLog:
         if target == "-":
             handler = logging.StreamHandler(sys.stdout)
         else:
-            # Opened on the first line, so check-config creates no file; checked now.
+            # Opened on the first line, so check-config creates no file; checked now. The
+            # path is absolute: the config layer resolved it against the file's directory.
             reason = cannot_write(target)
             if reason is not None:
-                shown = target if os.path.isabs(target) else (
-                    f"{target} ({os.path.abspath(target)})")
-                raise ConfigError(f"cannot write {shown}: {reason}", path=config.path,
+                raise ConfigError(f"cannot write {target}: {reason}", path=config.path,
                                   section="geproxy", key="access_log")
             handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8", delay=True)
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -207,7 +207,8 @@ class Auth:
             self._stamp, data = self._read()
             self.users = parse_htpasswd(data, self._context)
         except OSError as exc:
-            raise ConfigError(f"cannot read: {exc.strerror or exc}", path=config.path,
+            raise ConfigError(f"cannot read {self.path}: {exc.strerror or exc}",
+                              path=config.path,
                               section=SECTION, key="htpasswd") from None
         except ValueError as exc:
             raise ConfigError(f"{self.path}: {exc}", path=config.path, section=SECTION,

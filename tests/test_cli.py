@@ -254,18 +254,6 @@ def test_check_config_says_why_the_access_log_cannot_be_written(
     assert not (tmp_path / "missing").exists()
 
 
-def test_check_config_shows_a_relative_access_log_from_the_working_directory(
-        tmp_path: Path) -> None:
-    path = write_ini(tmp_path, "[geproxy]\nlisten = 127.0.0.1:0\naccess_log = logs/a.log\n")
-    result = subprocess.run([sys.executable, "-m", "geproxy", "check-config", "--config", path],
-                            capture_output=True, text=True, timeout=20, env=_env(),
-                            cwd=tmp_path)
-    real = os.path.realpath(tmp_path)  # the working directory, as the process sees it
-    assert result.returncode == 1
-    assert_one_line_error(result, f"cannot write logs/a.log ({real}/logs/a.log): "
-                          f"no such directory {real}/logs")
-
-
 def test_run_address_in_use_exits_2(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

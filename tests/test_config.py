@@ -19,6 +19,7 @@ from geproxy.config import (
     OptionRegistry,
     parse_bool,
     parse_duration,
+    parse_lines,
     parse_list,
     parse_listen,
     parse_port_ranges,
@@ -497,3 +498,107 @@ def test_plugin_module_without_class(tmp_path: Path,
     plugin = pm.get_plugin(module)
     assert plugin is sys.modules[module]
     assert plugin.seen == ["corp-proxy"]
+
+
+# -- comments ------------------------------------------------------------------------------
+#
+# A `#` at the start of a value's line or after white space starts a comment, in every kind
+# of value alike; `\#` is a `#` itself; a `#` after any other character is part of the value.
+
+
+def test_a_comment_may_follow_any_kind_of_value(tmp_path: Path) -> None:
+    """What docs/tls.md and docs/deployment.md showed, and users copy: a value followed by
+    `  # comment`, for every kind of value the built-ins declare."""
+    path = write_ini(tmp_path, """\
+        [geproxy]
+        listen = 127.0.0.1:0 [::1]:0     # listen: this host only
+        workers = 1                      # workers
+        max_connections = 12             # int
+        header_timeout = 250ms           # duration
+        max_header_size = 1MiB           # size
+        via = egress-1                   # token
+        forwarded_for = delete           # str with choices
+        local_paths = /healthz /readyz   # list
+        proxy_protocol_from = 10.0.0.5   # networks
+        admin_listen = 127.0.0.1:0       # address
+        access_log = off                 # logfile
+        docroot =                        # path: empty, none
+
+        [tls]
+        client_cert = required          # or optional: certificates verified when sent
+        http2 = on                      # bool
+        handshake_timeout = 3s	# after a tab
+
+        [acl]
+        connect_ports = 443 8443         # ports
+        rules =
+            office: allow src 10.0.0.0/8   # lines: after a rule
+            # a line of its own
+            deny all
+        """)
+    _, config = load(path, entry_points=False)
+    core = config.core
+    assert core["listen"] == [("127.0.0.1", 0), ("::1", 0)]
+    assert (core["workers"], core["max_connections"]) == (1, 12)
+    assert core["header_timeout"] == pytest.approx(0.25)
+    assert core["max_header_size"] == 1048576
+    assert (core["via"], core["forwarded_for"]) == ("egress-1", "delete")
+    assert core["local_paths"] == ["/healthz", "/readyz"]
+    assert [str(n) for n in core["proxy_protocol_from"]] == ["10.0.0.5/32"]
+    assert core["admin_listen"] == ("127.0.0.1", 0)
+    assert (core["access_log"], core["docroot"]) == ("off", "")
+    tls = config["tls"]
+    assert (tls["client_cert"], tls["http2"], tls["handshake_timeout"]) == ("required", True,
+                                                                             3.0)
+    assert config["acl"]["connect_ports"] == ((443, 443), (8443, 8443))
+    assert config["acl"]["rules"] == ["office: allow src 10.0.0.0/8", "deny all"]
+
+
+def test_a_hash_after_another_character_is_part_of_the_value(tmp_path: Path) -> None:
+    """Only white space (or the start of a line) before `#` makes a comment: `a#b` is a
+    value, in a `lines` value too (which cut at any `#` before)."""
+    path = write_ini(tmp_path, """\
+        [auth]
+        realm = Floor#3 proxy
+
+        [parents]
+        rules =
+            direct c#.example  # a comment
+        """)
+    parser = read_ini(path)
+    assert parser["auth"]["realm"] == "Floor#3 proxy"
+    registry = declared_options()
+    rules = registry.options["parents"]["rules"].parse(parser["parents"]["rules"])
+    assert rules == ["direct c#.example"]
+
+
+def test_an_escaped_hash_stands_for_itself(tmp_path: Path) -> None:
+    r"""`\#` is a `#` that white space before it would have made a comment; it is the only
+    escape: other backslashes are ordinary characters."""
+    path = write_ini(tmp_path, r"""
+        [auth]
+        realm = Floor 3 \#2   # the realm is 'Floor 3 #2'
+        """)
+    _, config = load(path, entry_points=False)
+    assert config["auth"]["realm"] == "Floor 3 #2"
+    path = write_ini(tmp_path, r"""
+        [x]
+        lines =
+            a\.b \#c  # two items, a backslash kept
+        """, name="other.ini")
+    assert parse_lines(read_ini(path)["x"]["lines"]) == [r"a\.b #c"]
+
+
+def test_a_semicolon_starts_a_comment_only_at_the_start_of_a_line(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, """\
+        ; a comment
+        [auth]
+        realm = a;b ; part of the value
+        [parents]
+        rules =
+            ; a comment line inside the value
+            direct .corp.example
+        """)
+    parser = read_ini(path)
+    assert parser["auth"]["realm"] == "a;b ; part of the value"
+    assert parser["parents"]["rules"] == "\ndirect .corp.example"

@@ -479,7 +479,8 @@ def test_an_unreadable_file_stops_the_start(tmp_path):
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, f"htpasswd = {missing}\n")
     assert (caught.value.section, caught.value.key) == ("auth", "htpasswd")
-    assert str(caught.value).endswith("[auth] htpasswd: cannot read: No such file or directory")
+    assert str(caught.value).endswith(
+        f"[auth] htpasswd: cannot read {missing}: No such file or directory")
 
 
 @pytest.mark.parametrize("line, problem", [
