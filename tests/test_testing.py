@@ -19,6 +19,7 @@ from geproxy.testing import (
     open_fds,
     pattern,
     settle,
+    wait_for_records,
     wait_until,
 )
 
@@ -186,3 +187,34 @@ def test_no_leaks_made_autouse_still_sees_a_leak(tmp_path):
     """}
     with pytest.raises(AssertionError, match="descriptors leaked"):
         _run_suite(tmp_path, files)
+
+
+def test_proxy_records_is_the_sequence_of_records(proxy, origin):
+    from geproxy import Record
+
+    assert len(proxy.records) == 0 and list(proxy.records) == [] and not proxy.records
+    for path in ("/", "/status/404"):
+        assert curl("-x", proxy.url, origin.url(path)).returncode == 0
+    wait_for_records(proxy, 2)
+    assert isinstance(proxy.records[-1], Record)
+    assert [r.status for r in proxy.records] == [200, 404]
+    assert len(proxy.records) == 2 and proxy.records[-1].status == 404
+    assert proxy.records[:1] == [proxy.records[0]]
+    assert proxy.records.records == list(proxy.records)  # the list, as before
+    assert proxy.records.index(proxy.records[1]) == 1
+    assert f"GET {origin.url('/status/404')} 404" in repr(proxy.records)
+
+
+def test_proxy_process_log_is_lines_that_in_searches(proxy_process):
+    from geproxy import DEFAULT_PLUGINS
+
+    process = proxy_process("")
+    assert all(isinstance(line, str) and line.endswith("\n") for line in process.log)
+    assert "listening on 127.0.0.1:" in process.log  # within a line, not a whole line
+    assert "no line says this" not in process.log
+    assert "listening on 127.0.0.1:" in process.log.text
+    assert process.log.text == "".join(process.log)
+    # Its plugins, as the "listening on" line names them: the built-ins first, in order.
+    builtins = [name for name, _ in DEFAULT_PLUGINS]
+    assert process.plugins[:len(builtins)] == builtins
+    assert process.stop() == 0
