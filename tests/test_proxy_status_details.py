@@ -196,11 +196,12 @@ def test_no_built_in_plugin_passes_details():
 # -- HTTP/2 ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["CONNECT", "GET"])
-def test_details_reach_an_http2_client(proxy_factory, tls_files, origin, kind):
+@pytest.mark.parametrize("kind, hook", [("CONNECT", "on_request"), ("GET", "on_request"),
+                                        ("CONNECT", "on_connect")])
+def test_details_reach_an_http2_client(proxy_factory, tls_files, origin, kind, hook):
     proxy = proxy_factory("[geproxy]\nlisten = 127.0.0.1:0, tls://127.0.0.1:0\n"
                           + tls_files.ini(http2="on"),
-                          plugins=[DenyWith('blocked by "ticket" 123')])
+                          plugins=[DenyWith('blocked by "ticket" 123', hook)])
     client = H2Client(proxy.tls_address, tls_files.ca_file)
     try:
         if kind == "CONNECT":
