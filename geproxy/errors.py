@@ -3,6 +3,9 @@
 The connection handler turns any ProxyError into a generated answer (DESIGN.md section 6) when
 nothing has been sent to the client yet, and into a closed connection otherwise. The ``detail``
 text goes to the log, never to the client: the body a client sees is the status's reason only.
+What a client may read is only what was given as ``details=``, which becomes the ``details``
+parameter of its Proxy-Status field (RFC 9209 section 2.1.5), sanitized; no error the core or
+a built-in plugin raises has any, so that no refusal tells a client the policy behind it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,39 @@ __all__ = [
 
 _SF_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]*")
 
+#: The longest ``details`` text a client is sent, in characters before quoting: a line for a
+#: person or a ticket number, not a page. Longer text is cut, ending in ``...``.
+DETAILS_MAX = 256
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+_NOT_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _sf_text(text: str) -> str:
+    """``text`` made fit for an RFC 8941 sf-string, which holds printable ASCII only: each
+    run of control characters (CR, LF and tab included) becomes one space, each character
+    beyond ASCII a ``?`` (an sf-string has no escape for it, and a guess at an ASCII
+    look-alike could change the meaning); surrounding spaces are dropped."""
+    return _NOT_ASCII.sub("?", _CONTROLS.sub(" ", text)).strip(" ")
+
+
+def _sf_string(text: str) -> str:
+    """``text`` as an RFC 8941 sf-string: sanitized (``_sf_text``), ``"`` and ``\\``
+    escaped, in double quotes. The result can go into a header field as it is: it holds no
+    CR, LF or other control, whatever ``text`` held."""
+    return '"' + _sf_text(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _details(text: str | None) -> str | None:
+    """What a ``details=`` argument is sent as (unquoted): sanitized, at most DETAILS_MAX
+    characters; None when nothing printable is left."""
+    if text is None:
+        return None
+    clean = _sf_text(text)
+    if len(clean) > DETAILS_MAX:
+        clean = clean[:DETAILS_MAX - 3].rstrip(" ") + "..."
+    return clean or None
+
 
 def proxy_name(via: str) -> str:
     """The proxy's name as the first item of Proxy-Status (an RFC 8941 token or string):
@@ -45,7 +81,7 @@ def proxy_name(via: str) -> str:
     name = via or "geproxy"
     if _SF_TOKEN.fullmatch(name):
         return name
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return _sf_string(name)
 
 
 class ProxyError(Exception):
@@ -62,17 +98,27 @@ class ProxyError(Exception):
     #: Client faults are logged in one line; anything else with its traceback.
     client_fault = False
 
-    def __init__(self, detail: str = "", *, rcode: str | None = None) -> None:
+    def __init__(self, detail: str = "", *, rcode: str | None = None,
+                 details: str | None = None) -> None:
         super().__init__(detail or self.__class__.__name__)
+        #: For the log (and ``geproxy explain``), never for the client.
         self.detail = detail
-        #: Extra Proxy-Status parameters, such as ``rcode`` for DNS errors (RFC 9209 2.3.2).
+        #: The DNS rcode, for Proxy-Status (RFC 9209 section 2.3.2, ``dns_error``).
         self.rcode = rcode
+        #: For the client: the ``details`` parameter of Proxy-Status (RFC 9209 section
+        #: 2.1.5), as sent: sanitized (printable ASCII, controls made spaces, other
+        #: characters ``?``), at most DETAILS_MAX characters. None (the default) sends none.
+        self.details = _details(details)
 
     def proxy_status_params(self) -> str:
-        """The parameters that follow ``error=`` in the Proxy-Status header."""
+        """The parameters of this error's Proxy-Status field, the part after the proxy's
+        name and ``; ``: ``error=<type>``, then ``rcode="..."`` and ``details="..."`` when
+        set, each value an RFC 8941 sf-string (quoted, escaped, printable ASCII only)."""
         params = f"error={self.error}"
         if self.rcode:
-            params += f'; rcode="{self.rcode}"'
+            params += f"; rcode={_sf_string(self.rcode)}"
+        if self.details:
+            params += f"; details={_sf_string(self.details)}"
         return params
 
 
@@ -101,6 +147,11 @@ class HeaderTimeout(ClientError):
 class Denied(ProxyError):
     """Refused by policy: 403. Plugins raise or return it; the body never names the rule.
 
+    ``detail`` (the first argument) goes to the log, ``rule`` to the access record; the
+    client sees neither. ``details`` is what the client may read: the ``details`` parameter
+    of Proxy-Status (``geproxy; error=http_request_denied; details="..."``), say a ticket
+    number; none by default.
+
     ``silent=True`` matters only to ``on_connect``: the connection is then closed at once,
     before any byte is read or sent (a firewall's drop), instead of answering its first
     request with this 403. A denial from any other hook is always answered."""
@@ -111,8 +162,8 @@ class Denied(ProxyError):
     client_fault = True
 
     def __init__(self, detail: str = "", *, rule: str | None = None,
-                 silent: bool = False) -> None:
-        super().__init__(detail)
+                 silent: bool = False, details: str | None = None) -> None:
+        super().__init__(detail, details=details)
         #: The id of the rule that denied, for the access log.
         self.rule = rule
         #: From on_connect: close without a word rather than answer the first request.
@@ -165,8 +216,9 @@ class ParentRefused(ConnectRefused):
     """A parent proxy answered, but not with 2xx (to our CONNECT, or 407 to a plain
     request): it is alive, it refused this request."""
 
-    def __init__(self, detail: str = "", *, parent_status: int = 0) -> None:
-        super().__init__(detail)
+    def __init__(self, detail: str = "", *, parent_status: int = 0,
+                 details: str | None = None) -> None:
+        super().__init__(detail, details=details)
         #: The status the parent answered with.
         self.parent_status = parent_status
 

@@ -74,7 +74,8 @@ def _outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def _key(outcome: Any) -> Any:
     """What makes two outcomes the same answer to the client."""
     if isinstance(outcome, ProxyError):
-        return (type(outcome), outcome.status, outcome.error, getattr(outcome, "rule", None))
+        return (type(outcome), outcome.status, outcome.error, getattr(outcome, "rule", None),
+                outcome.details)
     if isinstance(outcome, Response):
         return (Response, outcome.status)
     return outcome

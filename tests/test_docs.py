@@ -2,13 +2,17 @@
 
 A test here fails when an option or a hook is added without its documentation, when the docs
 describe one that no longer exists, when a hook's docstring summary is not quoted in its
-section, when the built-ins' place among the hooks changes without the docs, when the example
-plugin, its tests or the ``geproxy explain`` transcripts stop matching what the code does, when
-a test-kit fixture or helper is undocumented, or when a link breaks.
+section, when the hooks table or the kinds of hook disagree with the hookspecs, when the
+built-ins' place among the hooks or their registration order changes without the docs, when
+the access log's fields move under the docs, when the example plugin, the example
+distribution, their tests or the ``geproxy explain`` transcripts stop matching what the code
+does, when an example imports what is not public, when a public name or a test-kit fixture or
+helper is undocumented, when a runnable example fails, or when a link breaks.
 """
 
 from __future__ import annotations
 
+import ast
 import configparser
 import inspect
 import os
@@ -22,10 +26,11 @@ from typing import Any
 
 import pytest
 
+import geproxy
 import geproxy.testing
-from geproxy import DEFAULT_PLUGINS, ConfigError, errors, hookimpl, hookspecs
+from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Record, errors, hookimpl, hookspecs
 from geproxy.config import OptionRegistry, parse_duration
-from geproxy.plugins import load
+from geproxy.plugins import load, plugin_names
 from geproxy.testing import curl, exchange, wait_for_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,6 +191,75 @@ def test_every_hook_section_quotes_its_docstring_summary() -> None:
             f"plugins.md, {signature}: the docstring summary is not quoted verbatim: {summary!r}")
 
 
+def _refuses_wrappers(hook: str) -> bool:
+    """Whether the load refuses a wrapper of ``hook``: the isolated hooks, whose
+    implementations are each called whatever the others do."""
+
+    class Wrapping:
+        name = "wrapping"
+
+        @hookimpl(wrapper=True, specname=hook)
+        def wrap(self) -> Any:
+            return (yield)
+
+    try:
+        load(str(SAMPLE), objects=[Wrapping()], entry_points=False)
+    except ConfigError as exc:
+        assert f"{hook} may not be a wrapper" in str(exc), exc
+        return True
+    return False
+
+
+def _kinds() -> dict[str, str]:
+    """Each hook's kind as the docs name it: ``first result``, or ``collect`` with
+    ``historic`` or ``isolated``, from the hookspec and from what the load refuses."""
+    kinds = {}
+    for spec in _hookspecs():
+        opts = spec.geproxy_spec
+        if opts["firstresult"]:
+            kinds[spec.__name__] = "first result"
+            continue
+        if opts["historic"]:  # pluggy allows no wrapper of a historic hook
+            kinds[spec.__name__] = "collect, historic"
+        elif _refuses_wrappers(spec.__name__):
+            kinds[spec.__name__] = "collect, isolated"
+        else:
+            kinds[spec.__name__] = "collect"
+    return kinds
+
+
+def test_the_hooks_table_gives_every_hook_and_its_kind() -> None:
+    part = _part(PLUGINS.read_text(encoding="utf-8"), 2, "The hooks")
+    rows = {}
+    for line in part.splitlines():
+        found = re.match(r"\| `(\w+)\(([^)]*)\)` \| ([^|]+) \|", line)
+        if found:
+            rows[found.group(1)] = (found.group(2), found.group(3).strip())
+    kinds = _kinds()
+    assert "isolated" in kinds["on_close"] and "isolated" not in kinds["on_response"]
+    assert sorted(rows) == sorted(kinds), "the hooks table of plugins.md: rows " + str(
+        sorted(set(rows) ^ set(kinds)))
+    for spec in _hookspecs():
+        params, kind = rows[spec.__name__]
+        assert params == ", ".join(inspect.signature(spec).parameters), spec.__name__
+        assert kind == kinds[spec.__name__], f"{spec.__name__}: {kind}, not {kinds[spec.__name__]}"
+
+
+def test_the_three_kinds_of_hook_name_every_hook() -> None:
+    part = _part(PLUGINS.read_text(encoding="utf-8"), 3, "Three kinds of hook")
+    kinds = _kinds()
+
+    def listed(pattern: str) -> set[str]:
+        found = re.search(pattern + r" \(([^)]*)\)", part)
+        assert found, f"'Three kinds of hook' has no {pattern}"
+        return set(re.findall(r"`(\w+)`", found.group(1)))
+
+    assert listed(r"\*\*First result\*\*") == {h for h, k in kinds.items() if k == "first result"}
+    assert listed(r"\*isolated\* ones") == {h for h, k in kinds.items() if "isolated" in k}
+    assert listed(r"\*historic\* ones") == {h for h, k in kinds.items() if "historic" in k}
+    assert "**Collect** (all the others)" in part
+
+
 # -- (b2) the built-ins' place among the hooks -------------------------------------------
 
 
@@ -242,6 +316,59 @@ def test_the_order_table_matches_the_built_ins() -> None:
     assert [w for w in firsts if w in resolve_labels] == _builtin_order(pm, "resolve")
 
 
+def test_the_built_ins_are_listed_in_registration_order() -> None:
+    """Wherever plugins.md lists the built-ins (a paragraph naming ``DEFAULT_PLUGINS``, a
+    ``listening on ...; plugins:`` line), it lists all of them in the order they are
+    registered."""
+    pm, _ = load(str(SAMPLE), entry_points=False)
+    order = plugin_names(pm)
+    assert order == [name for name, _ in DEFAULT_PLUGINS]
+    text = PLUGINS.read_text(encoding="utf-8")
+    paragraphs = [p for p in re.split(r"\n\s*\n", text) if "DEFAULT_PLUGINS" in p]
+    lists = [[w for w in re.findall(r"`(\w+)`", p) if w in order] for p in paragraphs]
+    lists = [names for names in lists if names]
+    assert len(lists) >= 3, "plugins.md names the built-ins less often than it did"
+    for names in lists:
+        assert names == order, f"plugins.md lists the built-ins as {names}, not {order}"
+    lines = re.findall(r"; plugins: (.*)$", text, re.MULTILINE)
+    assert len(lines) >= 3
+    for line in lines:
+        names = line.split(", ")
+        assert names[:len(order)] == order, f"plugins.md: '; plugins: {line}'"
+        assert not set(names[len(order):]) & set(order), line
+
+
+def _access_log_fields() -> tuple[int, int]:
+    """The rule's place (from 1) in the default access log line, and the line's fields: from
+    what the access_log plugin writes, not from its docstring."""
+    from geproxy_plugins.log_formats import FORMATS
+
+    ctx = Context(client_addr=("192.0.2.1", 5000), server_addr=("127.0.0.1", 3128),
+                  config=None, conn_id="c1", user="alice")
+    record = Record(ctx, method="CONNECT", target="example.com:443", status=403,
+                    error="http_request_denied", rule="the-rule", sni="example.org",
+                    upstream_addr=("192.0.2.2", 443))
+    fields = FORMATS["geproxy"](ctx, record).split(" ")
+    return fields.index("the-rule") + 1, len(fields)
+
+
+def test_the_rule_is_named_at_its_place_in_the_access_log() -> None:
+    rule, total = _access_log_fields()
+    text = PLUGINS.read_text(encoding="utf-8")
+    said = re.findall(r"(\d+)(?:st|nd|rd|th) of the access log's\s+(\d+)\s+fields", text)
+    assert len(said) >= 2, "plugins.md no longer says where the access log has the rule"
+    for place, count in said:
+        assert (int(place), int(count)) == (rule, total), (
+            f"plugins.md: the {place}th of {count} fields; the rule is the {rule}th of {total}")
+    assert "last field" not in text
+    shown = re.findall(r"^    (\d{10}\.\d{3} .*)$", text, re.MULTILINE)
+    assert shown, "no access log line in plugins.md"
+    for line in shown:
+        fields = line.split(" ")
+        assert len(fields) == total, f"plugins.md: {line!r} has {len(fields)} fields"
+        assert fields[rule - 1] == "deny_ports", line
+
+
 def test_the_built_in_table_gives_each_implementation_and_its_marker() -> None:
     """'What the built-in plugins leave for yours' names every hook implementation of every
     built-in, with tryfirst, trylast and wrapper as the code marks it."""
@@ -271,10 +398,74 @@ def test_the_built_in_table_gives_each_implementation_and_its_marker() -> None:
 # -- (c) the example plugin is real ------------------------------------------------------
 
 
-def test_the_example_plugin_in_the_docs_is_the_file() -> None:
-    shown = _fenced_after(PLUGINS.read_text(encoding="utf-8"),
-                          "<!-- include: examples/deny_ports.py -->")
-    assert shown == (EXAMPLES / "deny_ports.py").read_text(encoding="utf-8")
+def test_the_example_files_in_the_docs_are_the_files() -> None:
+    """Each ``<!-- include: PATH -->`` block of plugins.md is the file at PATH, word for word:
+    the example plugin, and the example distribution's setup.py."""
+    text = PLUGINS.read_text(encoding="utf-8")
+    paths = re.findall(r"<!-- include: (\S+) -->", text)
+    assert "examples/deny_ports.py" in paths and "../examples/blocklist/setup.py" in paths
+    for path in paths:
+        shown = _fenced_after(text, f"<!-- include: {path} -->")
+        assert shown == (DOCS / path).read_text(encoding="utf-8"), f"plugins.md shows {path}"
+
+
+#: What an example may import from geproxy: the package, and the test kit.
+PUBLIC_MODULES = {"geproxy", "geproxy.testing", "geproxy.testing.h2client"}
+
+
+def _python_sources() -> list[tuple[str, str]]:
+    """(name, code) of every example: the files of docs/examples and examples/, and the
+    python blocks of plugins.md."""
+    files = [*sorted(EXAMPLES.glob("*.py")), *sorted((ROOT / "examples").rglob("*.py"))]
+    sources = [(str(path.relative_to(ROOT)), path.read_text(encoding="utf-8")) for path in files]
+    blocks = re.findall(r"^```python\n(.*?)^```$", PLUGINS.read_text(encoding="utf-8"),
+                        re.DOTALL | re.MULTILINE)
+    sources += [(f"plugins.md, python block {n + 1}", b) for n, b in enumerate(blocks)]
+    return sources
+
+
+def test_the_examples_import_the_public_api_only() -> None:
+    """The examples follow the rule plugins.md gives: from geproxy, nothing but what
+    ``geproxy`` exports (and the test kit, for tests)."""
+    sources = _python_sources()
+    assert any("blocklist" in name for name, _ in sources)
+    for name, code in sources:
+        for node in ast.walk(ast.parse(code, name)):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+                if node.module == "geproxy":
+                    private = [a.name for a in node.names if a.name not in geproxy.__all__]
+                    assert not private, f"{name}: from geproxy import {private}: not public"
+            else:
+                continue
+            for module in modules:
+                if module.split(".")[0] == "geproxy":
+                    assert module in PUBLIC_MODULES, f"{name}: imports {module}, not public"
+
+
+def test_every_public_name_is_in_the_public_api_section() -> None:
+    part = _part(PLUGINS.read_text(encoding="utf-8"), 2, "The public API")
+    listing = re.search(r"^```python\nfrom geproxy import \((.*?)^\)$", part,
+                        re.DOTALL | re.MULTILINE)
+    assert listing, "plugins.md, The public API: no import list"
+    shown = set(re.findall(r"^    (\w+),", listing.group(1), re.MULTILINE))
+    public = set(geproxy.__all__)
+    assert shown == public, f"missing {sorted(public - shown)}, not public {sorted(shown - public)}"
+    assert "### `HostPatterns`" in part
+
+
+def test_the_runnable_examples_run() -> None:
+    """Blocks marked ``<!-- run -->`` state behaviour with asserts: they are run."""
+    ran = 0
+    for doc in sorted(DOCS.glob("*.md")):
+        text = doc.read_text(encoding="utf-8")
+        for number, block in enumerate(re.findall(r"<!-- run -->\n```python\n(.*?)^```$", text,
+                                                  re.DOTALL | re.MULTILINE)):
+            exec(compile(block, f"{doc.name}, runnable block {number + 1}", "exec"), {})
+            ran += 1
+    assert ran >= 1
 
 
 def test_the_example_plugin_refuses_other_connect_ports(proxy_factory, origin, raw_origin,
@@ -313,11 +504,15 @@ def test_the_example_plugin_reports_a_bad_value(tmp_path, monkeypatch) -> None:
         f"{path}: [deny_ports] allowed: not a port or a port range: 'https'")
 
 
-def test_the_test_kit_example_runs(tmp_path) -> None:
-    """The conftest.py and test file shown in plugins.md pass, as a plugin author runs them."""
+@pytest.mark.parametrize("conftest", ["conftest.py",
+                                      "conftest.py, every test checked for leaks"])
+def test_the_test_kit_example_runs(tmp_path, conftest) -> None:
+    """The conftest.py and test file shown in plugins.md pass, as a plugin author runs them;
+    with the conftest.py that checks every test for leaks too."""
     text = PLUGINS.read_text(encoding="utf-8")
-    for name in ("conftest.py", "test_deny_ports.py"):
-        (tmp_path / name).write_text(_fenced_after(text, f"<!-- file: {name} -->"))
+    (tmp_path / "conftest.py").write_text(_fenced_after(text, f"<!-- file: {conftest} -->"))
+    (tmp_path / "test_deny_ports.py").write_text(
+        _fenced_after(text, "<!-- file: test_deny_ports.py -->"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES), env.get("PYTHONPATH")]))
     result = subprocess.run(

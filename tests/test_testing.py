@@ -1,8 +1,13 @@
-"""The test kit checks itself: its leak counters see what a leak would leave behind."""
+"""The test kit checks itself: its leak counters see what a leak would leave behind, and a
+plugin author's suite that uses it as the docs say passes."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import textwrap
 
 import gevent
 import pytest
@@ -14,6 +19,7 @@ from geproxy.testing import (
     open_fds,
     pattern,
     settle,
+    wait_for_records,
     wait_until,
 )
 
@@ -117,3 +123,98 @@ def test_head_field_finds_a_field_whatever_its_case():
     assert head_field(head, b"proxy-status") == b"geproxy; error=x"
     assert head_field(head, b"x-a") == b"1"
     assert head_field(head, b"via") is None
+
+
+def _run_suite(directory, files: dict[str, str]) -> str:
+    """Run pytest on a fresh suite of ``files`` in ``directory``, as a plugin author runs
+    theirs (its own process, the kit from the pytest11 entry point); returns its output,
+    failing the test if the suite failed."""
+    for name, text in files.items():
+        (directory / name).write_text(textwrap.dedent(text))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=120",
+         str(directory)],
+        cwd=directory, env=env, capture_output=True, timeout=240, check=False)
+    output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    assert result.returncode == 0, output
+    return output
+
+
+AUTOUSE_NO_LEAKS = """
+    from gevent import monkey
+
+    monkey.patch_all()
+
+    import pytest
+
+
+    @pytest.fixture(autouse=True)
+    def _no_leaks(no_leaks):
+        yield
+"""
+
+
+def test_no_leaks_made_autouse_passes_a_first_test_that_starts_a_proxy(tmp_path):
+    """gevent makes its hub, and the hub its loop's descriptors, on first use: the kit must
+    not charge them to the first test that starts a server."""
+    output = _run_suite(tmp_path, {"conftest.py": AUTOUSE_NO_LEAKS, "test_first.py": """
+        from geproxy.testing import curl
+
+
+        def test_the_first_test_starts_a_proxy(proxy, origin):
+            out = curl("-x", proxy.url, origin.url("/", host="origin.test"))
+            assert out.stdout == b"hello\\n", out.stderr
+
+
+        def test_a_second_one_too(proxy_factory, origin):
+            out = curl("-p", "-x", proxy_factory().url, origin.url("/"))
+            assert out.stdout == b"hello\\n", out.stderr
+    """})
+    assert "2 passed" in output, output
+
+
+def test_no_leaks_made_autouse_still_sees_a_leak(tmp_path):
+    """The warm-up hides no test's own leak: a socket left open fails its test."""
+    files = {"conftest.py": AUTOUSE_NO_LEAKS, "test_leaky.py": """
+        import socket
+
+        KEPT = []
+
+
+        def test_leaves_a_socket_open():
+            KEPT.append(socket.socket())
+    """}
+    with pytest.raises(AssertionError, match="descriptors leaked"):
+        _run_suite(tmp_path, files)
+
+
+def test_proxy_records_is_the_sequence_of_records(proxy, origin):
+    from geproxy import Record
+
+    assert len(proxy.records) == 0 and list(proxy.records) == [] and not proxy.records
+    for path in ("/", "/status/404"):
+        assert curl("-x", proxy.url, origin.url(path)).returncode == 0
+    wait_for_records(proxy, 2)
+    assert isinstance(proxy.records[-1], Record)
+    assert [r.status for r in proxy.records] == [200, 404]
+    assert len(proxy.records) == 2 and proxy.records[-1].status == 404
+    assert proxy.records[:1] == [proxy.records[0]]
+    assert proxy.records.records == list(proxy.records)  # the list, as before
+    assert proxy.records.index(proxy.records[1]) == 1
+    assert f"GET {origin.url('/status/404')} 404" in repr(proxy.records)
+
+
+def test_proxy_process_log_is_lines_that_in_searches(proxy_process):
+    from geproxy import DEFAULT_PLUGINS
+
+    process = proxy_process("")
+    assert all(isinstance(line, str) and line.endswith("\n") for line in process.log)
+    assert "listening on 127.0.0.1:" in process.log  # within a line, not a whole line
+    assert "no line says this" not in process.log
+    assert "listening on 127.0.0.1:" in process.log.text
+    assert process.log.text == "".join(process.log)
+    # Its plugins, as the "listening on" line names them: the built-ins first, in order.
+    builtins = [name for name, _ in DEFAULT_PLUGINS]
+    assert process.plugins[:len(builtins)] == builtins
+    assert process.stop() == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union, overload
 
 from .. import errors, hookimpl
 from ..hosts import literal_address
@@ -90,13 +90,35 @@ class HookRecorder:
         self.calls.append(("on_close", f"{record.method} {record.status}"))
 
 
-class RecordCollector:
-    """Keeps every Record handed to ``on_close``."""
+class RecordCollector(Sequence[Record]):
+    """Keeps every Record handed to ``on_close``, in the order they came, and is the sequence
+    of them: ``collector[-1]``, ``len(collector)``, ``for record in collector``, slices (as
+    lists). ``records`` is the list itself."""
 
     name = "record_collector"
 
     def __init__(self) -> None:
         self.records: list[Record] = []
+
+    @overload
+    def __getitem__(self, index: int) -> Record: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Record]: ...
+
+    def __getitem__(self, index: Union[int, slice]) -> Union[Record, list[Record]]:
+        return self.records[index]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(list(self.records))  # a copy: records may arrive while a test iterates
+
+    def __repr__(self) -> str:
+        # A record's own repr holds its whole context: one line each says enough.
+        shown = ", ".join(f"{r.method} {r.target} {r.status}" for r in self.records)
+        return f"RecordCollector[{shown}]"
 
     @hookimpl
     def on_close(self, ctx: Context, record: Record) -> None:

@@ -133,21 +133,44 @@ def wait_for_records(proxy: Proxy, count: int, limit: float = 10.0) -> list[Reco
     return proxy.records.records
 
 
+class LogLines(list[str]):
+    """The lines a process wrote to its standard error, oldest first, each with its newline
+    (a list: ``log[-5:]``, ``log.index(...)``). ``"text" in log`` asks whether any line
+    contains ``text``, so that ``"..." not in log`` means it was not logged (a list would
+    compare whole lines, and such a check would pass whatever was logged); ``log.text`` is
+    the lines as one string."""
+
+    def __contains__(self, item: object) -> bool:
+        if isinstance(item, str):
+            return any(item in line for line in self)
+        return super().__contains__(item)
+
+    @property
+    def text(self) -> str:
+        return "".join(self)
+
+
 class ProxyProcess:
     """geproxy run as its users run it: ``python -m geproxy --config PATH``, in a process.
 
-    The bound address is read from the "listening on" line it logs; the rest of its standard
-    error is kept in ``log`` (bounded) while it runs.
+    The bound address is read from the "listening on" line it logs, with the names of the
+    plugins it loaded (``plugins``, in registration order); its standard error is kept in
+    ``log`` (LogLines, the last LOG_LINES lines) while it runs.
     """
+
+    #: How many lines of its standard error ``log`` keeps.
+    LOG_LINES = 1000
 
     def __init__(self, config_path: str, limit: float = 20.0) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "geproxy", "--config", config_path],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.log: list[str] = []
+        self.log = LogLines()
         self.address: Optional[tuple[str, int]] = None
         #: The first tls:// listener's address, if there is one.
         self.tls_address: Optional[tuple[str, int]] = None
+        #: The plugins it registered, as its "listening on" line names them.
+        self.plugins: list[str] = []
         with gevent.Timeout(limit, AssertionError("geproxy did not start listening in time")):
             while self.address is None:
                 line = self.process.stderr.readline().decode(errors="replace")  # type: ignore
@@ -160,12 +183,14 @@ class ProxyProcess:
                     tls = re.search(r"tls://(\S+):(\d+)[;,]", line)
                     if tls:
                         self.tls_address = (tls.group(1).strip("[]"), int(tls.group(2)))
+                    names = re.search(r"; plugins: (.*)$", line.rstrip("\n"))
+                    self.plugins = names.group(1).split(", ") if names else []
         self._reader = gevent.spawn(self._drain)
 
     def _drain(self) -> None:
         for line in self.process.stderr:  # type: ignore[union-attr]
             self.log.append(line.decode(errors="replace"))
-            del self.log[:-1000]
+            del self.log[:-self.LOG_LINES]
 
     @property
     def url(self) -> str:

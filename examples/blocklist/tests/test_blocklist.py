@@ -9,7 +9,6 @@ import pytest
 from geproxy_blocklist import Blocklist
 
 from geproxy import ConfigError
-from geproxy.plugins import load
 from geproxy.testing import FakeClock, curl, exchange, wait_for_records
 
 
@@ -51,26 +50,17 @@ def test_the_file_is_reloaded_when_it_changes(proxy_factory, origin, tmp_path):
     assert curl("-i", "-x", proxy.url, url).stdout.startswith(b"HTTP/1.1 403 ")
 
 
-def test_an_unreadable_file_stops_the_start(tmp_path):
-    path = tmp_path / "geproxy.ini"
-    path.write_text("[geproxy]\naccess_log = off\n"
-                    "plugins = geproxy_blocklist:Blocklist\n"
-                    + _ini(tmp_path / "missing.txt"))
+def test_an_unreadable_file_stops_the_start(proxy_factory, tmp_path):
     with pytest.raises(ConfigError, match=r"\[blocklist\] file: cannot read"):
-        load(str(path), entry_points=False)
+        proxy_factory(_ini(tmp_path / "missing.txt"), plugins=[Blocklist()])
 
 
-def test_installed_it_is_found_through_the_entry_point():
+def test_installed_it_is_found_through_the_entry_point(proxy_process):
     names = {ep.name for ep in importlib.metadata.entry_points(group="geproxy")}
     if "blocklist" not in names:
         if os.environ.get("GEPROXY_REQUIRE_TOOLS"):
             pytest.fail("geproxy-blocklist is not installed (pip install examples/blocklist)")
         pytest.skip("geproxy-blocklist is not installed")
-    pm, _ = load_sample()
-    assert "blocklist" in [name for name, _ in pm.list_name_plugin()]
-
-
-def load_sample():
-    """The project's sample configuration, entry points included."""
-    sample = os.path.join(os.path.dirname(__file__), "..", "..", "..", "etc", "geproxy.ini")
-    return load(os.path.normpath(sample))
+    # geproxy started as users start it, with no plugins = line: it finds the plugin itself.
+    process = proxy_process("")
+    assert "blocklist" in process.plugins
