@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Optional
@@ -709,10 +710,15 @@ def _refused(record: Record, refusal: ProxyError) -> Record:
     return record
 
 
+#: One parameter of a Proxy-Status member: its key and its value, a quoted string (which
+#: may hold ``;``: a plugin's ``details``) or a token.
+_STATUS_PARAM = re.compile(r';\s*([a-z*][a-z0-9_.*-]*)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^;]*))?')
+
+
 def _proxy_status_error(value: Optional[str]) -> Optional[str]:
     """The ``error`` parameter of a Proxy-Status field value, if any."""
-    for param in (value or "").split(";")[1:]:
-        key, _, found = param.strip().partition("=")
-        if key == "error":
-            return found.strip().strip('"') or None
+    rest = (value or "").partition(";")[1:]
+    for match in _STATUS_PARAM.finditer("".join(rest)):
+        if match.group(1) == "error":
+            return (match.group(2) or "").strip().strip('"') or None
     return None

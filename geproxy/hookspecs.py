@@ -121,7 +121,8 @@ def on_tls_handshake(ctx: "Context", error: Optional[str]) -> None:
 def reopen_logs() -> None:
     """Reopen log files: the operator moved them away (SIGUSR1, after a log rotation).
 
-    Called in the server's process whenever it receives SIGUSR1. Errors are logged.
+    Called in the server's process whenever it receives SIGUSR1. Every implementation is
+    called even if another raises; errors are logged. Implementations may not be wrappers.
 
     Must not block for long; close and reopen, nothing else.
     """
@@ -135,7 +136,8 @@ def on_reload(config: "Config", error: Optional[str]) -> None:
     workers; never once per worker): on the plugins of the new configuration with ``error``
     None when it was put in force; on the plugins of the running configuration with what
     refused it (one line) when it was not, the running configuration then staying. Not
-    called for the configuration loaded at start. Errors are logged.
+    called for the configuration loaded at start. Every implementation is called even if
+    another raises; errors are logged. Implementations may not be wrappers.
 
     :param config: the configuration put in force, or the one that stays.
 

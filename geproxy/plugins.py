@@ -132,7 +132,7 @@ def load(
         raise ConfigError(f"cannot load plugin: {type(exc).__name__}: {first}", path=path,
                           section="geproxy", key="plugins") from None
     for caller in (pm.hook.on_close, pm.hook.on_disconnect, pm.hook.on_tls_handshake,
-                   pm.hook.on_progress):
+                   pm.hook.on_progress, pm.hook.reopen_logs, pm.hook.on_reload):
         for impl in caller.get_hookimpls():
             if impl.wrapper or impl.hookwrapper:
                 raise ConfigError(f"plugin {impl.plugin_name!r}: {caller.name} may not be a "
@@ -194,6 +194,8 @@ class Hooks:
         self._on_disconnect = HookCall(pm, "on_disconnect")
         self._on_tls_handshake = HookCall(pm, "on_tls_handshake")
         self._on_progress = HookCall(pm, "on_progress")
+        self._reopen_logs = HookCall(pm, "reopen_logs")
+        self._on_reload = HookCall(pm, "on_reload")
 
     def on_connect(self, ctx: Context) -> Optional[Denied]:
         return self._on_connect(ctx)
@@ -249,14 +251,20 @@ class Hooks:
     def on_tls_handshake(self, ctx: Context, error: Optional[str]) -> None:
         self._observe(self._on_tls_handshake, (ctx, error), ctx)
 
+    def reopen_logs(self) -> None:
+        self._observe(self._reopen_logs, (), None)
+
+    def on_reload(self, config: Config, error: Optional[str]) -> None:
+        self._observe(self._on_reload, (config, error), None)
+
     @staticmethod
-    def _observe(call: HookCall, args: tuple[Any, ...], ctx: Context) -> None:
+    def _observe(call: HookCall, args: tuple[Any, ...], ctx: Optional[Context]) -> None:
         # Observers are isolated: one that raises must not keep the others from their call.
+        where = f"[{ctx.conn_id}] " if ctx is not None else ""
         for name, function, pick in call.observers():
             try:
                 function(*args) if pick is None else function(*[args[i] for i in pick])
             except ProxyError:
-                log.warning("[%s] %s of %s raised a ProxyError", ctx.conn_id,
-                            call.caller.name, name)
+                log.warning("%s%s of %s raised a ProxyError", where, call.caller.name, name)
             except Exception:
-                log.exception("[%s] %s of %s failed", ctx.conn_id, call.caller.name, name)
+                log.exception("%s%s of %s failed", where, call.caller.name, name)

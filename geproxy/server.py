@@ -344,13 +344,13 @@ class ProxyServer:
         for line in restart_only_changes(self.config, new.config):
             log.warning("reload: %s", line)
         self.install(new)
-        observe_reload(new.pm, new.config, None)
+        observe_reload(new, None)
         return True
 
     def refused(self, reason: str) -> None:
         """A reload that was not put in force: said once, and told to the plugins."""
         log.error("reload refused, the running configuration stays: %s", reason)
-        observe_reload(self.pm, self.config, reason)
+        observe_reload(self.gen, reason)
 
     def prepare(self, text: Optional[str] = None) -> "Generation":
         """The configuration loaded again (from ``text`` when given: the file as a master
@@ -405,10 +405,7 @@ class ProxyServer:
     def reopen_logs(self) -> None:
         """SIGUSR1: every plugin reopens its log files."""
         log.info("reopening log files")
-        try:
-            self.pm.hook.reopen_logs()
-        except Exception:
-            log.exception("a plugin failed to reopen its logs")
+        self.hooks.reopen_logs()
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Graceful stop: no new connections, drain for ``graceful_timeout``, then kill."""
@@ -512,12 +509,9 @@ def reload_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def observe_reload(pm: Any, config: Config, error: Optional[str]) -> None:
-    """``on_reload`` of every plugin of ``pm``; errors are logged, never raised."""
-    try:
-        pm.hook.on_reload(config=config, error=error)
-    except Exception:
-        log.exception("a plugin failed to observe the reload")
+def observe_reload(gen: "Generation", error: Optional[str]) -> None:
+    """``on_reload`` of every plugin of ``gen``; errors are logged, never raised."""
+    gen.hooks.on_reload(gen.config, error)
 
 
 #: The figures of /debug/stats that add up over workers.

@@ -426,7 +426,7 @@ class Master:
         self._ask_all("commit", ASK_TIMEOUT)
         server.install(new)
         self._resize(count)
-        observe_reload(new.pm, new.config, None)
+        observe_reload(new, None)
         return True
 
     def _prepare_all(self, text: str) -> Optional[str]:

@@ -234,3 +234,33 @@ def test_routes_are_tried_in_order_and_failures_reported(proxy_factory, origin):
     answer = exchange(child.address, f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n"
                       .encode(), until_close=False)
     assert answer.startswith(b"HTTP/1.1 502 ") and b"error=connection_refused" in answer
+
+
+def test_reopen_logs_and_on_reload_reach_every_plugin_whatever_one_raises(proxy_factory):
+    """Both are isolated: a plugin that fails to reopen its file, or to note a reload, does
+    not keep another from doing so (the access log among them)."""
+    calls: list[str] = []
+
+    class Fails:
+        @hookimpl
+        def reopen_logs(self):
+            raise OSError("disk gone")
+
+        @hookimpl
+        def on_reload(self, config, error):
+            raise RuntimeError("broken observer")
+
+    class Notes:
+        @hookimpl
+        def reopen_logs(self):
+            calls.append("reopen")
+
+        @hookimpl
+        def on_reload(self, config, error):
+            calls.append(f"reload {error}")
+
+    # Registered after Notes, Fails is called before it: the order that would lose Notes.
+    proxy = proxy_factory(plugins=[Notes(), Fails()])
+    proxy.server.reopen_logs()
+    proxy.server.refused("a reason")
+    assert calls == ["reopen", "reload a reason"]

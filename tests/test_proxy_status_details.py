@@ -287,3 +287,27 @@ def test_explain_sees_a_wrapper_that_only_adds_details(tmp_path, monkeypatch):
     assert wrapper.endswith("<- decides") and "(wrapper) 403 http_request_denied" in wrapper
     assert not next(line for line in lines if line.startswith("  plain ")).endswith("decides")
     assert lines[-2].endswith('; details="ask the desk"'), lines
+
+
+def test_a_plugins_own_answer_is_recorded_by_its_error_not_by_its_details(proxy_factory,
+                                                                           origin):
+    """A plugin that answers with a Response of its own names its cause in Proxy-Status;
+    the record takes the ``error`` parameter, whatever ``;`` or ``error=`` its quoted
+    ``details`` hold."""
+    from geproxy import Headers, Response
+
+    class Answers:
+        @hookimpl
+        def on_request(self, ctx, request):
+            if not request.host:
+                return None
+            return Response(403, Headers([
+                ("Proxy-Status", 'geproxy; details="a; error=x"; error=http_request_denied')
+            ]), b"no\n")
+
+    proxy = proxy_factory(plugins=[Answers()])
+    answer = exchange(proxy.address, f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n"
+                      "Connection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    record, = wait_for_records(proxy, 1)
+    assert record.error == "http_request_denied"
