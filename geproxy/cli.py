@@ -1,4 +1,5 @@
-"""The ``geproxy`` command: run the proxy, or check a configuration.
+"""The ``geproxy`` command: run the proxy, check a configuration, explain a decision, or
+manage the users of the htpasswd file.
 
 gevent's monkey patching happens first, before anything else is imported, so that every
 socket, DNS lookup and sleep in geproxy and its plugins is cooperative.
@@ -45,7 +46,48 @@ def _parser() -> argparse.ArgumentParser:
                          help="the client as this authenticated user (no password is checked); "
                               "without it, a proxy with [auth] answers 407")
     explain.add_argument("--no-resolve", action="store_true", help="skip name resolution")
+    passwd = sub.add_parser(
+        "passwd", parents=[common],
+        help="add a user to the htpasswd file of [auth] or change a user's password (bcrypt), "
+             "asked twice on a terminal, else read as one line of standard input; or delete "
+             "a user")
+    passwd.add_argument("user", metavar="USER")
+    passwd.add_argument("--file", default=None, metavar="PATH",
+                        help="the htpasswd file, created if missing (default: the file "
+                             "[auth] htpasswd of the configuration names)")
+    passwd.add_argument("--delete", action="store_true", help="delete the user")
+    passwd.add_argument("--cost", type=_bcrypt_cost, default=None, metavar="N",
+                        help="bcrypt's cost, 4 to 31 (default 10)")
     return parser
+
+
+def _bcrypt_cost(text: str) -> int:
+    from .passwd import MAX_COST, MIN_COST
+
+    try:
+        cost = int(text)
+    except ValueError:
+        cost = 0
+    if not MIN_COST <= cost <= MAX_COST:
+        raise argparse.ArgumentTypeError(f"not a cost from {MIN_COST} to {MAX_COST}: {text!r}")
+    return cost
+
+
+def _passwd(args: argparse.Namespace, config_path: str) -> int:
+    from .passwd import DEFAULT_COST, PasswdError, htpasswd_path, passwd
+
+    try:
+        path = args.file or htpasswd_path(config_path)
+        done = passwd(path, args.user, delete=args.delete,
+                      cost=args.cost if args.cost is not None else DEFAULT_COST)
+    except PasswdError as exc:
+        print(f"geproxy passwd: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    print(done)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -64,6 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import ConfigError
     from .server import create_server
 
+    if args.command == "passwd":
+        return _passwd(args, config_path)
     if args.command == "explain":
         from .explain import explain
 
