@@ -48,10 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--no-resolve", action="store_true", help="skip name resolution")
     passwd = sub.add_parser(
         "passwd", parents=[common],
-        help="add a user to the htpasswd file of [auth] or change a user's password (bcrypt), "
-             "asked twice on a terminal, else read as one line of standard input; or delete "
-             "a user")
-    passwd.add_argument("user", metavar="USER")
+        help="add a user to the htpasswd file of [auth], change a password, or delete a user",
+        description="Add USER to the htpasswd file of [auth] or change USER's password "
+                    "(bcrypt): the password is asked twice on a terminal, otherwise read as "
+                    "one line of standard input. The file is replaced atomically, keeping its "
+                    "mode, owner and group (a new file: 0640). Exit 0 when done, 1 when "
+                    "nothing could be changed, 2 for a wrong command line or user name.")
+    passwd.add_argument("user", metavar="USER",
+                        help="the user name, as clients send it in Proxy-Authorization")
     passwd.add_argument("--file", default=None, metavar="PATH",
                         help="the htpasswd file, created if missing (default: the file "
                              "[auth] htpasswd of the configuration names)")

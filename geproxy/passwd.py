@@ -31,8 +31,8 @@ from .errors import ConfigError
 
 __all__ = ["PasswdError", "DEFAULT_COST", "check_user", "htpasswd_path", "passwd"]
 
-#: bcrypt's cost, log2 of its rounds: about 50 ms of one core here. The proxy hashes once per
-#: user and ``[auth] cache_ttl``, in its thread pool; Apache's ``htpasswd -B`` uses 5.
+#: bcrypt's cost, log2 of its rounds: tens of milliseconds of one core. The proxy hashes once
+#: per user and ``[auth] cache_ttl``, in its thread pool; Apache's ``htpasswd -B`` uses 5.
 DEFAULT_COST = 10
 MIN_COST, MAX_COST = 4, 31
 #: bcrypt uses the first 72 bytes of a password; the auth plugin ignores the rest, as Apache.
