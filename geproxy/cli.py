@@ -17,6 +17,7 @@ DEFAULT_CONFIG = "/etc/geproxy/geproxy.ini"
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .passwd import DEFAULT_COST, MAX_COST, MIN_COST
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH",
@@ -60,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the htpasswd file, created if missing (default: the file "
                              "[auth] htpasswd of the configuration names)")
     passwd.add_argument("--delete", action="store_true", help="delete the user")
-    passwd.add_argument("--cost", type=_bcrypt_cost, default=None, metavar="N",
-                        help="bcrypt's cost, 4 to 31 (default 10)")
+    passwd.add_argument("--cost", type=_bcrypt_cost, default=DEFAULT_COST, metavar="N",
+                        help=f"bcrypt's cost, {MIN_COST} to {MAX_COST} (default {DEFAULT_COST})")
     return parser
 
 
@@ -78,12 +79,11 @@ def _bcrypt_cost(text: str) -> int:
 
 
 def _passwd(args: argparse.Namespace, config_path: str) -> int:
-    from .passwd import DEFAULT_COST, PasswdError, htpasswd_path, passwd
+    from .passwd import PasswdError, htpasswd_path, passwd
 
     try:
         path = args.file or htpasswd_path(config_path)
-        done = passwd(path, args.user, delete=args.delete,
-                      cost=args.cost if args.cost is not None else DEFAULT_COST)
+        done = passwd(path, args.user, delete=args.delete, cost=args.cost)
     except PasswdError as exc:
         print(f"geproxy passwd: {exc}", file=sys.stderr)
         return exc.status
@@ -107,11 +107,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format=FORMAT)
 
+    if args.command == "passwd":
+        return _passwd(args, config_path)
+
     from .errors import ConfigError
     from .server import create_server
 
-    if args.command == "passwd":
-        return _passwd(args, config_path)
     if args.command == "explain":
         from .explain import explain
 
