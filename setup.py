@@ -2,6 +2,17 @@
 
 from setuptools import setup
 
+#: The test kit's needs (geproxy.testing imports pytest, trustme, cryptography and dnslib;
+#: tests use pytest-timeout's timeouts and requests as a client).
+TESTING = [
+    "pytest>=7.4",
+    "pytest-timeout>=2.2",
+    "trustme>=1.1",
+    "cryptography>=3.1",
+    "requests>=2.31",
+    "dnslib>=0.9.23",
+]
+
 setup(
     name="geproxy",
     version="0.1.0",
@@ -25,14 +36,16 @@ setup(
         "h2>=4.1",
     ],
     extras_require={
-        "test": [
-            "pytest>=7.4",
-            "pytest-timeout>=2.2",
-            "trustme>=1.1",
-            "requests>=2.31",
-            "dnslib>=0.9.23",
+        # What the test kit (geproxy.testing) needs: a plugin author's tests install this.
+        "testing": TESTING,
+        # geproxy's own development: the kit's needs, the property tests and the fuzzer,
+        # and the static checks .ci/run runs (their ranges are bumped on purpose, so that a
+        # checker's new release cannot fail a build by itself; mypy 2 needs Python 3.10).
+        "dev": TESTING + [
             "hypothesis>=6.80",
             "atheris>=2.3; sys_platform == 'linux'",
+            "ruff~=0.17.6",
+            "mypy~=2.4.1; python_version >= '3.10'",
         ],
     },
     entry_points={

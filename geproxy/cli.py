@@ -1,4 +1,5 @@
-"""The ``geproxy`` command: run the proxy, or check a configuration.
+"""The ``geproxy`` command: run the proxy, check a configuration, explain a decision, or
+manage the users of the htpasswd file.
 
 gevent's monkey patching happens first, before anything else is imported, so that every
 socket, DNS lookup and sleep in geproxy and its plugins is cooperative.
@@ -16,6 +17,7 @@ DEFAULT_CONFIG = "/etc/geproxy/geproxy.ini"
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .passwd import DEFAULT_COST, MAX_COST, MIN_COST
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH",
@@ -45,7 +47,51 @@ def _parser() -> argparse.ArgumentParser:
                          help="the client as this authenticated user (no password is checked); "
                               "without it, a proxy with [auth] answers 407")
     explain.add_argument("--no-resolve", action="store_true", help="skip name resolution")
+    passwd = sub.add_parser(
+        "passwd", parents=[common],
+        help="add a user to the htpasswd file of [auth], change a password, or delete a user",
+        description="Add USER to the htpasswd file of [auth] or change USER's password "
+                    "(bcrypt): the password is asked twice on a terminal, otherwise read as "
+                    "one line of standard input. The file is replaced atomically, keeping its "
+                    "mode, owner and group (a new file: 0640). Exit 0 when done, 1 when "
+                    "nothing could be changed, 2 for a wrong command line or user name.")
+    passwd.add_argument("user", metavar="USER",
+                        help="the user name, as clients send it in Proxy-Authorization")
+    passwd.add_argument("--file", default=None, metavar="PATH",
+                        help="the htpasswd file, created if missing (default: the file "
+                             "[auth] htpasswd of the configuration names)")
+    passwd.add_argument("--delete", action="store_true", help="delete the user")
+    passwd.add_argument("--cost", type=_bcrypt_cost, default=DEFAULT_COST, metavar="N",
+                        help=f"bcrypt's cost, {MIN_COST} to {MAX_COST} (default {DEFAULT_COST})")
     return parser
+
+
+def _bcrypt_cost(text: str) -> int:
+    from .passwd import MAX_COST, MIN_COST
+
+    try:
+        cost = int(text)
+    except ValueError:
+        cost = 0
+    if not MIN_COST <= cost <= MAX_COST:
+        raise argparse.ArgumentTypeError(f"not a cost from {MIN_COST} to {MAX_COST}: {text!r}")
+    return cost
+
+
+def _passwd(args: argparse.Namespace, config_path: str) -> int:
+    from .passwd import PasswdError, htpasswd_path, passwd
+
+    try:
+        path = args.file or htpasswd_path(config_path)
+        done = passwd(path, args.user, delete=args.delete, cost=args.cost)
+    except PasswdError as exc:
+        print(f"geproxy passwd: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    print(done)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -60,6 +106,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .log import FORMAT
 
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format=FORMAT)
+
+    if args.command == "passwd":
+        return _passwd(args, config_path)
 
     from .errors import ConfigError
     from .server import create_server

@@ -553,8 +553,8 @@ class Connection:
         try:
             handle = open(filename, "rb")
         except OSError:
-            text = Headers([("Content-Type", "text/plain; charset=utf-8")])
-            return self.answer(Response(404, text, b"not found\n"), record, request)
+            missing = Headers([("Content-Type", "text/plain; charset=utf-8")])
+            return self.answer(Response(404, missing, b"not found\n"), record, request)
         with handle:
             size = os.fstat(handle.fileno()).st_size
             kind = content_type(filename)

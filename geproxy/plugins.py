@@ -106,10 +106,13 @@ def get_plugin_manager(
 def load(
     path: str, objects: Sequence[Any] = (), entry_points: bool = True,
     text: Optional[str] = None, stash: Optional[dict[str, Any]] = None,
+    configure: bool = True,
 ) -> tuple[pluggy.PluginManager, Config]:
     """Read ``path`` (or parse ``text``, read from it earlier), build its plugin manager,
     validate every section, configure plugins. ``stash``: the running configuration's
-    ``Config.stash``, which a reload hands on.
+    ``Config.stash``, which a reload hands on. ``configure=False`` stops after the
+    validation of sections, keys and values: no plugin is configured, so none reads the
+    files the configuration names.
 
     Raises ConfigError (one line: file, section, key) for any problem.
     """
@@ -144,6 +147,8 @@ def load(
     for name in sorted(ignored):
         if parser.has_section(name):
             log.warning("%s: [%s] is ignored: its plugin is disabled", path, name)
+    if not configure:
+        return pm, config
     pm.hook.configure.call_historic(kwargs={"config": config})
     check_parents(pm, config)
     return pm, config
