@@ -627,3 +627,20 @@ def test_the_systemd_unit_runs_geproxy_with_its_config() -> None:
     graceful = parse_duration(sample["geproxy"]["graceful_timeout"])
     assert parse_duration(service["TimeoutStopSec"]) > graceful + 5
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # SIGHUP reloads
+
+
+def test_deployment_names_every_dependency() -> None:
+    """The installation section lists what ``pip install`` will bring: setup.py's
+    install_requires, by name."""
+    import ast
+
+    setup = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    call = next(node for node in ast.walk(setup) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", "") == "setup")
+    requires = next(k.value for k in call.keywords if k.arg == "install_requires")
+    names = {re.split(r"[\[<>=~!; ]", ast.literal_eval(item))[0]
+             for item in requires.elts}  # type: ignore[attr-defined]
+    text = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+    installing = text.split("## Installing", 1)[1].split("\n## ", 1)[0]
+    missing = sorted(name for name in names if name not in installing)
+    assert not missing, f"deployment.md's Installing section does not name {missing}"
