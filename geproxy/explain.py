@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, TextIO
 
 from . import http11
 from .errors import InternalError, LoopDetected, ProxyError, proxy_name
+from .hosts import authority
 from .local import addressed_to_proxy, call_wsgi, local_app
 from .models import Context, Request, Response, Route
 from .plugins import Hooks, load
@@ -247,7 +248,7 @@ class _Explainer:
                 failure = exc
                 continue
             ttl = getattr(addresses, "ttl", None)
-            listed = ", ".join(_address(a) for a in addresses)
+            listed = ", ".join(authority(a[0], a[1]) for a in addresses)
             self.say("resolve", listed + (f"  (ttl {ttl:g}s)" if ttl is not None else ""))
             return route
         assert failure is not None  # routes is never empty
@@ -267,10 +268,6 @@ def _plugin_answer(response: Response, plugin: Optional[str]) -> Answer:
     if status_field:
         text += f"; Proxy-Status: {status_field}"
     return Answer(response.status, text)
-
-
-def _address(address: tuple[Any, ...]) -> str:
-    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
 
 
 def explain(config_path: str, method: str, target: str, client: str = "127.0.0.1",

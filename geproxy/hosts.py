@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 __all__ = ["HostPatterns", "ip_literal", "unmapped", "parse_network", "literal_address",
-           "gai_rcode"]
+           "gai_rcode", "authority"]
+
+
+def authority(host: str, port: int) -> str:
+    """``host:port``, an IPv6 literal in brackets: how a CONNECT target, a listen address
+    or a log line spells an address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Tuple
 
+from .hosts import authority
+
 __all__ = ["Headers", "Request", "Response", "Context", "Record", "Route", "Resolved", "TLSInfo"]
 
 HeaderList = Iterable[Tuple[str, str]]
@@ -169,11 +171,6 @@ class Route:
     def authority(self) -> str:
         """``host:port`` of the parent, IPv6 literals in brackets; never its credentials."""
         return authority(self.host, self.port)
-
-
-def authority(host: str, port: int) -> str:
-    """``host:port``, an IPv6 literal in brackets: how a CONNECT target or a log spells it."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)

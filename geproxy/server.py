@@ -17,6 +17,7 @@ from gevent.server import StreamServer
 from .config import Config, ListenAddress
 from .connection import Connection
 from .errors import ConfigError, ProxyError, TooManyConnections, proxy_name
+from .hosts import authority
 from .local import PROXY_PORT_PATHS, addressed_to_proxy, admin_app, local_app
 from .models import Context, Record, Request
 from .plugins import Hooks, load, plugin_names
@@ -600,8 +601,8 @@ def _listener(host: str, port: int, reuse_port: bool = False,
 
 
 def _fmt(address: Sequence[Any]) -> str:
-    host = address[0]
-    text = f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    """A listen or client address as the log writes it: ``tls://`` before a TLS one."""
+    text = authority(address[0], address[1])
     return "tls://" + text if getattr(address, "tls", False) else text
 
 

@@ -13,6 +13,7 @@ import time
 from typing import Callable, Optional
 
 from geproxy import Context, Record
+from geproxy.hosts import authority
 
 __all__ = ["FORMATS"]
 
@@ -26,14 +27,9 @@ def _field(value: Optional[str]) -> str:
     return "".join(c if " " < c < "\x7f" else f"%{ord(c):02X}" for c in value)
 
 
-def _hostport(host: str, port: int) -> str:
-    """``host:port``, an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _upstream(record: Record) -> str:
     address = record.upstream_addr
-    return _hostport(*address) if address else "-"
+    return authority(*address) if address else "-"
 
 
 def geproxy_line(ctx: Context, record: Record) -> str:
@@ -146,9 +142,9 @@ def json_line(ctx: Context, record: Record) -> str:
         "method": record.method,
         "target": record.target,
         "version": record.version,
-        "upstream": _hostport(*address) if address else None,
+        "upstream": authority(*address) if address else None,
         # The parent's host and port, never its credentials.
-        "parent": _hostport(route.host, route.port) if route else None,
+        "parent": route.authority if route else None,
         "routes_tried": record.routes_tried,
         "status": record.status,
         "error": record.error,

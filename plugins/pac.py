@@ -338,7 +338,7 @@ def _authority(host: str, port: int) -> str:
         address: Any = hosts.unmapped(ipaddress.ip_address(host.partition("%")[0]))
     except ValueError:
         return f"{host}:{port}"
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+    return hosts.authority(str(address), port)
 
 
 def render_proxy(server_addr: tuple[str, int], proxies: Sequence[str], fallback_direct: bool,
