@@ -717,8 +717,8 @@ _STATUS_PARAM = re.compile(r';\s*([a-z*][a-z0-9_.*-]*)\s*(?:=\s*("(?:[^"\\]|\\.)
 
 def _proxy_status_error(value: Optional[str]) -> Optional[str]:
     """The ``error`` parameter of a Proxy-Status field value, if any."""
-    rest = (value or "").partition(";")[1:]
-    for match in _STATUS_PARAM.finditer("".join(rest)):
+    _, sep, params = (value or "").partition(";")  # after the proxy's name
+    for match in _STATUS_PARAM.finditer(sep + params):
         if match.group(1) == "error":
             return (match.group(2) or "").strip().strip('"') or None
     return None

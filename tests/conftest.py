@@ -4,8 +4,13 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Mapping, Sequence  # noqa: E402
 
 import gevent  # noqa: E402
 import pytest  # noqa: E402
@@ -27,6 +32,31 @@ def _leak_check(request: pytest.FixtureRequest) -> None:
     geproxy.testing.no_leaks). Tests marked ``pure`` (bytes in, events out) are spared."""
     if request.node.get_closest_marker("pure") is None:
         request.getfixturevalue("no_leaks")
+
+
+@pytest.fixture
+def run_suite() -> Callable[..., str]:
+    """``run_suite(directory, files, pythonpath=())``: pytest run on a fresh suite of
+    ``files`` (name -> text, dedented) in ``directory``, as a plugin author runs theirs: its
+    own process, the kit from the pytest11 entry point, ``pythonpath`` directories first on
+    the module path. Returns its output; fails (AssertionError) when the suite failed."""
+
+    def run(directory: Path, files: Mapping[str, str], pythonpath: Sequence[Path] = ()
+            ) -> str:
+        for name, text in files.items():
+            (directory / name).write_text(textwrap.dedent(text))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+        env["PYTHONPATH"] = os.pathsep.join(
+            [*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
+             "timeout=120", str(directory)],
+            cwd=directory, env=env, capture_output=True, timeout=240, check=False)
+        output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+        assert result.returncode == 0, output
+        return output
+
+    return run
 
 
 @pytest.fixture(params=["waiting", "detached"])

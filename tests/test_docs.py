@@ -506,21 +506,14 @@ def test_the_example_plugin_reports_a_bad_value(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.parametrize("conftest", ["conftest.py",
                                       "conftest.py, every test checked for leaks"])
-def test_the_test_kit_example_runs(tmp_path, conftest) -> None:
+def test_the_test_kit_example_runs(tmp_path, conftest, run_suite) -> None:
     """The conftest.py and test file shown in plugins.md pass, as a plugin author runs them;
     with the conftest.py that checks every test for leaks too."""
     text = PLUGINS.read_text(encoding="utf-8")
-    (tmp_path / "conftest.py").write_text(_fenced_after(text, f"<!-- file: {conftest} -->"))
-    (tmp_path / "test_deny_ports.py").write_text(
-        _fenced_after(text, "<!-- file: test_deny_ports.py -->"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=120",
-         str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, timeout=240, check=False)
-    output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
-    assert result.returncode == 0, output
+    output = run_suite(tmp_path, {
+        "conftest.py": _fenced_after(text, f"<!-- file: {conftest} -->"),
+        "test_deny_ports.py": _fenced_after(text, "<!-- file: test_deny_ports.py -->"),
+    }, pythonpath=[EXAMPLES])
     assert "4 passed" in output, output
 
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from geproxy.testing import curl, echo, wait_until
+from geproxy.testing import curl, echo, open_tunnel, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -53,14 +53,19 @@ def _traffic(proxy, origin, tls_files, server) -> None:
     url = f"https://{proxy.tls_address[0]}:{proxy.tls_address[1]}"
     out = curl("-x", url, "--proxy-cacert", tls_files.ca_file, origin.url("/"))
     assert out.stdout == b"hello\n", out.stderr
-    with socket.create_connection(proxy.address, timeout=10) as sock:
-        target = f"127.0.0.1:{server.port}"
-        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    with sock:
+        assert head.startswith(b"HTTP/1.1 200 ")
         sock.sendall(b"x" * 1000)
-        received = b""
-        while len(received) < 1000:
-            received += sock.recv(65536)
+        _echoed(sock, 1000)
+
+
+def _echoed(sock: socket.socket, size: int) -> None:
+    """Read ``size`` bytes back from an echo tunnel; a close before fails the test."""
+    while size > 0:
+        piece = sock.recv(65536)
+        assert piece, f"closed with {size} bytes to come"
+        size -= len(piece)
 
 
 #: Samples that differ between two runs of the same traffic, or by design with the number
@@ -99,16 +104,12 @@ def test_the_same_samples_whatever_the_number_of_workers(proxy_process, origin, 
 def test_bytes_are_counted_while_they_flow(proxy_process, raw_origin, origin, workers):
     server = raw_origin(echo)
     proxy = _start(proxy_process, workers)
-    sock = socket.create_connection(proxy.address, timeout=10)
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
     try:
-        target = f"127.0.0.1:{server.port}"
-        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
+        assert head.startswith(b"HTTP/1.1 200 ")
         payload = b"y" * 200_000
         sock.sendall(payload)
-        received = 0
-        while received < len(payload):
-            received += len(sock.recv(65536))
+        _echoed(sock, len(payload))
         # The tunnel is still open: its bytes show within about a second.
         assert wait_until(lambda: _value(proxy, "geproxy_tunnel_bytes_total",
                                         direction="up") >= len(payload), 10)

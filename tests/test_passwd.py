@@ -253,18 +253,26 @@ class Terminal:
             os.close(self.master)
 
 
-def test_on_a_terminal_the_password_is_asked_twice_and_not_shown(proxy_factory, origin,
-                                                                  tmp_path):
-    users = tmp_path / "htpasswd"
+def _typed(users, first: bytes, second: bytes, said: bytes) -> tuple["Terminal", int]:
+    """``geproxy passwd alice`` on a terminal, the two passwords typed at its two prompts,
+    until it says ``said``; the terminal, and the exit status."""
     terminal = Terminal("--file", str(users), *FAST, "alice")
     try:
         terminal.wait_for(b"New password for alice: ")
-        terminal.type(b"typed secret")
+        terminal.type(first)
         terminal.wait_for(b"Again, the new password for alice: ")
-        terminal.type(b"typed secret")
-        terminal.wait_for(b"created, with user 'alice'")
+        terminal.type(second)
+        terminal.wait_for(said)
     finally:
         status = terminal.close()
+    return terminal, status
+
+
+def test_on_a_terminal_the_password_is_asked_twice_and_not_shown(proxy_factory, origin,
+                                                                  tmp_path):
+    users = tmp_path / "htpasswd"
+    terminal, status = _typed(users, b"typed secret", b"typed secret",
+                              b"created, with user 'alice'")
     assert status == 0
     assert b"typed secret" not in terminal.shown  # not echoed
     proxy = proxy_factory(f"[auth]\nhtpasswd = {users}\n")
@@ -273,14 +281,6 @@ def test_on_a_terminal_the_password_is_asked_twice_and_not_shown(proxy_factory, 
 
 def test_on_a_terminal_two_different_passwords_change_nothing(tmp_path):
     users = tmp_path / "htpasswd"
-    terminal = Terminal("--file", str(users), *FAST, "alice")
-    try:
-        terminal.wait_for(b"New password for alice: ")
-        terminal.type(b"one")
-        terminal.wait_for(b"Again, the new password for alice: ")
-        terminal.type(b"two")
-        terminal.wait_for(b"the two passwords differ: nothing changed")
-    finally:
-        status = terminal.close()
+    _, status = _typed(users, b"one", b"two", b"the two passwords differ: nothing changed")
     assert status == 1
     assert not users.exists()

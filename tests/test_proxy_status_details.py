@@ -234,15 +234,21 @@ class Ticketed:
 '''
 
 
-def test_explain_prints_the_details_the_client_would_get(tmp_path, monkeypatch):
-    (tmp_path / "ticketed.py").write_text(PLUGIN)
+def _explain_with(tmp_path, monkeypatch, module: str, text: str, plugins: str) -> list[str]:
+    """The lines ``geproxy explain`` prints for a CONNECT refused by the plugins of ``text``
+    (saved as ``module``): it must say refused."""
+    (tmp_path / f"{module}.py").write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
     config = tmp_path / "geproxy.ini"
     config.write_text("[geproxy]\nlisten = 127.0.0.1:3128\naccess_log = off\n"
-                      "plugins = ticketed:Ticketed\n")
+                      f"plugins = {plugins}\n")
     out = io.StringIO()
     assert explain(str(config), "CONNECT", "example.com:443", resolve=False, out=out) == 1
-    lines = out.getvalue().splitlines()
+    return out.getvalue().splitlines()
+
+
+def test_explain_prints_the_details_the_client_would_get(tmp_path, monkeypatch):
+    lines = _explain_with(tmp_path, monkeypatch, "ticketed", PLUGIN, "ticketed:Ticketed")
     assert ("answer      403 Forbidden; Proxy-Status: geproxy; error=http_request_denied; "
             'details="see ticket 123"') in lines, lines
 
@@ -275,14 +281,8 @@ class Explains:
 
 def test_explain_sees_a_wrapper_that_only_adds_details(tmp_path, monkeypatch):
     """Details are part of the answer: a wrapper that changes nothing else decides it."""
-    (tmp_path / "wrapping.py").write_text(WRAPPER)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = tmp_path / "geproxy.ini"
-    config.write_text("[geproxy]\nlisten = 127.0.0.1:3128\naccess_log = off\n"
-                      "plugins = wrapping:Plain wrapping:Explains\n")
-    out = io.StringIO()
-    assert explain(str(config), "CONNECT", "example.com:443", resolve=False, out=out) == 1
-    lines = out.getvalue().splitlines()
+    lines = _explain_with(tmp_path, monkeypatch, "wrapping", WRAPPER,
+                          "wrapping:Plain wrapping:Explains")
     wrapper = next(line for line in lines if line.startswith("  explains "))
     assert wrapper.endswith("<- decides") and "(wrapper) 403 http_request_denied" in wrapper
     assert not next(line for line in lines if line.startswith("  plain ")).endswith("decides")

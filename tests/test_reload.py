@@ -8,7 +8,15 @@ import socket
 import gevent
 import pytest
 
-from geproxy.testing import ResponseReader, curl, echo, exchange, kit_ini, wait_for_records
+from geproxy.testing import (
+    ResponseReader,
+    curl,
+    echo,
+    exchange,
+    kit_ini,
+    open_tunnel,
+    wait_for_records,
+)
 
 ALLOW = "[acl]\nconnect_ports = 1-65535\nrules = allow src 127.0.0.1\n"
 DENY = "[acl]\nconnect_ports = 1-65535\nrules = closed: deny all\n"
@@ -146,18 +154,17 @@ def test_the_next_request_of_a_kept_alive_connection_follows_the_reload(proxy_fa
 
 
 def _tunnel(proxy, port: int) -> socket.socket:
-    sock = socket.create_connection(proxy.address, timeout=10)
-    sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{port}")
+    assert head.startswith(b"HTTP/1.1 200 "), head
     return sock
 
 
 def _connect_status(proxy, port: int) -> int:
-    """The status a new CONNECT to ``port`` gets (its head only: a refused CONNECT with
-    nothing after it may stay open)."""
-    with socket.create_connection(proxy.address, timeout=10) as sock:
-        sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        return int(sock.recv(1000).split()[1])
+    """The status a new CONNECT to ``port`` gets (a refused CONNECT with nothing after it
+    may stay open)."""
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{port}")
+    sock.close()
+    return int(head.split()[1])
 
 
 def _closed(sock) -> bool:

@@ -3,11 +3,7 @@ plugin author's suite that uses it as the docs say passes."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
-import textwrap
 
 import gevent
 import pytest
@@ -125,22 +121,6 @@ def test_head_field_finds_a_field_whatever_its_case():
     assert head_field(head, b"via") is None
 
 
-def _run_suite(directory, files: dict[str, str]) -> str:
-    """Run pytest on a fresh suite of ``files`` in ``directory``, as a plugin author runs
-    theirs (its own process, the kit from the pytest11 entry point); returns its output,
-    failing the test if the suite failed."""
-    for name, text in files.items():
-        (directory / name).write_text(textwrap.dedent(text))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=120",
-         str(directory)],
-        cwd=directory, env=env, capture_output=True, timeout=240, check=False)
-    output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
-    assert result.returncode == 0, output
-    return output
-
-
 AUTOUSE_NO_LEAKS = """
     from gevent import monkey
 
@@ -155,10 +135,10 @@ AUTOUSE_NO_LEAKS = """
 """
 
 
-def test_no_leaks_made_autouse_passes_a_first_test_that_starts_a_proxy(tmp_path):
+def test_no_leaks_made_autouse_passes_a_first_test_that_starts_a_proxy(tmp_path, run_suite):
     """gevent makes its hub, and the hub its loop's descriptors, on first use: the kit must
     not charge them to the first test that starts a server."""
-    output = _run_suite(tmp_path, {"conftest.py": AUTOUSE_NO_LEAKS, "test_first.py": """
+    output = run_suite(tmp_path, {"conftest.py": AUTOUSE_NO_LEAKS, "test_first.py": """
         from geproxy.testing import curl
 
 
@@ -174,7 +154,7 @@ def test_no_leaks_made_autouse_passes_a_first_test_that_starts_a_proxy(tmp_path)
     assert "2 passed" in output, output
 
 
-def test_no_leaks_made_autouse_still_sees_a_leak(tmp_path):
+def test_no_leaks_made_autouse_still_sees_a_leak(tmp_path, run_suite):
     """The warm-up hides no test's own leak: a socket left open fails its test."""
     files = {"conftest.py": AUTOUSE_NO_LEAKS, "test_leaky.py": """
         import socket
@@ -186,7 +166,7 @@ def test_no_leaks_made_autouse_still_sees_a_leak(tmp_path):
             KEPT.append(socket.socket())
     """}
     with pytest.raises(AssertionError, match="descriptors leaked"):
-        _run_suite(tmp_path, files)
+        run_suite(tmp_path, files)
 
 
 def test_proxy_records_is_the_sequence_of_records(proxy, origin):

@@ -19,7 +19,7 @@ import sys
 import pytest
 import requests
 
-from geproxy.testing import curl, echo, kit_ini, wait_until
+from geproxy.testing import curl, echo, kit_ini, open_tunnel, wait_until
 
 ALLOW = "[acl]\nconnect_ports = 1-65535\nrules = allow src 127.0.0.1\n"
 DENY = "[acl]\nconnect_ports = 1-65535\nrules = closed: deny method CONNECT\n"
@@ -60,21 +60,16 @@ def _config_path(proxy) -> str:
 
 def _connect(proxy, target: str) -> socket.socket:
     """A tunnel through the proxy, established."""
-    sock = socket.create_connection(proxy.address, timeout=10)
-    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        piece = sock.recv(1000)
-        assert piece, answer
-        answer += piece
-    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    sock, head = open_tunnel(proxy, target)
+    assert head.startswith(b"HTTP/1.1 200 "), head
     return sock
 
 
 def _connect_status(proxy, target: str) -> int:
-    with socket.create_connection(proxy.address, timeout=10) as sock:
-        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        return int(sock.recv(1000).split()[1])
+    """The status a new CONNECT gets (a refused one with nothing after it may stay open)."""
+    sock, head = open_tunnel(proxy, target)
+    sock.close()
+    return int(head.split()[1])
 
 
 def _serving(proxy, count: int = 2) -> None:
