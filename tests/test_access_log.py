@@ -13,7 +13,7 @@ import gevent
 import pytest
 
 from geproxy import ConfigError
-from geproxy.testing import curl, exchange, free_port, require_tool, wait_for_records
+from geproxy.testing import curl, exchange, free_port, require_tool, wait_for_records, wait_until
 
 
 def _lines(path, count):
@@ -202,18 +202,27 @@ def test_the_json_format_has_every_field(proxy_factory, origin, tmp_path):
     assert entry["parent"] is None and entry["routes_tried"] == 1  # direct, at once
 
 
-def test_sigusr1_reopens_a_moved_log(proxy_process, origin, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigusr1_reopens_a_moved_log(proxy_process, origin, tmp_path, workers):
+    """With workers, SIGUSR1 to the master reaches every worker: whichever serves the next
+    requests writes them to the new file."""
     path = tmp_path / "access.log"
-    proxy = proxy_process(f"access_log = {path}\n")
+    proxy = proxy_process(f"workers = {workers}\naccess_log = {path}\nlog_format = json\n")
     assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
     _lines(path, 1)
     path.rename(tmp_path / "access.log.1")
     proxy.process.send_signal(signal.SIGUSR1)
-    for _ in range(500):  # the signal is handled asynchronously: wait for its log line
-        if any("reopening log files" in line for line in proxy.log):
+    # The signal is handled asynchronously: wait for the line of every process that serves
+    # (and of the master, with workers, which lets its own copy go).
+    told = workers + 1 if workers > 1 else 1
+    assert wait_until(lambda: sum("reopening log files" in line for line in proxy.log)
+                      == told), proxy.log[-5:]
+    sent = 0
+    for sent in range(1, 41):  # new connections, until every process wrote some (bounded)
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+        lines = _lines(path, sent)  # a new file, with the new lines only
+        if sent >= 4 and len({json.loads(line)["worker"] for line in lines}) == workers:
             break
-        gevent.sleep(0.01)
-    assert any("reopening log files" in line for line in proxy.log), proxy.log[-5:]
-    assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
-    assert len(_lines(path, 1)) == 1  # a new file, with the new line only
+    assert len(lines) == sent
+    assert len({json.loads(line)["worker"] for line in lines}) == workers
     assert len((tmp_path / "access.log.1").read_text().splitlines()) == 1
