@@ -22,7 +22,7 @@ from typing import Optional
 import pytest
 from passlib.hash import apr_md5_crypt
 
-from geproxy.testing import Origin, curl
+from geproxy.testing import Origin, curl, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,6 +78,19 @@ def test_a_file_it_writes_authenticates_curl_and_a_running_proxy_sees_each_chang
     assert deleted.stdout.decode() == f"{users}: deleted user 'bob'\n"
     assert through(proxy.url, origin, "bob", "bob pw") == CHALLENGED
     assert [line.split(":")[0] for line in users.read_text().splitlines()] == ["alice"]
+
+
+def test_every_worker_of_a_master_sees_a_change_without_a_reload(proxy_process, origin,
+                                                                 tmp_path):
+    """Each worker watches the file: a change reaches whichever the kernel picks."""
+    users = tmp_path / "htpasswd"
+    assert passwd("--file", str(users), *FAST, "alice", password=b"first\n").returncode == 0
+    proxy = proxy_process(f"workers = 2\n[auth]\nhtpasswd = {users}\ncheck_interval = 0\n")
+    assert wait_until(lambda: sum(") serves" in line for line in proxy.log) == 2)
+    assert passwd("--file", str(users), *FAST, "alice", password=b"second\n").returncode == 0
+    # New connections each, spread over both workers: none takes the old password.
+    assert {through(proxy.url, origin, "alice", "second") for _ in range(8)} == {OK}
+    assert {through(proxy.url, origin, "alice", "first") for _ in range(8)} == {CHALLENGED}
 
 
 def test_the_other_lines_are_kept_byte_for_byte(proxy_factory, origin, tmp_path):
