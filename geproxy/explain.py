@@ -26,7 +26,7 @@ from .errors import InternalError, LoopDetected, ProxyError, proxy_name
 from .hosts import authority
 from .local import addressed_to_proxy, call_wsgi, local_app
 from .models import Context, Request, Response, Route
-from .plugins import Hooks, load
+from .plugins import Hooks, exposition, load
 from .static import docroot_file
 
 __all__ = ["explain", "Answer"]
@@ -122,9 +122,7 @@ class _DryServer:
         return False
 
     def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
-        # As the server finds it: the plugin named metrics, if it has an exposition.
-        found = getattr(self.pm.get_plugin("metrics"), "exposition", None)
-        return None if found is None else (b"", "text/plain")
+        return exposition(self.pm, {})  # as the server finds it, figures aside
 
     def stats(self) -> dict[str, Any]:
         return {}

@@ -30,7 +30,7 @@ from .errors import (
 from .hosts import literal_address
 from .models import Context, Record, Request, Resolved, Response, Route
 
-__all__ = ["DEFAULT_PLUGINS", "hookimpl", "get_plugin_manager", "load", "Hooks"]
+__all__ = ["DEFAULT_PLUGINS", "hookimpl", "get_plugin_manager", "load", "Hooks", "exposition"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,18 @@ def check_parents(pm: pluggy.PluginManager, config: Config) -> None:
                             config.path, route.authority, exc.detail)
             except ProxyError as exc:  # not this check's business: the run will tell
                 log.debug("%s: parent proxy %s: %s", config.path, route.authority, exc)
+
+
+def exposition(pm: pluggy.PluginManager,
+               processes: dict[int, int]) -> Optional[tuple[bytes, str]]:
+    """The text and content type of the ``metrics`` plugin's ``exposition()``, or None when
+    it is not loaded: the one place the core looks a plugin up by name. ``processes``: the
+    pid of each serving process by worker number, whose figures it reads from /proc."""
+    plugin = pm.get_plugin("metrics")
+    method = getattr(plugin, "exposition", None)
+    if method is None:
+        return None
+    return method(processes)  # type: ignore[no-any-return]
 
 
 def plugin_names(pm: pluggy.PluginManager) -> list[str]:

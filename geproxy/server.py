@@ -20,7 +20,7 @@ from .errors import ConfigError, ProxyError, TooManyConnections, proxy_name
 from .hosts import authority
 from .local import PROXY_PORT_PATHS, addressed_to_proxy, admin_app, local_app
 from .models import Context, Record, Request
-from .plugins import Hooks, load, plugin_names
+from .plugins import Hooks, exposition, load, plugin_names
 from .upstream import UpstreamPool
 
 __all__ = ["ProxyServer", "create_server"]
@@ -531,17 +531,6 @@ def combine_stats(workers: Sequence[dict[str, Any]], **top: Any) -> dict[str, An
         out[name] = sum(read) if read else None
     out["workers"] = sorted(workers, key=lambda figures: figures["worker"])
     return out
-
-
-def exposition(pm: Any, processes: dict[int, int]) -> Optional[tuple[bytes, str]]:
-    """The text and content type of the ``metrics`` plugin's ``exposition()``, or None when
-    it is not loaded: the one place the core looks a plugin up by name. ``processes``: the
-    pid of each serving process by worker number, whose figures it reads from /proc."""
-    plugin = pm.get_plugin("metrics")
-    method = getattr(plugin, "exposition", None)
-    if method is None:
-        return None
-    return method(processes)  # type: ignore[no-any-return]
 
 
 def _proc_status_kib(name: str) -> Optional[int]:

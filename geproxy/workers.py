@@ -48,6 +48,7 @@ from .config import ListenAddress, parse_workers, read_ini, read_text
 from .errors import ConfigError
 from .local import admin_app
 from .log import name_process
+from .plugins import exposition
 from .server import (
     Generation,
     ProxyServer,
@@ -55,7 +56,6 @@ from .server import (
     _listener,
     combine_stats,
     create_server,
-    exposition,
     observe_reload,
     reload_failure,
     restart_only_changes,
