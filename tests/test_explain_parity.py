@@ -166,14 +166,6 @@ def _send(proxy: tuple[str, int], method: str, target: str,
 
 
 @pytest.fixture
-def processes() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-@pytest.fixture
 def parent_dns() -> Iterator[DNSServer]:
     """The parent's DNS server: ``via.test`` is known there only."""
     server = DNSServer()
@@ -187,7 +179,7 @@ def _resolver(dns: DNSServer) -> str:
 
 
 def _config(tmp_path: Path, dns_server: DNSServer, parent: ProxyProcess, origin: Origin,
-            auth: bool) -> Path:
+            auth: bool) -> str:
     for name in ("origin.test", "staff.test"):
         dns_server.add(name, "A", "127.0.0.1")
     dns_server.add("private.test", "A", "127.0.0.2")
@@ -207,21 +199,17 @@ def _config(tmp_path: Path, dns_server: DNSServer, parent: ProxyProcess, origin:
         htpasswd = tmp_path / "htpasswd"
         htpasswd.write_text(f"alice:{bcrypt.using(ident='2y', rounds=5).hash(PASSWORD)}\n")
         text += f"[auth]\nhtpasswd = {htpasswd}\n"
-    path = tmp_path / f"parity-{'auth' if auth else 'open'}.ini"
-    path.write_text(text)
-    return path
+    return text
 
 
 @pytest.mark.parametrize("auth", [False, True], ids=["auth-off", "auth-on"])
 def test_explain_gives_the_proxys_answer(auth: bool, tmp_path: Path, origin: Origin,
                                          dns_server: DNSServer, parent_dns: DNSServer,
-                                         proxy_process: Callable[[str], ProxyProcess],
-                                         processes: list[ProxyProcess]) -> None:
+                                         proxy_process: Callable[[str], ProxyProcess]) -> None:
     # The parent: another geproxy, with a Via name of its own (the child's is no loop).
     parent = proxy_process("via = parent\n" + _resolver(parent_dns))
-    config = _config(tmp_path, dns_server, parent, origin, auth)
-    processes.append(ProxyProcess(str(config)))
-    proxy = processes[-1].address
+    running = proxy_process(_config(tmp_path, dns_server, parent, origin, auth))
+    config, proxy = Path(running.config_path), running.address
     assert proxy is not None
     identities = list(IDENTITIES) if auth else ["none"]
     cases = [(row, identity) for row in _rows(origin.port) for identity in identities]
@@ -247,17 +235,13 @@ def test_explain_gives_the_proxys_answer(auth: bool, tmp_path: Path, origin: Ori
 
 @pytest.mark.parametrize("mode", ["answer", "close"])
 def test_explain_and_the_proxy_agree_on_a_client_refused_by_its_address(
-        tmp_path: Path, processes: list[ProxyProcess], mode: str) -> None:
+        proxy_process: Callable[[str], ProxyProcess], mode: str) -> None:
     """``--from`` a client the ACL refuses by its address alone: a 403 to its request
     (``refuse_at_connect = answer``), or a close before any byte (``close``), in both."""
-    from geproxy.testing import kit_ini
-
-    config = tmp_path / "refusing.ini"
-    config.write_text(kit_ini("[acl]\nconnect_ports = 1-65535\n"
-                              f"refuse_at_connect = {mode}\n"
-                              "rules =\n    outsiders: deny src 127.0.0.2\n    allow all\n"))
-    processes.append(ProxyProcess(str(config)))
-    proxy = processes[-1].address
+    running = proxy_process("[acl]\nconnect_ports = 1-65535\n"
+                            f"refuse_at_connect = {mode}\n"
+                            "rules =\n    outsiders: deny src 127.0.0.2\n    allow all\n")
+    config, proxy = running.config_path, running.address
     done = subprocess.run([sys.executable, "-m", "geproxy", "explain", "--config",
                            str(config), "--from", "127.0.0.2", "GET", "/healthz"],
                           capture_output=True, text=True, timeout=60)

@@ -134,7 +134,7 @@ def test_reloads_are_counted_once_and_counters_outlive_them(proxy_process, origi
                                     status="200") == 3)
     started = _value(proxy, "geproxy_reload_last_success_timestamp_seconds")
     assert 0 < started <= time.time()
-    path = proxy.process.args[-1]
+    path = proxy.config_path
     text = open(path, encoding="utf-8").read()
     gevent.sleep(0.01)
     proxy.process.send_signal(signal.SIGHUP)

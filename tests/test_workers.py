@@ -54,10 +54,6 @@ def _admin(proxy) -> str:
     return "http://" + re.search(r"admin listener on (\S+)", line).group(1)
 
 
-def _config_path(proxy) -> str:
-    return proxy.process.args[-1]
-
-
 def _connect(proxy, target: str) -> socket.socket:
     """A tunnel through the proxy, established."""
     sock, head = open_tunnel(proxy, target)
@@ -117,7 +113,7 @@ def test_a_restart_runs_the_configuration_in_force_not_the_edited_file(proxy_pro
     server = raw_origin(echo)
     target = f"127.0.0.1:{server.port}"
     proxy = proxy_process("workers = 2\n" + ALLOW)
-    with open(_config_path(proxy), "w", encoding="utf-8") as handle:
+    with open(proxy.config_path, "w", encoding="utf-8") as handle:
         handle.write(kit_ini("workers = 2\n" + DENY, access_log="-"))  # not reloaded
     _restart(proxy, 0)
     _restart(proxy, 1)
@@ -129,7 +125,7 @@ def test_a_restart_after_a_refused_reload_serves(proxy_process, raw_origin):
     target = f"127.0.0.1:{server.port}"
     proxy = proxy_process("workers = 2\nadmin_listen = 127.0.0.1:0\n" + ALLOW)
     admin = _admin(proxy)
-    with open(_config_path(proxy), "a", encoding="utf-8") as handle:
+    with open(proxy.config_path, "a", encoding="utf-8") as handle:
         handle.write("\n[auth]\ncache_size = many\n")
     proxy.process.send_signal(signal.SIGHUP)
     assert wait_until(lambda: _count(proxy, "reload refused") == 1)
@@ -302,7 +298,7 @@ def test_detached_tunnels_explain_the_greenlets(proxy_process, raw_origin):
 def test_a_reload_changes_the_number_of_workers(proxy_process):
     proxy = proxy_process("workers = 2\nadmin_listen = 127.0.0.1:0\n")
     admin = _admin(proxy)
-    path = _config_path(proxy)
+    path = proxy.config_path
     text = open(path, encoding="utf-8").read()
 
     def count() -> int:
@@ -327,7 +323,7 @@ def test_a_reload_changes_the_number_of_workers(proxy_process):
 
 def test_one_process_refuses_a_reload_to_workers(proxy_process):
     proxy = proxy_process("workers = 1\n")
-    path = _config_path(proxy)
+    path = proxy.config_path
     text = open(path, encoding="utf-8").read()
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text.replace("workers = 1", "workers = 2"))
@@ -370,7 +366,7 @@ def test_a_reload_is_all_or_nothing_across_workers(proxy_process, raw_origin, tm
     proxy = proxy_process(common + ALLOW)
     _serving(proxy)
     pid_file.write_text(str(_worker_pids(proxy)[1]))  # worker 1 will fail to load
-    with open(_config_path(proxy), "w", encoding="utf-8") as handle:
+    with open(proxy.config_path, "w", encoding="utf-8") as handle:
         handle.write(kit_ini(common + DENY, access_log="-"))
     proxy.process.send_signal(signal.SIGHUP)
     assert wait_until(lambda: _count(proxy, "reload refused") == 1), proxy.log[-5:]
@@ -447,7 +443,7 @@ def _revoking(port: int) -> str:
 def _reload(proxy, text: str) -> None:
     """Put ``text`` in force in every worker, and wait until all say so."""
     reloaded = _count(proxy, "reloaded")
-    with open(_config_path(proxy), "w", encoding="utf-8") as handle:
+    with open(proxy.config_path, "w", encoding="utf-8") as handle:
         handle.write(kit_ini(text, access_log="-"))
     proxy.process.send_signal(signal.SIGHUP)
     assert wait_until(lambda: _count(proxy, "reloaded") == reloaded + 3), proxy.log[-5:]

@@ -162,6 +162,8 @@ class ProxyProcess:
     LOG_LINES = 1000
 
     def __init__(self, config_path: str, limit: float = 20.0) -> None:
+        #: The file it runs: a test rewrites it before a SIGHUP, or hands it to explain.
+        self.config_path = config_path
         self.process = subprocess.Popen(
             [sys.executable, "-m", "geproxy", "--config", config_path],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
