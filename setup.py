@@ -22,7 +22,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["geproxy", "geproxy.testing", "geproxy_plugins"],
+    packages=["geproxy", "geproxy.protocol", "geproxy.net", "geproxy.policy", "geproxy.relay",
+              "geproxy.serve", "geproxy.testing", "geproxy_plugins"],
     package_dir={"geproxy": "geproxy", "geproxy_plugins": "plugins"},
     package_data={"geproxy": ["py.typed"], "geproxy_plugins": ["py.typed"]},
     install_requires=[

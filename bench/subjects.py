@@ -83,7 +83,7 @@ def foreign_plugins() -> list[str]:
     own): geproxy loads every one it finds, so the bench turns them off by name, to measure
     what a deployment of geproxy runs. Empty where geproxy is not installed."""
     try:
-        from geproxy.plugins import DEFAULT_PLUGINS
+        from geproxy.policy.plugins import DEFAULT_PLUGINS
     except ImportError:
         return []
     own = {name for name, _ in DEFAULT_PLUGINS}

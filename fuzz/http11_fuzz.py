@@ -1,5 +1,5 @@
-"""Coverage-guided fuzz target (atheris, libFuzzer) for geproxy.http11's request and response
-sides. Run from the repository root (fuzz/README.md):
+"""Coverage-guided fuzz target (atheris, libFuzzer) for geproxy.protocol.http11: its request and
+response sides. Run from the repository root (fuzz/README.md):
 
     python fuzz/http11_fuzz.py -dict=fuzz/http11.dict -max_total_time=60 -timeout=5 \
         "$(mktemp -d)" fuzz/corpus
@@ -26,7 +26,7 @@ with atheris.instrument_imports(include=["geproxy"]):
     # as it is.
     from http11_streams import MAX_SIZE, check
 
-    from geproxy.http11 import MAX_REQUEST_LINE
+    from geproxy.protocol.http11 import MAX_REQUEST_LINE
 
 MAX_SIZES = (MAX_SIZE, 4096, 256, 64)
 MAX_LINES = (MAX_REQUEST_LINE, 1024, 128, 32)

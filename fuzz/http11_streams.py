@@ -1,4 +1,5 @@
-"""geproxy.http11 driven as the proxy drives it, without I/O, and the properties it must keep.
+"""geproxy.protocol.http11 driven as the proxy drives it, without I/O, and the properties it
+must keep.
 
 ``request_events`` and ``response_events`` feed a stream of messages through the head parsers
 and body readers the way connection.py and forward.py do, and turn it into events. ``check``
@@ -25,7 +26,8 @@ from geproxy.errors import (
     RequestLineTooLong,
     UpstreamError,
 )
-from geproxy.http11 import (
+from geproxy.models import Request, Response
+from geproxy.protocol.http11 import (
     MAX_REQUEST_LINE,
     BodyReader,
     RequestHeadParser,
@@ -34,7 +36,6 @@ from geproxy.http11 import (
     response_body_reader,
     serialize_head,
 )
-from geproxy.models import Request, Response
 
 Head = Union[Request, Response]
 #: ("head", Request or Response, its size on the wire, the method of the request it is or

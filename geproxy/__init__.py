@@ -9,7 +9,7 @@ from .config import Config, OptionRegistry
 from .errors import ConfigError, Denied, DNSError, DNSTimeout, ProxyError
 from .hosts import HostPatterns
 from .models import Context, Headers, Record, Request, Resolved, Response, Route, TLSInfo
-from .plugins import DEFAULT_PLUGINS, hookimpl
+from .policy.plugins import DEFAULT_PLUGINS, hookimpl
 
 __version__ = "0.1.0"
 

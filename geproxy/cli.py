@@ -103,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config_path = getattr(args, "config", DEFAULT_CONFIG)
     level = getattr(args, "log_level", None) or (
         "debug" if getattr(args, "verbose", 0) else "info")
-    from .log import FORMAT
+    from .serve.log import FORMAT
 
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format=FORMAT)
 
@@ -111,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _passwd(args, config_path)
 
     from .errors import ConfigError
-    from .server import create_server
+    from .serve.server import create_server
 
     if args.command == "explain":
         from .explain import explain
@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"geproxy: {exc}", file=sys.stderr)
             return 2
     if args.command != "check-config":
-        from .workers import run
+        from .serve.workers import run
 
         return run(config_path)
     try:

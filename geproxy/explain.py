@@ -21,13 +21,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
-from . import http11
 from .errors import InternalError, LoopDetected, ProxyError, proxy_name
 from .hosts import authority
-from .local import addressed_to_proxy, call_wsgi, local_app
 from .models import Context, Request, Response, Route
-from .plugins import Hooks, exposition, load
-from .static import docroot_file
+from .policy.plugins import Hooks, exposition, load
+from .protocol import http11
+from .serve.local import addressed_to_proxy, call_wsgi, local_app
+from .serve.static import docroot_file
 
 __all__ = ["explain", "Answer"]
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
-import socket
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-__all__ = ["HostPatterns", "ip_literal", "unmapped", "parse_network", "literal_address",
-           "gai_rcode", "authority"]
+__all__ = ["HostPatterns", "ip_literal", "unmapped", "parse_network", "authority"]
 
 
 def authority(host: str, port: int) -> str:
@@ -53,11 +51,37 @@ def ip_literal(host: str) -> Optional[IPAddress]:
     except ValueError:
         pass
     if _NUMERIC_HOST.fullmatch(host):
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
-            return None
+        return _inet_aton(host)
     return None
+
+
+def _inet_aton(host: str) -> Optional[ipaddress.IPv4Address]:
+    """The IPv4 address inet_aton(3) reads in ``host``: one to four parts, each decimal,
+    octal (a leading 0) or hexadecimal (0x), the last filling the bytes left (``127.1`` is
+    127.0.0.1). Written out here so that this module needs no socket (and stays below the
+    network layer); tests hold it to the C library's."""
+    parts = host.split(".")
+    if len(parts) > 4:
+        return None
+    values = []
+    for part in parts:
+        text = part.lower()
+        if text.startswith("0x"):
+            digits, base = text[2:], 16
+        elif len(text) > 1 and text.startswith("0"):
+            digits, base = text[1:], 8
+        else:
+            digits, base = text, 10
+        if not digits or not all(c in "0123456789abcdef"[:base] for c in digits):
+            return None
+        values.append(int(digits, base))
+    last = values.pop()
+    if any(value > 255 for value in values) or last >= 1 << (8 * (4 - len(values))):
+        return None
+    number = last
+    for index, value in enumerate(values):
+        number |= value << (8 * (3 - index))
+    return ipaddress.IPv4Address(number)
 
 
 @dataclass(frozen=True)
@@ -123,27 +147,3 @@ def _parse(values: Sequence[str]) -> HostPatterns:
         else:
             raise ValueError(f"not a host name, .domain, glob or IP network: {value!r}")
     return HostPatterns(frozenset(names), tuple(domains), tuple(globs), tuple(networks))
-
-
-def literal_address(host: str, port: int) -> Optional[tuple[Any, ...]]:
-    """The socket address of an IP literal host, None for a name (inet_pton: strict, and
-    cheap per request): what a resolver answers for a literal without any lookup."""
-    try:
-        socket.inet_pton(socket.AF_INET, host)
-        return (host, port)
-    except OSError:
-        pass
-    try:
-        socket.inet_pton(socket.AF_INET6, host)
-        return (host, port, 0, 0)
-    except OSError:
-        return None
-
-
-def gai_rcode(exc: socket.gaierror) -> str:
-    """The DNS rcode a getaddrinfo failure stands for, for Proxy-Status."""
-    if exc.errno == socket.EAI_NONAME:
-        return "NXDOMAIN"
-    if exc.errno in (getattr(socket, "EAI_NODATA", None), getattr(socket, "EAI_ADDRFAMILY", None)):
-        return "NOERROR"  # the name exists, without an address of the family asked for
-    return "SERVFAIL"

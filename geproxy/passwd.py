@@ -81,7 +81,7 @@ def htpasswd_path(config_path: str) -> str:
     The configuration is validated (sections and keys) but no plugin is configured: the
     file it names may not exist yet.
     """
-    from .plugins import load
+    from .policy.plugins import load
 
     try:
         _, config = load(config_path, configure=False)

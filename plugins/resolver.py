@@ -44,7 +44,7 @@ from geproxy import (
     errors,
     hookimpl,
 )
-from geproxy.hosts import gai_rcode, literal_address
+from geproxy.net.dns import gai_rcode, literal_address
 
 log = logging.getLogger(__name__)
 

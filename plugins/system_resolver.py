@@ -13,7 +13,7 @@ from typing import Any, Optional
 import gevent.socket
 
 from geproxy import Context, Resolved, errors, hookimpl
-from geproxy.hosts import gai_rcode, literal_address
+from geproxy.net.dns import gai_rcode, literal_address
 
 
 class SystemResolver:

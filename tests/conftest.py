@@ -63,7 +63,7 @@ def run_suite() -> Callable[..., str]:
 def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test twice: tunnels relaying with their connection's greenlet waiting (as short
     ones do), and detached from it at once (as every tunnel is past DETACH_AFTER)."""
-    from geproxy import tunnel
+    from geproxy.relay import tunnel
 
     if request.param == "detached":
         monkeypatch.setattr(tunnel, "DETACH_AFTER", 0.001)

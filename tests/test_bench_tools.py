@@ -101,7 +101,7 @@ def test_the_bench_config_runs_geproxy_without_others_plugins(monkeypatch, tmp_p
     """The example plugin that .ci/run installs is found by geproxy's entry points; the bench
     measures geproxy as deployed, so its config turns every plugin not geproxy's own off."""
     from geproxy import DEFAULT_PLUGINS
-    from geproxy.plugins import load, plugin_names
+    from geproxy.policy.plugins import load, plugin_names
 
     monkeypatch.syspath_prepend(str(BENCH))
     subjects = importlib.import_module("subjects")

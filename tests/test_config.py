@@ -26,7 +26,7 @@ from geproxy.config import (
     parse_size,
     read_ini,
 )
-from geproxy.plugins import DEFAULT_PLUGINS, get_plugin_manager, load, plugin_names
+from geproxy.policy.plugins import DEFAULT_PLUGINS, get_plugin_manager, load, plugin_names
 
 pytestmark = pytest.mark.timeout(30)
 

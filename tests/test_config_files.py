@@ -18,7 +18,7 @@ from typing import Any
 import gevent
 import pytest
 
-from geproxy.plugins import load
+from geproxy.policy.plugins import load
 from geproxy.testing import Origin, ProxyProcess, curl
 
 pytestmark = pytest.mark.timeout(60)

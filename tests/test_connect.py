@@ -359,7 +359,7 @@ def splice_calls(monkeypatch):
     """Counts the relay's os.splice calls (the real ones: the wrapper only counts)."""
     import os
 
-    from geproxy import tunnel
+    from geproxy.relay import tunnel
 
     calls = []
     real = os.splice

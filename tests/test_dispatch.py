@@ -12,10 +12,11 @@ from typing import Any, Iterator, Optional
 import pluggy
 import pytest
 
-from geproxy import hookimpl, hookspecs
-from geproxy.dispatch import HookCall
+from geproxy import hookimpl
 from geproxy.models import Context, Headers, Record, Request, Response
-from geproxy.plugins import Hooks
+from geproxy.policy import hookspecs
+from geproxy.policy.hookcall import HookCall
+from geproxy.policy.plugins import Hooks
 from geproxy.testing import curl, wait_for_records
 
 CTX = Context(client_addr=("127.0.0.1", 40000), server_addr=("127.0.0.1", 3128), config=None)
@@ -191,7 +192,7 @@ def test_observers_are_isolated_and_named(caplog):
     pm = manager(Counts())
     pm.register(Fails(), name="failing-plugin")
     hooks = Hooks(pm)
-    with caplog.at_level(logging.ERROR, logger="geproxy.plugins"):
+    with caplog.at_level(logging.ERROR, logger="geproxy.policy.plugins"):
         hooks.on_close(CTX, Record(CTX, method="GET"))
     assert seen == ["GET"]
     assert "on_close of failing-plugin failed" in caplog.text

@@ -28,9 +28,10 @@ import pytest
 
 import geproxy
 import geproxy.testing
-from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Record, errors, hookimpl, hookspecs
+from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Record, errors, hookimpl
 from geproxy.config import OptionRegistry, parse_duration
-from geproxy.plugins import load, plugin_names
+from geproxy.policy import hookspecs
+from geproxy.policy.plugins import load, plugin_names
 from geproxy.testing import curl, exchange, wait_for_records
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Optional
 import pytest
 
 from geproxy.config import OptionRegistry
-from geproxy.plugins import get_plugin_manager
+from geproxy.policy.plugins import get_plugin_manager
 
 pytestmark = pytest.mark.timeout(120)
 

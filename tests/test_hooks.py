@@ -7,8 +7,9 @@ import socket
 
 import pytest
 
-from geproxy import DEFAULT_PLUGINS, Route, hookimpl, hookspecs
-from geproxy.plugins import plugin_names
+from geproxy import DEFAULT_PLUGINS, Route, hookimpl
+from geproxy.policy import hookspecs
+from geproxy.policy.plugins import plugin_names
 from geproxy.testing import HookRecorder, curl, exchange, wait_for_records
 
 
@@ -177,7 +178,7 @@ def test_plugins_from_the_entry_point_group(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: stamp-plugin\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[geproxy]\nstamp = stamp_plugin:Stamp\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    from geproxy.plugins import load
+    from geproxy.policy.plugins import load
 
     path = tmp_path / "ep.ini"
     path.write_text("[geproxy]\nlisten = 127.0.0.1:0\naccess_log = off\n")
@@ -194,7 +195,7 @@ def test_on_close_wrappers_are_refused(tmp_path):
             return (yield)
 
     from geproxy.errors import ConfigError
-    from geproxy.plugins import load
+    from geproxy.policy.plugins import load
 
     path = tmp_path / "w.ini"
     path.write_text("[geproxy]\naccess_log = off\n")

@@ -23,7 +23,8 @@ from geproxy.errors import (
     RequestLineTooLong,
     UpstreamError,
 )
-from geproxy.http11 import (
+from geproxy.models import Headers, Request, Response
+from geproxy.protocol.http11 import (
     LAST_CHUNK,
     MAX_REQUEST_LINE,
     BodyReader,
@@ -38,7 +39,6 @@ from geproxy.http11 import (
     response_body_reader,
     serialize_head,
 )
-from geproxy.models import Headers, Request, Response
 
 pytestmark = [pytest.mark.timeout(10), pytest.mark.pure]
 

@@ -491,7 +491,7 @@ def _connections(proxy):
     """The proxy's HTTP/2 connections, found on the heap (tests only)."""
     import gc
 
-    from geproxy.http2 import _H2Connection
+    from geproxy.serve.http2 import _H2Connection
 
     return [obj for obj in gc.get_objects() if isinstance(obj, _H2Connection)
             and obj.conn.server is proxy.server and not obj.closed]
@@ -500,7 +500,7 @@ def _connections(proxy):
 def test_a_client_that_reads_nothing_costs_a_bounded_queue(h2_pair, tls_files, raw_origin):
     """It grants huge windows and then reads nothing: the proxy stops reading the upstreams
     (and the client) once OUTGOING_HIGH bytes wait for it; another client is served."""
-    from geproxy import http2
+    from geproxy.serve import http2
 
     origin, echoer = raw_origin(_flood), raw_origin(echo)
     proxy, greedy = h2_pair()

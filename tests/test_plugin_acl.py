@@ -17,7 +17,7 @@ import pytest
 from geproxy_plugins.acl import ACL
 
 from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Denied, Headers, Request, hookimpl
-from geproxy.plugins import load
+from geproxy.policy.plugins import load
 from geproxy.testing import StaticResolver, curl, exchange, wait_for_records
 
 NAMES = ("origin.test", "other.test", "exact.test", "sub.exact.test", "example.test",

@@ -21,7 +21,7 @@ from gevent import monkey
 from passlib.hash import apr_md5_crypt, bcrypt, sha256_crypt, sha512_crypt
 
 from geproxy import DEFAULT_PLUGINS, ConfigError
-from geproxy.plugins import load
+from geproxy.policy.plugins import load
 from geproxy.testing import HookRecorder, ResponseReader, curl, exchange, wait_for_records
 
 AUTH_IS_BUILTIN = any(name == "auth" for name, _ in DEFAULT_PLUGINS)

@@ -24,8 +24,9 @@ import pluggy
 import pytest
 from geproxy_plugins.destinations import DEFAULT_DENY, Destinations, Policy
 
-from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Resolved, errors, hookimpl, hookspecs
-from geproxy.plugins import load
+from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Resolved, errors, hookimpl
+from geproxy.policy import hookspecs
+from geproxy.policy.plugins import load
 from geproxy.testing import StaticResolver, curl, head_field, wait_for_records
 
 BUILT_IN = any(name == "destinations" for name, _ in DEFAULT_PLUGINS)

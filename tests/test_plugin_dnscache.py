@@ -17,8 +17,8 @@ import pytest
 from geproxy_plugins.dnscache import DNSCache
 
 from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Resolved, errors, hookimpl
-from geproxy.hosts import literal_address
-from geproxy.plugins import load
+from geproxy.net.dns import literal_address
+from geproxy.policy.plugins import load
 from geproxy.testing import curl
 
 pytestmark = pytest.mark.timeout(15)

@@ -173,7 +173,7 @@ def test_a_request_only_decided_is_not_counted(tmp_path):
     """``ctx.decide_only`` (geproxy explain): neither the connection nor the request is
     counted; the same hooks on a served one count both."""
     from geproxy import Context, Headers, Request
-    from geproxy.plugins import load
+    from geproxy.policy.plugins import load
 
     path = tmp_path / "metrics.ini"
     path.write_text("[geproxy]\naccess_log = off\n")

@@ -25,7 +25,7 @@ import pytest
 from geproxy_plugins.pac import CACHE_SIZE, PAC, _glob_regex, parse_parent_rules
 
 from geproxy import DEFAULT_PLUGINS, ConfigError, HostPatterns, OptionRegistry, hookimpl
-from geproxy.plugins import load
+from geproxy.policy.plugins import load
 from geproxy.testing import curl, exchange, require_tool
 
 pytestmark = pytest.mark.timeout(30)

@@ -23,7 +23,7 @@ import pytest
 from geproxy_plugins.parent import Parent, parse_parent, parse_rules, redacted
 
 from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Headers, Request, Route, hookimpl
-from geproxy.plugins import load
+from geproxy.policy.plugins import load
 from geproxy.testing import (
     Proxy,
     StaticResolver,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Resolved, errors
-from geproxy.plugins import load
+from geproxy.policy.plugins import load
 from geproxy.testing import DNSServer, StaticResolver, curl, exchange, kit_ini
 
 

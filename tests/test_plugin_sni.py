@@ -31,7 +31,7 @@ from geproxy_plugins.sni import (
 )
 
 from geproxy import DEFAULT_PLUGINS, Config, ConfigError
-from geproxy.plugins import load
+from geproxy.policy.plugins import load
 from geproxy.testing import (
     StaticResolver,
     curl,

@@ -9,7 +9,7 @@ import subprocess
 import gevent
 import pytest
 
-from geproxy.proxyproto import V2_SIGNATURE, ProxyHeaderError, parse
+from geproxy.protocol.proxyproto import V2_SIGNATURE, ProxyHeaderError, parse
 from geproxy.testing import curl, exchange, free_port, require_tool, wait_for_records
 
 

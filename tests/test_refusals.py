@@ -24,7 +24,7 @@ import pytest
 from passlib.hash import apr_md5_crypt
 
 from geproxy import Denied, Response, hookimpl
-from geproxy.plugins import load
+from geproxy.policy.plugins import load
 from geproxy.testing import (
     HookRecorder,
     RawOrigin,

@@ -305,7 +305,7 @@ def test_squid_lines_match_what_squid_logs(squid, proxy_factory: Callable[..., P
     # connection with the hierarchy code of the request that opened it.
     backup = proxy_factory()
     dead = _DeadPeer()
-    log = tmp_path / "geproxy.log"
+    log = tmp_path / "geproxy.serve.log"
     blocked = {"blocked": BLOCKED}
     geproxy = proxy_factory(GEPROXY_INI.format(
         log=log, parents=f"http://127.0.0.1:{parent.port}", routed=VIA_PARENT, **blocked))

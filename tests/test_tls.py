@@ -387,7 +387,7 @@ def test_a_certificate_satisfies_auth_without_a_password(tls_proxy, tls_files, o
 ])
 def test_bad_tls_settings_stop_the_start(tmp_path, tls_files, tls, key, message):
     from geproxy import ConfigError
-    from geproxy.server import create_server
+    from geproxy.serve.server import create_server
 
     if "certificate" not in tls and key != "certificate":
         tls = f"certificate = {tls_files.certificate}\n" + tls

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from geproxy.errors import ConnectRefused, ConnectTimeout
-from geproxy.upstream import connect, interleave
+from geproxy.net.upstream import connect, interleave
 
 
 def _closed_port() -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional, Sequence, Union, overload
 
 from .. import errors, hookimpl
-from ..hosts import literal_address
 from ..models import Context, Record, Request, Response
+from ..net.dns import literal_address
 
 
 class StaticResolver:

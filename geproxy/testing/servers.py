@@ -18,7 +18,7 @@ import gevent
 import gevent.server
 
 from ..models import Record
-from ..server import ProxyServer, create_server
+from ..serve.server import ProxyServer, create_server
 from .data import pattern
 from .fakes import RecordCollector, StaticResolver
 

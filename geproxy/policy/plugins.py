@@ -16,10 +16,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import pluggy
 
-from . import hookspecs
-from .config import Config, OptionRegistry, build_config, core_options, parse_list, read_ini
-from .dispatch import HookCall
-from .errors import (
+from ..config import Config, OptionRegistry, build_config, core_options, parse_list, read_ini
+from ..errors import (
     ConfigError,
     ConnectRefused,
     Denied,
@@ -27,8 +25,10 @@ from .errors import (
     DNSError,
     ProxyError,
 )
-from .hosts import literal_address
-from .models import Context, Record, Request, Resolved, Response, Route
+from ..models import Context, Record, Request, Resolved, Response, Route
+from ..net.dns import literal_address
+from . import hookspecs
+from .hookcall import HookCall
 
 __all__ = ["DEFAULT_PLUGINS", "hookimpl", "get_plugin_manager", "load", "Hooks", "exposition"]
 

@@ -14,8 +14,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Optional
 
-from . import http11
-from .errors import (
+from ..errors import (
     ClientError,
     ClientGone,
     ConnectionTerminated,
@@ -24,13 +23,14 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .models import Headers, Record, Request, Response, Route
-from .sockets import IdleWait, peek, send_all
+from ..models import Headers, Record, Request, Response, Route
+from ..net.sockets import IdleWait, peek, send_all
+from ..net.upstream import basic_credentials
+from ..protocol import http11
 from .tunnel import relay
-from .upstream import basic_credentials
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from ..serve.connection import Connection
 
 __all__ = ["forward", "client_keeps_alive", "request_has_body", "read_small_body", "via_loop",
            "wants_upgrade"]

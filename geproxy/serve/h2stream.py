@@ -16,11 +16,12 @@ import gevent.event
 import h2.errors
 import h2.exceptions
 
-from . import http11, tunnel
+from ..errors import ClientError, ClientGone, InternalError, ProxyError, UpstreamTimeout
+from ..models import Headers, Record, Request
+from ..protocol import http11
+from ..relay import tunnel
+from ..relay.h2tunnel import StreamRelay
 from .connection import Connection
-from .errors import ClientError, ClientGone, InternalError, ProxyError, UpstreamTimeout
-from .h2tunnel import StreamRelay
-from .models import Headers, Record, Request
 
 if TYPE_CHECKING:
     from .http2 import _H2Connection

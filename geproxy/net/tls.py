@@ -21,8 +21,8 @@ from typing import Any, Mapping, Optional
 
 from gevent.lock import Semaphore
 
-from .errors import ConfigError
-from .models import TLSInfo
+from ..errors import ConfigError
+from ..models import TLSInfo
 from .sockets import send_all
 
 __all__ = ["HandshakeFailed", "TLSStream", "server_context", "identity_of"]

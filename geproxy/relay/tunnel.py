@@ -27,8 +27,8 @@ from typing import Any, Callable, Optional
 from gevent import get_hub
 from gevent.hub import Waiter
 
-from .models import Record
-from .sockets import send_all
+from ..models import Record
+from ..net.sockets import send_all
 
 __all__ = ["relay", "open_relay", "SPLICE_AFTER"]
 

@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import gevent
 
-from . import forward, http11, proxyproto
-from . import tunnel as relaying
-from .errors import (
+from ..errors import (
     ClientError,
     ClientGone,
     Denied,
@@ -30,12 +28,15 @@ from .errors import (
     ParentProhibited,
     ProxyError,
 )
+from ..models import Context, Headers, Record, Request, Response, Route, new_conn_id
+from ..net.sockets import IdleWait, send_all, still_idle
+from ..net.upstream import connect, parent_connect
+from ..protocol import http11, proxyproto
+from ..relay import forward
+from ..relay import tunnel as relaying
 from .local import call_wsgi
 from .log import ConnLogger
-from .models import Context, Headers, Record, Request, Response, Route, new_conn_id
-from .sockets import IdleWait, send_all, still_idle
 from .static import content_type, docroot_file
-from .upstream import connect, parent_connect
 
 if TYPE_CHECKING:
     from .server import Generation, ProxyServer
@@ -166,7 +167,7 @@ class Connection:
     def _handshake(self) -> bool:
         """The TLS handshake of a TLS listener's connection; False (logged, counted, and
         the connection closed) when it failed."""
-        from . import tls
+        from ..net import tls
 
         settings = self.conn_gen.config["tls"]
         stream = tls.TLSStream(self.sock, self.conn_gen.tls_context)

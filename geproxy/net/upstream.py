@@ -15,7 +15,7 @@ import gevent
 import gevent.event
 from gevent.socket import wait_write
 
-from .errors import (
+from ..errors import (
     ConnectionTerminated,
     ConnectRefused,
     ConnectTimeout,
@@ -23,8 +23,8 @@ from .errors import (
     ParentRefused,
     ProxyError,
 )
-from .http11 import ResponseHeadParser, serialize_head
-from .models import Route
+from ..models import Route
+from ..protocol.http11 import ResponseHeadParser, serialize_head
 from .sockets import send_all, still_idle
 
 __all__ = ["connect", "interleave", "parent_connect", "UpstreamPool", "HAPPY_EYEBALLS_DELAY"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, MutableMapping
 
-from .models import Context
+from ..models import Context
 
 __all__ = ["ConnLogger", "FORMAT", "name_process"]
 

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import pluggy
 
 if TYPE_CHECKING:
-    from .config import Config, OptionRegistry
-    from .errors import Denied, ProxyError
-    from .models import Context, Record, Request, Response, Route
+    from ..config import Config, OptionRegistry
+    from ..errors import Denied, ProxyError
+    from ..models import Context, Record, Request, Response, Route
 
 PROJECT = "geproxy"
 

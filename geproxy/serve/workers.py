@@ -43,12 +43,12 @@ from typing import Any, Callable, NoReturn, Optional
 import gevent
 import gevent.pool
 
+from ..config import ListenAddress, parse_workers, read_ini, read_text
+from ..errors import ConfigError
+from ..policy.plugins import exposition
 from .channel import Channel, ChannelClosed, RemoteError
-from .config import ListenAddress, parse_workers, read_ini, read_text
-from .errors import ConfigError
 from .local import admin_app
 from .log import name_process
-from .plugins import exposition
 from .server import (
     Generation,
     ProxyServer,

@@ -14,14 +14,14 @@ import gevent.event
 import gevent.pool
 from gevent.server import StreamServer
 
-from .config import Config, ListenAddress
+from ..config import Config, ListenAddress
+from ..errors import ConfigError, ProxyError, TooManyConnections, proxy_name
+from ..hosts import authority
+from ..models import Context, Record, Request
+from ..net.upstream import UpstreamPool
+from ..policy.plugins import Hooks, exposition, load, plugin_names
 from .connection import Connection
-from .errors import ConfigError, ProxyError, TooManyConnections, proxy_name
-from .hosts import authority
 from .local import PROXY_PORT_PATHS, addressed_to_proxy, admin_app, local_app
-from .models import Context, Record, Request
-from .plugins import Hooks, exposition, load, plugin_names
-from .upstream import UpstreamPool
 
 __all__ = ["ProxyServer", "create_server"]
 
@@ -463,7 +463,7 @@ class Generation:
         #: TLS listener): a reload picks up a renewed certificate.
         self.tls_context: Any = None
         if any(getattr(address, "tls", False) for address in core["listen"]):
-            from .tls import server_context  # imports ssl: only when TLS is configured
+            from ..net.tls import server_context  # imports ssl: only when TLS is configured
 
             self.tls_context = server_context(config["tls"], config.path,
                                               config["tls"]["http2"])

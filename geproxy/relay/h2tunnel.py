@@ -22,11 +22,11 @@ import h2.errors
 import h2.exceptions
 from gevent import get_hub
 
-from .models import Record
+from ..models import Record
 from .tunnel import IdleWatch
 
 if TYPE_CHECKING:
-    from .http2 import H2Stream
+    from ..serve.http2 import H2Stream
 
 __all__ = ["StreamRelay"]
 

@@ -33,8 +33,8 @@ from typing import Optional, Union
 
 import httptools
 
-from .errors import ClientError, HeadTooLarge, RequestLineTooLong, UpstreamError
-from .models import Headers, Request, Response
+from ..errors import ClientError, HeadTooLarge, RequestLineTooLong, UpstreamError
+from ..models import Headers, Request, Response
 
 __all__ = [
     "RequestHeadParser",
@@ -361,7 +361,7 @@ class BodyReader:
 
 
 def _incomplete() -> Exception:
-    from .errors import ConnectionTerminated
+    from ..errors import ConnectionTerminated
 
     return ConnectionTerminated("connection closed in the middle of a body")
 

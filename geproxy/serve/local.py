@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any, Callable, Iterable, Optional, Protocol
 
-from .models import Context, Headers, Request, Response
+from ..models import Context, Headers, Request, Response
 
 __all__ = ["local_app", "admin_app", "AdminTarget", "call_wsgi", "addressed_to_proxy"]
 
