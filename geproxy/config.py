@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, proxy_name
 
 __all__ = [
     "Config",
@@ -230,6 +230,9 @@ _KINDS: dict[str, Callable[[str], Any]] = {
 
 @dataclass(frozen=True)
 class Option:
+    """One option of a section: its kind, default, help and bounds; ``parse`` reads a
+    value as the INI file writes it."""
+
     section: str
     key: str
     kind: str
@@ -248,6 +251,9 @@ class Option:
 
 
 class _SectionOptions:
+    """The options of one section, as ``OptionRegistry.section(name)`` hands them to
+    plugins for ``add``."""
+
     def __init__(self, registry: "OptionRegistry", name: str) -> None:
         self._registry = registry
         self.name = name
@@ -314,6 +320,17 @@ class Config:
     @property
     def core(self) -> Mapping[str, Any]:
         return self._values["geproxy"]
+
+    @property
+    def via(self) -> str:
+        """The proxy's name in Via fields (``[geproxy] via``); "" when it is ``off``."""
+        value: str = self.core["via"].strip()
+        return "" if value.lower() == "off" else value
+
+    @property
+    def proxy_name(self) -> str:
+        """The proxy's name in Proxy-Status fields: ``via``, or ``geproxy`` without one."""
+        return proxy_name(self.via)
 
 
 def read_text(path: str) -> str:

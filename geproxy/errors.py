@@ -1,7 +1,8 @@
 """Exceptions that carry their meaning: the status to answer with and the Proxy-Status error.
 
-The connection handler turns any ProxyError into a generated answer (DESIGN.md section 6) when
-nothing has been sent to the client yet, and into a closed connection otherwise. The ``detail``
+A request's Transaction (serve/transaction.py) turns any ProxyError into a generated answer
+(the table in docs/configuration.md, "Answers the proxy makes itself") when nothing has been
+sent to the client yet, and into a closed connection (or a reset stream) otherwise. The ``detail``
 text goes to the log, never to the client: the body a client sees is the status's reason only.
 What a client may read is only what was given as ``details=``, which becomes the ``details``
 parameter of its Proxy-Status field (RFC 9209 section 2.1.5), sanitized; no error the core or
@@ -95,8 +96,20 @@ class ProxyError(Exception):
     status = 500
     error = "proxy_internal_error"
     close = True
-    #: Client faults are logged in one line; anything else with its traceback.
-    client_fault = False
+    #: An expected outcome (a client's mistake, a refusal, an unreachable upstream) is
+    #: logged in one line at INFO; anything else is a fault of the proxy's, logged with its
+    #: traceback.
+    expected = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "client_fault" in cls.__dict__:  # a subclass written for the earlier name
+            cls.expected = bool(cls.__dict__["client_fault"])
+
+    @property
+    def client_fault(self) -> bool:
+        """The earlier name of ``expected``, kept for plugins that read or set it."""
+        return self.expected
 
     def __init__(self, detail: str = "", *, rcode: str | None = None,
                  details: str | None = None) -> None:
@@ -127,14 +140,18 @@ class ClientError(ProxyError):
 
     status = 400
     error = "http_request_error"
-    client_fault = True
+    expected = True
 
 
 class RequestLineTooLong(ClientError):
+    """The request line is longer than the proxy reads (414)."""
+
     status = 414
 
 
 class HeadTooLarge(ClientError):
+    """The request head is larger than max_header_size (431)."""
+
     status = 431
 
 
@@ -159,7 +176,7 @@ class Denied(ProxyError):
     status = 403
     error = "http_request_denied"
     close = False
-    client_fault = True
+    expected = True
 
     def __init__(self, detail: str = "", *, rule: str | None = None,
                  silent: bool = False, details: str | None = None) -> None:
@@ -171,17 +188,21 @@ class Denied(ProxyError):
 
 
 class DNSError(ProxyError):
+    """The name does not resolve (NXDOMAIN, no address, a server failure): 502."""
+
     status = 502
     error = "dns_error"
     close = False
-    client_fault = True
+    expected = True
 
 
 class DNSTimeout(ProxyError):
+    """No DNS answer within the resolver's timeout: 504."""
+
     status = 504
     error = "dns_timeout"
     close = False
-    client_fault = True
+    expected = True
 
 
 class DestinationProhibited(ProxyError):
@@ -191,7 +212,7 @@ class DestinationProhibited(ProxyError):
     status = 403
     error = "destination_ip_prohibited"
     close = False
-    client_fault = True
+    expected = True
 
 
 class ParentProhibited(ProxyError):
@@ -206,10 +227,12 @@ class ParentProhibited(ProxyError):
 
 
 class ConnectRefused(ProxyError):
+    """The upstream refused the connection: 502."""
+
     status = 502
     error = "connection_refused"
     close = False
-    client_fault = True
+    expected = True
 
 
 class ParentRefused(ConnectRefused):
@@ -234,27 +257,34 @@ class ConnectionTerminated(ProxyError):
 
     status = 502
     error = "connection_terminated"
-    client_fault = True
+    expected = True
 
 
 class ConnectTimeout(ProxyError):
+    """No upstream connection within connect_timeout: 504."""
+
     status = 504
     error = "connection_timeout"
     close = False
-    client_fault = True
+    expected = True
 
 
 class LoopDetected(ProxyError):
+    """The request would come back to this proxy (Via names it, or it targets the proxy
+    port with CONNECT): 502."""
+
     status = 502
     error = "proxy_loop_detected"
     close = False
-    client_fault = True
+    expected = True
 
 
 class TooManyConnections(ProxyError):
+    """max_connections reached: 503, then close."""
+
     status = 503
     error = "connection_limit_reached"
-    client_fault = True
+    expected = True
 
 
 class UpstreamError(ProxyError):
@@ -262,7 +292,7 @@ class UpstreamError(ProxyError):
 
     status = 502
     error = "http_response_incomplete"
-    client_fault = True
+    expected = True
 
 
 class UpstreamTimeout(ProxyError):
@@ -270,7 +300,7 @@ class UpstreamTimeout(ProxyError):
 
     status = 504
     error = "http_response_timeout"
-    client_fault = True
+    expected = True
 
 
 class ClientGone(ProxyError):
@@ -279,7 +309,9 @@ class ClientGone(ProxyError):
     ``client``."""
 
     error = ""
-    client_fault = True
+    expected = True
+    #: Who ended it, for the record's close reason.
+    close_reason = "client"
 
 
 class InternalError(ProxyError):

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
-from .errors import InternalError, LoopDetected, ProxyError, proxy_name
+from .errors import InternalError, LoopDetected, ProxyError
 from .hosts import authority
 from .models import Context, Request, Response, Route
 from .policy.plugins import Hooks, exposition, load
@@ -129,6 +129,9 @@ class _DryServer:
 
 
 class _Explainer:
+    """One dry run of ``geproxy explain``: the hooks called in the order the proxy calls
+    them, each step written to ``out``."""
+
     def __init__(self, hooks: Hooks, config: Any, out: TextIO) -> None:
         self.hooks = hooks
         self.config = config
@@ -255,7 +258,7 @@ class _Explainer:
 
 def _error(exc: ProxyError, config: Any) -> Answer:
     return Answer(exc.status, f"{exc.status} {http11.reason_phrase(exc.status)}; "
-                              f"Proxy-Status: {proxy_name(_via(config))}; "
+                              f"Proxy-Status: {config.proxy_name}; "
                               f"{exc.proxy_status_params()}", exc)
 
 
@@ -301,8 +304,3 @@ def explain(config_path: str, method: str, target: str, client: str = "127.0.0.1
     writer.say("answer", answer.text)
     writer.say("verdict", "allowed" if answer.allowed else "refused")
     return 0 if answer.allowed else 1
-
-
-def _via(config: Any) -> str:
-    via: str = config.core["via"]
-    return "" if via.lower() == "off" else via

@@ -63,7 +63,6 @@ from geproxy import (
     OptionRegistry,
     Request,
     Response,
-    errors,
     hookimpl,
 )
 
@@ -190,8 +189,7 @@ class Auth:
                 path=config.path, section=SECTION, key="realm")
         self.realm = realm
         self.interval = section["check_interval"]
-        via = config.core["via"]
-        self.proxy_name = errors.proxy_name("" if via.lower() == "off" else via)
+        self.proxy_name = config.proxy_name
         size, ttl = section["cache_size"], section["cache_ttl"]
         if size and ttl:
             timer = self._now

@@ -4,13 +4,14 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import functools  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable, Mapping, Sequence  # noqa: E402
+from typing import Any, Callable, Mapping, Sequence  # noqa: E402
 
 import gevent  # noqa: E402
 import pytest  # noqa: E402
@@ -60,11 +61,19 @@ def run_suite() -> Callable[..., str]:
 
 
 @pytest.fixture(params=["waiting", "detached"])
-def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def relay_mode(request: pytest.FixtureRequest) -> str:
     """Runs a test twice: tunnels relaying with their connection's greenlet waiting (as short
-    ones do), and detached from it at once (as every tunnel is past DETACH_AFTER)."""
-    from geproxy.relay import tunnel
-
-    if request.param == "detached":
-        monkeypatch.setattr(tunnel, "DETACH_AFTER", 0.001)
+    ones do), and detached from it at once (as every tunnel is after the server's
+    ``detach_after``): the proxies of ``proxy_factory`` are started so."""
     return str(request.param)
+
+
+@pytest.fixture
+def proxy_factory(proxy_factory: Callable[..., Any], request: pytest.FixtureRequest
+                  ) -> Callable[..., Any]:
+    """The kit's, with proxies whose tunnels detach at once in a test run as
+    ``relay_mode`` "detached"."""
+    if "relay_mode" not in request.fixturenames or (
+            request.getfixturevalue("relay_mode") != "detached"):
+        return proxy_factory
+    return functools.partial(proxy_factory, detach_after=0.001)

@@ -1,4 +1,5 @@
-"""The answers the proxy makes itself (DESIGN.md section 6): status, Proxy-Status, close.
+"""The answers the proxy makes itself (docs/configuration.md, "Answers the proxy makes
+itself"): status, Proxy-Status, close.
 
 Each case sends raw bytes, checks the answer and whether the connection was closed, and then
 checks that the proxy still serves a good request: nothing else is disturbed.

@@ -1,6 +1,6 @@
 """The no-I/O HTTP/1.1 layer: bytes in, heads, body pieces and exceptions out.
 
-No sockets here. Every rejection DESIGN.md section 7 asks for is checked for its exception
+No sockets here. Every rejection docs/hardening.md lists is checked for its exception
 class and status (section 6); every parser is fed whole, byte by byte and at random split
 points, and must hand back exactly the bytes that follow what it consumed. Whole streams
 (pipelined requests, CONNECT and its tunnel bytes, responses with every framing) are generated
@@ -321,7 +321,7 @@ def test_request_line_over_8_kib_is_414(pieces: int) -> None:
     assert isinstance(info.value, ClientError)
 
 
-# -- request heads and framing: every rejection of DESIGN.md section 7 is a 400 --------------
+# -- request heads and framing: every rejection of docs/hardening.md is a 400 --------------
 
 GET = "GET http://a.example/ HTTP/1.1"
 POST = "POST http://a.example/ HTTP/1.1"

@@ -491,9 +491,9 @@ def _connections(proxy):
     """The proxy's HTTP/2 connections, found on the heap (tests only)."""
     import gc
 
-    from geproxy.serve.http2 import _H2Connection
+    from geproxy.serve.http2 import H2Connection
 
-    return [obj for obj in gc.get_objects() if isinstance(obj, _H2Connection)
+    return [obj for obj in gc.get_objects() if isinstance(obj, H2Connection)
             and obj.conn.server is proxy.server and not obj.closed]
 
 

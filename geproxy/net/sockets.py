@@ -87,3 +87,10 @@ def still_idle(sock: socket.socket) -> bool:
     """True when nothing is readable on ``sock``, without waiting: an idle HTTP connection
     that became readable was closed by its peer, or got bytes nobody asked for."""
     return peek(sock) is None
+
+
+def raw_socket(sock: Any) -> Any:
+    """The non-blocking socket under gevent's cooperative wrapper (its private ``_sock``),
+    whose calls never wait: what callbacks in the hub may call. A socket that is no
+    gevent wrapper is its own."""
+    return getattr(sock, "_sock", sock)

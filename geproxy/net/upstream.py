@@ -29,7 +29,8 @@ from .sockets import send_all, still_idle
 
 __all__ = ["connect", "interleave", "parent_connect", "UpstreamPool", "HAPPY_EYEBALLS_DELAY"]
 
-log = logging.getLogger(__name__)
+#: Named as log filters know it, wherever the module sits (docs/deployment.md).
+log = logging.getLogger("geproxy.upstream")
 
 #: RFC 8305's recommended "Connection Attempt Delay".
 HAPPY_EYEBALLS_DELAY = 0.25

@@ -32,7 +32,8 @@ from .hookcall import HookCall
 
 __all__ = ["DEFAULT_PLUGINS", "hookimpl", "get_plugin_manager", "load", "Hooks", "exposition"]
 
-log = logging.getLogger(__name__)
+#: Named as log filters know it, wherever the module sits (docs/deployment.md).
+log = logging.getLogger("geproxy.plugins")
 
 hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
 

@@ -3,8 +3,9 @@
 This module imports neither socket nor gevent. Heads are tokenised and validated by llhttp
 (through httptools) in its strict mode, which already refuses the classic smuggling vectors
 (Content-Length with Transfer-Encoding, duplicate lengths, obs-fold, bare CR or LF, NUL and
-control bytes, whitespace before a colon, invalid chunk sizes). On top of it this module applies
-the proxy's own rules (DESIGN.md section 7), the size limits, and decides each body's framing.
+control bytes, whitespace before a colon, invalid chunk sizes). On top of it this module
+applies the proxy's own rules (docs/hardening.md, "Requests it refuses"), the size limits,
+and decides each body's framing.
 Bodies are decoded by the small incremental readers below, which hand back exactly the bytes
 that follow a message so that nothing after a CONNECT head, a pipelined request or a reused
 upstream response is lost or misread.
@@ -103,6 +104,8 @@ class _HeadDone(Exception):
 
 
 class _Callbacks:
+    """What llhttp's callbacks collect of one head: its target, fields and status."""
+
     __slots__ = ("url", "headers", "done", "status", "max_line", "too_long")
 
     def __init__(self, max_line: int) -> None:
@@ -367,6 +370,8 @@ def _incomplete() -> Exception:
 
 
 class NoBody(BodyReader):
+    """A message without a body: every byte fed is the next message's (``rest``)."""
+
     done = True
 
     def __init__(self, rest: bytes = b"") -> None:
@@ -378,6 +383,8 @@ class NoBody(BodyReader):
 
 
 class LengthReader(BodyReader):
+    """A body of Content-Length bytes."""
+
     def __init__(self, length: int) -> None:
         self.remaining = length
         self.done = length == 0

@@ -1,11 +1,12 @@
 """The relay of a CONNECT stream on an HTTP/2 connection: the tunnel's bytes in DATA frames.
 
-As tunnel.py does for a tunnel of its own connection, libev watchers move the bytes, from
-callbacks in the hub: the upstream's readable event sends DATA frames as far as the stream's
-send window allows (and stops reading when it is shut, until a WINDOW_UPDATE); the client's
-DATA, handed over by the connection's reader as it arrives, goes to the upstream, and its
-window is given back only once the upstream took it. So a tunnel holds no greenlet while it
-relays, a chunk costs no greenlet switch, and a slow side stops only its own stream.
+The ``Relay`` of tunnel.py with an HTTP/2 stream as its client end: libev watchers move
+the bytes from callbacks in the hub. The upstream's readable event sends DATA frames as
+far as the stream's send window allows (and stops reading when it is shut, until a
+WINDOW_UPDATE); the client's DATA, handed over by the connection's reader as it arrives,
+goes to the upstream, and its window is given back only once the upstream took it. So a
+tunnel holds no greenlet while it relays, a chunk costs no greenlet switch, and a slow
+side stops only its own stream.
 
 The client's END_STREAM is a half-close of the upstream, the upstream's FIN an END_STREAM;
 the tunnel ends when both happened, at a reset of either side (an upstream reset resets the
@@ -16,107 +17,143 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import h2.errors
 import h2.exceptions
-from gevent import get_hub
 
 from ..models import Record
-from .tunnel import IdleWatch
+from ..net.sockets import raw_socket
+from .tunnel import Relay
 
-if TYPE_CHECKING:
-    from ..serve.http2 import H2Stream
-
-__all__ = ["StreamRelay"]
+__all__ = ["StreamRelay", "StreamEnd"]
 
 BUFFER = 64 * 1024
 _READ, _WRITE = 1, 2  # libev's EV_READ, EV_WRITE
 _CANCEL = h2.errors.ErrorCodes.CANCEL
 _CONNECT_ERROR = h2.errors.ErrorCodes.CONNECT_ERROR
 
+#: A piece of the client's DATA with its flow-controlled size, or None for END_STREAM.
+Item = Optional[tuple[bytes, int]]
 
-class StreamRelay:
-    def __init__(self, stream: "H2Stream", upstream: socket.socket, record: Record,
-                 idle_timeout: float, lifetime: float) -> None:
-        self.loop = get_hub().loop
+
+class StreamEnd(Protocol):
+    """The client end of a StreamRelay: one stream of an HTTP/2 connection."""
+
+    stream_id: int
+    #: Its connection: ``h2`` (the state machine), ``choked`` (the client reads nothing),
+    #: ``paused`` (relays waiting for it to read), ``flush()``.
+    owner: Any
+
+    def give_back(self, size: int) -> None:
+        """``size`` bytes were passed on: the client may send as many more."""
+
+    def reset(self, code: int) -> None:
+        """Reset the stream with ``code``."""
+
+
+class StreamRelay(Relay):
+    """A tunnel between an HTTP/2 stream and an upstream socket."""
+
+    def __init__(self, stream: StreamEnd, upstream: socket.socket, record: Record,
+                 idle_timeout: float, inspect: Optional[Callable[[bytes], bool]]) -> None:
+        super().__init__(record, idle_timeout, inspect)
         self.stream = stream
         self.h2 = stream.owner.h2
         self.upstream = upstream
-        self.raw = getattr(upstream, "_sock", upstream)  # its calls never wait
-        self.record = record
+        self.raw = raw_socket(upstream)  # its calls never wait
         fd = upstream.fileno()
         self.reader = self.loop.io(fd, _READ)
         self.writer = self.loop.io(fd, _WRITE)
         #: Client bytes the upstream did not take yet, and their flow-controlled size.
         self.pending: Any = b""
         self.pending_size = 0
-        #: Client chunks after ``pending``: (bytes, size), or None for END_STREAM.
-        self.queue: deque[Optional[tuple[bytes, int]]] = deque()
+        #: Client chunks after ``pending`` (or held while a plugin looks at the first).
+        self.queue: deque[Item] = deque()
         self.up_done = False  # the client's END_STREAM was passed on
         self.down_done = False  # the upstream's FIN was passed on
-        self.reason = ""
-        self.finished = False
-        self.idle = IdleWatch(self.loop, idle_timeout, lambda: self.abort("idle timeout"))
-        self._timers: list[Any] = []
-        #: Called (from the loop's callback queue) with the close reason at the end.
-        self.on_done: Optional[Callable[[str], None]] = None
+        self._begun = False
+        #: The code the stream is reset with at the end; None when the client reset it.
+        self._reset_code: Optional[int] = _CANCEL
 
-    # -- from greenlets ---------------------------------------------------------------
+    # -- from greenlets and the connection's reader -----------------------------------
 
-    def start(self, lifetime: float) -> None:
-        self.idle.start()
-        if lifetime:
-            timer = self.loop.timer(lifetime)
-            timer.start(self.abort, "max lifetime")
-            self._timers.append(timer)
-        self.window_opened()
-
-    def from_client(self, item: Optional[tuple[bytes, int]]) -> None:
-        """The client's next DATA (bytes and flow-controlled size), or None at its
-        END_STREAM; called by the connection's reader, never waits."""
+    def from_client(self, item: Item) -> None:
+        """The client's next DATA, or None at its END_STREAM; never waits."""
         if self.finished:
             if item is not None:
                 self.stream.give_back(item[1])
             return
-        if self.pending or self.queue:
+        if self.inspect is not None or self.pending or self.queue:
             self.queue.append(item)
+            if self.inspect is not None and len(self.queue) == 1:
+                if item is None:
+                    self.inspect = None  # closed before a byte: nothing to look at
+                    self._arm_detach()
+                    self._drain()
+                else:  # the first bytes: to the plugins, in the waiting greenlet
+                    self._wake(item[0])
             return
         self._to_upstream(item)
 
     def window_opened(self) -> None:
         """The stream's send window may have grown: read from the upstream again."""
-        if not self.finished and not self.down_done and not self.reader.active:
+        if self._begun and not self.finished and not self.down_done and (
+                not self.reader.active):
             self.reader.start(self._readable)
 
-    def abort(self, reason: str, code: Optional[int] = _CANCEL) -> None:
-        """End the tunnel: the stream is reset with ``code`` (None: the client reset it
-        already), the upstream shut."""
-        if self.finished:
-            return
+    def client_gone(self, reason: str) -> None:
+        """The client reset the stream (or its connection ended): end, resetting nothing."""
+        self._reset_code = None
+        self.cancel(reason)
+
+    # -- Relay's part -------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self._begun = True
+        self.window_opened()
+        if self.inspect is None:
+            self._drain()
+
+    def _pass_on(self, data: bytes) -> None:
+        item = self.queue.popleft()  # the one inspected
+        self._to_upstream(item)
+        self._drain()
+
+    def _shut(self, reason: str) -> None:
         self.reason = self.reason or reason
-        if code is not None:
-            self.stream.reset(code)
+        if self._reset_code is not None:
+            self.stream.reset(self._reset_code)
         try:
             self.upstream.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._finish()
 
-    def close(self) -> None:
-        """Free the watchers and timers, by whoever handles the end."""
-        self._stop()
+    def _halt(self) -> None:
+        self.reader.stop()
+        self.writer.stop()
+
+    def _release(self) -> None:
         self.reader.close()
         self.writer.close()
 
     # -- the hub's side: callbacks, which never block ------------------------------------
 
+    def _upstream_failed(self) -> None:
+        self._reset_code = _CONNECT_ERROR
+        self._abort("upstream")
+
+    def _client_failed(self) -> None:
+        """The stream or its connection closed under the relay."""
+        self._reset_code = None
+        self._abort("client")
+
     def _readable(self) -> None:
         stream_id = self.stream.stream_id
         try:
             window = self.h2.local_flow_control_window(stream_id)
-        except h2.exceptions.ProtocolError:  # the stream or connection closed under us
-            self.abort("client", None)
+        except h2.exceptions.ProtocolError:
+            self._client_failed()
             return
         if window <= 0:
             self.reader.stop()  # until window_opened
@@ -131,7 +168,7 @@ class StreamRelay:
         except BlockingIOError:
             return
         except OSError:
-            self.abort("upstream", _CONNECT_ERROR)
+            self._upstream_failed()
             return
         try:
             if not data:
@@ -145,13 +182,18 @@ class StreamRelay:
                     self.h2.send_data(stream_id, data[start:start + size])
                 self.record.bytes_out += len(data)
         except h2.exceptions.ProtocolError:
-            self.abort("client", None)
+            self._client_failed()
             return
-        self.stream.owner.flush()
+        owner.flush()
         if self.down_done and self.up_done:
             self._finish()
 
-    def _to_upstream(self, item: Optional[tuple[bytes, int]]) -> None:
+    def _drain(self) -> None:
+        """Pass on the client's chunks held back, while the upstream takes them."""
+        while self.queue and not self.pending and not self.finished:
+            self._to_upstream(self.queue.popleft())
+
+    def _to_upstream(self, item: Item) -> None:
         if item is None:
             self.up_done = True
             try:
@@ -167,7 +209,7 @@ class StreamRelay:
         except BlockingIOError:
             sent = 0
         except OSError:
-            self.abort("upstream", _CONNECT_ERROR)
+            self._upstream_failed()
             return
         self._moved_up(sent)
         if sent < len(data):
@@ -182,7 +224,7 @@ class StreamRelay:
         except BlockingIOError:
             return
         except OSError:
-            self.abort("upstream", _CONNECT_ERROR)
+            self._upstream_failed()
             return
         self._moved_up(sent)
         self.pending = self.pending[sent:]
@@ -191,28 +233,9 @@ class StreamRelay:
         self.writer.stop()
         self.stream.give_back(self.pending_size)
         self.pending_size = 0
-        while self.queue and not self.pending and not self.finished:
-            self._to_upstream(self.queue.popleft())
+        self._drain()
 
     def _moved_up(self, sent: int) -> None:
         if sent:
             self.idle.last = self.loop.now()
             self.record.bytes_in += sent
-
-    # -- the end --------------------------------------------------------------------------
-
-    def _finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self._stop()
-        if self.on_done is not None:
-            self.loop.run_callback(self.on_done, self.reason or "done")
-
-    def _stop(self) -> None:
-        self.reader.stop()
-        self.writer.stop()
-        self.idle.close()
-        for timer in self._timers:
-            timer.close()
-        self._timers = []

@@ -28,9 +28,10 @@ from gevent import get_hub
 from gevent.hub import Waiter
 
 from ..models import Record
-from ..net.sockets import send_all
+from ..net.sockets import raw_socket, send_all
 
-__all__ = ["relay", "open_relay", "SPLICE_AFTER"]
+__all__ = ["Relay", "SocketRelay", "IdleWatch", "relay", "open_relay", "SPLICE_AFTER",
+           "DETACH_AFTER"]
 
 BUFFER = 64 * 1024
 #: Bytes a direction carries by recv/send before it switches to splice: a short exchange
@@ -57,7 +58,7 @@ def _raw(sock: socket.socket) -> Any:
     nowait = getattr(sock, "nowait", None)
     if nowait is not None:
         return nowait
-    return getattr(sock, "_sock", sock)
+    return raw_socket(sock)
 
 
 class IdleWatch:
@@ -133,23 +134,32 @@ class _Direction:
             self.pipe = None
 
 
-class _Relay:
-    def __init__(self, client: socket.socket, upstream: socket.socket, record: Record,
-                 idle_timeout: float, inspect: Optional[Callable[[bytes], bool]]) -> None:
+class Relay:
+    """What every tunnel's relay shares, whichever its ends: the greenlet that waits for
+    the end (and for what must run in a greenlet: a plugin looking at the client's first
+    bytes), the detach after DETACH_AFTER, the idle watch, the lifetime, and the report
+    of the end (``on_done``). Subclasses move the bytes from the hub's callbacks:
+    ``SocketRelay`` between two sockets, ``StreamRelay`` (h2tunnel.py) between an HTTP/2
+    stream and a socket.
+
+    A subclass provides ``_begin`` (start moving), ``_pass_on(data)`` (the inspected
+    first bytes go upstream), ``_shut(reason)`` (both sides told of the end),
+    ``_halt`` (its watchers stopped) and ``_release`` (its watchers and buffers freed)."""
+
+    def __init__(self, record: Record, idle_timeout: float,
+                 inspect: Optional[Callable[[bytes], bool]]) -> None:
         hub = get_hub()
         self.hub = hub
         self.loop = hub.loop
-        self.client, self.upstream = client, upstream
         self.record = record
         self.inspect = inspect
+        #: Why it ended ("" until then): the record's close reason.
         self.reason = ""
         self.idle = IdleWatch(self.loop, idle_timeout, lambda: self._abort("idle timeout"))
         self.waiter = Waiter(hub)
         #: For the waiting greenlet, in order: client bytes to inspect, _DETACH, _DONE.
         self.messages: deque[Any] = deque()
         self.finished = False
-        self.up = _Direction(client, upstream, True, self.loop)
-        self.down = _Direction(upstream, client, False, self.loop)
         self._lifetime: Any = None
         self._detach: Any = None
         self._detach_after = 0.0
@@ -157,14 +167,6 @@ class _Relay:
         self.on_done: Optional[Callable[[str], None]] = None
 
     # -- the greenlet's side ----------------------------------------------------------
-
-    def _start(self, lifetime: float) -> None:
-        self.idle.start()
-        if lifetime:
-            self._lifetime = self.loop.timer(lifetime)
-            self._lifetime.start(self._abort, "max lifetime")
-        self._read_on(self.up)
-        self._read_on(self.down)
 
     def run(self, lifetime: float, detach_after: float = 0) -> str:
         """Relay, with this greenlet waiting, until the end; returns the close reason.
@@ -175,7 +177,11 @@ class _Relay:
         detaching = False
         self._detach_after = detach_after
         try:
-            self._start(lifetime)
+            self.idle.start()
+            if lifetime:
+                self._lifetime = self.loop.timer(lifetime)
+                self._lifetime.start(self._abort, "max lifetime")
+            self._begin()
             if self.inspect is None:
                 self._arm_detach()
             while True:
@@ -208,16 +214,15 @@ class _Relay:
         self.on_done = on_done
 
     def cancel(self, reason: str) -> None:
-        """End the tunnel from elsewhere (a stop, the admin listener): both sides are shut
-        and the end is reported with ``reason``."""
+        """End the tunnel from elsewhere (a stop, the admin listener, a reload): both sides
+        are told, and the end is reported with ``reason``."""
         if not self.finished:
             self._abort(reason)
 
     def close(self) -> None:
-        """Free the watchers and pipes; after the end, by whoever waited for it."""
+        """Free the watchers, timers and buffers; after the end, by whoever handled it."""
         self._stop()
-        self.up.close()
-        self.down.close()
+        self._release()
 
     def first(self, data: bytes) -> bool:
         """Hand the client's first bytes to ``inspect`` once; False when it closed all."""
@@ -230,10 +235,90 @@ class _Relay:
     def _inspected(self, data: bytes) -> None:
         # In the greenlet: plugins may do what greenlets do. Then the bytes go on.
         if self.first(data):
-            self._write(self.up, data)
+            self._pass_on(data)
             self._arm_detach()
         else:
             self._finish()
+
+    # -- the end ------------------------------------------------------------------------
+
+    def _abort(self, reason: str) -> None:
+        self._shut(reason)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._stop()
+        self._wake(_DONE)
+
+    def _wake(self, message: Any) -> None:
+        if message is _DONE and self.on_done is not None:
+            self.loop.run_callback(self.on_done, self.reason or "done")
+            return
+        # Queued, and the greenlet switched to from the loop's callback queue, not from
+        # inside a watcher's callback: it closes the watchers, which libev must not see
+        # while it runs one. A greenlet busy with an earlier message finds it queued.
+        self.messages.append(message)
+        self.loop.run_callback(self._deliver)
+
+    def _deliver(self) -> None:
+        if self.messages and self.waiter.greenlet is not None:
+            self.waiter.switch(None)
+
+    def _stop(self) -> None:
+        self._halt()
+        self.idle.close()
+        for timer in (self._lifetime, self._detach):
+            if timer is not None:
+                timer.close()
+        self._lifetime = self._detach = None
+
+    # -- what a subclass does -----------------------------------------------------------
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _pass_on(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _shut(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _halt(self) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+class SocketRelay(Relay):
+    """A tunnel between two sockets (a TLS stream on the client's side, maybe): one
+    ``_Direction`` each way, spliced once it carried SPLICE_AFTER bytes."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket, record: Record,
+                 idle_timeout: float, inspect: Optional[Callable[[bytes], bool]]) -> None:
+        super().__init__(record, idle_timeout, inspect)
+        self.client, self.upstream = client, upstream
+        self.up = _Direction(client, upstream, True, self.loop)
+        self.down = _Direction(upstream, client, False, self.loop)
+
+    def _begin(self) -> None:
+        self._read_on(self.up)
+        self._read_on(self.down)
+
+    def _pass_on(self, data: bytes) -> None:
+        self._write(self.up, data)
+
+    def _halt(self) -> None:
+        for d in (self.up, self.down):
+            d.reader.stop()
+            d.writer.stop()
+
+    def _release(self) -> None:
+        self.up.close()
+        self.down.close()
 
     # -- the hub's side: callbacks, which never block ------------------------------------
 
@@ -393,51 +478,16 @@ class _Relay:
             except OSError:
                 pass
 
-    def _abort(self, reason: str) -> None:
-        self._shut(reason)
-        self._finish()
-
-    def _finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self._stop()
-        self._wake(_DONE)
-
-    def _wake(self, message: Any) -> None:
-        if message is _DONE and self.on_done is not None:
-            self.loop.run_callback(self.on_done, self.reason or "done")
-            return
-        # Queued, and the greenlet switched to from the loop's callback queue, not from
-        # inside a watcher's callback: it closes the watchers, which libev must not see
-        # while it runs one. A greenlet busy with an earlier message finds it queued.
-        self.messages.append(message)
-        self.loop.run_callback(self._deliver)
-
-    def _deliver(self) -> None:
-        if self.messages and self.waiter.greenlet is not None:
-            self.waiter.switch(None)
-
-    def _stop(self) -> None:
-        for d in (self.up, self.down):
-            d.reader.stop()
-            d.writer.stop()
-        self.idle.close()
-        for timer in (self._lifetime, self._detach):
-            if timer is not None:
-                timer.close()
-        self._lifetime = self._detach = None
-
 
 def open_relay(client: socket.socket, upstream: socket.socket, record: Record,
                idle_timeout: float, to_upstream: bytes = b"", to_client: bytes = b"",
-               inspect: Optional[Callable[[bytes], bool]] = None) -> tuple[_Relay, str]:
+               inspect: Optional[Callable[[bytes], bool]] = None) -> tuple[SocketRelay, str]:
     """A relay between ``client`` and ``upstream``, once the bytes already read past a head
     on either side went on: ``to_client`` (what a parent sent with its 200) first, then
     ``to_upstream`` (a client's TLS ClientHello sent right after CONNECT, say), past
     ``inspect``. Returns the relay, to ``run`` or ``detach``, and "" (or the close reason,
     when the tunnel already ended); the caller ``close``s it in the end."""
-    tunnel = _Relay(client, upstream, record, idle_timeout, inspect)
+    tunnel = SocketRelay(client, upstream, record, idle_timeout, inspect)
     try:
         if to_upstream and not tunnel.first(to_upstream):
             return tunnel, tunnel.reason

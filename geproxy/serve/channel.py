@@ -21,7 +21,8 @@ import gevent.lock
 
 __all__ = ["Channel", "ChannelClosed", "RemoteError"]
 
-log = logging.getLogger(__name__)
+#: Named as log filters know it, wherever the module sits (docs/deployment.md).
+log = logging.getLogger("geproxy.channel")
 
 #: The longest line: a /tunnels answer of a worker with 100,000 tunnels fits.
 MAX_LINE = 64 * 1024 * 1024

@@ -37,7 +37,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from .connection import Connection
+from .client import ClientConnection
 from .h2stream import H2Stream
 
 __all__ = ["serve_h2", "STREAM_WINDOW"]
@@ -61,13 +61,18 @@ _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
 _CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
-def serve_h2(conn: Connection) -> None:
+def serve_h2(conn: ClientConnection) -> None:
     """Serve ``conn`` (its TLS handshake done, ALPN h2) until the client or a stop ends it."""
-    _H2Connection(conn).serve()
+    H2Connection(conn).serve()
 
 
-class _H2Connection:
-    def __init__(self, conn: Connection) -> None:
+class H2Connection:
+    """One client connection speaking HTTP/2: its reader (this greenlet: frames in, events
+    to streams), its writer greenlet (frames out, in order), its streams, and the bounds
+    that keep one client from costing more than its share (streams, resets, queued bytes).
+    """
+
+    def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
         self.sock = conn.sock
         tls = conn.gen.config["tls"]
@@ -81,7 +86,7 @@ class _H2Connection:
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: UNACKNOWLEDGED_STREAMS,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: conn.settings["max_header_size"],
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: conn.gen.config.core["max_header_size"],
         })
         self.streams: dict[int, H2Stream] = {}
         self.group = gevent.pool.Group()
@@ -108,9 +113,10 @@ class _H2Connection:
 
     def serve(self) -> None:
         conn = self.conn
-        idle = conn.settings["idle_timeout"]
+        core = conn.gen.config.core
+        idle = core["idle_timeout"]
         if conn.refusal is not None:  # refused at connect: its one request is due soon
-            idle = min(idle, conn.settings["header_timeout"])
+            idle = min(idle, core["header_timeout"])
         server = conn.server
         me = self.reader = gevent.getcurrent()
         self._writer = gevent.spawn(self._write_loop)
@@ -130,7 +136,7 @@ class _H2Connection:
                         break
                 waiting = not self.streams
                 if waiting:
-                    server.idle.add(me)  # a stop may end it at once
+                    server.waiting.add(me)  # a stop may end it at once
                     if server.stopping:
                         break
                 try:
@@ -142,7 +148,7 @@ class _H2Connection:
                     continue
                 finally:
                     if waiting:
-                        server.idle.discard(me)
+                        server.waiting.discard(me)
                 if not data:
                     break
                 last = time.monotonic()
@@ -184,7 +190,7 @@ class _H2Connection:
         elif isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
             if stream is None:  # its tunnel already ended: give the window back
-                self._ack(event.flow_controlled_length, event.stream_id)
+                self.ack(event.flow_controlled_length, event.stream_id)
             else:
                 stream.received(event.data, event.flow_controlled_length)
                 if event.stream_ended:
@@ -299,7 +305,7 @@ class _H2Connection:
         except (h2.exceptions.ProtocolError, OSError):
             pass
 
-    def _ack(self, size: int, stream_id: int) -> None:
+    def ack(self, size: int, stream_id: int) -> None:
         """``size`` bytes of ``stream_id`` were passed on: the client may send as many more
         (on a closed stream, h2 gives back only the connection's share)."""
         if size:
@@ -310,7 +316,7 @@ class _H2Connection:
         left = stream.unacked
         if left and not self.closed:  # received, never passed on: back to the connection
             stream.unacked = 0
-            self._ack(left, stream.stream_id)
+            self.ack(left, stream.stream_id)
             self.flush()
         if not self.streams and self.reader is not None and (
                 self.conn.server.stopping or self.conn.refusal is not None):

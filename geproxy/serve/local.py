@@ -13,12 +13,15 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import os
 import sys
 from typing import Any, Callable, Iterable, Optional, Protocol
 
+from ..errors import ConfigError
 from ..models import Context, Headers, Request, Response
 
-__all__ = ["local_app", "admin_app", "AdminTarget", "call_wsgi", "addressed_to_proxy"]
+__all__ = ["local_app", "admin_app", "AdminTarget", "call_wsgi", "addressed_to_proxy",
+           "names_proxy"]
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -38,21 +41,39 @@ def addressed_to_proxy(request: Request, listeners: Iterable[tuple[str, int]],
     address when the listener is a wildcard or on loopback. The server and ``geproxy
     explain`` both ask this, so a dry run calls local what the proxy would answer itself.
     """
-    if not request.host:
-        return True
+    return not request.host or names_proxy(request.host, request.port, listeners, local_host)
+
+
+def names_proxy(target_host: str, target_port: int, listeners: Iterable[tuple[str, int]],
+                local_host: str) -> bool:
+    """Whether ``target_host:target_port`` names the proxy itself (``addressed_to_proxy``)."""
     for host, port in listeners:
-        if request.port != port:
+        if target_port != port:
             continue
-        if request.host in (host, local_host, "localhost"):
+        if target_host in (host, local_host, "localhost"):
             return True
         try:
-            target = ipaddress.ip_address(request.host)
+            target = ipaddress.ip_address(target_host)
         except ValueError:
             continue
         if target.is_loopback and (host in ("0.0.0.0", "::") or
                                    ipaddress.ip_address(host).is_loopback):
             return True
     return False
+
+
+def check_local_options(config: Any) -> None:
+    """ConfigError for a ``local_paths`` page the proxy port cannot serve, or a ``docroot``
+    that is no directory."""
+    core = config.core
+    for path in core["local_paths"]:
+        if path not in PROXY_PORT_PATHS:
+            raise ConfigError(f"not a page the proxy port can serve: {path!r} (use "
+                              f"{' '.join(PROXY_PORT_PATHS)})", path=config.path,
+                              section="geproxy", key="local_paths")
+    if core["docroot"] and not os.path.isdir(core["docroot"]):
+        raise ConfigError(f"not a directory: {core['docroot']}", path=config.path,
+                          section="geproxy", key="docroot")
 
 
 def local_app(target: "AdminTarget", paths: Iterable[str] = ("/healthz",)) -> WSGIApp:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import gevent
 import gevent.event
@@ -15,19 +14,29 @@ import gevent.pool
 from gevent.server import StreamServer
 
 from ..config import Config, ListenAddress
-from ..errors import ConfigError, ProxyError, TooManyConnections, proxy_name
-from ..hosts import authority
-from ..models import Context, Record, Request
+from ..models import Context, Request
 from ..net.upstream import UpstreamPool
-from ..policy.plugins import Hooks, exposition, load, plugin_names
-from .connection import Connection
-from .local import PROXY_PORT_PATHS, addressed_to_proxy, admin_app, local_app
+from ..policy.plugins import exposition, load, plugin_names
+from ..relay.tunnel import DETACH_AFTER
+from .accept import serve_connection
+from .client import ClientConnection
+from .generation import Generation, unconfigure
+from .http1 import refuse_over_limit
+from .listeners import Listener, describe_address, is_wildcard, listening_socket
+from .local import addressed_to_proxy, admin_app, check_local_options, local_app, names_proxy
+from .reloading import (
+    observe_reload,
+    recheck_tunnels,
+    reload_failure,
+    restart_only_changes,
+)
+from .stats import combine_stats, in_flight, process_figures
 
 __all__ = ["ProxyServer", "create_server"]
 
-log = logging.getLogger(__name__)
+#: Named as log filters know it, wherever the module sits (docs/deployment.md).
+log = logging.getLogger("geproxy.server")
 
-BACKLOG = 1024
 #: Seconds between two ``on_progress`` calls for a request or tunnel that moves bytes.
 PROGRESS_INTERVAL = 1.0
 
@@ -42,34 +51,31 @@ class ProxyServer:
     """
 
     def __init__(self, config: Config, pm: Any, objects: Sequence[Any] = (),
-                 entry_points: bool = True) -> None:
+                 entry_points: bool = True, detach_after: float = DETACH_AFTER) -> None:
         #: The configuration and plugins new connections get; a reload replaces it.
         self.gen = Generation(config, pm)
+        #: Seconds a tunnel relays with its greenlet waiting before it lets that greenlet
+        #: go: a short exchange ends without the cost of a second greenlet for its end; a
+        #: long-lived one stops holding a greenlet's stacks.
+        self.detach_after = detach_after
         #: What a reload loads the plugins with, besides the file.
         self._objects, self._entry_points = tuple(objects), entry_points
         core = config.core
         self.pool = UpstreamPool(core["upstream_keepalive"], core["upstream_idle_timeout"])
-        for path in core["local_paths"]:
-            if path not in PROXY_PORT_PATHS:
-                raise ConfigError(f"not a page the proxy port can serve: {path!r} (use "
-                                  f"{' '.join(PROXY_PORT_PATHS)})", path=config.path,
-                                  section="geproxy", key="local_paths")
-        if core["docroot"] and not os.path.isdir(core["docroot"]):
-            raise ConfigError(f"not a directory: {core['docroot']}", path=config.path,
-                              section="geproxy", key="docroot")
+        check_local_options(config)
         #: The proxy port's answers to requests for the proxy itself.
         self.local_app = local_app(self, core["local_paths"])
         self.connections = gevent.pool.Group()
         #: Greenlets of connections waiting for a request: safe to end at once on stop.
-        self.idle: set[gevent.Greenlet] = set()
+        self.waiting: set[gevent.Greenlet] = set()
         self.stopping = False
         self._stopped = gevent.event.Event()
         self.servers: list[StreamServer] = []
-        #: Connections with a request or tunnel in flight, by conn id (for /tunnels).
-        self.active: dict[str, Connection] = {}
-        #: Connections whose tunnel relays with no greenlet (Connection._tunnel): counted
-        #: with ``connections``, ended by a stop like them.
-        self.detached: set[Connection] = set()
+        #: Requests and tunnels in flight, by conn id (for /tunnels): Transactions.
+        self.active: dict[str, Any] = {}
+        #: HTTP/1.1 connections whose tunnel relays with no greenlet
+        #: (``Transaction._tunnel``): counted with ``connections``, ended by a stop too.
+        self.detached: set[ClientConnection] = set()
         self.admin: Optional[Any] = None  # a gevent.pywsgi.WSGIServer once started
         #: This process's number among a master's workers; None when it runs alone.
         self.worker: Optional[int] = None
@@ -118,13 +124,13 @@ class ProxyServer:
                             else [address for _, address in given]):
                 host, port = address
                 tls = getattr(address, "tls", False)
-                listener = (_listener(host, port) if given is None
+                listener = (listening_socket(host, port) if given is None
                             else given[len(self.servers)][0])
                 bound = listener.getsockname()[:2]
                 # A wildcard listener learns each connection's local address from the
                 # kernel; a specific one knows it already.
-                local = None if _is_wildcard(host) else bound
-                server = _Listener(listener, self._handler(local, tls),
+                local = None if is_wildcard(host) else bound
+                server = Listener(listener, self._handler(local, tls),
                                    spawn=self.connections.spawn)
                 server.tls = tls
                 self.servers.append(server)
@@ -139,14 +145,15 @@ class ProxyServer:
                                                            PROGRESS_INTERVAL)
         self._progress_timer.start(self._progress_due)
         log.info("listening on %s; plugins: %s",
-                 ", ".join(_fmt(a) for a in self.addresses), ", ".join(plugin_names(self.pm)))
+                 ", ".join(describe_address(a) for a in self.addresses),
+                 ", ".join(plugin_names(self.pm)))
         if self.admin_address is not None:
-            log.info("admin listener on %s", _fmt(self.admin_address))
+            log.info("admin listener on %s", describe_address(self.admin_address))
 
     def _start_admin(self, host: str, port: int) -> None:
         import gevent.pywsgi  # imports ssl: not at module import, before monkey-patching
 
-        listener = _listener(host, port)
+        listener = listening_socket(host, port)
         self.admin = gevent.pywsgi.WSGIServer(
             listener, admin_app(self), log=None,
             error_log=logging.getLogger("geproxy.admin"))
@@ -160,25 +167,11 @@ class ProxyServer:
 
     def tunnels(self) -> list[dict[str, Any]]:
         """The requests and tunnels in flight, for ``/tunnels``."""
-        now = time.time()
-        out = []
-        for conn_id, conn in list(self.active.items()):
-            record = conn.record
-            if record is None:
-                continue
-            ctx = conn.ctx
-            out.append({
-                "id": conn_id,
-                "worker": self.worker or 0,
-                "client": _fmt(ctx.client_addr),
-                "user": ctx.user,
-                "method": record.method,
-                "target": record.target,
-                "age": round(now - record.started, 3),
-                "bytes_in": record.bytes_in,
-                "bytes_out": record.bytes_out,
-            })
-        return out
+        return in_flight(self)
+
+    def process_stats(self) -> dict[str, Any]:
+        """What this process holds, for ``/debug/stats`` (stats.process_figures)."""
+        return process_figures(self)
 
     def close_connection(self, conn_id: str) -> bool:
         """Close the connection ``conn_id`` (POST /tunnels/ID/close); False if unknown."""
@@ -194,32 +187,6 @@ class ProxyServer:
         gives for its workers (combine_stats)."""
         return combine_stats([self.process_stats()], pid=os.getpid(),
                              generation=self.gen.number, stopping=self.stopping)
-
-    def process_stats(self) -> dict[str, Any]:
-        """What this process holds: a soak test or an operator watching for leaks reads it
-        from outside. Counting greenlets walks the heap (gc): cheap enough for an admin page,
-        not for a hot path. Readings from /proc are None without it."""
-        tunnels = detached = 0
-        for conn in list(self.active.values()):
-            if conn.record is not None and conn.record.method == "CONNECT":
-                tunnels += 1
-                detached += conn.detached is not None
-        return {
-            "worker": self.worker or 0,
-            "pid": os.getpid(),
-            "rss_kib": _proc_status_kib("VmRSS"),
-            "open_fds": _count_entries("/proc/self/fd"),
-            "greenlets": _live_greenlets(),
-            "threads": _count_entries("/proc/self/task"),
-            "connections": self.open_connections(),
-            "idle_connections": len(self.idle),
-            "in_flight": len(self.active),
-            "tunnels": tunnels,
-            "detached_tunnels": detached,
-            "upstream_pool": len(self.pool),
-            "generation": self.gen.number,
-            "stopping": self.stopping,
-        }
 
     def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
         """The text and content type of the ``metrics`` plugin's ``exposition()``, or None
@@ -267,13 +234,18 @@ class ProxyServer:
                 local: Optional[tuple[str, int]], tls: bool = False) -> None:
         gen = self.gen
         gen.users += 1
-        conn: Optional[Connection] = None
+        conn: Optional[ClientConnection] = None
         try:
-            conn = Connection(self, gen, sock, address, local or sock.getsockname()[:2], tls)
+            conn = ClientConnection(self, gen, sock, address, local or sock.getsockname()[:2],
+                                    tls)
             if self.open_connections() > gen.config.core["max_connections"]:
-                self._refuse(conn)
+                refuse_over_limit(conn)
+                log.warning("refused %s: max_connections (%d) reached",
+                            conn.ctx.client_addr[0], gen.config.core["max_connections"])
                 return
-            conn.handle()
+            if gen.proxy_protocol != "off" and not conn.read_proxy_header():
+                return
+            serve_connection(conn)
         except OSError as exc:  # the client went away before or while being served
             log.debug("connection from %s ended: %s", address[0], exc)
         except Exception:
@@ -281,8 +253,6 @@ class ProxyServer:
         finally:
             if conn is None or conn.detached is None:
                 (sock if conn is None else conn.sock).close()  # a TLS one says close_notify
-                if conn is not None:
-                    conn.let_go()
                 self.release(gen)
 
     def _drained(self, timeout: float) -> bool:
@@ -296,35 +266,35 @@ class ProxyServer:
         """Client connections open: served by a greenlet, or tunnels relaying on their own."""
         return len(self.connections) + len(self.detached)
 
-    def detach(self, conn: Connection) -> None:
+    def detach(self, conn: ClientConnection) -> Callable[..., gevent.Greenlet]:
         """``conn``'s tunnel goes on without its greenlet (the caller, about to end): its
-        socket and generation stay, and it is counted once, as detached."""
+        socket and generation stay, and it is counted once, as detached. Returns what
+        spawns its end, among the connections (a stop waits for it)."""
         self.detached.add(conn)
         self.connections.discard(gevent.getcurrent())
+        return self.connections.spawn
 
-    def attach(self, conn: Connection) -> None:
-        """The end of a detached connection: what ``_handle`` does for the others."""
+    def track(self, transaction: Any) -> None:
+        """A request or tunnel is in flight: /tunnels lists it, a reload may recheck it."""
+        self.active[transaction.ctx.conn_id] = transaction
+
+    def untrack(self, transaction: Any) -> None:
+        self.active.pop(transaction.ctx.conn_id, None)
+
+    def release_detached(self, conn: ClientConnection) -> None:
+        """The end of a connection whose tunnel relayed detached: what ``_handle`` does at
+        the end of the others."""
         self.detached.discard(conn)
         conn.sock.close()
-        conn.let_go()
-        self.release(conn.conn_gen)
-
-    def _refuse(self, conn: Connection) -> None:
-        # A 503 in clear on a TLS port would read as garbage to a TLS client, and a
-        # handshake only to refuse costs what the limit is there to spare: close at once.
-        if not conn.tls:
-            exc = TooManyConnections("max_connections reached")
-            conn.sock.settimeout(1.0)
-            try:
-                conn.answer(conn.error_response(exc), Record(conn.ctx), close=True)
-            except ProxyError:
-                pass
-        log.warning("refused %s: max_connections (%d) reached", conn.ctx.client_addr[0],
-                    self.config.core["max_connections"])
+        self.release(conn.gen)
 
     def is_local(self, request: Request, ctx: Context) -> bool:
         """Whether ``request`` is addressed to this proxy rather than through it."""
         return addressed_to_proxy(request, self.addresses, ctx.server_addr[0])
+
+    def names_proxy(self, host: str, port: int, ctx: Context) -> bool:
+        """Whether ``host:port`` names this proxy (an HTTP/2 request's :authority)."""
+        return names_proxy(host, port, self.addresses, ctx.server_addr[0])
 
     def reload(self) -> bool:
         """SIGHUP to a process that runs alone: read the configuration file and plugins
@@ -363,7 +333,7 @@ class ProxyServer:
         try:
             return Generation(config, pm, self.gen.number + 1)
         except BaseException:
-            _unconfigure(pm, config)
+            unconfigure(pm, config)
             raise
 
     def install(self, new: "Generation") -> None:
@@ -374,27 +344,7 @@ class ProxyServer:
         self.release(old, 0)
         log.info("reloaded %s; plugins: %s", new.config.path, ", ".join(plugin_names(new.pm)))
         if new.config.core["reload_tunnels"] == "recheck":
-            self.rechecking = gevent.spawn(self._recheck_tunnels, new)
-
-    def _recheck_tunnels(self, gen: "Generation") -> None:
-        """``reload_tunnels = recheck``: every open tunnel judged again by ``gen``; those it
-        would refuse now are closed (close reason ``reload``)."""
-        closed = checked = 0
-        for conn in list(self.active.values()):
-            if self.gen is not gen:
-                return  # a later reload rechecks them instead
-            record = conn.record
-            if (record is None or record.method != "CONNECT" or record.status != 200
-                    or conn.gen is gen):
-                continue  # not an established tunnel, or one the new policy let in
-            checked += 1
-            verdict = conn.recheck(gen, record)
-            if verdict is not None and conn.record is record:
-                conn.log.info("tunnel to %s closed by the reload: %s", record.target,
-                              verdict)
-                conn.close("reload")
-                closed += 1
-        log.info("reload: %d open tunnels rechecked, %d closed", checked, closed)
+            self.rechecking = gevent.spawn(recheck_tunnels, self, new)
 
     def release(self, gen: "Generation", users: int = 1) -> None:
         """A connection of ``gen`` ended; a retired generation with none left is
@@ -416,14 +366,15 @@ class ProxyServer:
         if timeout is None:
             timeout = self.config.core["graceful_timeout"]
         self.close_listeners()
-        busy = self.open_connections() - len(self.idle)
+        busy = self.open_connections() - len(self.waiting)
         log.info("stopping: %d connections busy, waiting up to %gs", busy, timeout)
-        gevent.killall(list(self.idle), block=False)
+        gevent.killall(list(self.waiting), block=False)
         if not self._drained(timeout):
             log.warning("graceful_timeout over: closing %d connections",
                         self.open_connections())
             for conn in list(self.detached):
-                conn.close("shutdown")  # their ends, which write their records, are spawned
+                if conn.detached is not None:  # their ends, which write records, are spawned
+                    conn.detached.close("shutdown")
             self.connections.kill(timeout=5)
             self._drained(5)
         self.pool.clear()
@@ -435,169 +386,10 @@ class ProxyServer:
         log.info("stopped")
 
 
-class _Listener(StreamServer):
-    """A StreamServer that leaves closing the client socket to ``ProxyServer._handle``:
-    a connection whose tunnel relays on its own outlives its handler."""
-
-    #: Whether its connections speak TLS (``tls://`` in ``listen``).
-    tls = False
-
-    def do_close(self, *args: Any) -> None:
-        pass
-
-
-class Generation:
-    """One loaded configuration with its plugins: what a connection is served with from
-    its start to its end, whatever reloads happen meanwhile."""
-
-    def __init__(self, config: Config, pm: Any, number: int = 1) -> None:
-        self.config = config
-        self.pm = pm
-        #: 1 for the configuration loaded at start, one more at each successful reload.
-        self.number = number
-        self.hooks = Hooks(pm)
-        core = config.core
-        self.via: str = "" if core["via"].lower() == "off" else core["via"]
-        self.proxy_name = proxy_name(self.via)
-        #: The TLS listeners' context, read from the files at each load (None with no
-        #: TLS listener): a reload picks up a renewed certificate.
-        self.tls_context: Any = None
-        if any(getattr(address, "tls", False) for address in core["listen"]):
-            from ..net.tls import server_context  # imports ssl: only when TLS is configured
-
-            self.tls_context = server_context(config["tls"], config.path,
-                                              config["tls"]["http2"])
-        self.proxy_protocol: str = core["proxy_protocol"]
-        self.proxy_protocol_from = core["proxy_protocol_from"]
-        if self.proxy_protocol != "off" and not self.proxy_protocol_from:
-            raise ConfigError("proxy_protocol needs the balancers' addresses in "
-                              "proxy_protocol_from", path=config.path, section="geproxy",
-                              key="proxy_protocol_from")
-        #: Connections served with it; replaced by a reload, it is released at zero.
-        self.users = 0
-        self.retired = False
-        self.released = False
-
-    def unconfigure(self) -> None:
-        if self.released:
-            return
-        self.released = True
-        _unconfigure(self.pm, self.config)
-
-
-def _unconfigure(pm: Any, config: Config) -> None:
-    try:
-        pm.hook.unconfigure(config=config)
-    except Exception:
-        log.exception("a plugin failed to release its resources")
-
-
-#: ``[geproxy]`` options a reload cannot change: they shape the listeners and the pool.
-RESTART_ONLY = ("listen", "admin_listen", "upstream_keepalive", "upstream_idle_timeout")
-
-
-def restart_only_changes(old: Config, new: Config) -> list[str]:
-    """What a reload from ``old`` to ``new`` changes that only a restart applies."""
-    return [f"[geproxy] {key} changes only on restart" for key in RESTART_ONLY
-            if new.core[key] != old.core[key]]
-
-
-def reload_failure(exc: BaseException) -> str:
-    """What refused a reload, in one line; a plugin's bug gets its traceback logged too."""
-    if isinstance(exc, ConfigError):
-        return str(exc)
-    log.error("loading the configuration failed", exc_info=exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def observe_reload(gen: "Generation", error: Optional[str]) -> None:
-    """``on_reload`` of every plugin of ``gen``; errors are logged, never raised."""
-    gen.hooks.on_reload(gen.config, error)
-
-
-#: The figures of /debug/stats that add up over workers.
-SUMMED = ("rss_kib", "open_fds", "greenlets", "threads", "connections", "idle_connections",
-          "in_flight", "tunnels", "detached_tunnels", "upstream_pool")
-
-
-def combine_stats(workers: Sequence[dict[str, Any]], **top: Any) -> dict[str, Any]:
-    """``/debug/stats``: the sum of each figure over ``workers`` (None when no worker could
-    read it), the answering process's ``top`` fields (pid, generation, stopping), and each
-    worker's own figures under ``workers``. One process alone answers the same shape, with
-    itself as its one worker."""
-    out: dict[str, Any] = dict(top)
-    for name in SUMMED:
-        read = [figures[name] for figures in workers if figures.get(name) is not None]
-        out[name] = sum(read) if read else None
-    out["workers"] = sorted(workers, key=lambda figures: figures["worker"])
-    return out
-
-
-def _proc_status_kib(name: str) -> Optional[int]:
-    """A field of /proc/self/status in KiB (VmRSS, VmHWM); None where there is no /proc."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            lines = handle.readlines()
-    except OSError:
-        return None
-    found = [line.split()[1] for line in lines if line.startswith(name + ":")]
-    return int(found[0]) if found else None
-
-
-def _count_entries(directory: str) -> Optional[int]:
-    """How many descriptors (/proc/self/fd) or OS threads (/proc/self/task); None without
-    /proc."""
-    try:
-        return len(os.listdir(directory))
-    except OSError:
-        return None
-
-
-def _live_greenlets() -> int:
-    """Spawned greenlets still alive: connections, relays, the pool's sweeper ... The hub
-    and the greenlet asking (the admin request's own) are not counted."""
-    current = gevent.getcurrent()
-    return sum(1 for obj in gc.get_objects()
-               if isinstance(obj, gevent.Greenlet) and not obj.dead and obj is not current)
-
-
-def _is_wildcard(host: str) -> bool:
-    return host in ("0.0.0.0", "::")
-
-
-def _listener(host: str, port: int, reuse_port: bool = False,
-              listen: bool = True) -> socket.socket:
-    """A listening socket. TCP_NODELAY is set here once: accepted sockets inherit it.
-    ``reuse_port``: workers each bind the same port (SO_REUSEPORT), the kernel spreads the
-    connections; ``listen=False`` only reserves the port (a master's, accepting nothing)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if family == socket.AF_INET6:
-            # [::]:3128 beside 0.0.0.0:3128: each family on its own listener.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        if listen:
-            sock.listen(BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"{exc.strerror}: {_fmt((host, port))}") from None
-    return sock
-
-
-def _fmt(address: Sequence[Any]) -> str:
-    """A listen or client address as the log writes it: ``tls://`` before a TLS one."""
-    text = authority(address[0], address[1])
-    return "tls://" + text if getattr(address, "tls", False) else text
-
-
 def create_server(path: str, objects: Sequence[Any] = (), entry_points: bool = True,
-                  text: Optional[str] = None) -> ProxyServer:
+                  text: Optional[str] = None, detach_after: float = DETACH_AFTER
+                  ) -> ProxyServer:
     """Build a ProxyServer from the INI file at ``path``, or from ``text`` read from it
     (raises ConfigError)."""
     pm, config = load(path, objects=objects, entry_points=entry_points, text=text)
-    return ProxyServer(config, pm, objects, entry_points)
+    return ProxyServer(config, pm, objects, entry_points, detach_after=detach_after)

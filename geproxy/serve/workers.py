@@ -47,26 +47,21 @@ from ..config import ListenAddress, parse_workers, read_ini, read_text
 from ..errors import ConfigError
 from ..policy.plugins import exposition
 from .channel import Channel, ChannelClosed, RemoteError
+from .generation import Generation
+from .listeners import describe_address, listening_socket
 from .local import admin_app
 from .log import name_process
-from .server import (
-    Generation,
-    ProxyServer,
-    _fmt,
-    _listener,
-    combine_stats,
-    create_server,
-    observe_reload,
-    reload_failure,
-    restart_only_changes,
-)
+from .reloading import observe_reload, reload_failure, restart_only_changes
+from .server import ProxyServer, create_server
+from .stats import combine_stats
 
 __all__ = ["Master", "serve", "run", "describe_status"]
 
 #: prometheus_client's multiprocess directory (see the metrics plugin).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-log = logging.getLogger(__name__)
+#: Named as log filters know it, wherever the module sits (docs/deployment.md).
+log = logging.getLogger("geproxy.workers")
 
 #: Deaths of workers within DEATH_WINDOW seconds that stop the master: a crash loop.
 MAX_DEATHS = 5
@@ -105,6 +100,8 @@ def restart_pause(deaths: int) -> float:
 
 @dataclass
 class _Worker:
+    """A worker process as its master knows it: its number, pid and channel."""
+
     index: int
     pid: int
     channel: Channel
@@ -159,7 +156,7 @@ class Master:
             self._close_listeners()
             return 2
         log.info("master %d: %d workers on %s", os.getpid(), self.count,
-                 ", ".join(_fmt(a) for a in self.addresses))
+                 ", ".join(describe_address(a) for a in self.addresses))
         for index in range(self.count):
             if not self.stopping:  # a SIGTERM already: no worker to start, none to stop
                 self._spawn(index)
@@ -200,8 +197,8 @@ class Master:
             if port:
                 # A plain bind fails on an address any process serves, with SO_REUSEPORT or
                 # not: so no second geproxy joins the group of this one's sockets.
-                _listener(host, port).close()
-            first = _listener(host, port, reuse_port=True)
+                listening_socket(host, port).close()
+            first = listening_socket(host, port, reuse_port=True)
             bound = ListenAddress(host, first.getsockname()[1],
                                   getattr(address, "tls", False))
             self.addresses.append(bound)
@@ -214,7 +211,7 @@ class Master:
         socks: list[tuple[socket.socket, ListenAddress]] = []
         try:
             for address in self.addresses:
-                socks.append((_listener(address[0], address[1], reuse_port=True), address))
+                socks.append((listening_socket(address[0], address[1], reuse_port=True), address))
         except OSError:
             for sock, _ in socks:
                 sock.close()
@@ -245,11 +242,11 @@ class Master:
                 finally:
                     self.clients.discard(sock)
 
-        self.admin = AdminServer(_listener(*address), admin_app(self), log=None,
+        self.admin = AdminServer(listening_socket(*address), admin_app(self), log=None,
                                  spawn=self.tasks.spawn,
                                  error_log=logging.getLogger("geproxy.admin"))
         self.admin.start()
-        log.info("admin listener on %s", _fmt(self.admin.address))
+        log.info("admin listener on %s", describe_address(self.admin.address))
 
     def _spawn(self, index: int) -> None:
         """Fork worker ``index``. Only the main greenlet forks: in the child, it goes on as

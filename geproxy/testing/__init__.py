@@ -112,15 +112,18 @@ def _require_patched() -> None:
 
 @pytest.fixture
 def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
-    """``proxy_factory(ini="", plugins=())`` starts a proxy; all are stopped at teardown,
+    """``proxy_factory(ini="", plugins=(), resolver=None, detach_after=None)`` starts a
+    proxy (``detach_after``: seconds before a tunnel's greenlet lets go, see
+    ``ProxyServer``); all are stopped at teardown,
     which fails the test if an upstream pool is unsound (``Proxy.pool_problems``) or still
     holds a connection after the stop."""
     _require_patched()
     started: list[Proxy] = []
 
     def factory(ini: str = "", plugins: Sequence[Any] = (),
-                resolver: Optional[StaticResolver] = None) -> Proxy:
-        proxy = start_proxy(tmp_path, ini, plugins, resolver)
+                resolver: Optional[StaticResolver] = None,
+                detach_after: Optional[float] = None) -> Proxy:
+        proxy = start_proxy(tmp_path, ini, plugins, resolver, detach_after)
         started.append(proxy)
         return proxy
 

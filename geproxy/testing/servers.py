@@ -111,14 +111,18 @@ def kit_ini(ini: str = "", access_log: str = "off") -> str:
 
 
 def start_proxy(tmp_path: Path, ini: str = "", plugins: Sequence[Any] = (),
-                resolver: Optional[StaticResolver] = None) -> Proxy:
-    """Start a proxy from ``kit_ini(ini)`` with extra plugin objects."""
+                resolver: Optional[StaticResolver] = None,
+                detach_after: Optional[float] = None) -> Proxy:
+    """Start a proxy from ``kit_ini(ini)`` with extra plugin objects. ``detach_after``: the
+    seconds a tunnel relays before its greenlet lets go (the server's default if None)."""
     path = tmp_path / f"geproxy-{time.monotonic_ns()}.ini"
     path.write_text(kit_ini(ini))
     resolver = resolver or StaticResolver()
     records = RecordCollector()
     server = create_server(str(path), objects=[resolver, records, *plugins],
                            entry_points=False)
+    if detach_after is not None:
+        server.detach_after = detach_after
     server.start()
     return Proxy(server, resolver, records)
 
