@@ -23,7 +23,7 @@ from gevent.lock import Semaphore
 
 from .errors import ConfigError
 from .models import TLSInfo
-from .sockets import send_all
+from .sockets import raw_socket, send_all
 
 __all__ = ["HandshakeFailed", "TLSStream", "server_context", "remember_server_names", "identity_of"]
 
@@ -172,7 +172,7 @@ class TLSStream:
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
         self.sock = sock
-        self._raw = getattr(sock, "_sock", sock)  # gevent's wrapper holds a non-blocking one
+        self._raw = raw_socket(sock)  # its calls never wait
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self._in, self._out, server_side=True)
