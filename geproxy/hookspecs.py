@@ -6,9 +6,14 @@ module or class registered as a plugin (see docs/plugins.md).
 
 Conventions shared by every hook:
 
-- ``None`` means "no opinion": the next plugin is asked, and the core's default applies when
-  nobody answers. No return value means "allow regardless": a plugin cannot overrule another
-  plugin's denial by running first, it can only stay silent.
+- In the hooks that decide (first result: ``on_connect``, ``on_request``, ``route``,
+  ``resolve``, ``on_tunnel_data``), returning ``None`` (or nothing) means "no opinion": the
+  next plugin is asked, and when every one says ``None`` the core's default applies (let the
+  client in, go on with the request, connect directly, let the tunnel go on; ``resolve``
+  answers 502). Any other value decides and ends the call. None of them means "allow
+  regardless": a plugin that runs first cannot overrule a later plugin's denial, it can only
+  stay silent. The other hooks' return values are ignored (``parent_proxies``' are
+  collected).
 - Hooks run in the connection's greenlet. They may block only on gevent-cooperative I/O (a
   gevent socket, ``gevent.sleep``, a threadpool call); a CPU-heavy or OS-blocking call stalls
   every connection of the process.
