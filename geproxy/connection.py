@@ -32,7 +32,7 @@ from .errors import (
 )
 from .local import call_wsgi
 from .log import ConnLogger
-from .models import Context, Headers, Record, Request, Response, Route, new_conn_id
+from .models import Context, Headers, Record, Request, Response, Route
 from .sockets import IdleWait, send_all, still_idle
 from .static import content_type, docroot_file
 from .upstream import connect, parent_connect
@@ -68,7 +68,7 @@ class Connection:
         self.hooks = gen.hooks
         #: ``ctx`` is given for an HTTP/2 stream (h2stream.py): its connection's, copied.
         self.ctx = ctx or Context(client_addr=(address[0], address[1]), server_addr=local,
-                                  config=gen.config, conn_id=new_conn_id(server.conn_prefix))
+                                  config=gen.config, conn_id=server.next_conn_id())
         self.log = ConnLogger(log, self.ctx)
         #: Bytes read from the client and not yet consumed (pipelined requests, bodies).
         self.buf = b""
