@@ -216,6 +216,14 @@ class Context:
     #: it is, check no credentials, and answer their challenge only when it is None; plugins
     #: that count or log requests leave the request out.
     decide_only: bool = False
+    #: What a DNS cache made of the current request's last lookup: "hit" (answered without
+    #: asking the resolvers, a cached failure included), "miss" (the resolvers were asked)
+    #: or "stale" (a stale answer, the resolvers having failed); None when no cache took part
+    #: (no lookup: an IP literal, a reused upstream connection; no cache plugin; a request
+    #: only decided). Set by the cache in ``resolve`` (the built-in ``dnscache``), read by
+    #: observers in ``on_close``; the core sets it back to None once ``on_close`` has run,
+    #: so each request of a keep-alive connection starts without one.
+    dns_cache: Optional[str] = None
 
     @property
     def client_ip(self) -> str:
