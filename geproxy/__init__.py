@@ -5,9 +5,9 @@ from geproxy (``geproxy.errors`` included, through ``from geproxy import errors`
 """
 
 from . import errors, hosts
-from .config import Config, OptionRegistry
+from .config import Config, OptionRegistry, parse_port_ranges
 from .errors import ConfigError, Denied, DNSError, DNSTimeout, ProxyError
-from .hosts import HostPatterns
+from .hosts import HostPatterns, RouteRule
 from .models import Context, Headers, Record, Request, Resolved, Response, Route, TLSInfo
 from .policy.plugins import DEFAULT_PLUGINS, hookimpl
 
@@ -27,6 +27,8 @@ __all__ = [
     "DNSTimeout",
     "Headers",
     "HostPatterns",
+    "RouteRule",
+    "parse_port_ranges",
     "ProxyError",
     "Record",
     "Request",

@@ -178,7 +178,8 @@ _PORT_RANGE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 
 def parse_port_ranges(items: Sequence[str]) -> tuple[tuple[int, int], ...]:
     """``443``, ``8000-8999``: (first, last) port pairs, 1 to 65535; ValueError naming the
-    bad item. The ``ports`` kind, and ACL rules' ``port`` conditions."""
+    bad item. The ``ports`` kind, and ACL rules' ``port`` conditions; public, as
+    ``geproxy.parse_port_ranges``, for plugins whose options name ports."""
     out = []
     for item in items:
         match = _PORT_RANGE.fullmatch(item)

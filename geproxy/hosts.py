@@ -3,7 +3,9 @@
 ``HostPatterns.parse(["example.com", ".example.org", "*.cdn.example", "10.0.0.0/8"])``: exact
 names, ``.domain`` (the domain and every name below it), shell globs, and IP networks (which
 match IP-literal hosts only, never names that resolve into them). Names are compared in
-lower case without a trailing dot. Part of the public API, for plugins.
+lower case without a trailing dot. ``RouteRule``: the grammar of the ``[parents] rules``
+lines, for the ``parent`` plugin that routes by them and the ``pac`` plugin that writes them
+into a PAC file. Part of the public API, for plugins.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-__all__ = ["HostPatterns", "ip_literal", "unmapped", "parse_network", "authority"]
+__all__ = ["HostPatterns", "RouteRule", "ip_literal", "unmapped", "parse_network",
+           "authority"]
 
 
 def authority(host: str, port: int) -> str:
@@ -111,6 +114,56 @@ class HostPatterns:
         if any(name == domain or name.endswith("." + domain) for domain in self.domains):
             return True
         return any(fnmatch.fnmatchcase(name, glob) for glob in self.globs)
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """One line of ``[parents] rules``: ``direct`` or ``parent``, then the host patterns of
+    the targets it decides for (``HostPatterns``), or ``all`` alone for every target, names
+    and IP literals alike. In a list, the first rule that matches a host decides."""
+
+    #: True for ``parent`` (through the parent proxies), False for ``direct``.
+    via_parent: bool
+    #: The hosts it matches; None for ``all``.
+    patterns: Optional[HostPatterns]
+    #: The line as written.
+    text: str
+
+    #: The words a rule starts with.
+    ACTIONS = ("direct", "parent")
+
+    def matches(self, host: str) -> bool:
+        """Whether the rule decides for ``host`` (a name or an IP literal)."""
+        return self.patterns is None or self.patterns.match(host)
+
+    @classmethod
+    def parse(cls, text: str) -> "RouteRule":
+        """One line; raises ValueError saying what is wrong with it."""
+        words = [word for word in re.split(r"[\s,]+", text.strip()) if word]
+        if not words or words[0] not in cls.ACTIONS:
+            raise ValueError("a rule starts with direct or parent")
+        action, values = words[0], words[1:]
+        if not values:
+            raise ValueError(f"nothing to match: write '{action} all' or give host patterns")
+        if "all" in values:
+            if values != ["all"]:
+                raise ValueError("all stands alone: no patterns go with it")
+            return cls(action == "parent", None, text)
+        return cls(action == "parent", HostPatterns.parse(values), text)
+
+    @classmethod
+    def parse_lines(cls, lines: Sequence[str]) -> tuple["RouteRule", ...]:
+        """Every line of a ``rules`` value (a ``lines`` option), in order, blank lines left
+        out; raises ValueError starting with ``line N`` (counting every line given)."""
+        rules = []
+        for number, text in enumerate(lines, 1):
+            if not text.strip():
+                continue
+            try:
+                rules.append(cls.parse(text))
+            except ValueError as exc:
+                raise ValueError(f"line {number}: {exc}: {text!r}") from None
+        return tuple(rules)
 
 
 def parse_network(value: str) -> IPNetwork:

@@ -7,7 +7,6 @@ a round trip.
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Tuple
@@ -191,15 +190,6 @@ class TLSInfo:
     identity: Optional[str] = None
 
 
-_conn_ids = itertools.count(1)
-
-
-def new_conn_id(prefix: str = "") -> str:
-    """A connection id unique in this process: ``c42``. A worker's ids carry its number
-    (``prefix`` ``w1``: ``w1c42``), so that ids are unique across the workers of a master."""
-    return f"{prefix}c{next(_conn_ids)}"
-
-
 @dataclass
 class Context:
     """Per connection. Lives from accept to close; plugins must not keep it after on_close.
@@ -210,7 +200,10 @@ class Context:
     client_addr: tuple[str, int]
     server_addr: tuple[str, int]
     config: Any
-    conn_id: str = ""
+    #: The connection's id, unique among its server's (``c42``; ``w1c42`` in worker 1), or
+    #: a stream's (``c42-3``); ``-`` for a context made outside a server (a test,
+    #: ``geproxy explain``).
+    conn_id: str = "-"
     user: Optional[str] = None
     stash: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
@@ -223,10 +216,14 @@ class Context:
     #: it is, check no credentials, and answer their challenge only when it is None; plugins
     #: that count or log requests leave the request out.
     decide_only: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.conn_id:
-            self.conn_id = new_conn_id()
+    #: What a DNS cache made of the current request's last lookup: "hit" (answered without
+    #: asking the resolvers, a cached failure included), "miss" (the resolvers were asked)
+    #: or "stale" (a stale answer, the resolvers having failed); None when no cache took part
+    #: (no lookup: an IP literal, a reused upstream connection; no cache plugin; a request
+    #: only decided). Set by the cache in ``resolve`` (the built-in ``dnscache``), read by
+    #: observers in ``on_close``; the core sets it back to None once ``on_close`` has run,
+    #: so each request of a keep-alive connection starts without one.
+    dns_cache: Optional[str] = None
 
     @property
     def client_ip(self) -> str:

@@ -45,8 +45,8 @@ from geproxy import (
     Response,
     errors,
     hookimpl,
+    parse_port_ranges,
 )
-from geproxy.config import parse_port_ranges
 from geproxy.hosts import ip_literal, parse_network, unmapped
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,12 @@ A positive entry is kept ``stale_ttl`` longer, for serve-stale only: memory stay
 Only ``DNSError`` and ``DNSTimeout`` are caught; anything else (a ``DestinationProhibited``, a
 bug, ``GreenletExit``) passes through untouched, and the waiters then look again.
 
-Counters, for other plugins (metrics): ``hits`` (lookups answered without asking the
-resolvers, cached failures and joined flights included), ``misses`` (lookups that asked the
-resolvers), ``stale`` (lookups answered with a stale entry), ``evictions`` (entries pushed out
-by ``max_entries``), and ``size`` / ``len(plugin)`` (entries held, stale ones included).
+Each lookup's outcome goes into ``ctx.dns_cache`` (``hit``, ``miss`` or ``stale``), where
+observers such as the metrics plugin read it in ``on_close``. Counters, on the plugin object:
+``hits`` (lookups answered without asking the resolvers, cached failures and joined flights
+included), ``misses`` (lookups that asked the resolvers), ``stale`` (lookups answered with a
+stale entry), ``evictions`` (entries pushed out by ``max_entries``), and ``size`` /
+``len(plugin)`` (entries held, stale ones included).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ __all__ = ["DNSCache"]
 
 log = logging.getLogger(__name__)
 
-#: The ctx.stash key of the last lookup's outcome (hits, misses, stale), for metrics.
-STASH = "dnscache"
+#: Each counter's outcome, as ``ctx.dns_cache`` says it.
+OUTCOMES = {"hits": "hit", "misses": "miss", "stale": "stale"}
 
 #: The TTL given to a stale answer (RFC 8767 section 4 recommends 30 seconds).
 STALE_ANSWER_TTL = 30.0
@@ -237,13 +239,13 @@ class DNSCache:
         return None
 
     def _count(self, ctx: Context, outcome: str) -> None:
-        """Count a lookup's outcome, and leave it in ``ctx.stash["dnscache"]`` for the
-        ``metrics`` plugin (``hits``, ``misses`` or ``stale``); a lookup of a request only
-        being decided (``ctx.decide_only``: geproxy explain) is not counted."""
+        """Count a lookup's outcome (``hits``, ``misses`` or ``stale``) and say it in
+        ``ctx.dns_cache``; a lookup of a request only being decided (``ctx.decide_only``:
+        geproxy explain) is not counted."""
         if ctx.decide_only:
             return
         setattr(self, outcome, getattr(self, outcome) + 1)
-        ctx.stash[STASH] = outcome
+        ctx.dns_cache = OUTCOMES[outcome]
 
     @hookimpl(wrapper=True, trylast=True, specname="resolve")
     def remember(self, ctx: Context, host: str, port: int) -> Any:

@@ -1,12 +1,13 @@
 """``metrics``: Prometheus metrics of the proxy's traffic, served on the admin listener.
 
-Every instance has its own ``prometheus_client.CollectorRegistry`` (nothing global: two
-servers in one process count apart). The core finds the plugin by its name, ``metrics``, and
-serves ``exposition()`` as ``GET /metrics`` on the admin listener (``admin_listen``).
+The core finds the plugin by its name, ``metrics`` (``geproxy.plugins.exposition``), and
+serves ``exposition()`` as ``GET /metrics`` on the admin listener (``admin_listen``; on the
+proxy port too when ``local_paths`` says so).
 
 Metrics, all with the ``geproxy_`` prefix:
 
-- ``connections_total``: client connections accepted (counted in ``on_connect``).
+- ``connections_total``: client connections accepted (``on_connect``);
+  ``connections_open``: those not yet closed (down again in ``on_disconnect``).
 - ``requests_in_flight``: requests and tunnels being served (from ``on_request`` to their
   ``on_close``).
 - ``requests_total{method,status}``: finished requests and tunnels, by method (an unusual
@@ -18,6 +19,8 @@ Metrics, all with the ``geproxy_`` prefix:
   proxy's own answers, WebSocket upgrades).
 - ``errors_total{error}``: requests that ended with a Proxy-Status error type.
 - ``acl_denials_total{rule}``: denials by a policy plugin, by the rule id that denied.
+- ``dns_cache_total{result}``: requests whose lookup went through a DNS cache, by what it
+  made of it (``ctx.dns_cache``: ``hit``, ``miss``, ``stale``).
 - ``tls_handshakes_total{result}``: handshakes on TLS listeners: ``ok``, or what failed them
   (``timeout``, ``eof``, ``client_certificate``, ``server_certificate``, ``protocol``,
   ``plain_http``, ``error``).
@@ -30,18 +33,24 @@ Metrics, all with the ``geproxy_`` prefix:
   ``process_start_time_seconds{worker}``: each one's figures, read from /proc when scraped
   (prometheus_client's own process collector knows no workers).
 
-The figures live in ``config.stash`` (one set per server, handed from a configuration to
-the next), so a reload goes on counting. With workers (the master sets MULTIPROC_ENV), every
-process writes its figures to that directory and the master exposes their sum. Neither mode
-exposes ``_created`` samples (the multiprocess mode has none), so the same names come out
-whatever ``workers`` says.
+The figures belong to a server: they live in ``config.stash`` (a ``CollectorRegistry`` of
+their own, handed from a configuration to the next), so a reload goes on counting and two
+servers in one process count apart. With workers, ``prepare_workers`` (called by the master
+before it forks) replaces them with figures in prometheus_client's multiprocess mode: every
+process writes its own files into a directory of the master's, the master sums them when
+/metrics is asked, and ``on_worker_exit`` lets a dead worker's gauges go. The same sample
+names come out either way: ``_created`` samples are left out (the multiprocess mode has
+none).
 
-Not here: the DNS cache counters (a plugin sees no other plugin; ``dnscache`` keeps them as
-attributes) and the count of open client connections (no hook tells of a connection's end).
+prometheus_client chooses how its values are kept for the whole process (two globals of
+``prometheus_client.values``, read whenever a metric or a labelled child is made). This
+plugin's figures are made inside ``_Figures.making``, which sets both for them alone and puts
+them back: nothing else in the process sees a change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Generator, Iterator, Mapping, Optional
@@ -53,7 +62,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    disable_created_metrics,
     generate_latest,
     multiprocess,
     values,
@@ -64,7 +72,8 @@ from geproxy import Config, Context, Record, Request, Response, hookimpl
 
 __all__ = ["Metrics", "MULTIPROC_ENV"]
 
-#: prometheus_client's multiprocess directory; set by the master when there are workers.
+#: prometheus_client's multiprocess directory: set by ``prepare_workers`` for the master and
+#: the workers it forks (prometheus_client's multiprocess values find it only there).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Method labels kept as they are; any other method counts as OTHER (bounded labels).
@@ -76,24 +85,57 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 #: The key of this plugin's mark in ``ctx.stash``: a request counted in flight.
 #: (a leading "_": a private mark, which ``geproxy explain`` does not print)
 STASH = "_metrics"
-#: Where the dnscache plugin leaves the outcome of a request's lookup.
-DNS_CACHE = "dnscache"
-DNS_RESULTS = {"hits": "hit", "misses": "miss", "stale": "stale"}
+#: What ``ctx.dns_cache`` may say, and this plugin counts (bounded labels).
+DNS_RESULTS = frozenset({"hit", "miss", "stale"})
 #: The key of the mark of a connection counted open.
 OPEN = "_metrics.open"
 #: The key of the figures in ``config.stash``.
 STATE = "metrics"
 
+#: The lock of this plugin's values: the thread's own, in C. gevent's patching makes
+#: threading.Lock, prometheus_client's, a lock written in Python, taken a dozen times per
+#: request; a value changes in one step that never yields to another greenlet, so the C
+#: lock (still right across OS threads) does the same for a fraction.
+_LOCK = monkey.get_original("_thread", "allocate_lock")
+
+
+@contextlib.contextmanager
+def _values_made_with(value_class: Any) -> Iterator[None]:
+    """Within the block, prometheus_client makes values of ``value_class``, guarded by
+    ``_LOCK``; outside it, what it made before. No greenlet switch can happen inside (making
+    a metric, or opening its multiprocess file, never yields)."""
+    saved = values.ValueClass, values.Lock
+    values.ValueClass, values.Lock = value_class, _LOCK
+    try:
+        yield
+    finally:
+        values.ValueClass, values.Lock = saved
+
 
 class _Figures:
-    """Every metric of one server: made once, kept across reloads in ``config.stash``."""
+    """Every metric of one server: made once, kept across reloads in ``config.stash``.
+    ``directory``: prometheus_client's multiprocess directory (with workers), or None."""
 
-    def __init__(self, shared: bool) -> None:
-        if shared:
-            values.ValueClass = values.MultiProcessValue()  # chosen per metric at creation
-        self.shared = shared
+    def __init__(self, directory: Optional[str] = None) -> None:
+        self.directory = directory
+        #: The one value class of these figures; the multiprocess one keeps its files per
+        #: process (a forked worker's are its own) and is made once.
+        self.value_class: Any = values.MutexValue
+        if directory:
+            with _values_made_with(values.MutexValue):
+                self.value_class = values.MultiProcessValue()
         self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
+        #: Labelled children by (metric, labels), made once each: ``labels()`` takes a lock
+        #: and builds a key, and must run inside ``making``.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        with self.making():
+            self._make(self.registry)
+
+    def making(self) -> contextlib.AbstractContextManager[None]:
+        """The block where a metric or a labelled child of these figures may be made."""
+        return _values_made_with(self.value_class)
+
+    def _make(self, registry: CollectorRegistry) -> None:
         self.connections = Counter("geproxy_connections", "Client connections accepted.",
                                    registry=registry)
         self.open = Gauge("geproxy_connections_open", "Client connections open.",
@@ -132,24 +174,50 @@ class _Figures:
                                  "name.", buckets=BUCKETS, registry=registry)
         self.connect = Histogram("geproxy_connect_seconds", "Time to connect to an upstream.",
                                  buckets=BUCKETS, registry=registry)
-        # Labelled children, looked up once each: labels() takes a lock and builds a key.
         # Every label a process may count is made at once, so the samples shown do not
         # depend on which process happened to count what.
         self.requests_by: dict[tuple[str, int], Any] = {}
-        self.up, self.down = self.tunnel_bytes.labels("up"), self.tunnel_bytes.labels("down")
-        self.http_up = self.http_bytes.labels("up")
-        self.http_down = self.http_bytes.labels("down")
+        self.up = self.child(self.tunnel_bytes, "up")
+        self.down = self.child(self.tunnel_bytes, "down")
+        self.http_up = self.child(self.http_bytes, "up")
+        self.http_down = self.child(self.http_bytes, "down")
         for outcome in ("ok", "refused"):
-            self.reloads.labels(outcome)
-        self.handshakes.labels("ok")
+            self.child(self.reloads, outcome)
+        self.child(self.handshakes, "ok")
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, made once (inside ``making``) and kept."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            with self.making():
+                found = self._children[key] = metric.labels(*labels)
+        return found
 
     def exposition(self, processes: Mapping[int, int]) -> bytes:
-        if self.shared:
+        if self.directory:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry, path=self.directory)
         else:
             registry = self.registry
-        return generate_latest(registry) + generate_latest(_Processes(processes))
+        return generate_latest(_WithoutCreated(registry)) + generate_latest(
+            _Processes(processes))
+
+
+class _WithoutCreated:
+    """A registry's families without their ``_created`` samples, for ``generate_latest``:
+    the same names with workers or without (the multiprocess mode has none). Not
+    prometheus_client's ``disable_created_metrics()``, which would turn them off for every
+    registry of the process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            created = family.name + "_created"
+            family.samples = [sample for sample in family.samples if sample.name != created]
+            yield family
 
 
 class _Processes:
@@ -213,24 +281,36 @@ class Metrics:
     name = "metrics"
 
     def __init__(self) -> None:
-        # prometheus_client guards every value with threading.Lock, which gevent's patching
-        # turns into a lock written in Python, taken a dozen times per request. A value is
-        # changed in one step that never yields to another greenlet, so the thread's own
-        # lock (C, and still right across OS threads) does the same for a fraction.
-        values.Lock = monkey.get_original("_thread", "allocate_lock")
-        # The same samples with workers or without: the multiprocess mode has no _created.
-        disable_created_metrics()
-        #: The server's figures: set by configure (from config.stash, or made there).
+        #: The server's figures: set by configure (from config.stash, or made there), and
+        #: by prepare_workers.
         self.figures: Optional[_Figures] = None
 
     @hookimpl
     def configure(self, config: Config) -> None:
         figures = config.stash.get(STATE)
         if not isinstance(figures, _Figures):
-            # With workers, the master names a directory where every process keeps its
-            # figures (prometheus_client's multiprocess mode), summed when exposed.
-            figures = config.stash[STATE] = _Figures(bool(os.environ.get(MULTIPROC_ENV)))
+            figures = config.stash[STATE] = _Figures()
         self.figures = figures
+
+    @hookimpl
+    def prepare_workers(self, config: Config, workers: int, directory: str) -> None:
+        """Figures that every process of the master adds to: prometheus_client's
+        multiprocess mode, in a directory of the master's, in place of the figures of one
+        process that ``configure`` made (nothing was counted yet)."""
+        path = os.path.join(directory, "metrics")
+        os.mkdir(path)
+        # Where prometheus_client's multiprocess values keep their files, here and in each
+        # worker forked from here: they read it from the environment, and only there.
+        os.environ[MULTIPROC_ENV] = path
+        self.figures = config.stash[STATE] = _Figures(path)
+
+    @hookimpl
+    def on_worker_exit(self, config: Config, worker: int, pid: int) -> None:
+        """A dead worker's live gauges (connections open, requests in flight) stop counting,
+        before a process that may get its pid writes files of that name."""
+        directory = self._figures().directory
+        if directory:
+            multiprocess.mark_process_dead(pid, directory)
 
     def exposition(self, processes: Optional[Mapping[int, int]] = None) -> tuple[bytes, str]:
         """The figures in the Prometheus text format, and its content type: with workers,
@@ -241,7 +321,7 @@ class Metrics:
 
     def _figures(self) -> _Figures:
         if self.figures is None:  # not configured: an instance of its own (tests, tools)
-            self.figures = _Figures(False)
+            self.figures = _Figures()
         return self.figures
 
     @hookimpl
@@ -255,7 +335,8 @@ class Metrics:
 
     @hookimpl
     def on_tls_handshake(self, ctx: Context, error: Optional[str]) -> None:
-        self._figures().handshakes.labels(error or "ok").inc()
+        figures = self._figures()
+        figures.child(figures.handshakes, error or "ok").inc()
 
     @hookimpl
     def on_disconnect(self, ctx: Context) -> None:
@@ -266,7 +347,7 @@ class Metrics:
     @hookimpl
     def on_reload(self, config: Config, error: Optional[str]) -> None:
         figures = self._figures()
-        figures.reloads.labels("refused" if error else "ok").inc()
+        figures.child(figures.reloads, "refused" if error else "ok").inc()
         if not error:
             figures.last_reload.set(time.time())
 
@@ -302,16 +383,15 @@ class Metrics:
         method = record.method if record.method in METHODS else "OTHER"
         child = figures.requests_by.get((method, record.status))
         if child is None:  # bounded: METHODS and OTHER, by the statuses there are
-            child = figures.requests_by[(method, record.status)] = figures.requests.labels(
-                method, str(record.status))
+            child = figures.requests_by[(method, record.status)] = figures.child(
+                figures.requests, method, str(record.status))
         child.inc()
-        lookup = ctx.stash.pop(DNS_CACHE, None)  # the dnscache plugin's outcome, if it ran
-        if lookup in DNS_RESULTS:
-            figures.dns_cache.labels(DNS_RESULTS[lookup]).inc()
+        if ctx.dns_cache in DNS_RESULTS:  # this request's lookup went through a cache
+            figures.child(figures.dns_cache, ctx.dns_cache).inc()
         if record.error:
-            figures.errors.labels(record.error).inc()
+            figures.child(figures.errors, record.error).inc()
         if record.rule:
-            figures.denials.labels(record.rule).inc()
+            figures.child(figures.denials, record.rule).inc()
         if record.dns_time is not None:
             figures.resolve.observe(record.dns_time)
         if record.connect_time is not None:

@@ -68,6 +68,7 @@ from geproxy import (
     OptionRegistry,
     Request,
     Response,
+    RouteRule,
     hookimpl,
     hosts,
 )
@@ -87,8 +88,6 @@ CACHE_SIZE = 64
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 #: What a shExpMatch pattern may hold and mean the same in every browser.
 _PLAIN_GLOB = re.compile(r"[a-z0-9_.*?!-]+")
-#: The actions of a ``[parents]`` rule.
-ACTIONS = ("direct", "parent")
 
 
 # -- the rules ------------------------------------------------------------------------------
@@ -107,28 +106,23 @@ class Check:
 def parse_parent_rules(lines: Sequence[str]) -> tuple[Check, ...]:
     """The checks the PAC makes for ``rules``, in order.
 
-    The ``parent`` plugin's syntax: ``direct|parent`` and host patterns, or ``all`` alone.
-    The list ends after an ``all`` line (nothing after it is reachable) and before a line
-    this plugin cannot read (logged: nothing after it can be said to go direct).
+    The ``parent`` plugin's grammar, ``geproxy.RouteRule``: ``direct|parent`` and host
+    patterns, or ``all`` alone. The list ends after an ``all`` line (nothing after it is
+    reachable) and before a line that is no rule (logged: nothing after it can be said to
+    go direct).
     """
     checks: list[Check] = []
     for number, line in enumerate(lines, 1):
-        words = [w for w in re.split(r"[\s,]+", line.strip()) if w]
-        if not words:
+        if not line.strip():
             continue
-        action, values = words[0], words[1:]
         try:
-            if action not in ACTIONS or not values:
-                raise ValueError("a rule is direct or parent, then all or host patterns")
-            if values == ["all"]:
-                checks.append(Check(action == "direct", None, number))
-                break
-            if "all" in values:
-                raise ValueError("all stands alone")
-            checks.append(Check(action == "direct", HostPatterns.parse(values), number))
+            rule = RouteRule.parse(line)
         except ValueError as exc:
             log.warning("pac: [parents] rules line %d and the lines after it are left out "
                         "of the PAC (every host they name goes to the proxy): %s", number, exc)
+            break
+        checks.append(Check(not rule.via_parent, rule.patterns, number))
+        if rule.patterns is None:  # all
             break
     # A check for the proxy after the last DIRECT one says what the final return says.
     while checks and not checks[-1].direct:

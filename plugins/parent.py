@@ -40,11 +40,11 @@ from geproxy import (
     Config,
     ConfigError,
     Context,
-    HostPatterns,
     OptionRegistry,
     Record,
     Request,
     Route,
+    RouteRule,
     errors,
     hookimpl,
 )
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 SECTION = "parents"
 #: ctx.stash key: the plugin's name.
 STASH = "parent"
-ACTIONS = ("direct", "parent")
 DEFAULT_RETRY_AFTER = "30s"
 
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
@@ -140,42 +139,13 @@ def parse_parent(url: str) -> Route:
     return Route(_host(host_text), int(port_text), username, password)
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One line of ``rules``: where the targets its patterns match go."""
-
-    via_parent: bool
-    #: None: ``all``, every target.
-    patterns: Optional[HostPatterns]
-    text: str
-
-    def matches(self, host: str) -> bool:
-        return self.patterns is None or self.patterns.match(host)
+#: One line of ``rules`` (the grammar is ``geproxy.RouteRule``'s, which ``pac`` reads too).
+Rule = RouteRule
 
 
-def parse_rule(text: str) -> Rule:
-    tokens = [t for t in re.split(r"[\s,]+", text.strip()) if t]
-    if not tokens or tokens[0] not in ACTIONS:
-        raise ValueError("a rule starts with direct or parent")
-    action, values = tokens[0], tokens[1:]
-    if not values:
-        raise ValueError(f"nothing to match: write '{action} all' or give host patterns")
-    if "all" in values:
-        if values != ["all"]:
-            raise ValueError("all stands alone: no patterns go with it")
-        return Rule(action == "parent", None, text)
-    return Rule(action == "parent", HostPatterns.parse(values), text)
-
-
-def parse_rules(lines: Sequence[str]) -> tuple[Rule, ...]:
+def parse_rules(lines: Sequence[str]) -> tuple[RouteRule, ...]:
     """Every line of ``rules``; raises ValueError starting with ``line N``."""
-    rules = []
-    for number, text in enumerate(lines, 1):
-        try:
-            rules.append(parse_rule(text))
-        except ValueError as exc:
-            raise ValueError(f"line {number}: {exc}: {text!r}") from None
-    return tuple(rules)
+    return RouteRule.parse_lines(lines)
 
 
 # -- state ----------------------------------------------------------------------------------
@@ -218,7 +188,7 @@ class Parent:
     def __init__(self) -> None:
         #: The parents, in order; empty: every request is direct.
         self.parents: tuple[Route, ...] = ()
-        self.rules: tuple[Rule, ...] = ()
+        self.rules: tuple[RouteRule, ...] = ()
         self.retry_after = 30.0
         #: The time source for retry_after; tests put a fake clock here.
         self.clock: Callable[[], float] = time.monotonic

@@ -602,3 +602,16 @@ def test_a_semicolon_starts_a_comment_only_at_the_start_of_a_line(tmp_path: Path
     parser = read_ini(path)
     assert parser["auth"]["realm"] == "a;b ; part of the value"
     assert parser["parents"]["rules"] == "\ndirect .corp.example"
+
+
+@pytest.mark.pure
+def test_port_ranges_are_public_api():
+    """geproxy.parse_port_ranges: what a ``ports`` option holds, for plugins (acl's port
+    conditions use it)."""
+    from geproxy import parse_port_ranges
+
+    assert parse_port_ranges(["443", "8000-8999", "1-65535"]) == (
+        (443, 443), (8000, 8999), (1, 65535))
+    for bad in ("0", "65536", "9-8", "443,444", "https"):
+        with pytest.raises(ValueError, match=re.escape(f"(1-65535): {bad!r}")):
+            parse_port_ranges([bad])

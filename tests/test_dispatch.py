@@ -7,6 +7,7 @@ Each case builds a plugin manager on geproxy's hookspecs and asks both ways: thr
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Iterator, Optional
 
 import pluggy
@@ -14,6 +15,7 @@ import pytest
 
 from geproxy import hookimpl
 from geproxy.models import Context, Headers, Record, Request, Response
+from geproxy.policy import hookcall as dispatch
 from geproxy.policy import hookspecs
 from geproxy.policy.hookcall import HookCall
 from geproxy.policy.plugins import Hooks
@@ -173,6 +175,38 @@ def test_hook_call_monitoring_sees_every_call():
     assert call(CTX, REQUEST).status == 200
     assert monitored == ["on_request"]
     assert asked == ["plain"] * 3
+
+
+def test_pluggys_private_names_are_where_dispatch_reads_them():
+    """dispatch.py reads two private names of pluggy to tell whether a manager's calls are
+    observed. setup.py pins pluggy to the versions this passed on: a pluggy that moves them
+    fails here, where the proxy would only have lost its fast path."""
+    pm = manager(Answer(200, [], "plain"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback's warning fails the test too
+        assert dispatch.unobserved(pm), (
+            f"pluggy {pluggy.__version__}: _callers._multicall is not "
+            "PluginManager._inner_hookexec any more: see dispatch.py")
+        undo = pm.add_hookcall_monitoring(lambda *args: None, lambda *args: None)
+        assert not dispatch.unobserved(pm)
+        undo()
+        assert dispatch.unobserved(pm)
+        undo = pm.enable_tracing()
+        assert not dispatch.unobserved(pm)
+        undo()
+        assert dispatch.unobserved(pm)
+
+
+def test_without_pluggys_private_names_every_call_goes_through_pluggy(monkeypatch):
+    """A pluggy without the names dispatch.py reads: calls still give pluggy's answer, by
+    pluggy's own path, and a warning says why they are slower."""
+    monkeypatch.setattr(dispatch, "_PLAIN_EXEC", None)
+    asked: list[str] = []
+    pm = manager(Answer(None, asked, "first"), Answer(204, asked, "second"))
+    call = HookCall(pm, "on_request")
+    with pytest.warns(RuntimeWarning, match="every hook call goes through pluggy"):
+        assert call(CTX, REQUEST).status == 204
+    assert asked == ["second"]
 
 
 def test_observers_are_isolated_and_named(caplog):

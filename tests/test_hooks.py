@@ -118,6 +118,19 @@ def test_builtin_plugins_are_registered_by_name(proxy):
         assert name in names
 
 
+def test_each_server_numbers_its_connections_from_one(proxy_factory, origin):
+    """Connection ids are the server's, not the process's: two servers in one process each
+    count their own connections from c1."""
+    first, second = proxy_factory(), proxy_factory()
+    for proxy in (first, second, first):
+        out = curl("-sS", "-x", proxy.url, origin.url("/"))
+        assert out.returncode == 0, out.stderr
+        wait_for_records(proxy, 1)
+    assert [record.ctx.conn_id for record in wait_for_records(first, 2)] == ["c1", "c2"]
+    assert [record.ctx.conn_id for record in wait_for_records(second, 1)] == ["c1"]
+    assert first.server.next_conn_id() == "c3"
+
+
 def test_every_hook_has_a_contract():
     """Each hookspec documents when it is called and what its return values mean."""
     specs = [obj for name, obj in inspect.getmembers(hookspecs, inspect.isfunction)
@@ -126,7 +139,7 @@ def test_every_hook_has_a_contract():
         "add_options", "configure", "unconfigure", "on_connect", "on_request", "route",
         "route_failed", "resolve", "on_tunnel_data", "on_response", "on_close",
         "reopen_logs", "on_disconnect", "on_tls_handshake", "on_progress", "on_reload",
-        "parent_proxies"}
+        "parent_proxies", "prepare_workers", "on_worker_exit"}
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert "Called" in doc, spec.__name__

@@ -190,3 +190,23 @@ def test_a_worker_serves_every_workers_metrics_on_the_proxy_port(proxy_process, 
         assert re.search(rf'^geproxy_requests_total\{{method="GET",status="200"\}} '
                          rf'{10 + scrape}\.0$', text, re.M), text[:2000]
         assert re.search(r"^geproxy_workers_alive 2\.0$", text, re.M)
+
+
+def test_a_dead_workers_open_connections_stop_counting(proxy_process, raw_origin):
+    """The live gauges of a worker killed with a tunnel open go with it (the metrics
+    plugin's on_worker_exit), while its counters stay."""
+    server = raw_origin(echo)
+    proxy = _start(proxy_process, 2)
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    with sock:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert wait_until(lambda: _value(proxy, "geproxy_requests_in_flight") == 1)
+        assert _value(proxy, "geproxy_connections_open") == 1
+        tunnels = requests.get(proxy.admin + "/tunnels", timeout=10).json()
+        worker = re.match(r"w([0-9]+)c", tunnels[0]["id"]).group(1)
+        pid = max(int(m.group(1)) for line in proxy.log
+                  for m in [re.search(rf"worker {worker} started, pid (\d+)", line)] if m)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: _value(proxy, "geproxy_requests_in_flight") == 0)
+    assert _value(proxy, "geproxy_connections_open") == 0
+    assert _value(proxy, "geproxy_connections_total") == 1

@@ -422,14 +422,14 @@ def test_min_ttl_above_max_ttl_stops_the_start(tmp_path):
 
 def test_a_lookup_only_decided_is_not_counted(start, dns_server):
     """``ctx.decide_only`` (geproxy explain): answered from and into the cache as any
-    lookup, but no hit or miss is counted, and nothing is left for the metrics plugin."""
+    lookup, but no hit or miss is counted, and ctx.dns_cache says nothing."""
     dns_server.add("dry.test", "A", "127.0.0.1", ttl=300)
     proxy, cache = start()
     for _ in range(2):
         ctx = Context(client_addr=("127.0.0.1", 1), server_addr=("127.0.0.1", 2),
                       config=proxy.server.config, decide_only=True)
         assert proxy.server.hooks.resolve(ctx, "dry.test", 80) == [("127.0.0.1", 80)]
-        assert "dnscache" not in ctx.stash
+        assert ctx.dns_cache is None and "dnscache" not in ctx.stash
     assert (cache.hits, cache.misses) == (0, 0)
     assert dns_server.count("dry.test") == 1  # the second was a hit, not counted
     lookup(proxy, "dry.test")

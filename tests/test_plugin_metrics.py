@@ -4,13 +4,16 @@ admin listener with prometheus_client's own parser."""
 from __future__ import annotations
 
 import socket
+import threading
 
 import gevent
 import prometheus_client
 import requests
-from geproxy_plugins.metrics import Metrics
+from geproxy_plugins.metrics import MULTIPROC_ENV, Metrics
+from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
+from geproxy import Config, Context, Record, Resolved, hookimpl
 from geproxy.testing import StaticResolver, curl, recv_all, wait_for_records
 
 ADMIN = "admin_listen = 127.0.0.1:0\n"
@@ -195,3 +198,67 @@ def test_a_request_only_decided_is_not_counted(tmp_path):
         assert pm.hook.on_connect(ctx=ctx) is None
         assert pm.hook.on_request(ctx=ctx, request=request) is None
         assert figures() == counted
+
+
+def _another_users_samples() -> set[str]:
+    """The sample names of a counter made by some other user of prometheus_client in this
+    process, with a registry of its own."""
+    registry = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter("other_events", "Another library's counter.", registry=registry)
+    return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def test_prometheus_client_is_left_as_it_was_for_the_rest_of_the_process(tmp_path,
+                                                                         monkeypatch):
+    """The plugin's figures, alone and with workers, keep their values the plugin's way
+    (the C lock, the multiprocess files) without changing how prometheus_client keeps
+    anybody else's, nor which samples it shows them."""
+    monkeypatch.setenv(MULTIPROC_ENV, "")  # prepare_workers sets it: put back after
+    ctx = Context(client_addr=("127.0.0.1", 1), server_addr=("127.0.0.1", 3128), config=None)
+    alone, shared = Metrics(), Metrics()
+    alone.configure(Config("a.ini", {}))
+    config = Config("b.ini", {})
+    shared.configure(config)
+    shared.prepare_workers(config, 2, str(tmp_path))
+    try:
+        for plugin in (alone, shared):
+            plugin.on_connect(ctx)
+            plugin.on_close(ctx, Record(ctx, method="GET", status=403, error="x", rule="r"))
+            text = plugin.exposition()[0].decode()
+            assert "geproxy_connections_total 1.0" in text
+            assert 'geproxy_acl_denials_total{rule="r"} 1.0' in text
+            assert "_created" not in text
+        assert (tmp_path / "metrics").is_dir() and any((tmp_path / "metrics").iterdir())
+        assert values.Lock is threading.Lock  # what prometheus_client imported
+        assert values.ValueClass is values.MutexValue
+        assert _another_users_samples() == {"other_events_total", "other_events_created"}
+    finally:
+        shared.figures.value_class.close_all_files()
+
+
+def test_the_dns_cache_outcome_is_each_requests_own(proxy_factory, origin):
+    """ctx.dns_cache: what the cache made of this request's lookup, and None for the next
+    request on the same connection, which looks up an IP literal (no cache involved)."""
+    seen = []
+
+    class Names:  # a resolver behind the cache, for one name
+        @hookimpl
+        def resolve(self, ctx, host, port):
+            return Resolved([("127.0.0.1", port)], ttl=60) if host == "cached.test" else None
+
+    class Outcomes:
+        @hookimpl
+        def on_close(self, ctx, record):
+            seen.append(ctx.dns_cache)
+
+    proxy = proxy_factory(ADMIN, plugins=[Outcomes()],
+                          resolver=StaticResolver(fallthrough=True))
+    proxy.server.pm.register(Names())
+    out = curl("-x", proxy.url, origin.url("/", host="cached.test"), origin.url("/"))
+    assert out.stdout == b"hello\nhello\n", out.stderr
+    first, second = wait_for_records(proxy, 2)
+    assert first.ctx.conn_id == second.ctx.conn_id  # one keep-alive connection
+    assert seen == ["miss", None]
+    samples = _samples(proxy)
+    assert samples[("geproxy_dns_cache_total", (("result", "miss"),))] == 1
+    assert samples.get(("geproxy_dns_cache_total", (("result", "hit"),)), 0) == 0

@@ -24,7 +24,14 @@ from typing import Any, Optional
 import pytest
 from geproxy_plugins.pac import CACHE_SIZE, PAC, _glob_regex, parse_parent_rules
 
-from geproxy import DEFAULT_PLUGINS, ConfigError, HostPatterns, OptionRegistry, hookimpl
+from geproxy import (
+    DEFAULT_PLUGINS,
+    ConfigError,
+    HostPatterns,
+    OptionRegistry,
+    RouteRule,
+    hookimpl,
+)
 from geproxy.policy.plugins import load
 from geproxy.testing import curl, exchange, require_tool
 
@@ -370,6 +377,27 @@ def test_parent_rules_as_the_pac_reads_them(caplog):
             checks = parse_parent_rules(["direct .a.example", bad, "direct .b.example"])
         assert [c.line for c in checks] == [1], bad
         assert "line 2 and the lines after it are left out" in caplog.text
+
+
+@pytest.mark.pure
+def test_the_pac_reads_parent_rules_with_the_parent_plugins_grammar(caplog):
+    """One grammar, geproxy.RouteRule: the checks are the parent plugin's rules, and a line
+    the parent plugin refuses ends the PAC's list for the very reason it gives."""
+    from geproxy_plugins.parent import parse_rules
+
+    lines = ["direct .corp.example, 10.0.0.0/8", "parent *.cdn.example", "direct all"]
+    rules, checks = parse_rules(lines), parse_parent_rules(lines)
+    assert [(not rule.via_parent, rule.patterns) for rule in rules] == [
+        (check.direct, check.hosts) for check in checks]
+    for bad in ("direct", "via .b.example", "direct .c all", "direct bad!name", "office:"):
+        with pytest.raises(ValueError) as refused:
+            RouteRule.parse(bad)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert parse_parent_rules(["direct .a.example", bad]) == parse_parent_rules(
+                ["direct .a.example"])
+        assert "line 2 and the lines after it are left out" in caplog.text
+        assert caplog.text.rstrip().endswith(str(refused.value)), caplog.text
 
 
 def _load(tmp_path: Path, ini: str, parents: bool = False) -> tuple[PAC, Any]:

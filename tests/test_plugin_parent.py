@@ -22,7 +22,17 @@ import gevent
 import pytest
 from geproxy_plugins.parent import Parent, parse_parent, parse_rules, redacted
 
-from geproxy import DEFAULT_PLUGINS, ConfigError, Context, Headers, Request, Route, hookimpl
+from geproxy import (
+    DEFAULT_PLUGINS,
+    ConfigError,
+    Context,
+    Headers,
+    HostPatterns,
+    Request,
+    Route,
+    RouteRule,
+    hookimpl,
+)
 from geproxy.policy.plugins import load
 from geproxy.testing import (
     Proxy,
@@ -503,3 +513,21 @@ def test_retry_after_is_a_duration(tmp_path):
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, "[parents]\nretry_after = soon\n")
     assert (info.value.section, info.value.key) == ("parents", "retry_after")
+
+
+@pytest.mark.pure
+def test_the_rule_grammar_is_public():
+    """geproxy.RouteRule is what the [parents] rules are made of."""
+    rule = RouteRule.parse("direct .corp.example, 10.0.0.0/8")
+    assert rule == RouteRule(False, HostPatterns.parse([".corp.example", "10.0.0.0/8"]),
+                             "direct .corp.example, 10.0.0.0/8")
+    assert rule.matches("a.corp.example") and rule.matches("10.1.2.3")
+    assert not rule.matches("example.com")
+    everything = RouteRule.parse("parent all")
+    assert everything.via_parent and everything.patterns is None
+    assert everything.matches("example.com") and everything.matches("192.0.2.1")
+    assert parse_rules(["direct .a.example", "parent all"]) == RouteRule.parse_lines(
+        ["direct .a.example", "", "parent all"])
+    with pytest.raises(ValueError, match=r"^line 3: a rule starts with direct or parent: "
+                                         r"'via all'$"):
+        RouteRule.parse_lines(["direct .a.example", "", "via all"])

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(30)
 ROOT = Path(__file__).resolve().parent.parent
 VENV = "python3 -m venv .venv && . .venv/bin/activate && "
 #: What the project's own development adds to the kit's needs, which plugin authors skip.
-DEVELOPMENT_ONLY = {"hypothesis", "atheris", "ruff", "mypy"}
+DEVELOPMENT_ONLY = {"hypothesis", "atheris", "ruff", "mypy", "import-linter"}
 #: The static checks .ci/run runs between the install and the tests.
 STATIC_CHECKS = ["python -m ruff check .", "python -m mypy geproxy plugins"]
 
@@ -89,6 +89,28 @@ def test_tox_installs_what_the_test_command_installs():
     assert re.search(r"^commands_pre = python -m pip install -e \{toxinidir\}/examples/blocklist$",
                      testenv, re.M)
     assert re.search(r"^testpaths = tests examples/blocklist/tests$", tox, re.M)
+
+
+def test_tox_runs_the_static_checks_of_ci_before_the_tests():
+    tox = (ROOT / "tox.ini").read_text(encoding="utf-8")
+    testenv = tox.split("[testenv]\n", 1)[1].split("\n[", 1)[0]
+    found = re.search(r"^commands =\n((?:    .*\n)+)", testenv + "\n", re.M)
+    assert found, "tox.ini's [testenv] has no commands list"
+    commands = [line.strip() for line in found.group(1).splitlines()]
+    assert commands == [*STATIC_CHECKS, "python -m pytest {posargs}"]
+
+
+def test_pip_builds_through_the_build_system_of_pyproject():
+    """PEP 517: pip builds with the backend pyproject.toml names, not setup.py's legacy path;
+    the interpreters claimed are the ones CI runs."""
+    import tomllib
+
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["build-system"]
+    assert build["build-backend"] == "setuptools.build_meta"
+    assert any(Requirement(text).name == "setuptools" for text in build["requires"])
+    metadata = importlib.metadata.metadata("geproxy")
+    assert metadata["Requires-Python"] == ">=3.11"
+    assert "Programming Language :: Python :: 3.11" in metadata.get_all("Classifier")
 
 
 def test_plugin_authors_install_the_kit_without_the_projects_development_tools():

@@ -121,6 +121,23 @@ def test_curl_plain_http_through_a_tls_proxy(tls_proxy, tls_files, origin):
 
 # requests checks an HTTPS proxy's certificate (against ``verify``) for https:// URLs only;
 # for http:// ones it does not, and warns.
+@pytest.mark.parametrize("asked, kept", [("localhost", "localhost"), ("127.0.0.1", None)])
+def test_the_server_name_the_client_asked_for_is_kept(tls_proxy, tls_files, origin, asked,
+                                                       kept):
+    """ctx.tls.server_name is the SNI of the handshake (a client names no IP address in
+    it): guards tls.remember_server_names, which gets past gevent's wrapping of SNI
+    callbacks to reach the stream's session."""
+    proxy = tls_proxy()
+    raw = socket.create_connection(proxy.tls_address, timeout=10)
+    with client_context(tls_files).wrap_socket(raw, server_hostname=asked) as sock:
+        sock.sendall(f"GET {origin.url('/', host='origin.test')} HTTP/1.1\r\n"
+                     "Host: origin.test\r\nConnection: close\r\n\r\n".encode())
+        assert recv_all(sock).endswith(b"\r\n\r\nhello\n")
+    record = wait_for_records(proxy, 1)[-1]
+    assert record.status == 200
+    assert record.ctx.tls is not None and record.ctx.tls.server_name == kept
+
+
 @pytest.mark.filterwarnings("ignore:Unverified HTTPS request")
 def test_requests_through_a_tls_proxy(tls_proxy, tls_files, tls_origin, origin):
     requests = pytest.importorskip("requests")

@@ -485,3 +485,60 @@ def test_workers_recheck_their_open_tunnels_on_reload(proxy_process, raw_origin)
     finally:
         for sock in [*doomed, spared]:
             sock.close()
+
+
+PROBE = """
+import json
+import os
+
+from geproxy import hookimpl
+
+
+class Probe:
+    name = "workers_probe"
+
+    def _note(self, config, **seen):
+        seen["process"] = os.getpid()
+        path = os.path.join(os.path.dirname(config.path), "probe.jsonl")
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(seen) + "\\n")
+
+    @hookimpl
+    def prepare_workers(self, config, workers, directory):
+        self._note(config, hook="prepare_workers", workers=workers, directory=directory,
+                   mode=os.stat(directory).st_mode & 0o777)
+
+    @hookimpl
+    def on_worker_exit(self, config, worker, pid):
+        self._note(config, hook="on_worker_exit", worker=worker, pid=pid)
+"""
+
+
+def test_plugins_prepare_the_workers_and_hear_of_each_ones_end(proxy_process, tmp_path,
+                                                               monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "geproxy_workers_probe.py").write_text(PROBE)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    proxy = proxy_process("workers = 2\nplugins = geproxy_workers_probe:Probe\n")
+    notes = tmp_path / "probe.jsonl"
+
+    def seen() -> list[dict]:
+        return [json.loads(line) for line in notes.read_text().splitlines()]
+
+    _serving(proxy)
+    master = proxy.process.pid
+    prepared, = seen()  # once, in the master, before the first fork
+    assert prepared == {"hook": "prepare_workers", "workers": 2, "process": master,
+                        "directory": prepared["directory"], "mode": 0o700}
+    assert os.path.isdir(prepared["directory"])
+    _restart(proxy, 0)
+    killed = [pid for line in proxy.log
+              for pid in re.findall(r"worker 0 started, pid (\d+)", line)][0]
+    assert seen()[1:] == [{"hook": "on_worker_exit", "worker": 0, "pid": int(killed),
+                           "process": master}]
+    pids = _worker_pids(proxy)
+    assert proxy.stop() == 0
+    ended = sorted((note["worker"], note["pid"]) for note in seen()[2:])
+    assert ended == sorted(pids.items())
+    assert not os.path.exists(prepared["directory"])  # removed with the master

@@ -7,6 +7,9 @@ A socket with a timeout (``settimeout``) makes gevent create a ``Timeout`` and a
 libev timer for every wait that blocks: about 5 µs each, and a keep-alive request has two
 such waits (the client's next request, the upstream's answer). ``IdleWait`` bounds those
 two with one timer per connection, re-armed for each wait.
+
+``raw_socket`` is the one place that reaches under gevent's socket for the operating
+system's.
 """
 
 from __future__ import annotations
@@ -14,9 +17,24 @@ from __future__ import annotations
 import socket
 from typing import Any, Optional
 
+import gevent.socket
 from gevent import get_hub, getcurrent
 
-__all__ = ["IdleWait", "peek", "send_all", "still_idle"]
+__all__ = ["IdleWait", "peek", "raw_socket", "send_all", "still_idle"]
+
+
+def raw_socket(sock: Any) -> Any:
+    """The non-blocking socket under gevent's cooperative ``sock``: its calls never wait,
+    they raise BlockingIOError instead, as the hub's callbacks and a peek need. Anything
+    else (a socket gevent did not patch) is returned as it is.
+
+    gevent keeps it in its private attribute ``_sock`` and has no public way to it: this
+    is the one reader. A gevent socket without it raises AttributeError (and
+    tests/test_sockets.py fails), never falling back to the cooperative socket, whose
+    calls would wait inside the hub."""
+    if isinstance(sock, gevent.socket.socket):
+        return sock._sock
+    return sock
 
 
 class IdleWait:
@@ -74,7 +92,7 @@ def send_all(sock: socket.socket, data: bytes) -> None:
 def peek(sock: socket.socket) -> Optional[bytes]:
     """What a recv would give at once, left unread: None when it would wait; b"" for an
     EOF or an error; else a byte of what is there."""
-    raw = getattr(sock, "_sock", sock)  # gevent's socket wraps a non-blocking one
+    raw = raw_socket(sock)
     try:
         return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # type: ignore[no-any-return]
     except BlockingIOError:
@@ -87,10 +105,3 @@ def still_idle(sock: socket.socket) -> bool:
     """True when nothing is readable on ``sock``, without waiting: an idle HTTP connection
     that became readable was closed by its peer, or got bytes nobody asked for."""
     return peek(sock) is None
-
-
-def raw_socket(sock: Any) -> Any:
-    """The non-blocking socket under gevent's cooperative wrapper (its private ``_sock``),
-    whose calls never wait: what callbacks in the hub may call. A socket that is no
-    gevent wrapper is its own."""
-    return getattr(sock, "_sock", sock)

@@ -13,19 +13,19 @@ Imported only when a TLS listener is configured: ``ssl`` comes after gevent's pa
 
 from __future__ import annotations
 
-import _ssl
 import socket
 import ssl
 import time
 from typing import Any, Mapping, Optional
 
+from gevent import monkey
 from gevent.lock import Semaphore
 
 from ..errors import ConfigError
 from ..models import TLSInfo
-from .sockets import send_all
+from .sockets import raw_socket, send_all
 
-__all__ = ["HandshakeFailed", "TLSStream", "server_context", "identity_of"]
+__all__ = ["HandshakeFailed", "TLSStream", "server_context", "remember_server_names", "identity_of"]
 
 RECV_SIZE = 64 * 1024
 
@@ -116,11 +116,25 @@ def server_context(tls: Mapping[str, Any], path: str, http2: bool) -> ssl.SSLCon
         context.verify_mode = (ssl.CERT_REQUIRED if tls["client_cert"] == "required"
                                else ssl.CERT_OPTIONAL)
     context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
-    # Set on the C type: gevent's SSLContext wraps callbacks for its own sockets, and the
-    # stream's session is an SSLObject.
-    _ssl._SSLContext.sni_callback.__set__(  # type: ignore[union-attr]
-        context, _remember_server_name)
+    remember_server_names(context)
     return context
+
+
+def remember_server_names(context: ssl.SSLContext) -> None:
+    """Have every session of ``context`` keep the server name (SNI) its client asked for,
+    as ``geproxy_server_name`` (``TLSStream.info`` reads it).
+
+    Set through the standard library's own ``sni_callback`` (the C attribute, which its
+    ``SSLContext`` class inherits as it is), not through the context's: gevent's patched
+    ``SSLContext`` wraps every SNI callback to hand it gevent's ``SSLSocket`` in place of
+    the session, and a session of ``wrap_bio`` (an ``SSLObject``, the one ``TLSStream``
+    uses) has none, so the wrapped callback fails and the handshake with it. Nor can the
+    context be the standard library's class: under gevent's patching its setters
+    (``options``, ``minimum_version``) recurse through the patched module. If either
+    library changes, tests/test_tls.py's test_the_server_name_the_client_asked_for_is_kept
+    fails."""
+    stdlib_context: Any = monkey.get_original("ssl", "SSLContext")
+    stdlib_context.sni_callback.__set__(context, _remember_server_name)
 
 
 def _remember_server_name(obj: Any, name: Optional[str], context: Any) -> None:
@@ -158,7 +172,7 @@ class TLSStream:
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
         self.sock = sock
-        self._raw = getattr(sock, "_sock", sock)  # gevent's wrapper holds a non-blocking one
+        self._raw = raw_socket(sock)  # its calls never wait
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self._in, self._out, server_side=True)

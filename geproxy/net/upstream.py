@@ -25,7 +25,7 @@ from ..errors import (
 )
 from ..models import Route
 from ..protocol.http11 import ResponseHeadParser, serialize_head
-from .sockets import send_all, still_idle
+from .sockets import raw_socket, send_all, still_idle
 
 __all__ = ["connect", "interleave", "parent_connect", "UpstreamPool", "HAPPY_EYEBALLS_DELAY"]
 
@@ -67,7 +67,7 @@ def _open(address: tuple[Any, ...]) -> socket.socket:
     sock = socket.socket(_family(address), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw = getattr(sock, "_sock", sock)  # gevent's socket wraps a non-blocking one
+        raw = raw_socket(sock)  # its calls never wait
         error = raw.connect_ex(address)
         if error == errno.EINPROGRESS:
             wait_write(sock.fileno())

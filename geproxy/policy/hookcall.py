@@ -13,21 +13,49 @@ Everything else goes through pluggy itself: a hook with a wrapper among its impl
 (``wrapper=True`` or ``hookwrapper=True``, whose protocol is pluggy's to run), and every
 hook of a plugin manager with call monitoring or tracing on (``add_hookcall_monitoring``,
 ``enable_tracing``), so that what they record stays complete.
+
+This is the one module that reads pluggy's private names (``unobserved``): setup.py pins
+the pluggy versions its tests passed on.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import pluggy
 
+__all__ = ["HookCall", "unobserved"]
+
+
+# -- pluggy's private names, read here and nowhere else ------------------------------------
+#
+# pluggy has no public way to ask whether a manager's hook calls are observed: its
+# ``add_hookcall_monitoring`` and ``enable_tracing`` replace the manager's private
+# ``_inner_hookexec``, which is ``pluggy._callers._multicall`` while nobody observes. On a
+# pluggy that moved either name, every call goes through pluggy (right, only slower), a
+# RuntimeWarning says so, and tests/test_dispatch.py's
+# test_pluggys_private_names_are_where_dispatch_reads_them fails.
+
 _PLAIN_EXEC: Any
-try:  # the call pluggy makes when nobody monitors hook calls
+try:
     from pluggy._callers import _multicall as _PLAIN_EXEC
-except ImportError:  # pragma: no cover - another pluggy: always its own path
+except ImportError:  # pragma: no cover - a pluggy outside the pinned range
     _PLAIN_EXEC = None
 
-__all__ = ["HookCall"]
+
+def unobserved(pm: pluggy.PluginManager) -> bool:
+    """Whether ``pm`` runs hook calls with pluggy's plain loop (no call monitoring, no
+    tracing), so that calling the implementations directly gives the same; False when this
+    pluggy lacks the private names it is read from."""
+    inner = getattr(pm, "_inner_hookexec", None)
+    if _PLAIN_EXEC is None or inner is None:
+        warnings.warn(f"pluggy {pluggy.__version__} moved _callers._multicall or "
+                      "PluginManager._inner_hookexec: every hook call goes through pluggy "
+                      "(slower); setup.py names the versions geproxy is tested with",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return inner is _PLAIN_EXEC
 
 
 class HookCall:
@@ -54,7 +82,7 @@ class HookCall:
     def _planned(self) -> bool:
         """Whether the plan fits the current implementations (made again if not); False
         when this call must go through pluggy."""
-        if getattr(self.pm, "_inner_hookexec", None) is not _PLAIN_EXEC:
+        if not unobserved(self.pm):
             return False
         impls = self.caller.get_hookimpls()
         if impls != self._impls:

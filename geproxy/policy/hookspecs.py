@@ -6,9 +6,14 @@ module or class registered as a plugin (see docs/plugins.md).
 
 Conventions shared by every hook:
 
-- ``None`` means "no opinion": the next plugin is asked, and the core's default applies when
-  nobody answers. No return value means "allow regardless": a plugin cannot overrule another
-  plugin's denial by running first, it can only stay silent.
+- In the hooks that decide (first result: ``on_connect``, ``on_request``, ``route``,
+  ``resolve``, ``on_tunnel_data``), returning ``None`` (or nothing) means "no opinion": the
+  next plugin is asked, and when every one says ``None`` the core's default applies (let the
+  client in, go on with the request, connect directly, let the tunnel go on; ``resolve``
+  answers 502). Any other value decides and ends the call. None of them means "allow
+  regardless": a plugin that runs first cannot overrule a later plugin's denial, it can only
+  stay silent. The other hooks' return values are ignored (``parent_proxies``' are
+  collected).
 - Hooks run in the connection's greenlet. They may block only on gevent-cooperative I/O (a
   gevent socket, ``gevent.sleep``, a threadpool call); a CPU-heavy or OS-blocking call stalls
   every connection of the process.
@@ -81,6 +86,44 @@ def unconfigure(config: "Config") -> None:
     they served has ended; also when the test kit stops a proxy. Errors are logged.
 
     Must not expect any further hook call on this plugin instance.
+    """
+
+
+@hookspec
+def prepare_workers(config: "Config", workers: int, directory: str) -> None:
+    """Prepare what the worker processes of a master share, before the first is forked.
+
+    Called once, in the master of ``workers = N`` (N above 1), after ``configure`` of the
+    configuration loaded at start and before any worker is forked: each worker inherits
+    what it prepared, by the fork. Never called without workers, nor at a reload (a reload
+    that changes ``workers`` forks more workers from the same master, or stops some).
+
+    :param config: the configuration loaded at start (``config.stash`` outlives reloads).
+    :param workers: the number of workers the master starts.
+    :param directory: an empty directory of this master's alone (mode 0700), removed with
+        all it holds when the master exits: for files the processes share (the built-in
+        ``metrics`` keeps prometheus_client's multiprocess files there).
+
+    Raise ``geproxy.errors.ConfigError`` to stop the start (exit status 2). Return value
+    ignored. Must not fork, start greenlets or open sockets.
+    """
+
+
+@hookspec
+def on_worker_exit(config: "Config", worker: int, pid: int) -> None:
+    """Observe the end of a worker process: let go of what it held in shared state.
+
+    Called in the master, once per worker process that ended, whatever ended it (a crash,
+    a stop, a reload that lowered ``workers``), once the master has reaped it: before a
+    successor with the same number (and another pid) is forked. Never called without
+    workers. Every implementation is called even if another raises; errors are logged.
+    Implementations may not be wrappers.
+
+    :param config: the configuration in force.
+    :param worker: the worker's number, from 0.
+    :param pid: its process id, which the system may now give to another process.
+
+    Must not block for long.
     """
 
 

@@ -136,7 +136,8 @@ def load(
         raise ConfigError(f"cannot load plugin: {type(exc).__name__}: {first}", path=path,
                           section="geproxy", key="plugins") from None
     for caller in (pm.hook.on_close, pm.hook.on_disconnect, pm.hook.on_tls_handshake,
-                   pm.hook.on_progress, pm.hook.reopen_logs, pm.hook.on_reload):
+                   pm.hook.on_progress, pm.hook.reopen_logs, pm.hook.on_reload,
+                   pm.hook.on_worker_exit):
         for impl in caller.get_hookimpls():
             if impl.wrapper or impl.hookwrapper:
                 raise ConfigError(f"plugin {impl.plugin_name!r}: {caller.name} may not be a "
@@ -214,6 +215,7 @@ class Hooks:
         self._on_progress = HookCall(pm, "on_progress")
         self._reopen_logs = HookCall(pm, "reopen_logs")
         self._on_reload = HookCall(pm, "on_reload")
+        self._on_worker_exit = HookCall(pm, "on_worker_exit")
 
     def on_connect(self, ctx: Context) -> Optional[Denied]:
         return self._on_connect(ctx)
@@ -258,6 +260,7 @@ class Hooks:
 
     def on_close(self, ctx: Context, record: Record) -> None:
         self._observe(self._on_close, (ctx, record), ctx)
+        ctx.dns_cache = None  # the request's: the next one on the connection has its own
 
     def on_progress(self, ctx: Context, record: Record, bytes_in: int,
                     bytes_out: int) -> None:
@@ -274,6 +277,12 @@ class Hooks:
 
     def on_reload(self, config: Config, error: Optional[str]) -> None:
         self._observe(self._on_reload, (config, error), None)
+
+    def prepare_workers(self, config: Config, workers: int, directory: str) -> None:
+        self._hook.prepare_workers(config=config, workers=workers, directory=directory)
+
+    def on_worker_exit(self, config: Config, worker: int, pid: int) -> None:
+        self._observe(self._on_worker_exit, (config, worker, pid), None)
 
     @staticmethod
     def _observe(call: HookCall, args: tuple[Any, ...], ctx: Optional[Context]) -> None:

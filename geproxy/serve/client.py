@@ -14,7 +14,7 @@ import time
 from typing import Any, Optional
 
 from ..errors import ClientGone, Denied, ProxyError
-from ..models import Context, Record, new_conn_id
+from ..models import Context, Record
 from ..net.sockets import IdleWait, send_all, still_idle
 from ..protocol import proxyproto
 from .generation import Generation
@@ -45,7 +45,7 @@ class ClientConnection:
         self.gen = gen
         self.sock = sock
         self.ctx = Context(client_addr=(address[0], address[1]), server_addr=local,
-                           config=gen.config, conn_id=new_conn_id(server.conn_prefix))
+                           config=gen.config, conn_id=server.next_conn_id())
         self.log = ConnLogger(log, self.ctx)
         #: Bytes read from the client and not yet consumed (pipelined requests, bodies).
         self.buf = b""

@@ -22,7 +22,18 @@ class Listener(StreamServer):
     tls = False
 
     def do_close(self, *args: Any) -> None:
-        pass
+        """Nothing: the socket is not gevent's to close.
+
+        gevent calls this with the client's socket as soon as the handler's greenlet
+        returns (StreamServer's own closes the socket there). A tunnel past the server's
+        ``detach_after`` goes on relaying in the hub after that greenlet returned, on this
+        very socket, so the socket is closed by whoever ends the connection:
+        ``ProxyServer._handle`` when the handler returns with nothing detached,
+        ``ProxyServer.release_detached`` when a detached tunnel ends. Without this override
+        every detached tunnel is cut at once (the ``detached`` runs of
+        tests/test_connect.py fail). gevent also calls it when spawning the handler raises,
+        which the spawn given here (``connections.spawn``: an unbounded Group's;
+        ``max_connections`` is enforced by ``_handle``) does not do."""
 
 
 def is_wildcard(host: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -11,7 +12,6 @@ from typing import Any, Callable, Optional, Sequence
 import gevent
 import gevent.event
 import gevent.pool
-from gevent.server import StreamServer
 
 from ..config import Config, ListenAddress
 from ..models import Context, Request
@@ -70,7 +70,7 @@ class ProxyServer:
         self.waiting: set[gevent.Greenlet] = set()
         self.stopping = False
         self._stopped = gevent.event.Event()
-        self.servers: list[StreamServer] = []
+        self.servers: list[Listener] = []
         #: Requests and tunnels in flight, by conn id (for /tunnels): Transactions.
         self.active: dict[str, Any] = {}
         #: HTTP/1.1 connections whose tunnel relays with no greenlet
@@ -81,6 +81,7 @@ class ProxyServer:
         self.worker: Optional[int] = None
         #: What a worker's connection ids start with (``w1``): unique across workers.
         self.conn_prefix: str = ""
+        self._conn_numbers = itertools.count(1)
         #: A worker's way to its master (workers.py), which answers what only it knows:
         #: the metrics of every worker. None when this process runs alone.
         self.coordinator: Optional[Any] = None
@@ -202,6 +203,12 @@ class ProxyServer:
     def wait(self) -> None:
         """Until a stop has ended."""
         self._stopped.wait()
+
+    def next_conn_id(self) -> str:
+        """A new connection id, unique among this server's: ``c42``, and in a worker,
+        whose server has ``conn_prefix`` ``w1``, ``w1c42``, so that ids are unique across
+        the workers of a master. Each server counts from 1."""
+        return f"{self.conn_prefix}c{next(self._conn_numbers)}"
 
     def _handler(self, local: Optional[tuple[str, int]], tls: bool) -> Any:
         def handle(sock: socket.socket, address: tuple[str, int]) -> None:

@@ -19,9 +19,14 @@ stops workers to match. SIGTERM and SIGINT stop every worker gracefully; SIGUSR1
 the log files in every process.
 
 The admin listener answers for all: ``/tunnels``, ``/debug/stats`` and ``POST
-/tunnels/ID/close`` ask the workers over their channels (channel.py); ``/metrics`` sums every
-worker's figures (prometheus_client's multiprocess mode). The master serves no proxy
-connection.
+/tunnels/ID/close`` ask the workers over their channels (channel.py); ``/metrics`` is the
+``metrics`` plugin's exposition in the master, the sum of every worker's figures. The master
+serves no proxy connection.
+
+What the workers share beyond their sockets is the plugins' to prepare: the master calls
+``prepare_workers`` before the first fork, with a directory of its own that it removes when
+it exits, and ``on_worker_exit`` for each worker process it reaped (the ``metrics`` plugin
+keeps its shared figures so).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import Any, Callable, NoReturn, Optional
 import gevent
 import gevent.pool
 
-from ..config import ListenAddress, parse_workers, read_ini, read_text
+from ..config import ListenAddress, read_text
 from ..errors import ConfigError
 from ..policy.plugins import exposition
 from .channel import Channel, ChannelClosed, RemoteError
@@ -56,9 +61,6 @@ from .server import ProxyServer, create_server
 from .stats import combine_stats
 
 __all__ = ["Master", "serve", "run", "describe_status"]
-
-#: prometheus_client's multiprocess directory (see the metrics plugin).
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Named as log filters know it, wherever the module sits (docs/deployment.md).
 log = logging.getLogger("geproxy.workers")
@@ -115,11 +117,10 @@ class Master:
     """Forks, supervises and reloads ``count`` workers from the loaded ``server`` (which
     it never starts), and answers the admin listener for them all."""
 
-    def __init__(self, server: ProxyServer, count: int, metrics_dir: str) -> None:
+    def __init__(self, server: ProxyServer, count: int) -> None:
         #: The configuration in force, loaded here: every worker is forked from it.
         self.server = server
         self.count = count
-        self.metrics_dir = metrics_dir
         self.workers: dict[int, _Worker] = {}
         #: Each worker's listening sockets, by worker number, bound and kept by the master.
         self.listeners: dict[int, list[tuple[socket.socket, ListenAddress]]] = {}
@@ -144,6 +145,19 @@ class Master:
     # -- start and supervision ------------------------------------------------------------
 
     def run(self) -> int:
+        """Prepare, bind, fork and supervise until stopped; the exit status."""
+        shared = tempfile.mkdtemp(prefix="geproxy-workers-")
+        try:
+            try:
+                self.server.gen.hooks.prepare_workers(self.server.config, self.count, shared)
+            except ConfigError as exc:
+                print(f"geproxy: {exc}", file=sys.stderr)
+                return 2
+            return self._run()
+        finally:  # never in a worker, which ends with os._exit
+            shutil.rmtree(shared, ignore_errors=True)
+
+    def _run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._signals.append(gevent.signal_handler(signum, self.stop))
         self._signals.append(gevent.signal_handler(signal.SIGHUP, self._sighup))
@@ -323,9 +337,7 @@ class Master:
     def _ended(self, worker: _Worker, how: str) -> None:
         del self.workers[worker.index]
         worker.channel.close()
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(worker.pid, self.metrics_dir)  # its live gauges go
+        self.server.gen.hooks.on_worker_exit(self.server.config, worker.index, worker.pid)
         if self.stopping or worker.leaving:
             log.info("worker %d (pid %d) %s", worker.index, worker.pid, how)
             return
@@ -618,16 +630,6 @@ def serve(server: ProxyServer) -> int:
     return 0
 
 
-def workers_wanted(path: str, text: str) -> int:
-    """The ``workers`` the file asks for, read before the plugins load (they must know
-    whether their figures are shared); 1 when the value is bad (the load says why)."""
-    try:
-        parser = read_ini(path, text)
-        return parse_workers(parser.get("geproxy", "workers", fallback="1"))
-    except (ConfigError, ValueError):
-        return 1
-
-
 def run(path: str, load: Callable[..., ProxyServer] = create_server) -> int:
     """Run the proxy of the file at ``path``: this process serves (``workers = 1``), or a
     master and its workers do. Returns the exit status (2 for a bad configuration)."""
@@ -636,23 +638,13 @@ def run(path: str, load: Callable[..., ProxyServer] = create_server) -> int:
     except ConfigError as exc:
         print(f"geproxy: {exc}", file=sys.stderr)
         return 2
-    count = workers_wanted(path, text)
-    metrics_dir = ""
-    if count > 1:
-        # Counters that every worker adds to, summed on /metrics (prometheus_client's
-        # multiprocess mode, which the metrics plugin turns on when this is set).
-        metrics_dir = tempfile.mkdtemp(prefix="geproxy-metrics-")
-        os.environ[MULTIPROC_ENV] = metrics_dir
     try:
-        try:
-            server = load(path, text=text)
-        except ConfigError as exc:
-            print(f"geproxy: {exc}", file=sys.stderr)
-            return 2
-        if count <= 1:
-            return serve(server)
-        name_process("master")
-        return Master(server, server.config.core["workers"], metrics_dir).run()
-    finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        server = load(path, text=text)
+    except ConfigError as exc:
+        print(f"geproxy: {exc}", file=sys.stderr)
+        return 2
+    count = server.config.core["workers"]
+    if count <= 1:
+        return serve(server)
+    name_process("master")
+    return Master(server, count).run()
