@@ -24,7 +24,7 @@ VENV = "python3 -m venv .venv && . .venv/bin/activate && "
 #: What the project's own development adds to the kit's needs, which plugin authors skip.
 DEVELOPMENT_ONLY = {"hypothesis", "atheris", "ruff", "mypy", "import-linter"}
 #: The static checks .ci/run runs between the install and the tests.
-STATIC_CHECKS = ["python -m ruff check .", "python -m mypy geproxy plugins"]
+STATIC_CHECKS = ["python -m ruff check .", "python -m mypy geproxy plugins", "lint-imports"]
 
 
 def quick_start() -> str:

@@ -90,9 +90,12 @@ def local_app(target: "AdminTarget", paths: Iterable[str] = ("/healthz",)) -> WS
 
 
 class AdminTarget(Protocol):
-    """What the admin app needs of the server (server.py's ProxyServer)."""
+    """What the admin app needs of the server (server.py's ProxyServer, or a master's
+    view of its workers)."""
 
-    stopping: bool
+    @property
+    def stopping(self) -> bool:
+        """The proxy is stopping: /readyz answers 503."""
 
     def tunnels(self) -> list[dict[str, Any]]:
         """The requests and tunnels being served, as JSON-ready dicts."""

@@ -30,7 +30,7 @@ from .reloading import (
     reload_failure,
     restart_only_changes,
 )
-from .stats import combine_stats, in_flight, process_figures
+from .stats import combine_stats, in_flight, process_figures, report_progress
 
 __all__ = ["ProxyServer", "create_server"]
 
@@ -223,12 +223,8 @@ class ProxyServer:
             gevent.spawn(self._report_progress)
 
     def _report_progress(self) -> None:
-        """``on_progress`` for each request and tunnel in flight that moved bytes."""
         try:
-            for conn in list(self.active.values()):
-                record = conn.record
-                if record is not None:
-                    conn.progress(record)
+            report_progress(self.active)
         finally:
             self._reporting = False
 

@@ -12,7 +12,7 @@ import gevent
 
 from .listeners import describe_address
 
-__all__ = ["in_flight", "process_figures", "combine_stats", "SUMMED"]
+__all__ = ["in_flight", "process_figures", "report_progress", "combine_stats", "SUMMED"]
 
 
 def in_flight(server: Any) -> list[dict[str, Any]]:
@@ -36,6 +36,15 @@ def in_flight(server: Any) -> list[dict[str, Any]]:
             "bytes_out": record.bytes_out,
         })
     return out
+
+
+def report_progress(active: dict[str, Any]) -> None:
+    """``on_progress`` for each request and tunnel in flight (``active``: Transactions by
+    id) that moved bytes since it was last told."""
+    for transaction in list(active.values()):
+        record = transaction.record
+        if record is not None:
+            transaction.progress(record)
 
 
 def process_figures(server: Any) -> dict[str, Any]:

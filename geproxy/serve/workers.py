@@ -241,24 +241,8 @@ class Master:
         address = self.server.config.core["admin_listen"]
         if address is None:
             return
-        import gevent.pywsgi  # imports ssl: not at module import, before monkey-patching
-
-        class AdminServer(gevent.pywsgi.WSGIServer):
-            """Keeps its clients' sockets: a forked worker closes its copies first thing,
-            so that no greenlet of the master ever writes to them from the worker."""
-
-            clients: set[socket.socket] = set()
-
-            def handle(self, sock: socket.socket, address: Any) -> None:
-                self.clients.add(sock)
-                try:
-                    super().handle(sock, address)
-                finally:
-                    self.clients.discard(sock)
-
-        self.admin = AdminServer(listening_socket(*address), admin_app(self), log=None,
-                                 spawn=self.tasks.spawn,
-                                 error_log=logging.getLogger("geproxy.admin"))
+        self.admin = _admin_server(listening_socket(*address), admin_app(_WorkersView(self)),
+                                   self.tasks.spawn)
         self.admin.start()
         log.info("admin listener on %s", describe_address(self.admin.address))
 
@@ -269,41 +253,12 @@ class Master:
         pid = gevent.fork()
         if pid == 0:
             ours.close()
-            self._become_worker(index, theirs)
+            _become_worker(self, index, theirs)
         theirs.close()
         # Its end is told by waitpid (_reap), not by its channel's.
         channel = Channel(ours, self._serve_worker, self.tasks.spawn)
         self.workers[index] = _Worker(index, pid, channel)
         log.info("worker %d started, pid %d", index, pid)
-
-    def _become_worker(self, index: int, sock: socket.socket) -> NoReturn:
-        code = 1
-        try:
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's handlers
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-            for handler in self._signals:
-                handler.cancel()
-            # The master's sockets first: its greenlets, killed next, run their last lines
-            # here, and whatever they write then goes nowhere.
-            if self.admin is not None:
-                # Not close(): a handler's file objects keep the descriptor open. Each one
-                # is pointed at a socket connected to nothing, where a write fails.
-                dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                for client in list(self.admin.clients):
-                    os.dup2(dead.fileno(), client.fileno())
-                dead.close()
-                self.admin.close()
-            for worker in self.workers.values():
-                worker.channel.sock.close()
-            self.tasks.kill(block=True, timeout=2)
-            for number in list(self.listeners):
-                if number != index:
-                    self._close_listeners(number)
-            code = work(self.server, index, self.listeners[index], sock)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
 
     def _serve_worker(self, op: str, message: dict[str, Any]) -> Any:
         """What a worker asks or tells its master."""
@@ -317,7 +272,7 @@ class Master:
                     self.starting = False  # every worker of the start served
             return None
         if op == "metrics":
-            found = self.metrics_exposition()
+            found = _WorkersView(self).metrics_exposition()
             return None if found is None else [found[0].decode(), found[1]]
         raise RemoteError(f"unknown request {op!r}")
 
@@ -488,11 +443,74 @@ class Master:
                 pass
         self.count = count
 
-    # -- the admin listener (local.AdminTarget) ---------------------------------------------
+def _admin_server(sock: socket.socket, app: Any, spawn: Callable[..., Any]) -> Any:
+    """The master's admin listener: a WSGI server that keeps its clients' sockets, so that
+    a forked worker closes its copies first thing, and no greenlet of the master ever
+    writes to them from the worker."""
+    import gevent.pywsgi  # imports ssl: not at module import, before monkey-patching
+
+    class AdminServer(gevent.pywsgi.WSGIServer):
+        clients: set[socket.socket] = set()
+
+        def handle(self, sock: socket.socket, address: Any) -> None:
+            self.clients.add(sock)
+            try:
+                super().handle(sock, address)
+            finally:
+                self.clients.discard(sock)
+
+    return AdminServer(sock, app, log=None, spawn=spawn,
+                       error_log=logging.getLogger("geproxy.admin"))
+
+
+def _become_worker(master: "Master", index: int, sock: socket.socket) -> NoReturn:
+    """The forked child of ``master``: it lets go of all that is the master's (its
+    signal handlers, the admin listener and its clients, the other workers' channels and
+    sockets, its greenlets), then serves as worker ``index`` until it exits."""
+    code = 1
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's handlers
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        for handler in master._signals:
+            handler.cancel()
+        # The master's sockets first: its greenlets, killed next, run their last lines
+        # here, and whatever they write then goes nowhere.
+        if master.admin is not None:
+            # Not close(): a handler's file objects keep the descriptor open. Each one
+            # is pointed at a socket connected to nothing, where a write fails.
+            dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            for client in list(master.admin.clients):
+                os.dup2(dead.fileno(), client.fileno())
+            dead.close()
+            master.admin.close()
+        for worker in master.workers.values():
+            worker.channel.sock.close()
+        master.tasks.kill(block=True, timeout=2)
+        for number in list(master.listeners):
+            if number != index:
+                master._close_listeners(number)
+        code = work(master.server, index, master.listeners[index], sock)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+class _WorkersView:
+    """What the master's admin listener shows (local.AdminTarget): every worker asked, its
+    answers put together, so that /tunnels, /debug/stats and /metrics read as one proxy's."""
+
+    def __init__(self, master: "Master") -> None:
+        self.master = master
+
+    @property
+    def stopping(self) -> bool:
+        """/readyz: 503 once the master stops."""
+        return self.master.stopping
 
     def tunnels(self) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
-        for index, answer in sorted(self._ask_all("tunnels", ASK_TIMEOUT).items()):
+        for index, answer in sorted(self.master._ask_all("tunnels", ASK_TIMEOUT).items()):
             if isinstance(answer, Exception):
                 log.warning("/tunnels: worker %d did not answer: %s", index, answer)
                 continue
@@ -501,7 +519,7 @@ class Master:
 
     def close_connection(self, conn_id: str) -> bool:
         match = re.match(r"w([0-9]+)c", conn_id)
-        worker = self.workers.get(int(match.group(1))) if match else None
+        worker = self.master.workers.get(int(match.group(1))) if match else None
         if worker is None:
             return False
         try:
@@ -513,16 +531,17 @@ class Master:
 
     def stats(self) -> dict[str, Any]:
         figures = []
-        for index, answer in sorted(self._ask_all("stats", ASK_TIMEOUT).items()):
+        for index, answer in sorted(self.master._ask_all("stats", ASK_TIMEOUT).items()):
             if isinstance(answer, Exception):
                 log.warning("/debug/stats: worker %d did not answer: %s", index, answer)
                 continue
             figures.append(answer)
-        return combine_stats(figures, pid=os.getpid(), generation=self.server.gen.number,
-                             stopping=self.stopping)
+        return combine_stats(figures, pid=os.getpid(), generation=self.master.server.gen.number,
+                             stopping=self.master.stopping)
 
     def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
-        return exposition(self.server.pm, {w.index: w.pid for w in self.workers.values()})
+        workers = self.master.workers.values()
+        return exposition(self.master.server.pm, {w.index: w.pid for w in workers})
 
 
 # -- a worker -------------------------------------------------------------------------------
