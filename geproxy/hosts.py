@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-__all__ = ["HostPatterns", "RouteRule", "ip_literal", "unmapped", "parse_network",
-           "authority"]
+__all__ = ["HostPatterns", "RouteRule", "ip_literal", "is_host_name", "unmapped",
+           "parse_network", "authority"]
 
 
 def authority(host: str, port: int) -> str:
@@ -40,6 +40,12 @@ def unmapped(address: IPAddress) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def is_host_name(text: str) -> bool:
+    """Whether ``text`` is a host name as the options write one: dot-separated labels of
+    lower-case letters, digits, ``-`` and ``_``, no label starting or ending with ``-``."""
+    return _NAME.fullmatch(text) is not None
 
 
 def ip_literal(host: str) -> Optional[IPAddress]:

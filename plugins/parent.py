@@ -48,6 +48,7 @@ from geproxy import (
     errors,
     hookimpl,
 )
+from geproxy.hosts import is_host_name
 
 __all__ = ["Parent", "Rule", "parse_parent", "parse_rules"]
 
@@ -58,8 +59,6 @@ SECTION = "parents"
 STASH = "parent"
 DEFAULT_RETRY_AFTER = "30s"
 
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
-_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _PORT = re.compile(r"[0-9]{1,5}")
 
 
@@ -100,7 +99,7 @@ def _host(text: str) -> str:
             return str(ipaddress.IPv4Address(host))
         except ValueError:
             raise ValueError(f"not an IPv4 address: {text!r}") from None
-    if not _NAME.fullmatch(host):
+    if not is_host_name(host):
         raise ValueError(f"not a host name or IP address: {text!r}")
     return host
 

@@ -50,7 +50,7 @@ def _cells(text: str, label: str, *columns: str, header: str = "measure") -> dic
     def cells(start: str) -> list[str]:
         line = next(line for line in text.splitlines() if line.startswith(f"| {start}"))
         return [cell.strip() for cell in line.strip("|").split("|")]
-    row = dict(zip(cells(header), cells(label)))
+    row = dict(zip(cells(header), cells(label), strict=True))
     return {column: row[column] for column in columns}
 
 
@@ -71,7 +71,7 @@ def test_the_table_shows_ratios_targets_and_verdicts(
     text = report.render(_results(report, measure), ["# header"], {"clients": 50, "mib": 1})
     assert f"| pproxy | {' | '.join(RATIOS)} | target |" in text  # subjects, ratios, targets
     assert _cells(text, "CONNECT cycles/s", *RATIOS) == dict(zip(RATIOS, (
-        "1.25× ✓ vs squid-1", "0.75× ✗", "1.50× ✗")))
+        "1.25× ✓ vs squid-1", "0.75× ✗", "1.50× ✗"), strict=True))
     assert _cells(text, "plain HTTP keep-alive req/s", "pproxy", RATIOS[0]) == {
         "pproxy": "40,000 (sticks to the first host: not counted)",
         RATIOS[0]: "2.50× ✓ vs squid-1"}

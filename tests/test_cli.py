@@ -293,7 +293,7 @@ def test_check_config_warns_of_a_parent_the_guard_prohibits(tmp_path: Path, allo
     assert result.stdout.strip() == f"{path}: ok"
     lines = result.stderr.splitlines()
     assert len(lines) == len(warned), result.stderr
-    for line, parent in zip(lines, warned):
+    for line, parent in zip(lines, warned, strict=True):
         assert " WARNING " in line and f"{path}: parent proxy {parent} is prohibited" in line
         assert "502" in line and "[destinations]" in line, line
     assert "s3cret" not in result.stderr

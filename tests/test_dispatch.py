@@ -51,7 +51,7 @@ def both(pm: pluggy.PluginManager, name: str, *args: Any) -> tuple[Any, Any]:
     call = HookCall(pm, name)
     outcomes = []
     for how in (lambda: call(*args),
-                lambda: getattr(pm.hook, name)(**dict(zip(call.argnames, args)))):
+                lambda: getattr(pm.hook, name)(**dict(zip(call.argnames, args, strict=True)))):
         try:
             outcomes.append(how())
         except Exception as exc:  # compared below, type and message

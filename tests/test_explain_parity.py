@@ -217,7 +217,8 @@ def test_explain_gives_the_proxys_answer(auth: bool, tmp_path: Path, origin: Ori
     asked = sorted({(row.method, row.target, IDENTITIES[identity][1] if auth else None)
                     for row, identity in cases}, key=str)
     pool = gevent.pool.Pool(4)
-    explained = dict(zip(asked, pool.map(lambda key: _explain(config, *key), asked)))
+    explained = dict(zip(asked, pool.map(lambda key: _explain(config, *key), asked),
+                         strict=True))
     mismatches: list[Any] = []
     for row, identity in cases:
         credentials, user = IDENTITIES[identity] if auth else (None, None)

@@ -292,8 +292,8 @@ def _wait_lines(read: Callable[[], list[str]], count: int) -> list[str]:
 def _by_request(lines: list[str]) -> dict[tuple[str, str], dict[str, str]]:
     out = {}
     for line in lines:
-        values = dict(zip(FIELDS, line.split()))
         assert len(line.split()) == len(FIELDS), line
+        values = dict(zip(FIELDS, line.split(), strict=True))
         out[(values["method"], values["url"])] = values
     return out
 

@@ -98,7 +98,7 @@ class HookCall:
                 self.argnames.index(name) for name in names)
             plan.append((impl.function, pick))
         self._observers = [(impl.plugin_name, function, pick)
-                           for impl, (function, pick) in zip(reversed(impls), plan)]
+                           for impl, (function, pick) in zip(reversed(impls), plan, strict=True)]
         self._wrapped = any(impl.wrapper or impl.hookwrapper for impl in impls)
         self._plan = None if self._wrapped else plan
 
@@ -116,7 +116,7 @@ class HookCall:
         # leaves this hook on the slower path, while a wrapper arriving must never be
         # missed, so a direct plan is checked on every call.
         if self._wrapped or not self._planned():
-            return self.caller(**dict(zip(self.argnames, args)))
+            return self.caller(**dict(zip(self.argnames, args, strict=True)))
         plan = self._plan
         assert plan is not None
         if self.firstresult:
