@@ -11,10 +11,13 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Mapping, Sequence  # noqa: E402
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence  # noqa: E402
 
 import gevent  # noqa: E402
 import pytest  # noqa: E402
+
+from geproxy.testing import Proxy, StaticResolver  # noqa: E402
+from geproxy.testing.protocols import PROTOCOLS, ProxyClient, open_client, protocol_ini  # noqa: E402
 
 # The kit (geproxy.testing) comes in through its pytest11 entry point.
 
@@ -77,3 +80,67 @@ def proxy_factory(proxy_factory: Callable[..., Any], request: pytest.FixtureRequ
             request.getfixturevalue("relay_mode") != "detached"):
         return proxy_factory
     return functools.partial(proxy_factory, detach_after=0.001)
+
+
+@pytest.fixture
+def refusing() -> Iterator[int]:
+    """A port that refuses connections: bound, never listening, so nobody else takes it."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture(params=PROTOCOLS)
+def client_protocol(request: pytest.FixtureRequest) -> str:
+    """Runs a test once for each protocol a client may speak to the proxy: HTTP/1.1 on a
+    plain listener, HTTP/1.1 over TLS, HTTP/2 (geproxy.testing.protocols)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def protocol_proxy(proxy_factory: Callable[..., Proxy], tls_files: Any,
+                   client_protocol: str) -> Callable[..., Proxy]:
+    """``protocol_proxy(core="", extra="", plugins=(), resolver=None, **tls)``: a proxy
+    with the listener the test's client protocol needs (``core`` lines in [geproxy],
+    ``extra`` sections, ``tls`` options in [tls]); ``origin.test`` resolves to 127.0.0.1
+    unless a ``resolver`` is given."""
+
+    def start(core: str = "", extra: str = "", plugins: Sequence[Any] = (),
+              resolver: Optional[StaticResolver] = None, **tls: str) -> Proxy:
+        return proxy_factory(protocol_ini(client_protocol, tls_files, core, extra, **tls),
+                             plugins=plugins,
+                             resolver=resolver or StaticResolver({"origin.test": ["127.0.0.1"]}))
+
+    return start
+
+
+@pytest.fixture
+def proxy_client(proxy_factory: Callable[..., Proxy], tls_files: Any,
+                 client_protocol: str) -> Iterator[Callable[..., ProxyClient]]:
+    """``proxy_client(proxy, **h2_options)``: a client connection to ``proxy`` over the
+    test's protocol; all are closed at teardown, before the proxies stop."""
+    opened: list[ProxyClient] = []
+
+    def connect(proxy: Proxy, **options: Any) -> ProxyClient:
+        opened.append(open_client(proxy, client_protocol, tls_files.ca_file, **options))
+        return opened[-1]
+
+    yield connect
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
+def protocol_pair(protocol_proxy: Callable[..., Proxy],
+                  proxy_client: Callable[..., ProxyClient]
+                  ) -> Callable[..., tuple[Proxy, ProxyClient]]:
+    """``protocol_pair(core="", extra="", plugins=(), resolver=None, **tls)``: a proxy (as
+    ``protocol_proxy`` starts it) and a client connected to it over the test's protocol."""
+
+    def start(*args: Any, **kwargs: Any) -> tuple[Proxy, ProxyClient]:
+        proxy = protocol_proxy(*args, **kwargs)
+        return proxy, proxy_client(proxy)
+
+    return start

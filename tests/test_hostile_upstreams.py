@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import gevent
 import gevent.event
 import gevent.server
+import h2.errors
 import pytest
 
 from geproxy.testing import (
@@ -40,6 +41,7 @@ from geproxy.testing import (
     recv_all,
     wait_for_records,
 )
+from geproxy.testing.protocols import H2RequestClient, ProxyClient
 
 INI = "connect_timeout = 1s\nidle_timeout = 1s\nmax_header_size = 4KiB\n"
 GOOD = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood"
@@ -305,16 +307,27 @@ def _not_reused(proxy: Proxy, upstream: Scripted, connect: Callable[[Proxy], Cli
     """Once ``records`` requests are done: the bad answer's upstream connection is not pooled
     (the proxy closed it, unless the upstream reset it; ``pooled`` good ones are), and a new
     client's request works on another upstream connection, pooled after it."""
+
+    def good() -> tuple[int, bytes, bool]:
+        fresh = connect(proxy)
+        fresh.send(_get(upstream.port, "/good"))
+        answer = fresh.answer()
+        return answer.status, answer.body, answer.complete
+
+    _not_reused_by(proxy, upstream, good, records, reset, pooled)
+
+
+def _not_reused_by(proxy: Proxy, upstream: Scripted, good: Callable[[], tuple[int, bytes, bool]],
+                   records: int, reset: bool = False, pooled: int = 0) -> None:
+    """``_not_reused``, the good request made by ``good()`` (its status, body, whether
+    complete)."""
     wait_for_records(proxy, records)
     bad = upstream.bad_connections()
     assert bad
     if not reset:
         _poll(lambda: bad <= upstream.closed_by_proxy, "the proxy closes the bad connection")
     assert len(proxy.server.pool) == pooled
-    fresh = connect(proxy)
-    fresh.send(_get(upstream.port, "/good"))
-    answer = fresh.answer()
-    assert (answer.status, answer.body, answer.complete) == (200, b"good", True), answer
+    assert good() == (200, b"good", True)
     assert upstream.seen[-1][1] == "/good" and upstream.seen[-1][0] not in bad
     _poll(lambda: len(proxy.server.pool) == 1, "the good connection is pooled")
 
@@ -486,6 +499,117 @@ def test_a_cut_an_http10_client_can_tell(proxy, raw_origin, case):
     assert wait_for_records(proxy, 1)[0].error is not None
 
 
+# -- the same over TLS and HTTP/2 ---------------------------------------------------------------
+
+#: The cases above that run again over HTTP/1.1 on a TLS listener: one of each kind (its
+#: answers are the plain listener's, byte for byte). HTTP/2 runs every case: its answers are
+#: HEADERS and DATA, and a cut is a RST_STREAM on a connection that goes on.
+TLS_NOTHING_SENT = ("CL and TE", "closed without a byte", "reset mid-head", "no answer")
+TLS_MID_BODY = ("Content-Length, FIN", "chunked, bad chunk size", "close-delimited, reset")
+INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
+NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
+
+
+def _over_tls_and_h2(table: dict[str, Any], tls_cases: tuple[str, ...]) -> Any:
+    """Parametrizes ``client_protocol`` (indirectly) and ``case``."""
+    return pytest.mark.parametrize("client_protocol, case", [
+        *(pytest.param("http1-tls", case, id=f"http1-tls-{case}") for case in tls_cases),
+        *(pytest.param("h2", case, id=f"h2-{case}") for case in table)],
+        indirect=["client_protocol"])
+
+
+def _good_by(client: ProxyClient, port: int) -> tuple[int, bytes, bool]:
+    reply = client.request("GET", f"http://127.0.0.1:{port}/good", timeout=LIMIT)
+    return reply.status, reply.body, reply.complete
+
+
+def _h2_still_open(client: ProxyClient, error: str) -> None:
+    """An HTTP/2 connection goes on after an error on one of its streams. After one that
+    took idle_timeout it may end with a GOAWAY NO_ERROR (a defect of today's: see
+    test_forward.py, test_a_connection_is_kept_for_idle_timeout_after_its_last_answer)."""
+    assert isinstance(client, H2RequestClient)
+    goaway = client.h2.goaway
+    if error == "http_response_timeout" and goaway is not None:
+        assert goaway[0] == NO_ERROR
+    else:
+        assert goaway is None and client.h2.error is None
+
+
+@_over_tls_and_h2(NOTHING_SENT, TLS_NOTHING_SENT)
+def test_nothing_sent_yet_over_tls_and_h2(protocol_pair, proxy_client, raw_origin,
+                                           client_protocol, case):
+    steps, status, error = NOTHING_SENT[case]
+    upstream = Scripted(raw_origin, *steps)
+    proxy, client = protocol_pair(INI)
+    reply = client.request("GET", f"http://127.0.0.1:{upstream.port}/bad", timeout=LIMIT)
+    assert reply.status == status, reply
+    assert reply.field("proxy-status") == f"geproxy; error={error}", reply
+    assert reply.body == f"{status} {REASONS[status]}\n".encode() and reply.complete
+    if client_protocol == "h2":  # the stream ends cleanly
+        assert reply.reset is None and reply.field("connection") is None
+        _h2_still_open(client, error)
+    else:
+        assert reply.field("connection") == "close" and reply.closed
+    assert wait_for_records(proxy, 1)[0].error == error
+    _not_reused_by(proxy, upstream, lambda: _good_by(proxy_client(proxy), upstream.port), 1,
+                   reset=RESET in steps)
+
+
+@_over_tls_and_h2(MID_BODY, TLS_MID_BODY)
+def test_a_response_cut_mid_body_over_tls_and_h2(protocol_pair, proxy_client, raw_origin,
+                                                client_protocol, case):
+    """HTTP/1.1 closes the connection; HTTP/2 resets the stream (INTERNAL_ERROR), and its
+    connection goes on: the next request on it is served, on a new upstream connection."""
+    steps, error = MID_BODY[case]
+    received = gevent.event.Event()
+    upstream = Scripted(raw_origin, *[received if step is GATE else step for step in steps])
+    proxy, client = protocol_pair(INI)
+    pending = client.begin("GET", f"http://127.0.0.1:{upstream.port}/bad", timeout=LIMIT)
+    pending.wait_for(PART)  # the head went out: only the end can tell the client now
+    received.set()
+    reply = pending.reply(LIMIT)
+    assert reply.status == 200 and reply.body.startswith(PART), reply
+    assert not reply.complete, "a cut response must not look complete"
+    assert wait_for_records(proxy, 1)[0].error == error
+    if client_protocol == "h2":
+        assert reply.reset == INTERNAL_ERROR, reply
+        _h2_still_open(client, error)
+        if client.h2.goaway is None:  # the next stream on the same connection
+            _not_reused_by(proxy, upstream, lambda: _good_by(client, upstream.port), 1,
+                           reset=RESET in steps)
+            return
+    else:
+        assert reply.closed
+    _not_reused_by(proxy, upstream, lambda: _good_by(proxy_client(proxy), upstream.port), 1,
+                   reset=RESET in steps)
+
+
+@pytest.mark.parametrize("client_protocol", ["h2"], indirect=True)
+@pytest.mark.parametrize("case", ["endless storm", "interim answer with a body"])
+def test_interim_answers_that_never_end_well_over_h2(protocol_pair, proxy_client, raw_origin,
+                                                     case):
+    """A final answer that never comes, or cannot be framed, after interim ones: a stream
+    that got interim answers is reset (as an HTTP/1.1 client's connection is closed); one
+    that got none (today's HTTP/2, which relays none: test_forward.py,
+    test_interim_answers_are_relayed) gets the proxy's clean error."""
+    if case == "endless storm":
+        steps: tuple[Step, ...] = (storm(),)
+        status, error = 504, "http_response_timeout"
+    else:
+        steps = (b"HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\nhello" + GOOD,)
+        status, error = 502, "http_response_incomplete"
+    upstream = Scripted(raw_origin, *steps)
+    proxy, client = protocol_pair(INI)
+    reply = client.request("GET", f"http://127.0.0.1:{upstream.port}/bad", timeout=LIMIT)
+    if reply.interim:
+        assert (reply.status, reply.reset) == (0, INTERNAL_ERROR), reply
+    else:
+        assert reply.status == status, reply
+        assert reply.field("proxy-status") == f"geproxy; error={error}"
+    assert wait_for_records(proxy, 1)[0].error == error
+    _not_reused_by(proxy, upstream, lambda: _good_by(proxy_client(proxy), upstream.port), 1)
+
+
 # -- a pooled connection that fails on its next request ----------------------------------------
 
 
@@ -494,9 +618,12 @@ def test_a_cut_an_http10_client_can_tell(proxy, raw_origin, case):
     ("POST", FIN, 502),  # its body was sent on the pooled one: it cannot go again
     ("GET", OK_HEAD + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\nok", 502),
 ], ids=["closes, no body", "closes, a body", "bad framing"])
-def test_a_pooled_connection_failing_on_its_next_request(proxy, raw_origin, client, method,
-                                                        failure, expected):
-    """Each upstream connection answers its first request and fails on its second one."""
+def test_a_pooled_connection_failing_on_its_next_request(protocol_pair, raw_origin,
+                                                        client_protocol, method, failure,
+                                                        expected):
+    """Each upstream connection answers its first request and fails on its second one. A
+    502 closes an HTTP/1.1 client's connection (the body, sent or not, leaves its stream in
+    doubt); an HTTP/2 stream just ends."""
     requests: list[tuple[int, str]] = []
     closed: list[int] = []
 
@@ -517,21 +644,22 @@ def test_a_pooled_connection_failing_on_its_next_request(proxy, raw_origin, clie
             closed.append(number)
 
     server = raw_origin(handler)
-    first = client(proxy)
-    first.send(_get(server.port, "/one"))
-    assert first.answer().body == b"good"
+    proxy, first = protocol_pair(INI)
+    url = f"http://127.0.0.1:{server.port}"
+    assert first.request("GET", url + "/one", timeout=LIMIT).body == b"good"
     _poll(lambda: len(proxy.server.pool) == 1, "the connection is pooled")
     body = b"hello" if method == "POST" else b""
-    first.send(_get(server.port, "/two", method, fields=f"Content-Length: {len(body)}\r\n")
-               + body)
-    answer = first.answer()
+    answer = first.request(method, url + "/two", body=body, timeout=LIMIT)
     if expected == 200:
         assert (answer.status, answer.body) == (200, b"good"), answer
         assert requests == [(1, "/one"), (1, "/two"), (2, "/two")]
     else:
         error = "connection_terminated" if failure is FIN else "http_response_incomplete"
-        _is_error(answer, 502, error)
-        assert answer.field("connection") == "close" and first.closed()
+        assert answer.status == 502 and answer.field("proxy-status") == f"geproxy; error={error}"
+        if client_protocol == "h2":
+            assert answer.complete and not answer.closed
+        else:
+            assert answer.field("connection") == "close" and answer.closed
         assert requests == [(1, "/one"), (1, "/two")]
     _poll(lambda: closed == [1], "the proxy closes the failed connection")
     assert len(proxy.server.pool) == (1 if expected == 200 else 0)
@@ -540,23 +668,18 @@ def test_a_pooled_connection_failing_on_its_next_request(proxy, raw_origin, clie
 # -- interim answers ----------------------------------------------------------------------------
 
 
-def test_a_storm_of_interim_answers_then_a_final_one(proxy, raw_origin, client):
+def test_a_storm_of_interim_answers_then_a_final_one(protocol_pair, raw_origin,
+                                                     client_protocol):
     upstream = Scripted(raw_origin, b"HTTP/1.1 100 Continue\r\n\r\n" * 300 + GOOD,
                         serve_on=True)
-    first = client(proxy)
-    first.send(_get(upstream.port, "/bad"))
-    statuses = []
-    for _ in range(302):
-        answer = first.answer()
-        statuses.append(answer.status)
-        if answer.status != 100:
-            break
-    assert statuses == [100] * 300 + [200]
-    assert (answer.body, answer.complete) == (b"good", True)
+    proxy, first = protocol_pair(INI)
+    answer = first.request("GET", f"http://127.0.0.1:{upstream.port}/bad", timeout=LIMIT)
+    assert (answer.status, answer.body, answer.complete) == (200, b"good", True), answer
+    if client_protocol != "h2":  # HTTP/2: test_forward.py, test_interim_answers_are_relayed
+        assert [status for status, _ in answer.interim] == [100] * 300
     # The framing ended cleanly: the connection is pooled, and the client may go on.
     _poll(lambda: len(proxy.server.pool) == 1, "the upstream connection is pooled")
-    first.send(_get(upstream.port, "/good"))
-    assert first.answer().body == b"good"
+    assert first.request("GET", f"http://127.0.0.1:{upstream.port}/good").body == b"good"
     assert len({number for number, _ in upstream.seen}) == 1
 
 
@@ -698,6 +821,42 @@ def test_an_early_answer_to_a_large_upload_reaches_the_client(proxy, raw_origin,
     assert out.returncode == 0, out.stderr
     assert out.stdout == b"too large|413"
     record = wait_for_records(proxy, 1)[-1]
+    assert record.status == 413 and record.error is None
+    assert record.bytes_in < BIG_BODY  # the rest of the body was never read
+    assert len(proxy.server.pool) == 0
+
+
+@pytest.mark.parametrize("client_protocol", ["http1-tls", "h2"], indirect=True)
+@pytest.mark.parametrize("then", ["reset", "hold"])
+def test_an_early_answer_to_a_large_upload_over_tls_and_h2(protocol_pair, raw_origin,
+                                                           client_protocol, then):
+    """As above: the 413 reaches the client. HTTP/1.1 closes after it (the rest of the body
+    is never read); HTTP/2 asks the client to stop sending (RST_STREAM NO_ERROR after the
+    whole answer) and the connection goes on."""
+    done = gevent.event.Event()
+
+    def refuse(sock: socket.socket) -> None:
+        server.read_head(sock)
+        sock.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
+        if then == "reset":
+            RESET(sock)
+        else:
+            done.wait(LIMIT)
+
+    server = raw_origin(refuse)
+    proxy, client = protocol_pair(INI)
+    try:
+        reply = client.request("POST", f"http://127.0.0.1:{server.port}/upload",
+                               body=bytes(BIG_BODY), timeout=LIMIT)
+    finally:
+        done.set()
+    assert (reply.status, reply.body, reply.complete) == (413, b"too large", True), reply
+    if client_protocol == "h2":
+        assert reply.reset == NO_ERROR and not reply.closed
+        assert client.request("GET", "/healthz").body == b"ok\n"
+    else:
+        assert reply.field("connection") == "close" and reply.closed
+    record = wait_for_records(proxy, 1)[0]
     assert record.status == 413 and record.error is None
     assert record.bytes_in < BIG_BODY  # the rest of the body was never read
     assert len(proxy.server.pool) == 0
@@ -988,14 +1147,6 @@ PARENT_ALONE: dict[tuple[str, str], tuple[int, str]] = {
 }
 #: A parent that answered a plain request (or may be working on it) is not retried.
 NO_FAILOVER = {("answers garbage", "GET"), ("never answers", "GET")}
-
-
-@pytest.fixture
-def refusing() -> Iterator[int]:
-    """A port that refuses connections: bound, never listening, so nobody else takes it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("method", ["CONNECT", "GET"])

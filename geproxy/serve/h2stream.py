@@ -202,7 +202,8 @@ class H2Stream:
 
     @property
     def has_body(self) -> bool:
-        return not self.bodiless
+        """DATA may come, and no content-length says it is empty."""
+        return not self.bodiless and self._content_length() not in ("0", "")
 
     @property
     def body_done(self) -> bool:
@@ -250,7 +251,12 @@ class H2Stream:
     # -- the Exchange: the answer ---------------------------------------------------------
 
     def send_interim(self, status: int, fields: list[tuple[str, str]]) -> None:
-        """Interim answers are not passed on over HTTP/2."""
+        """An interim answer (a 100, a 103) as a HEADERS frame of its own, before the final
+        one (RFC 9113 8.1): a proxy passes 1xx answers on (RFC 9110 15.2)."""
+        interim = [(":status", str(status))]
+        interim += [(k.lower(), v) for k, v in fields if k.lower() not in _CONNECTION_FIELDS]
+        self._frames(self.owner.h2.send_headers, self.stream_id, interim)
+        self._sent(0)  # answered, as on HTTP/1.1: a failure from here on is a reset
 
     def send_head(self, status: int, reason: str, headers: Headers, open_ended: bool,
                   keep: bool) -> bool:

@@ -108,6 +108,9 @@ class H2Connection:
         self.goaway_sent = False
         #: The connection's greenlet, which reads; a stop ends it once no stream is left.
         self.reader: Optional[gevent.Greenlet] = None
+        #: Since when nothing happened on the connection: the client's last byte, or the
+        #: end of its last stream. idle_timeout counts from here.
+        self.quiet_since = time.monotonic()
 
     # -- the connection's greenlet: reading ---------------------------------------------
 
@@ -127,7 +130,7 @@ class H2Connection:
             # The connection's window holds every stream's: streams stall one by one.
             self.h2.increment_flow_control_window(self.max_streams * STREAM_WINDOW)
             self.flush()
-            last = time.monotonic()
+            self.quiet_since = time.monotonic()
             while True:
                 if self.choked:  # the client reads nothing: read nothing from it either
                     if not self._unchoked.wait(idle):
@@ -143,7 +146,7 @@ class H2Connection:
                     self.sock.settimeout(idle)
                     data = self.sock.recv(RECV_SIZE)
                 except socket.timeout:
-                    if not self.streams and time.monotonic() - last >= idle:
+                    if not self.streams and time.monotonic() - self.quiet_since >= idle:
                         break  # idle: nothing open and nothing said
                     continue
                 finally:
@@ -151,7 +154,7 @@ class H2Connection:
                         server.waiting.discard(me)
                 if not data:
                     break
-                last = time.monotonic()
+                self.quiet_since = time.monotonic()
                 try:
                     events = self.h2.receive_data(data)
                 except h2.exceptions.ProtocolError as exc:
@@ -313,6 +316,8 @@ class H2Connection:
 
     def ended(self, stream: "H2Stream") -> None:
         self.streams.pop(stream.stream_id, None)
+        if not self.streams:  # idle from now, not from the client's last byte
+            self.quiet_since = time.monotonic()
         left = stream.unacked
         if left and not self.closed:  # received, never passed on: back to the connection
             stream.unacked = 0

@@ -34,6 +34,10 @@ class H2ClientStream:
         self.client = client
         self.stream_id = stream_id
         self.headers: Optional[list[tuple[str, str]]] = None
+        #: The interim (1xx) answers that came before the final head, each its fields.
+        self.interim: list[list[tuple[str, str]]] = []
+        #: The trailer fields, if the answer ended with some.
+        self.trailers: Optional[list[tuple[str, str]]] = None
         self.data: deque[bytes] = deque()
         self.ended = False
         #: The error code of a RST_STREAM (from the proxy, or the connection's end).
@@ -45,6 +49,22 @@ class H2ClientStream:
         if self.headers is None:
             return None
         return int(dict(self.headers)[":status"])
+
+    def wait_interim_or_head(self, timeout: float = 10) -> Optional[int]:
+        """The status of the first interim (1xx) answer or of the final head, whichever
+        comes first; None when neither came within ``timeout`` (a client that expects
+        100-continue waits that long, then sends its body anyway); ConnectionResetError at
+        a reset before either."""
+        with gevent.Timeout(timeout, False):
+            while not self.interim and self.headers is None and self.reset is None:
+                self._wait()
+        if self.interim:
+            return int(dict(self.interim[0])[":status"])
+        if self.headers is not None:
+            return self.status
+        if self.reset is not None:
+            raise ConnectionResetError(f"stream {self.stream_id} reset: {self.reset}")
+        return None
 
     def wait_head(self, timeout: float = 10) -> int:
         with gevent.Timeout(timeout, AssertionError("no answer head in time")):
@@ -59,6 +79,15 @@ class H2ClientStream:
         if self.client.error is not None:
             raise self.client.error
         self.changed.wait()
+
+    def wait_for(self, marker: bytes, timeout: float = 10) -> None:
+        """Wait until the DATA received and not read yet contains ``marker``;
+        AssertionError if the stream ended or was reset first."""
+        with gevent.Timeout(timeout, AssertionError(f"{marker!r} did not come in time")):
+            while marker not in b"".join(self.data):
+                assert not self.ended and self.reset is None, (
+                    f"stream {self.stream_id} ended before {marker!r} came")
+                self._wait()
 
     def recv(self, timeout: float = 10) -> bytes:
         """The next DATA bytes; b"" at END_STREAM; ConnectionResetError at a reset."""
@@ -97,7 +126,9 @@ class H2Client:
 
     def __init__(self, address: tuple[str, int], ca_file: str,
                  cert_file: Optional[str] = None, window: int = 65535,
-                 timeout: float = 10) -> None:
+                 timeout: float = 10, validate: bool = True) -> None:
+        """``validate=False``: the client's h2 state lets it send fields HTTP/2 forbids
+        (connection-specific ones, upper case names), to test how the proxy refuses them."""
         context = ssl.create_default_context(cafile=ca_file)
         context.set_alpn_protocols(["h2"])
         if cert_file is not None:
@@ -108,7 +139,9 @@ class H2Client:
             self.sock.close()
             raise AssertionError("the proxy did not agree to h2")
         self.sock.settimeout(None)
-        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8",
+                                           validate_outbound_headers=validate,
+                                           normalize_outbound_headers=validate)
         self.conn = h2.connection.H2Connection(config=config)
         self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
@@ -164,6 +197,10 @@ class H2Client:
         stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
         if isinstance(event, h2.events.ResponseReceived) and stream is not None:
             stream.headers = [(str(k), str(v)) for k, v in event.headers]
+        elif isinstance(event, h2.events.InformationalResponseReceived) and stream is not None:
+            stream.interim.append([(str(k), str(v)) for k, v in event.headers])
+        elif isinstance(event, h2.events.TrailersReceived) and stream is not None:
+            stream.trailers = [(str(k), str(v)) for k, v in event.headers]
         elif isinstance(event, h2.events.DataReceived) and stream is not None:
             if event.data:
                 stream.data.append(event.data)
@@ -174,6 +211,7 @@ class H2Client:
             stream.ended = True
         elif isinstance(event, h2.events.StreamReset) and stream is not None:
             stream.reset = event.error_code
+            self.window_open.set()  # a sender waiting for this stream's window stops
         elif isinstance(event, h2.events.WindowUpdated):
             self.window_open.set()
         elif isinstance(event, h2.events.SettingsAcknowledged):
@@ -230,6 +268,9 @@ class H2Client:
             while True:
                 if self.error is not None:
                     raise self.error
+                stream = self.streams.get(stream_id)
+                if stream is not None and stream.reset is not None:
+                    raise ConnectionResetError(f"stream {stream_id} reset: {stream.reset}")
                 window = self.conn.local_flow_control_window(stream_id)
                 size = min(window, len(view), self.conn.max_outbound_frame_size)
                 if view and size <= 0:

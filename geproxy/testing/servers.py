@@ -243,7 +243,8 @@ class Origin:
 
     Paths: ``/`` hello; ``/echo`` the request as JSON; ``/bytes/N`` N pattern bytes with a
     Content-Length; ``/chunked/N`` the same, chunked; ``/sha256`` the body's length and
-    digest; ``/status/N``; ``/sleep/SECONDS``. ``seen`` lists every request.
+    digest; ``/status/N`` (no body for 204 and 304); ``/sleep/SECONDS``. ``seen`` lists
+    every request.
     """
 
     server: "gevent.pywsgi.WSGIServer"
@@ -296,7 +297,11 @@ class Origin:
                               "body_length": seen.body_len, "sha256": digest.hexdigest()})
             return _reply(start_response, "200 OK", out.encode(), "application/json")
         if parts[0] == "status":
-            return _reply(start_response, f"{int(parts[1])} Status", b"status\n")
+            code = int(parts[1])
+            if code in (204, 304):  # answers that have no body, nor a Content-Length
+                start_response(f"{code} Status", [("Content-Type", "text/plain")])
+                return []
+            return _reply(start_response, f"{code} Status", b"status\n")
         if parts[0] == "sleep":
             gevent.sleep(float(parts[1]))
             return _reply(start_response, "200 OK", b"slept\n")
