@@ -101,6 +101,16 @@ def _h2_goes_on(client: Any, proxy: Any, connect: Callable[..., Any]) -> Any:
     return connect(proxy)
 
 
+def _answering(raw_origin: Any, answer: bytes) -> Any:
+    """A raw origin that reads one request head and sends ``answer`` (raw bytes)."""
+    def handle(sock: socket.socket) -> None:
+        server.read_head(sock)
+        sock.sendall(answer)
+
+    server = raw_origin(handle)
+    return server
+
+
 def _closed_after_answer(reply: Reply, protocol: str) -> None:
     """An answer after which the client's stream is in doubt: HTTP/1.1 says Connection:
     close and closes; HTTP/2 ends the stream, asks the client to stop sending (RST_STREAM
@@ -284,13 +294,10 @@ def test_expect_answered_with_a_final_status(protocol_pair, raw_origin, client_p
 
 
 def test_interim_answers_are_relayed(protocol_pair, raw_origin):
-    def hints(sock: socket.socket) -> None:
-        server.read_head(sock)
-        sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
-                     b"HTTP/1.1 100 Continue\r\n\r\n"
-                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    server = raw_origin(hints)
+    server = _answering(raw_origin,
+                        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                        b"HTTP/1.1 100 Continue\r\n\r\n"
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     _, client = protocol_pair()
     reply = client.request("GET", f"http://127.0.0.1:{server.port}/")
     assert (reply.status, reply.body) == (200, b"ok"), reply
@@ -371,13 +378,9 @@ def test_host_is_rewritten_from_the_target(protocol_pair, origin, client_protoco
 
 
 def test_response_hop_by_hop_fields_are_removed(protocol_pair, raw_origin, client_protocol):
-    def answer(sock: socket.socket) -> None:
-        server.read_head(sock)
-        sock.sendall(b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\n"
-                     b"Keep-Alive: timeout=3\r\nProxy-Connection: keep-alive\r\n"
-                     b"Upgrade: h2c\r\nX-Kept: 2\r\nContent-Length: 2\r\n\r\nok")
-
-    server = raw_origin(answer)
+    server = _answering(raw_origin, b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\n"
+                        b"Keep-Alive: timeout=3\r\nProxy-Connection: keep-alive\r\n"
+                        b"Upgrade: h2c\r\nX-Kept: 2\r\nContent-Length: 2\r\n\r\nok")
     _, client = protocol_pair()
     reply = client.request("GET", f"http://127.0.0.1:{server.port}/")
     assert (reply.status, reply.body) == (200, b"ok")
@@ -391,13 +394,9 @@ def test_response_fields_reach_the_client_as_the_origin_sent_them(protocol_pair,
     """Every end-to-end field, repeated ones as separate fields in their order, empty values
     too; then Via, and the core's own framing."""
 
-    def answer(sock: socket.socket) -> None:
-        server.read_head(sock)
-        sock.sendall(b"HTTP/1.1 201 Created\r\nX-A: 1\r\nSet-Cookie: a=1\r\n"
-                     b"Content-Type: text/x\r\nSet-Cookie: b=2\r\nX-Empty:\r\n"
-                     b"Cache-Control: no-cache\r\nContent-Length: 7\r\n\r\ncreated")
-
-    server = raw_origin(answer)
+    server = _answering(raw_origin, b"HTTP/1.1 201 Created\r\nX-A: 1\r\nSet-Cookie: a=1\r\n"
+                        b"Content-Type: text/x\r\nSet-Cookie: b=2\r\nX-Empty:\r\n"
+                        b"Cache-Control: no-cache\r\nContent-Length: 7\r\n\r\ncreated")
     _, client = protocol_pair()
     reply = client.request("GET", f"http://127.0.0.1:{server.port}/")
     assert (reply.status, reply.body, reply.complete) == (201, b"created", True)
@@ -409,10 +408,9 @@ def test_response_fields_reach_the_client_as_the_origin_sent_them(protocol_pair,
     _sound(reply, client_protocol)
 
 
-def test_plugins_see_the_request_the_client_sent(protocol_pair, origin, client_protocol):
-    """on_request's request: the method, the absolute target, the client's version, and the
-    client's fields."""
-    seen = []
+def _watching_requests(protocol_pair: Any) -> tuple[Any, list]:
+    """A client of a proxy whose plugin keeps every request on_request sees."""
+    seen: list = []
 
     class Watch:
         @hookimpl
@@ -420,6 +418,13 @@ def test_plugins_see_the_request_the_client_sent(protocol_pair, origin, client_p
             seen.append(request)
 
     _, client = protocol_pair(plugins=[Watch()])
+    return client, seen
+
+
+def test_plugins_see_the_request_the_client_sent(protocol_pair, origin, client_protocol):
+    """on_request's request: the method, the absolute target, the client's version, and the
+    client's fields."""
+    client, seen = _watching_requests(protocol_pair)
     client.request("POST", _url(origin, "/sha256"), [("X-A", "1")], body=b"abc")
     request = seen[-1]
     assert (request.method, request.target, request.version) == (
@@ -430,14 +435,7 @@ def test_plugins_see_the_request_the_client_sent(protocol_pair, origin, client_p
 
 def test_plugins_see_no_framing_the_client_did_not_send(protocol_pair, origin,
                                                          client_protocol):
-    seen = []
-
-    class Watch:
-        @hookimpl
-        def on_request(self, ctx, request):
-            seen.append(request)
-
-    _, client = protocol_pair(plugins=[Watch()])
+    client, seen = _watching_requests(protocol_pair)
     client.request("POST", _url(origin, "/sha256"), body=b"abc", chunked=True)
     sent = "chunked" if client_protocol != "h2" else None  # HTTP/2: DATA, no length
     assert seen[-1].headers.get("transfer-encoding") == sent

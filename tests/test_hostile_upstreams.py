@@ -802,16 +802,7 @@ def test_an_early_answer_to_a_large_upload_reaches_the_client(proxy, raw_origin,
     (closing with unread bytes does) or just holds the connection. The client gets the 413,
     not a 502 or a 504 at idle_timeout, and the connection is not reused."""
     done = gevent.event.Event()
-
-    def refuse(sock: socket.socket) -> None:
-        server.read_head(sock)
-        sock.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
-        if then == "reset":
-            RESET(sock)
-        else:
-            done.wait(LIMIT)
-
-    server = raw_origin(refuse)
+    server = _refusing_uploads(raw_origin, then, done)
     upload = tmp_path / "upload"
     with open(upload, "wb") as handle:
         handle.truncate(BIG_BODY)
@@ -826,15 +817,9 @@ def test_an_early_answer_to_a_large_upload_reaches_the_client(proxy, raw_origin,
     assert len(proxy.server.pool) == 0
 
 
-@pytest.mark.parametrize("client_protocol", ["http1-tls", "h2"], indirect=True)
-@pytest.mark.parametrize("then", ["reset", "hold"])
-def test_an_early_answer_to_a_large_upload_over_tls_and_h2(protocol_pair, raw_origin,
-                                                           client_protocol, then):
-    """As above: the 413 reaches the client. HTTP/1.1 closes after it (the rest of the body
-    is never read); HTTP/2 asks the client to stop sending (RST_STREAM NO_ERROR after the
-    whole answer) and the connection goes on."""
-    done = gevent.event.Event()
-
+def _refusing_uploads(raw_origin: Any, then: str, done: gevent.event.Event) -> Any:
+    """An origin that answers 413 after the head, reads no more of the body, then resets
+    (``then`` "reset") or holds the connection until ``done``."""
     def refuse(sock: socket.socket) -> None:
         server.read_head(sock)
         sock.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
@@ -844,6 +829,18 @@ def test_an_early_answer_to_a_large_upload_over_tls_and_h2(protocol_pair, raw_or
             done.wait(LIMIT)
 
     server = raw_origin(refuse)
+    return server
+
+
+@pytest.mark.parametrize("client_protocol", ["http1-tls", "h2"], indirect=True)
+@pytest.mark.parametrize("then", ["reset", "hold"])
+def test_an_early_answer_to_a_large_upload_over_tls_and_h2(protocol_pair, raw_origin,
+                                                           client_protocol, then):
+    """As above: the 413 reaches the client. HTTP/1.1 closes after it (the rest of the body
+    is never read); HTTP/2 asks the client to stop sending (RST_STREAM NO_ERROR after the
+    whole answer) and the connection goes on."""
+    done = gevent.event.Event()
+    server = _refusing_uploads(raw_origin, then, done)
     proxy, client = protocol_pair(INI)
     try:
         reply = client.request("POST", f"http://127.0.0.1:{server.port}/upload",
