@@ -49,9 +49,10 @@ def answer_unasked(conn: ClientConnection, exc: ProxyError) -> None:
     HTTP to a TLS listener, one over max_connections), then close: said briefly, never
     waiting long on a client that may not read."""
     conn.sock.settimeout(1.0)
+    record = Record(conn.ctx)  # not written: no request was read
     try:
-        answer(HTTP1Exchange(conn, None, Record(conn.ctx)),
-               error_response(exc, conn.gen.proxy_name), Record(conn.ctx), close=True)
+        answer(HTTP1Exchange(conn, None, record), error_response(exc, conn.gen.proxy_name),
+               record, close=True)
     except ClientGone:
         pass
 
