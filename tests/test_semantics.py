@@ -9,6 +9,7 @@ from geproxy.config import Config
 from geproxy.errors import ClientError, Denied, UpstreamError
 from geproxy.models import Headers, Request, Response
 from geproxy.protocol import http11
+from geproxy.protocol.h2map import answer_fields, request_from_fields
 from geproxy.protocol.semantics import (
     CHUNKED,
     answer_framing,
@@ -192,3 +193,44 @@ def test_error_response_names_the_proxy_and_the_error() -> None:
     assert response.headers.get("proxy-status") == (
         'egress; error=http_request_denied; details="policy"')
     assert proxy_status_error(response.headers.get("proxy-status")) == "http_request_denied"
+
+
+# -- HTTP/2 fields (protocol/h2map.py) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, method, target, for_us", [
+    ([(":method", "CONNECT"), (":authority", "api.test:443")], "CONNECT", "api.test:443", None),
+    ([(":method", "GET"), (":scheme", "http"), (":authority", "a.test"), (":path", "/x?y")],
+     "GET", "http://a.test/x?y", None),
+    ([(":method", "GET"), (":scheme", "https"), (":authority", "proxy.test"),
+      (":path", "/healthz")], "GET", "/healthz", ("proxy.test", 443)),
+    ([(":method", "GET"), (":scheme", "http"), (":authority", "[::1]:3128"),
+      (":path", "/proxy.pac")], "GET", "http://[::1]:3128/proxy.pac", None),
+    ([(":method", "GET"), (":scheme", "https"), (":authority", "[::1]:3128"),
+      (":path", "/proxy.pac")], "GET", "/proxy.pac", ("::1", 3128)),
+])
+def test_request_from_fields(fields: list, method: str, target: str, for_us: tuple) -> None:
+    request, names = request_from_fields(fields)
+    assert (request.method, request.target, request.version, names) == (
+        method, target, "HTTP/2", for_us)
+
+
+def test_split_cookies_are_joined_and_fields_kept_in_order() -> None:
+    request, _ = request_from_fields([
+        (":method", "GET"), (":scheme", "http"), (":authority", "a.test"), (":path", "/"),
+        ("cookie", "a=1"), ("x-b", "2"), ("cookie", "c=3")])
+    assert list(request.headers) == [("x-b", "2"), ("cookie", "a=1; c=3")]
+
+
+def test_extended_connect_is_refused() -> None:
+    with pytest.raises(ClientError):
+        request_from_fields([(":method", "CONNECT"), (":protocol", "websocket"),
+                             (":scheme", "https"), (":authority", "a.test"), (":path", "/")])
+
+
+def test_answer_fields_leave_out_what_http2_forbids() -> None:
+    headers = Headers([("Content-Type", "text/plain"), ("Connection", "close"),
+                       ("Keep-Alive", "5"), ("Transfer-Encoding", "chunked"),
+                       ("Upgrade", "h2c"), ("Proxy-Connection", "x"), ("Via", "1.1 egress")])
+    assert answer_fields(200, headers) == [(":status", "200"), ("content-type", "text/plain"),
+                                          ("via", "1.1 egress")]

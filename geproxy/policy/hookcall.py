@@ -82,8 +82,9 @@ class HookCall:
     def _planned(self) -> bool:
         """Whether the plan fits the current implementations (made again if not); False
         when this call must go through pluggy."""
-        if not unobserved(self.pm):
-            return False
+        inner = getattr(self.pm, "_inner_hookexec", None)
+        if (inner is not _PLAIN_EXEC or inner is None) and not unobserved(self.pm):
+            return False  # (the first test is the usual case, without a call)
         impls = self.caller.get_hookimpls()
         if impls != self._impls:
             self._make_plan(impls)

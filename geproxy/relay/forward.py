@@ -28,6 +28,7 @@ from ..net.sockets import IdleWait, peek, send_all
 from ..net.upstream import basic_credentials
 from ..protocol import http11
 from ..protocol.semantics import (
+    Framing,
     answer_framing,
     end_to_end,
     is_final,
@@ -75,6 +76,8 @@ class _Upstream:
         self.body_skipped = False
         #: The head being read, kept when a wait ends in its middle (the wait for 100).
         self.parser: Optional[http11.ResponseHeadParser] = None
+        #: An interim answer read while waiting for a 100, for the next ``read_head``.
+        self.held: Optional[Response] = None
 
     def recv(self, wait: Optional[IdleWait] = None) -> bytes:
         if self.buf:
@@ -138,6 +141,9 @@ class _Upstream:
 
         ``first_wait``, when the deadline is its timeout from now: the first read waits
         on its reused timer rather than on a new one (the usual head comes in that read)."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            return held
         if self.parser is None:
             self.parser = http11.ResponseHeadParser(max_size)
         idle = self.sock.gettimeout()
@@ -184,6 +190,7 @@ class _Stale(Exception):
 
 def forward(scope: Scope, client: Exchange, request: Request, record: Record) -> bool:
     """Forward one plain request; True if the client connection may serve another."""
+    framing = client.framing()  # a body framed wrong is refused before anything is asked
     hops = max_forwards(request)
     if hops == 0:
         return answer(client, max_forwards_answer(request), record, request)
@@ -194,7 +201,7 @@ def forward(scope: Scope, client: Exchange, request: Request, record: Record) ->
         pooled = pool.get(key)
         if pooled is not None:
             try:
-                return _Forwarding(scope, client, request, record).run(
+                return _Forwarding(scope, client, request, record, framing).run(
                     _Upstream(*pooled, reused=True), route, key)
             except _Stale:
                 scope.log.debug("pooled upstream connection was stale; opening a new one")
@@ -203,7 +210,7 @@ def forward(scope: Scope, client: Exchange, request: Request, record: Record) ->
         sock, address, _, route = open_upstream(scope, request, record, routes)
         upstream = _Upstream(sock, address, reused=False)
         try:
-            return _Forwarding(scope, client, request, record).run(
+            return _Forwarding(scope, client, request, record, framing).run(
                 upstream, route, (route, request.host, request.port))
         except _Stale as stale:
             assert route is not None  # only a parent's new connection is retried
@@ -235,9 +242,10 @@ def answer(client: Exchange, response: Response, record: Record,
 class _Forwarding:
     """One request on one upstream connection: its head and body up, its answer back."""
 
-    def __init__(self, scope: Scope, client: Exchange, request: Request,
-                 record: Record) -> None:
+    def __init__(self, scope: Scope, client: Exchange, request: Request, record: Record,
+                 framing: Framing) -> None:
         self.scope = scope
+        self.framing = framing
         self.client = client
         self.request = request
         self.record = record
@@ -249,7 +257,7 @@ class _Forwarding:
         upstream.sock.settimeout(self.core["idle_timeout"])
         reusable = False
         try:
-            framing = client.framing()
+            framing = self.framing
             head = upstream_head(
                 request, framing, forwarded=self.core["forwarded_for"],
                 client_ip=scope.ctx.client_ip, via=scope.via, parent=route is not None,
@@ -323,7 +331,7 @@ class _Forwarding:
             self.client.send_interim(100, [])
             return None
         if 100 < response.status < 200:
-            upstream.buf = _head_bytes_again(response) + upstream.buf
+            upstream.held = response  # relayed by the wait for the final answer
             return None
         upstream.body_skipped = True
         return response
@@ -411,9 +419,3 @@ class _Forwarding:
         reusable = (reader.delimited and reader.done and not reader.rest and upstream_keeps
                     and client.body_done and not skipped)
         return keep, reusable
-
-
-def _head_bytes_again(response: Response) -> bytes:
-    reason = response.reason or http11.reason_phrase(response.status)
-    return http11.serialize_head(f"{response.version} {response.status} {reason}",
-                                 response.headers)

@@ -24,7 +24,8 @@ class Generation:
         #: 1 for the configuration loaded at start, one more at each successful reload.
         self.number = number
         self.hooks = Hooks(pm)
-        core = config.core
+        #: ``[geproxy]``'s options (``config.core``), read on every request.
+        self.core = core = config.core
         self.via: str = config.via
         self.proxy_name = config.proxy_name
         #: The TLS listeners' context, read from the files at each load (None with no

@@ -20,7 +20,7 @@ import h2.exceptions
 from ..errors import ClientError, ClientGone, UpstreamTimeout
 from ..models import Headers, Record, Request
 from ..net.sockets import IdleWait
-from ..protocol import http11
+from ..protocol.h2map import answer_fields, request_from_fields
 from ..protocol.semantics import CHUNKED, Framing
 from ..relay.h2tunnel import StreamRelay
 from .client import ClientConnection, log
@@ -29,9 +29,6 @@ from .transaction import Transaction
 
 __all__ = ["H2Stream"]
 
-#: Fields of HTTP/1.1 that HTTP/2 forbids (RFC 9113 section 8.2.2).
-_CONNECTION_FIELDS = frozenset({"connection", "keep-alive", "proxy-connection",
-                                "transfer-encoding", "upgrade"})
 _CANCEL = h2.errors.ErrorCodes.CANCEL
 _INTERNAL = h2.errors.ErrorCodes.INTERNAL_ERROR
 
@@ -149,44 +146,10 @@ class H2Stream:
     def read_request(self, record: Record) -> Optional[Request]:
         record.version = "HTTP/2"
         self.record = record
-        pseudo: dict[str, str] = {}
-        headers: list[tuple[str, str]] = []
-        cookies: list[str] = []
-        for name, value in self.fields:
-            if name.startswith(":"):
-                pseudo[name] = value
-            elif name == "cookie":
-                cookies.append(value)  # split for HTTP/2 (RFC 9113 8.2.3), one for 1.1
-            else:
-                headers.append((name, value))
-        if cookies:
-            headers.append(("cookie", "; ".join(cookies)))
-        method = pseudo.get(":method", "")
-        authority = pseudo.get(":authority", "")
-        if ":protocol" in pseudo:
-            raise ClientError("extended CONNECT is not supported")
-        if method == "CONNECT":
-            target = authority
-        else:
-            scheme = pseudo.get(":scheme", "")
-            if scheme != "http" or not authority:
-                # Only a request for the proxy itself (/healthz, the PAC file) is not
-                # http://: anything else would be forwarded as what the client did not ask.
-                target = pseudo.get(":path", "")
-                if authority:
-                    self._check_addressed_to_us(authority, scheme)
-                    headers.append(("host", authority))
-            else:
-                target = f"http://{authority}{pseudo.get(':path', '/')}"
-        return http11.make_request(method, target, "HTTP/2", Headers(headers, frozen=True))
-
-    def _check_addressed_to_us(self, authority: str, scheme: str) -> None:
-        try:
-            host, port = http11.parse_authority(authority)
-        except ClientError:
-            host, port = authority.strip("[]"), 443 if scheme == "https" else 80
-        if not self.owner.conn.server.names_proxy(host, port, self.ctx):
+        request, for_us = request_from_fields(self.fields)
+        if for_us is not None and not self.owner.conn.server.names_proxy(*for_us, self.ctx):
             raise ClientError("only http:// targets are forwarded; use CONNECT for https")
+        return request
 
     def client(self, request: Optional[Request], record: Record) -> "H2Stream":
         self.record = record
@@ -253,18 +216,14 @@ class H2Stream:
     def send_interim(self, status: int, fields: list[tuple[str, str]]) -> None:
         """An interim answer (a 100, a 103) as a HEADERS frame of its own, before the final
         one (RFC 9113 8.1): a proxy passes 1xx answers on (RFC 9110 15.2)."""
-        interim = [(":status", str(status))]
-        interim += [(k.lower(), v) for k, v in fields if k.lower() not in _CONNECTION_FIELDS]
-        self._frames(self.owner.h2.send_headers, self.stream_id, interim)
+        self._frames(self.owner.h2.send_headers, self.stream_id, answer_fields(status, fields))
         self._sent(0)  # answered, as on HTTP/1.1: a failure from here on is a reset
 
     def send_head(self, status: int, reason: str, headers: Headers, open_ended: bool,
                   keep: bool) -> bool:
         """HEADERS, sent with the first DATA (``send_body``): until then an error found in
         the answer's first bytes can still be answered instead."""
-        fields = [(":status", str(status))]
-        fields += [(k.lower(), v) for k, v in headers if k.lower() not in _CONNECTION_FIELDS]
-        self._head = fields
+        self._head = answer_fields(status, headers)
         return False  # the stream ends with its answer
 
     def send_body(self, pieces: Sequence[bytes], end: bool = False) -> None:

@@ -76,7 +76,7 @@ class HTTP1Side:
     def read_request(self, record: Record) -> Optional[Request]:
         """The next request head, or None when the client closed or kept silent first."""
         conn = self.conn
-        core = conn.server.gen.config.core  # the next request's settings: those in force
+        core = conn.server.gen.core  # the next request's options: those in force
         parser = http11.RequestHeadParser(core["max_header_size"])
         header_timeout = core["header_timeout"]
         sock = conn.sock
@@ -149,8 +149,8 @@ class HTTP1Exchange:
     """The client side of one HTTP/1.1 request: its body read from the connection, its
     answer serialized onto it."""
 
-    __slots__ = ("conn", "request", "record", "answered", "_body", "_head", "_chunked",
-                 "_until_close")
+    __slots__ = ("conn", "request", "record", "answered", "body", "_bad_framing", "_head",
+                 "_chunked", "_until_close")
 
     def __init__(self, conn: ClientConnection, request: Optional[Request],
                  record: Record) -> None:
@@ -158,7 +158,15 @@ class HTTP1Exchange:
         self.request = request
         self.record = record
         self.answered = False
-        self._body: Optional[http11.BodyReader] = None
+        #: The request body's reader. A request whose framing is bad has none that reads:
+        #: it is refused (400) when its body is first needed, after the hooks saw it.
+        self.body: http11.BodyReader
+        self._bad_framing: Optional[ClientError] = None
+        try:
+            self.body = (http11.request_body_reader(request) if request is not None
+                         else http11.NoBody())
+        except ClientError as exc:
+            self.body, self._bad_framing = _UNREAD, exc
         #: The answer's head, sent with its first body bytes.
         self._head = b""
         self._chunked = False
@@ -168,26 +176,16 @@ class HTTP1Exchange:
     # -- the request body -------------------------------------------------------------
 
     @property
-    def body(self) -> http11.BodyReader:
-        """The request body's reader, made on first use: a request whose framing is bad is
-        refused (400) when its body is first needed, after the hooks saw it."""
-        if self._body is None:
-            self._body = (http11.request_body_reader(self.request) if self.request is not None
-                          else http11.NoBody())
-        return self._body
-
-    @property
     def has_body(self) -> bool:
         return self.request is not None and request_has_body(self.request)
 
     @property
     def body_done(self) -> bool:
-        try:
-            return self.body.done
-        except ClientError:
-            return False  # its framing is bad: it was never read
+        return self.body.done
 
     def framing(self) -> Framing:
+        if self._bad_framing is not None:
+            raise self._bad_framing
         body = self.body
         if isinstance(body, http11.ChunkedReader):
             return CHUNKED
@@ -196,6 +194,8 @@ class HTTP1Exchange:
         return None
 
     def read_body(self) -> list[bytes]:
+        if self._bad_framing is not None:
+            raise self._bad_framing
         conn, body = self.conn, self.body
         data = conn.recv()
         if not data:
@@ -320,3 +320,12 @@ class HTTP1Exchange:
         to_upstream, self.conn.buf = self.conn.buf, b""
         return open_relay(self.conn.sock, upstream, record, idle_timeout,
                           to_upstream=to_upstream, to_client=early, inspect=inspect)
+
+
+class _Unread(http11.BodyReader):
+    """The reader of a body whose framing is bad: never done, never read."""
+
+    done = False
+
+
+_UNREAD = _Unread()

@@ -101,7 +101,7 @@ class Transaction:
         #: The connection's own generation; ``gen`` is the request's (``_follow``).
         self.conn_gen = conn_gen
         self.gen = conn_gen
-        self.core: Mapping[str, Any] = conn_gen.config.core
+        self.core: Mapping[str, Any] = conn_gen.core
         self.hooks = conn_gen.hooks
         self.via = conn_gen.via
         self.pool = server.pool
@@ -136,7 +136,9 @@ class Transaction:
                 request = self.side.read_request(record)
                 if request is None:
                     return False
-                self._follow(self.server.gen)  # decided by the configuration in force now
+                gen = self.server.gen  # decided by the configuration in force now
+                if gen is not self.gen:
+                    self._follow(gen)
                 self.ctx.requests += 1
                 record.request = request
                 record.method, record.target, record.version = (
@@ -176,16 +178,15 @@ class Transaction:
         if self.detached is not None:
             return False  # the tunnel goes on without this greenlet; its record comes later
         self._write_record(record)
-        self._let_go()
+        if self.gen is not self.conn_gen:
+            self._let_go()
         return keep and not self.server.stopping
 
     def _follow(self, gen: Generation) -> None:
         """Serve this request with ``gen``, the generation in force: one use of it is held
         until the request's end (``_let_go``) when it is not the connection's own."""
-        if gen is self.gen:
-            return
         gen.users += 1
-        self.gen, self.core, self.hooks, self.via = gen, gen.config.core, gen.hooks, gen.via
+        self.gen, self.core, self.hooks, self.via = gen, gen.core, gen.hooks, gen.via
         self.ctx.config = gen.config
         self.idle_wait.set_timeout(self.core["idle_timeout"])
 
