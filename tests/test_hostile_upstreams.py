@@ -22,7 +22,6 @@ from __future__ import annotations
 import random
 import socket
 import struct
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -40,6 +39,7 @@ from geproxy.testing import (
     open_tunnel,
     recv_all,
     wait_for_records,
+    wait_until,
 )
 from geproxy.testing.protocols import H2RequestClient, ProxyClient
 
@@ -288,10 +288,7 @@ def _get(port: int, path: str, method: str = "GET", host: str = "127.0.0.1",
 
 
 def _poll(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + LIMIT
-    while not check():
-        assert time.monotonic() < deadline, f"not within {LIMIT}s: {what}"
-        gevent.sleep(0.01)
+    assert wait_until(check, LIMIT), f"not within {LIMIT}s: {what}"
 
 
 def _is_error(answer: Answer, status: int, error: str, rcode: Optional[str] = None) -> None:
@@ -862,7 +859,8 @@ def test_an_early_answer_to_a_large_upload_over_tls_and_h2(protocol_pair, raw_or
     assert len(proxy.server.pool) == 0
 
 
-def test_an_interim_answer_in_the_middle_of_a_body_is_relayed(proxy, raw_origin, client):
+def test_an_interim_answer_in_the_middle_of_a_body_is_relayed(proxy, raw_origin, client,
+                                                              stalled):
     """An origin that stops reading to say 100 Continue (unasked) mid-body, then reads the
     rest: the proxy relays the 100, sends on, and the final answer follows the whole body."""
     got: list[int] = []
@@ -871,7 +869,7 @@ def test_an_interim_answer_in_the_middle_of_a_body_is_relayed(proxy, raw_origin,
         head = server.read_head(sock)
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         received = len(head.partition(b"\r\n\r\n")[2])
-        gevent.sleep(0.3)  # let the proxy's writes stall on full buffers
+        assert wait_until(stalled(sock), LIMIT)  # the proxy's writes wait on full buffers
         sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         with gevent.Timeout(LIMIT, False):
             while received < length:
