@@ -92,6 +92,31 @@ def refusing() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
+@pytest.fixture
+def stalled() -> Callable[[Any], Callable[[], bool]]:
+    """``stalled(sock)``: a condition for ``wait_until``: the bytes coming to ``sock``
+    (which nobody reads) stopped coming, so their sender waits on full buffers. Its receive
+    queue holds some, and no more than at the last look (``wait_until`` looks every 20 ms,
+    and the sender, in this process or on loopback, fills a buffer in far less)."""
+    import fcntl
+    import struct
+    import termios
+
+    def condition(sock: Any) -> Callable[[], bool]:
+        last = [-1]
+
+        def check() -> bool:
+            queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,
+                                                    b"\0\0\0\0"))[0]
+            still = queued > 0 and queued == last[0]
+            last[0] = queued
+            return still
+
+        return check
+
+    return condition
+
+
 @pytest.fixture(params=PROTOCOLS)
 def client_protocol(request: pytest.FixtureRequest) -> str:
     """Runs a test once for each protocol a client may speak to the proxy: HTTP/1.1 on a

@@ -16,7 +16,14 @@ import h2.exceptions
 import h2.settings
 import pytest
 
-from geproxy.testing import echo, kit_ini, pattern, pattern_sha256, wait_for_records
+from geproxy.testing import (
+    echo,
+    kit_ini,
+    pattern,
+    pattern_sha256,
+    wait_for_records,
+    wait_until,
+)
 from geproxy.testing.h2client import H2Client
 
 # Every test here twice: CONNECT streams relaying with their greenlet waiting, and detached
@@ -25,6 +32,8 @@ pytestmark = pytest.mark.usefixtures("relay_mode")
 
 #: An echo that also says how many bytes it read, once the client half-closed.
 EOF_MARK = b"<eof>"
+#: The bound on the tests' own waits, in seconds.
+LIMIT = 10
 
 
 def h2_ini(tls_files, core="", **tls):
@@ -191,20 +200,20 @@ def test_closing_the_connection_closes_every_tunnel(h2_proxy, tls_files, raw_ori
         stream.send(b"x")
     client.sock.close()  # no GOAWAY: the TCP connection just ends
     client.reader.kill()
-    with gevent.Timeout(10):
-        while len(closed) < 5:
-            gevent.sleep(0.02)
+    assert wait_until(lambda: len(closed) == 5, LIMIT)  # every upstream saw its close
     records = wait_for_records(h2_proxy, 5)
     assert all(r.close_reason == "client" for r in records)
 
 
-def test_a_stalled_stream_does_not_stall_the_others(h2_pair, raw_origin):
+def test_a_stalled_stream_does_not_stall_the_others(h2_pair, raw_origin, stalled):
     """One tunnel's client reads nothing (its window fills up) and another's upstream reads
     nothing (the proxy's window for it fills up): a third still moves megabytes."""
 
     done = gevent.event.Event()
+    deaf_sockets = []
 
     def deaf(sock):
+        deaf_sockets.append(sock)
         done.wait(20)  # reads nothing until the test is over
 
     flooder, deaf_origin, echoer = raw_origin(_flood), raw_origin(deaf), raw_origin(echo)
@@ -216,7 +225,11 @@ def test_a_stalled_stream_does_not_stall_the_others(h2_pair, raw_origin):
         for stream in (unread, unheard, busy):
             assert stream.wait_head() == 200
         gevent.spawn(unheard.send, b"z" * (8 * 1024 * 1024), False, 20)
-        gevent.sleep(0.5)  # both stalls in place
+        # Both stalls in place: the unread stream holds the whole window the client gave it,
+        # and the proxy's writes to the deaf origin wait on full buffers.
+        assert wait_until(lambda: sum(map(len, unread.data)) >= 65535, LIMIT)
+        assert wait_until(lambda: deaf_sockets, LIMIT)
+        assert wait_until(stalled(deaf_sockets[0]), LIMIT)
         size = 4 * 1024 * 1024
         got = 0
         sender = gevent.spawn(lambda: [busy.send(p) for p in pattern(size, 32 * 1024)])
@@ -238,9 +251,7 @@ def test_admin_close_resets_one_stream(h2_pair, raw_origin):
     tunnels = proxy.server.tunnels()
     assert len(tunnels) == 2 and all("-" in t["id"] for t in tunnels)
     assert proxy.server.close_connection(tunnels[0]["id"])
-    with gevent.Timeout(10):
-        while first.reset is None and second.reset is None:
-            gevent.sleep(0.02)
+    assert wait_until(lambda: first.reset is not None or second.reset is not None, LIMIT)
     survivor = second if first.reset is not None else first
     survivor.send(b"ping")
     assert survivor.recv() == b"ping"
@@ -273,9 +284,7 @@ def test_an_upstream_reset_resets_its_stream_only(h2_proxy, client, raw_origin):
     assert doomed.wait_head() == 200 and fine.wait_head() == 200
     doomed.send(b"hello")
     assert doomed.recv() == b"!"
-    with gevent.Timeout(10):
-        while doomed.reset is None:
-            gevent.sleep(0.01)
+    assert wait_until(lambda: doomed.reset is not None, LIMIT)
     assert doomed.reset == h2.errors.ErrorCodes.CONNECT_ERROR
     fine.send(b"ping")
     assert fine.recv() == b"ping"
@@ -301,9 +310,7 @@ def test_an_idle_tunnel_stream_is_closed_at_idle_timeout(h2_pair, raw_origin):
     proxy, client = h2_pair(core="idle_timeout = 300ms\n")
     stream = client.connect(f"origin.test:{origin.port}")
     assert stream.wait_head() == 200
-    with gevent.Timeout(10):
-        while stream.reset is None:
-            gevent.sleep(0.02)
+    assert wait_until(lambda: stream.reset is not None, LIMIT)
     assert stream.reset == h2.errors.ErrorCodes.CANCEL
     assert wait_for_records(proxy, 1)[0].close_reason == "idle timeout"
 
@@ -329,11 +336,9 @@ def test_a_stop_refuses_new_streams_then_cuts_the_rest(h2_proxy, client, raw_ori
     stream = client.connect(f"origin.test:{origin.port}")
     assert stream.wait_head() == 200
     stopper = gevent.spawn(h2_proxy.server.stop, 0.5)
-    gevent.sleep(0.1)
+    assert wait_until(lambda: h2_proxy.server.stopping, LIMIT)
     late = client.connect(f"origin.test:{origin.port}")
-    with gevent.Timeout(10):
-        while late.reset is None and client.error is None:
-            gevent.sleep(0.01)
+    assert wait_until(lambda: late.reset is not None or client.error is not None, LIMIT)
     assert late.reset in (h2.errors.ErrorCodes.REFUSED_STREAM, -1)
     stopper.join(timeout=10)
     assert stopper.dead
@@ -456,8 +461,11 @@ def test_streams_that_end_anywhere_leave_nothing_behind(h2_pair, tls_files, raw_
 
     jobs = [gevent.spawn(one, rng.choice([first, *others]), rng.randrange(3))
             for _ in range(90)]
+    # One connection goes away at a moment of the test's choosing, whatever its streams are
+    # doing then: the moment is what is tested, not a wait for anything. (A stream the proxy
+    # has not begun to serve when its connection ends is the test below.)
     gevent.sleep(0.2)
-    others[1].sock.close()  # one connection just goes away
+    others[1].sock.close()
     others[1].reader.kill()
     gevent.joinall(jobs, timeout=60)
     assert all(job.dead for job in jobs)
@@ -465,6 +473,40 @@ def test_streams_that_end_anywhere_leave_nothing_behind(h2_pair, tls_files, raw_
         client.close()
     status, _, body = first.request("GET", f"http://origin.test:{origin.port}/")
     assert (status, body) == (200, b"hello\n")
+
+
+@pytest.mark.parametrize("relay_mode", ["detached"], indirect=True)  # once: the wait is 2 s
+def test_streams_of_a_connection_that_ends_at_once_are_not_left_behind(h2_proxy, tls_files,
+                                                                       raw_origin):
+    """The client opens CONNECT streams and closes the connection in the same breath: the
+    proxy reads the HEADERS and the close in one go. Every stream ends, on record, and every
+    upstream connection opened for them is closed."""
+    closed = []
+
+    def hold(sock):
+        sock.settimeout(LIMIT)
+        try:
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass
+        closed.append(True)
+
+    origin = raw_origin(hold)
+    client = H2Client(h2_proxy.tls_address, tls_files.ca_file)
+    for _ in range(5):
+        client.connect(f"origin.test:{origin.port}")
+    client.sock.close()  # no yield since the HEADERS went: the proxy reads them, then the end
+    client.reader.kill()
+    try:
+        # Bounded at 2 s: the proxy ends them at once, or never.
+        assert wait_until(lambda: len(h2_proxy.records) == 5, 2), (
+            f"{len(h2_proxy.records)} records; left behind: {sorted(h2_proxy.server.active)}")
+        assert wait_until(lambda: not h2_proxy.server.active, 2)
+        assert wait_until(lambda: len(closed) == origin.accepted, 2)
+    finally:  # what it left behind is ended here, for the leak check
+        for conn_id in list(h2_proxy.server.active):
+            h2_proxy.server.close_connection(conn_id)
 
 
 def test_streams_over_max_streams_before_the_settings_are_refused_alone(h2_pair, raw_origin):
@@ -475,9 +517,8 @@ def test_streams_over_max_streams_before_the_settings_are_refused_alone(h2_pair,
     proxy, client = h2_pair(max_streams="5")
     client.conn.remote_settings.max_concurrent_streams = 100  # as if no SETTINGS came yet
     streams = [client.connect(f"origin.test:{origin.port}") for _ in range(8)]
-    with gevent.Timeout(10):
-        while sum(s.headers is not None or s.reset is not None for s in streams) < 8:
-            gevent.sleep(0.01)
+    assert wait_until(lambda: all(s.headers is not None or s.reset is not None
+                                  for s in streams), LIMIT)
     served = [s for s in streams if s.headers is not None]
     refused = [s for s in streams if s.reset == h2.errors.ErrorCodes.REFUSED_STREAM]
     assert (len(served), len(refused)) == (5, 3)
@@ -511,9 +552,7 @@ def test_a_client_that_reads_nothing_costs_a_bounded_queue(h2_pair, tls_files, r
         assert stream.wait_head() == 200
     greedy.reader.kill()  # from here on it reads nothing at all
     [connection] = [c for c in _connections(proxy) if c.streams]
-    with gevent.Timeout(10, AssertionError("the proxy never stopped producing")):
-        while not connection.choked:
-            gevent.sleep(0.01)
+    assert wait_until(lambda: connection.choked, LIMIT), "the proxy never stopped producing"
     gevent.sleep(0.3)  # the floods go on: nothing more may queue up meanwhile
     assert connection.queued <= http2.OUTGOING_HIGH + 4 * 64 * 1024
     other = H2Client(proxy.tls_address, tls_files.ca_file)
@@ -539,8 +578,7 @@ def test_rapid_reset_closes_the_connection(h2_pair, raw_origin):
                 client.connect(f"origin.test:{origin.port}").cancel()
             except (h2.exceptions.ProtocolError, OSError):
                 break
-        while client.goaway is None and client.error is None:
-            gevent.sleep(0.01)
+    assert wait_until(lambda: client.goaway is not None or client.error is not None, LIMIT)
     assert client.goaway is not None and client.goaway[0] == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 

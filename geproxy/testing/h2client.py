@@ -270,7 +270,8 @@ class H2Client:
                     raise self.error
                 stream = self.streams.get(stream_id)
                 if stream is not None and stream.reset is not None:
-                    raise ConnectionResetError(f"stream {stream_id} reset: {stream.reset}")
+                    # As h2 says of a send on a closed stream (its window is left as it was).
+                    raise h2.exceptions.StreamClosedError(stream_id)
                 window = self.conn.local_flow_control_window(stream_id)
                 size = min(window, len(view), self.conn.max_outbound_frame_size)
                 if view and size <= 0:
