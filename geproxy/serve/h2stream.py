@@ -85,7 +85,7 @@ class H2Stream:
         #: The request's HEADERS ended the stream: it has no body.
         self.bodiless = ended
         #: The END_STREAM of the request body was read (``read_body``).
-        self._body_read = ended
+        self.body_done = ended
         self.unacked = 0
         self.cut_by: Optional[str] = None
         self.must_reset = False
@@ -168,10 +168,6 @@ class H2Stream:
         """DATA may come, and no content-length says it is empty."""
         return not self.bodiless and self._content_length() not in ("0", "")
 
-    @property
-    def body_done(self) -> bool:
-        return self._body_read
-
     def framing(self) -> Framing:
         if self.bodiless:
             length = self._content_length()
@@ -195,7 +191,7 @@ class H2Stream:
                 raise ClientGone("client sent nothing for idle_timeout")
         item = self.inbound.popleft()
         if item is None:
-            self._body_read = True
+            self.body_done = True
             return []
         piece, size = item
         self.give_back(size)

@@ -149,8 +149,8 @@ class HTTP1Exchange:
     """The client side of one HTTP/1.1 request: its body read from the connection, its
     answer serialized onto it."""
 
-    __slots__ = ("conn", "request", "record", "answered", "body", "_bad_framing", "_head",
-                 "_chunked", "_until_close")
+    __slots__ = ("conn", "request", "record", "answered", "body", "body_done", "_bad_framing",
+                 "_head", "_chunked", "_until_close")
 
     def __init__(self, conn: ClientConnection, request: Optional[Request],
                  record: Record) -> None:
@@ -167,6 +167,8 @@ class HTTP1Exchange:
                          else http11.NoBody())
         except ClientError as exc:
             self.body, self._bad_framing = _UNREAD, exc
+        #: The request body was read to its end (or it has none).
+        self.body_done = self.body.done
         #: The answer's head, sent with its first body bytes.
         self._head = b""
         self._chunked = False
@@ -178,10 +180,6 @@ class HTTP1Exchange:
     @property
     def has_body(self) -> bool:
         return self.request is not None and request_has_body(self.request)
-
-    @property
-    def body_done(self) -> bool:
-        return self.body.done
 
     def framing(self) -> Framing:
         if self._bad_framing is not None:
@@ -204,6 +202,7 @@ class HTTP1Exchange:
         # What follows the body is the next request's: counted there, never here (a count
         # told to on_progress cannot go back).
         if body.done:
+            self.body_done = True
             conn.buf = body.rest
             self.record.bytes_in += len(data) - len(body.rest)
         else:
