@@ -728,7 +728,7 @@ def test_an_error_of_the_status_table(protocol_pair, proxy_client, origin, raw_o
     the errors that say so (errors.py: what the upstream did is in doubt); an HTTP/2 stream
     ends cleanly and its connection always goes on."""
     target, status, error, closes = ERRORS[case]
-    proxy, client = protocol_pair("idle_timeout = 300ms\n", plugins=[_DenyPath()])
+    proxy, client = protocol_pair("idle_timeout = 500ms\n", plugins=[_DenyPath()])
     reply = client.request("GET", target(origin, refusing, raw_origin(_silent).port))
     assert reply.status == status, reply
     assert reply.field("proxy-status").startswith(f"geproxy; error={error}")
