@@ -137,18 +137,12 @@ def test_get_is_forwarded_in_origin_form(protocol_pair, origin, client_protocol)
         "GET", _url(origin, "/echo?a=1"), 200, VERSION[client_protocol])
 
 
-def test_head(protocol_pair, origin, client_protocol):
+def test_head_then_get_on_one_upstream_connection(protocol_pair, origin, client_protocol):
     _, client = protocol_pair()
     reply = client.request("HEAD", _url(origin, "/bytes/12345"))
     assert (reply.status, reply.body, reply.complete) == (200, b"", True), reply
     assert reply.field("content-length") == "12345"  # the length the GET would have
     _sound(reply, client_protocol)
-    assert origin.seen[-1].method == "HEAD"
-
-
-def test_head_then_get_on_one_upstream_connection(protocol_pair, origin):
-    _, client = protocol_pair()
-    assert client.request("HEAD", _url(origin, "/bytes/100")).body == b""
     reply = client.request("GET", _url(origin, "/bytes/100"))
     assert reply.body == b"".join(pattern(100)) and reply.complete
     assert [seen.method for seen in origin.seen] == ["HEAD", "GET"]
@@ -195,7 +189,7 @@ def test_methods_and_their_bodies_reach_the_origin(protocol_pair, origin):
 
 def test_large_bodies_stream_both_ways(protocol_pair, origin):
     _, client = protocol_pair()
-    size = 8 * 1024 * 1024 + 5
+    size = 4 * 1024 * 1024 + 5  # past every window and socket buffer on the way
     body = b"".join(pattern(size))
     assert _echo(client.request("PUT", _url(origin, "/sha256"), body=body,
                                 timeout=60)) == _sha(body)
@@ -631,7 +625,7 @@ def test_an_upstream_silent_on_a_later_request_gets_504(protocol_pair, proxy_cli
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello\n")
 
     server = raw_origin(once_then_silent)
-    proxy, client = protocol_pair("idle_timeout = 500ms\n")
+    proxy, client = protocol_pair("idle_timeout = 300ms\n")
     url = f"http://127.0.0.1:{server.port}/"
     assert client.request("GET", url).body == b"hello\n"
     second = client.request("GET", url)
@@ -650,17 +644,14 @@ def test_an_upstream_silent_on_a_later_request_gets_504(protocol_pair, proxy_cli
 # -- requests for the proxy itself ---------------------------------------------------------
 
 
-def test_origin_form_is_answered_locally(protocol_pair, client_protocol):
-    """HTTP/1.1 origin-form, or HTTP/2 with the proxy's own https authority."""
+def test_requests_for_the_proxy_itself_are_answered_locally(protocol_pair, client_protocol):
+    """In origin-form (HTTP/2: with the proxy's own https authority), or with the proxy's
+    own address as the target."""
     _, client = protocol_pair()
     reply = client.request("GET", "/healthz")
     assert (reply.status, reply.body) == (200, b"ok\n")
     _sound(reply, client_protocol)
     assert client.request("GET", "/elsewhere").status == 404
-
-
-def test_target_on_the_proxy_itself_is_local(protocol_pair):
-    _, client = protocol_pair()
     host, port = client.address
     reply = client.request("GET", f"http://{host}:{port}/healthz")
     assert (reply.status, reply.body) == (200, b"ok\n")
