@@ -234,3 +234,12 @@ def test_answer_fields_leave_out_what_http2_forbids() -> None:
                        ("Upgrade", "h2c"), ("Proxy-Connection", "x"), ("Via", "1.1 egress")])
     assert answer_fields(200, headers) == [(":status", "200"), ("content-type", "text/plain"),
                                           ("via", "1.1 egress")]
+
+
+@pytest.mark.parametrize("status, phrase", [
+    (200, "OK"), (201, "Created"), (413, "Content Too Large"), (414, "URI Too Long"),
+    (103, "Early Hints"),
+    (407, "Proxy Authentication Required"), (599, "Unknown")])
+def test_status_lines_carry_the_registered_reason(status: int, phrase: str) -> None:
+    """An upstream's 201 goes to an HTTP/1.1 client as "201 Created", not "201 Unknown"."""
+    assert http11.reason_phrase(status) == phrase

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from http import HTTPStatus
 from typing import Optional, Union
 
 import httptools
@@ -535,24 +536,12 @@ def response_body_reader(method: str, response: Response) -> BodyReader:
 
 # -- serialising ----------------------------------------------------------------------------
 
-_REASONS = {
-    100: "Continue",
-    101: "Switching Protocols",
-    200: "OK",
-    204: "No Content",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    407: "Proxy Authentication Required",
-    408: "Request Timeout",
-    414: "URI Too Long",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
+#: The reason phrase of every status IANA registered (RFC 9110 section 15), as the proxy
+#: writes status lines: an upstream's own phrase is not kept (the parser does not read it).
+_REASONS = {status.value: status.phrase for status in HTTPStatus} | {
+    # Python's older names, as RFC 9110 renamed them.
+    413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
+    422: "Unprocessable Content"}
 
 
 def reason_phrase(status: int) -> str:

@@ -24,12 +24,12 @@ import h2.exceptions
 
 from ..models import Record
 from ..net.sockets import raw_socket
-from .tunnel import Relay
+from .tunnel import Direction, Relay
 
 __all__ = ["StreamRelay", "StreamEnd"]
 
 BUFFER = 64 * 1024
-_READ, _WRITE = 1, 2  # libev's EV_READ, EV_WRITE
+_READ = 1  # libev's EV_READ
 _CANCEL = h2.errors.ErrorCodes.CANCEL
 _CONNECT_ERROR = h2.errors.ErrorCodes.CONNECT_ERROR
 
@@ -62,13 +62,15 @@ class StreamRelay(Relay):
         self.h2 = stream.owner.h2
         self.upstream = upstream
         self.raw = raw_socket(upstream)  # its calls never wait
-        fd = upstream.fileno()
-        self.reader = self.loop.io(fd, _READ)
-        self.writer = self.loop.io(fd, _WRITE)
-        #: Client bytes the upstream did not take yet, and their flow-controlled size.
-        self.pending: Any = b""
+        #: The upstream's bytes, read as far as the stream's send window allows.
+        self.reader = self.loop.io(upstream.fileno(), _READ)
+        #: The client's DATA to the upstream: written by the base's write path, which parks
+        #: what the upstream did not take (``up.pending``) until it has room.
+        self.up = Direction(None, upstream, True, self.loop)
+        #: The flow-controlled size of the DATA parked in ``up.pending``: given back to the
+        #: client once it went.
         self.pending_size = 0
-        #: Client chunks after ``pending`` (or held while a plugin looks at the first).
+        #: Client chunks after the parked one (or held while a plugin looks at the first).
         self.queue: deque[Item] = deque()
         self.up_done = False  # the client's END_STREAM was passed on
         self.down_done = False  # the upstream's FIN was passed on
@@ -84,7 +86,7 @@ class StreamRelay(Relay):
             if item is not None:
                 self.stream.give_back(item[1])
             return
-        if self.inspect is not None or self.pending or self.queue:
+        if self.inspect is not None or self.up.pending or self.queue:
             self.queue.append(item)
             if self.inspect is not None and len(self.queue) == 1:
                 if item is None:
@@ -131,17 +133,23 @@ class StreamRelay(Relay):
 
     def _halt(self) -> None:
         self.reader.stop()
-        self.writer.stop()
+        self.up.writer.stop()
 
     def _release(self) -> None:
         self.reader.close()
-        self.writer.close()
+        self.up.close()
+
+    def _drained(self, d: Direction) -> None:
+        self.stream.give_back(self.pending_size)
+        self.pending_size = 0
+        self._drain()
+
+    def _side_failed(self, name: str) -> None:
+        if name == "upstream":  # the stream is reset with CONNECT_ERROR (RFC 9113 8.5)
+            self._reset_code = _CONNECT_ERROR
+        self._abort(name)
 
     # -- the hub's side: callbacks, which never block ------------------------------------
-
-    def _upstream_failed(self) -> None:
-        self._reset_code = _CONNECT_ERROR
-        self._abort("upstream")
 
     def _client_failed(self) -> None:
         """The stream or its connection closed under the relay."""
@@ -168,7 +176,7 @@ class StreamRelay(Relay):
         except BlockingIOError:
             return
         except OSError:
-            self._upstream_failed()
+            self._side_failed("upstream")
             return
         try:
             if not data:
@@ -190,7 +198,7 @@ class StreamRelay(Relay):
 
     def _drain(self) -> None:
         """Pass on the client's chunks held back, while the upstream takes them."""
-        while self.queue and not self.pending and not self.finished:
+        while self.queue and not self.up.pending and not self.finished:
             self._to_upstream(self.queue.popleft())
 
     def _to_upstream(self, item: Item) -> None:
@@ -204,38 +212,7 @@ class StreamRelay(Relay):
                 self._finish()
             return
         data, size = item
-        try:
-            sent = self.raw.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._upstream_failed()
-            return
-        self._moved_up(sent)
-        if sent < len(data):
-            self.pending, self.pending_size = memoryview(data)[sent:], size
-            self.writer.start(self._writable)
-        else:
+        self.pending_size = size
+        if self._write(self.up, data):
+            self.pending_size = 0
             self.stream.give_back(size)
-
-    def _writable(self) -> None:
-        try:
-            sent = self.raw.send(self.pending)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._upstream_failed()
-            return
-        self._moved_up(sent)
-        self.pending = self.pending[sent:]
-        if self.pending:
-            return
-        self.writer.stop()
-        self.stream.give_back(self.pending_size)
-        self.pending_size = 0
-        self._drain()
-
-    def _moved_up(self, sent: int) -> None:
-        if sent:
-            self.idle.last = self.loop.now()
-            self.record.bytes_in += sent

@@ -14,6 +14,12 @@ no buffer. After DETACH_AFTER the connection's greenlet may stop waiting altoget
 long-lived tunnel holds no greenlet at all. A direction that has carried SPLICE_AFTER bytes
 moves the rest with ``splice(2)`` through a pipe of its own, without copying through user
 space.
+
+``Relay`` is all of that but where the bytes come from: the waiting greenlet, the first
+bytes' inspection, the detach, the idle watch, the lifetime, the report of the end, and
+the write path (``Direction``: what a socket did not take waits for room). ``SocketRelay``
+reads both sockets (and splices); ``StreamRelay`` (h2tunnel.py) takes an HTTP/2 stream's
+DATA as its client side.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from gevent.hub import Waiter
 from ..models import Record
 from ..net.sockets import raw_socket, send_all
 
-__all__ = ["Relay", "SocketRelay", "IdleWatch", "relay", "open_relay", "SPLICE_AFTER",
+__all__ = ["Relay", "SocketRelay", "Direction", "IdleWatch", "relay", "open_relay", "SPLICE_AFTER",
            "DETACH_AFTER"]
 
 BUFFER = 64 * 1024
@@ -96,19 +102,23 @@ class IdleWatch:
             self._arm(self.timeout - idle_for)
 
 
-class _Direction:
-    """One direction of a tunnel: bytes read from ``src`` and written to ``dst``."""
+class Direction:
+    """One direction of a tunnel: bytes read from ``src`` and written to ``dst``. A source
+    of None pushes its bytes (an HTTP/2 stream's DATA): no reader watches it."""
 
     __slots__ = ("src", "dst", "src_fd", "dst_fd", "upward", "name", "dst_name", "reader",
                  "writer", "pending", "moved", "eof", "done", "pipe", "piped", "buffered",
                  "tls_out", "splices")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, upward: bool, loop: Any) -> None:
-        self.src, self.dst = _raw(src), _raw(dst)
-        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+    def __init__(self, src: Optional[socket.socket], dst: socket.socket, upward: bool,
+                 loop: Any) -> None:
+        self.src: Any = _raw(src) if src is not None else None
+        self.dst = _raw(dst)
+        self.src_fd, self.dst_fd = (src.fileno() if src is not None else -1), dst.fileno()
         self.upward = upward
         self.name, self.dst_name = ("client", "upstream") if upward else ("upstream", "client")
-        self.reader = loop.io(self.src_fd, _READ)
+        #: None for a source that pushes (no descriptor to watch).
+        self.reader: Any = loop.io(self.src_fd, _READ) if src is not None else None
         self.writer = loop.io(self.dst_fd, _WRITE)
         #: Read and not yet written (recv mode), while the writer waits for room.
         self.pending: Any = b""
@@ -126,7 +136,8 @@ class _Direction:
         self.splices = _SPLICE and self.buffered is None and not self.tls_out
 
     def close(self) -> None:
-        self.reader.close()
+        if self.reader is not None:
+            self.reader.close()
         self.writer.close()
         if self.pipe is not None:
             os.close(self.pipe[0])
@@ -142,9 +153,12 @@ class Relay:
     ``SocketRelay`` between two sockets, ``StreamRelay`` (h2tunnel.py) between an HTTP/2
     stream and a socket.
 
-    A subclass provides ``_begin`` (start moving), ``_pass_on(data)`` (the inspected
-    first bytes go upstream), ``_shut(reason)`` (both sides told of the end),
-    ``_halt`` (its watchers stopped) and ``_release`` (its watchers and buffers freed)."""
+    Writing to a socket is the base's: ``_write`` sends what fits and parks the rest in
+    its ``Direction`` until the writer watcher finds room, then calls ``_drained``. A
+    subclass provides how bytes come (``_begin``: start moving), ``_pass_on(data)`` (the
+    inspected first bytes go upstream), ``_drained(d)`` (what follows a parked write),
+    ``_shut(reason)`` (both sides told of the end), ``_halt`` (its watchers stopped) and
+    ``_release`` (its watchers and buffers freed)."""
 
     def __init__(self, record: Record, idle_timeout: float,
                  inspect: Optional[Callable[[bytes], bool]]) -> None:
@@ -275,7 +289,63 @@ class Relay:
                 timer.close()
         self._lifetime = self._detach = None
 
+    # -- the write path, both relays': callbacks in the hub, which never block ------------
+
+    def _write(self, d: Direction, data: Any) -> bool:
+        """Send ``data`` to ``d``'s destination; True when all of it went. What did not fit
+        waits in ``d.pending`` for room (the writer watcher), with ``d``'s reading stopped,
+        and ``_drained(d)`` follows once it went."""
+        try:
+            sent = d.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._side_failed(d.dst_name)
+            return False
+        self._count(d, sent)
+        if sent < len(data) or (d.tls_out and d.dst.blocked):
+            d.pending = memoryview(data)[sent:]
+            if d.reader is not None:
+                d.reader.stop()
+            d.writer.start(self._writable, d)
+            return False
+        return True
+
+    def _writable(self, d: Direction) -> None:
+        data = d.pending
+        try:
+            sent = d.dst.send(data)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._side_failed(d.dst_name)
+            return
+        self._count(d, sent)
+        if sent < len(data) or (d.tls_out and d.dst.blocked):
+            d.pending = data[sent:]
+            return
+        d.pending = b""
+        d.writer.stop()
+        self._drained(d)
+
+    def _count(self, d: Direction, sent: int) -> None:
+        if sent:
+            d.moved += sent
+            self.idle.last = self.loop.now()
+            if d.upward:
+                self.record.bytes_in += sent
+            else:
+                self.record.bytes_out += sent
+
+    def _side_failed(self, name: str) -> None:
+        """Reading from or writing to the ``name`` side ("client", "upstream") failed."""
+        self._abort(name)
+
     # -- what a subclass does -----------------------------------------------------------
+
+    def _drained(self, d: Direction) -> None:
+        """All that waited in ``d.pending`` went out."""
+        raise NotImplementedError
 
     def _begin(self) -> None:
         raise NotImplementedError
@@ -295,21 +365,21 @@ class Relay:
 
 class SocketRelay(Relay):
     """A tunnel between two sockets (a TLS stream on the client's side, maybe): one
-    ``_Direction`` each way, spliced once it carried SPLICE_AFTER bytes."""
+    ``Direction`` each way, spliced once it carried SPLICE_AFTER bytes."""
 
     def __init__(self, client: socket.socket, upstream: socket.socket, record: Record,
                  idle_timeout: float, inspect: Optional[Callable[[bytes], bool]]) -> None:
         super().__init__(record, idle_timeout, inspect)
         self.client, self.upstream = client, upstream
-        self.up = _Direction(client, upstream, True, self.loop)
-        self.down = _Direction(upstream, client, False, self.loop)
+        self.up = Direction(client, upstream, True, self.loop)
+        self.down = Direction(upstream, client, False, self.loop)
 
     def _begin(self) -> None:
         self._read_on(self.up)
         self._read_on(self.down)
 
     def _pass_on(self, data: bytes) -> None:
-        self._write(self.up, data)
+        self._write_on(self.up, data)
 
     def _halt(self) -> None:
         for d in (self.up, self.down):
@@ -322,7 +392,7 @@ class SocketRelay(Relay):
 
     # -- the hub's side: callbacks, which never block ------------------------------------
 
-    def _readable(self, d: _Direction) -> None:
+    def _readable(self, d: Direction) -> None:
         if d.pipe is not None:
             self._splice_in(d)
             return
@@ -341,64 +411,43 @@ class SocketRelay(Relay):
             d.reader.stop()  # until the greenlet had the plugins look at them
             self._wake(data)
             return
-        self._write(d, data)
+        self._write_on(d, data)
 
-    def _write(self, d: _Direction, data: Any) -> None:
-        try:
-            sent = d.dst.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._abort(d.dst_name)
-            return
-        self._count(d, sent)
-        if sent < len(data) or (d.tls_out and d.dst.blocked):
-            d.pending = memoryview(data)[sent:]
-            d.reader.stop()
-            d.writer.start(self._writable, d)
-        elif d.splices and d.moved >= SPLICE_AFTER and d.pipe is None:
+    def _write_on(self, d: Direction, data: Any) -> None:
+        """Pass ``data`` on, then read on when nothing waits; a direction that carried
+        SPLICE_AFTER bytes by recv and send switches to splice."""
+        if self._write(d, data) and d.splices and d.moved >= SPLICE_AFTER and d.pipe is None:
             self._to_splice(d)
         if not d.reader.active and not d.writer.active and not self.finished:
             self._read_on(d)
 
-    def _read_on(self, d: _Direction) -> None:
+    def _read_on(self, d: Direction) -> None:
         d.reader.start(self._readable, d)
         if d.buffered is not None and d.buffered():
             self.loop.run_callback(self._read_buffered, d)
 
-    def _read_buffered(self, d: _Direction) -> None:
+    def _read_buffered(self, d: Direction) -> None:
         """Plaintext a TLS source already holds: read as if the socket were readable."""
         if d.reader.active and not self.finished:
             self._readable(d)
 
-    def _writable(self, d: _Direction) -> None:
+    def _writable(self, d: Direction) -> None:
         if d.pipe is not None:
             self._splice_out(d)
             return
-        data = d.pending
-        try:
-            sent = d.dst.send(data)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._abort(d.dst_name)
-            return
-        self._count(d, sent)
-        if sent < len(data) or (d.tls_out and d.dst.blocked):
-            d.pending = data[sent:]
-            return
-        d.pending = b""
-        d.writer.stop()
+        super()._writable(d)
+
+    def _drained(self, d: Direction) -> None:
         self._resume(d)
 
-    def _resume(self, d: _Direction) -> None:
+    def _resume(self, d: Direction) -> None:
         """All that was read went out: read on, or pass on the EOF that came meanwhile."""
         if d.eof:
             self._eof(d)
         elif not self.finished:
             self._read_on(d)
 
-    def _eof(self, d: _Direction) -> None:
+    def _eof(self, d: Direction) -> None:
         d.eof = True
         d.reader.stop()
         if d.pending or d.piped or d.writer.active:
@@ -412,18 +461,9 @@ class SocketRelay(Relay):
         except OSError:
             pass
 
-    def _count(self, d: _Direction, sent: int) -> None:
-        if sent:
-            d.moved += sent
-            self.idle.last = self.loop.now()
-            if d.upward:
-                self.record.bytes_in += sent
-            else:
-                self.record.bytes_out += sent
-
     # -- splice -------------------------------------------------------------------------
 
-    def _to_splice(self, d: _Direction) -> None:
+    def _to_splice(self, d: Direction) -> None:
         try:
             read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -434,7 +474,7 @@ class SocketRelay(Relay):
             pass  # the default pipe size works, in more calls
         d.pipe = (read_end, write_end)
 
-    def _splice_in(self, d: _Direction) -> None:
+    def _splice_in(self, d: Direction) -> None:
         assert d.pipe is not None
         try:
             got = os.splice(d.src_fd, d.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
@@ -452,7 +492,7 @@ class SocketRelay(Relay):
             d.reader.stop()
             d.writer.start(self._writable, d)
 
-    def _splice_out(self, d: _Direction) -> None:
+    def _splice_out(self, d: Direction) -> None:
         assert d.pipe is not None
         try:
             sent = os.splice(d.pipe[0], d.dst_fd, d.piped, flags=_SPLICE_FLAGS)
