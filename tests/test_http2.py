@@ -180,11 +180,10 @@ def test_max_streams_is_advertised(h2_pair):
     assert client.max_concurrent_streams == 7
 
 
-def test_closing_the_connection_closes_every_tunnel(h2_proxy, tls_files, raw_origin):
-    closed = []
-
+def _holding(closed: list[bool]):
+    """An origin handler that reads until its connection ends, then appends to ``closed``."""
     def hold(sock):
-        sock.settimeout(20)
+        sock.settimeout(LIMIT)
         try:
             while sock.recv(65536):
                 pass
@@ -192,7 +191,12 @@ def test_closing_the_connection_closes_every_tunnel(h2_proxy, tls_files, raw_ori
             pass
         closed.append(True)
 
-    origin = raw_origin(hold)
+    return hold
+
+
+def test_closing_the_connection_closes_every_tunnel(h2_proxy, tls_files, raw_origin):
+    closed: list[bool] = []
+    origin = raw_origin(_holding(closed))
     client = H2Client(h2_proxy.tls_address, tls_files.ca_file)
     streams = [client.connect(f"origin.test:{origin.port}") for _ in range(5)]
     for stream in streams:
@@ -481,18 +485,8 @@ def test_streams_of_a_connection_that_ends_at_once_are_not_left_behind(h2_proxy,
     """The client opens CONNECT streams and closes the connection in the same breath: the
     proxy reads the HEADERS and the close in one go. Every stream ends, on record, and every
     upstream connection opened for them is closed."""
-    closed = []
-
-    def hold(sock):
-        sock.settimeout(LIMIT)
-        try:
-            while sock.recv(65536):
-                pass
-        except OSError:
-            pass
-        closed.append(True)
-
-    origin = raw_origin(hold)
+    closed: list[bool] = []
+    origin = raw_origin(_holding(closed))
     client = H2Client(h2_proxy.tls_address, tls_files.ca_file)
     for _ in range(5):
         client.connect(f"origin.test:{origin.port}")
