@@ -32,23 +32,13 @@ from ..protocol.semantics import error_response, via_loop
 from ..relay.connect import open_upstream
 from ..relay.exchange import Exchange
 from ..relay.forward import RECV_SIZE, answer, forward, read_small_body
+from ..relay.tunnel import Relay
 from .client import refused
 from .generation import Generation
 from .local import call_wsgi
 from .static import content_type, docroot_file
 
-__all__ = ["Transaction", "Side", "Client", "Relay"]
-
-
-class Relay(Protocol):
-    """A tunnel's relay (relay/tunnel.py), as the lifecycle drives it."""
-
-    finished: bool
-
-    def run(self, lifetime: float, detach_after: float = 0) -> str: ...
-    def detach(self, on_done: Callable[[str], None]) -> None: ...
-    def cancel(self, reason: str) -> None: ...
-    def close(self) -> None: ...
+__all__ = ["Transaction", "Side", "Client"]
 
 
 class Client(Exchange, Protocol):
