@@ -8,11 +8,12 @@ Every error names the file, the section and the key, in one line.
 from __future__ import annotations
 
 import configparser
+import difflib
 import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from .errors import ConfigError, proxy_name
 
@@ -20,6 +21,7 @@ __all__ = [
     "Config",
     "OptionRegistry",
     "Option",
+    "did_you_mean",
     "parse_duration",
     "parse_size",
     "parse_bool",
@@ -66,6 +68,19 @@ def parse_bool(text: str) -> bool:
 def parse_list(text: str) -> list[str]:
     """Items separated by white space, commas or new lines."""
     return [item for item in re.split(r"[\s,]+", text.strip()) if item]
+
+
+def did_you_mean(word: str, names: Iterable[str],
+                 aliases: Optional[Mapping[str, str]] = None) -> str:
+    """A hint for a misspelt name: ``"; did you mean 'x'?"``, or "" when nothing is close.
+    ``aliases`` maps names edit distance cannot find (another product's, Squid's
+    ``dstdomain``) to ours; they are looked up first, case-insensitively."""
+    if aliases:
+        alias = aliases.get(word.lower())
+        if alias is not None:
+            return f"; did you mean {alias!r}?"
+    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def parse_lines(text: str) -> list[str]:

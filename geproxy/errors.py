@@ -12,6 +12,7 @@ a built-in plugin raises has any, so that no refusal tells a client the policy b
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 __all__ = [
     "ProxyError",
@@ -122,6 +123,15 @@ class ProxyError(Exception):
         #: 2.1.5), as sent: sanitized (printable ASCII, controls made spaces, other
         #: characters ``?``), at most DETAILS_MAX characters. None (the default) sends none.
         self.details = _details(details)
+        #: The body to send instead of the one-line text: (content type, bytes), set by a
+        #: plugin that renders its own page (the ``acl`` plugin's ``deny_page``); None for
+        #: the default. Its Content-Type replaces the default one.
+        self.page: tuple[str, bytes] | None = None
+
+    def fields(self) -> list[tuple[str, str]]:
+        """Header fields the answer carries besides Content-Type, Proxy-Status and
+        Cache-Control (a 407's ``Proxy-Authenticate``); none by default."""
+        return []
 
     def proxy_status_params(self) -> str:
         """The parameters of this error's Proxy-Status field, the part after the proxy's
@@ -185,6 +195,24 @@ class Denied(ProxyError):
         self.rule = rule
         #: From on_connect: close without a word rather than answer the first request.
         self.silent = silent
+
+
+class AuthenticationRequired(Denied):
+    """No user where the policy needs one: 407 with a ``Proxy-Authenticate`` field per way
+    to authenticate (``challenges``, from ``ctx.challenges(request)``). The connection
+    stays open so that the client can retry with credentials on it (unless a body
+    followed)."""
+
+    status = 407
+
+    def __init__(self, detail: str = "", *, challenges: Sequence[str] = (),
+                 rule: str | None = None, details: str | None = None) -> None:
+        super().__init__(detail, rule=rule, details=details)
+        #: The ``Proxy-Authenticate`` field values, in order.
+        self.challenges = tuple(challenges)
+
+    def fields(self) -> list[tuple[str, str]]:
+        return [("Proxy-Authenticate", value) for value in self.challenges]
 
 
 class DNSError(ProxyError):

@@ -287,7 +287,7 @@ def explain(config_path: str, method: str, target: str, client: str = "127.0.0.1
     hooks = Hooks(pm)
     listen = config.core["listen"][0]
     ctx = Context(client_addr=(client, 0), server_addr=listen, config=config,
-                  user=user, decide_only=True)
+                  user=user, decide_only=True, identity=hooks)
     writer = _Explainer(hooks, config, out)
     writer.say("request", f"{method} {target} from {client}"
                + (f" as {user}" if user else ""))

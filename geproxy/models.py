@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Tuple
+from typing import Any, Iterable, Iterator, Optional, Protocol, Tuple
 
 from .hosts import authority
 
@@ -224,10 +224,60 @@ class Context:
     #: observers in ``on_close``; the core sets it back to None once ``on_close`` has run,
     #: so each request of a keep-alive connection starts without one.
     dns_cache: Optional[str] = None
+    #: Set by the core: what ``authenticate``, ``groups`` and ``challenges`` ask (the hooks
+    #: of the same names); None outside a server, where nobody is authenticated.
+    identity: Optional["IdentitySource"] = field(default=None, repr=False, compare=False)
+    #: The request ``authenticate`` was last asked about, and the groups found per user.
+    _asked: Optional["Request"] = field(default=None, repr=False, compare=False)
+    _groups: dict[str, frozenset[str]] = field(default_factory=dict, repr=False,
+                                               compare=False)
 
     @property
     def client_ip(self) -> str:
         return self.client_addr[0]
+
+    def authenticate(self, request: "Request") -> Optional[str]:
+        """The user this request's credentials prove, or None: ``ctx.user``, once the
+        ``authenticate`` hook has been asked about ``request`` (at most once per request,
+        whoever asks first). Policy plugins call it when a decision needs a user, so that a
+        request no rule needs a user for is decided without credentials.
+
+        A user set before the request (a verified client certificate) is the answer, and so
+        is ``ctx.user`` as it is when only deciding (``decide_only``: no credentials are
+        read)."""
+        if self._asked is request or self.decide_only or self.identity is None:
+            return self.user
+        self._asked = request
+        if self.user is None:
+            self.user = self.identity.authenticate(self, request)
+        return self.user
+
+    def challenges(self, request: "Request") -> list[str]:
+        """The ``Proxy-Authenticate`` values a 407 to ``request`` offers (the
+        ``auth_challenge`` hook), in the order of the plugins; empty when no plugin
+        authenticates."""
+        if self.identity is None:
+            return []
+        return self.identity.challenges(self, request)
+
+    def groups(self, user: str) -> frozenset[str]:
+        """The groups ``user`` is in, from every plugin that knows (the ``user_groups``
+        hook), asked once per connection and user."""
+        found = self._groups.get(user)
+        if found is None:
+            found = frozenset() if self.identity is None else self.identity.groups(self, user)
+            self._groups[user] = found
+        return found
+
+
+class IdentitySource(Protocol):
+    """What ``Context`` asks about identities: the core implements it with the hooks."""
+
+    def authenticate(self, ctx: Context, request: "Request") -> Optional[str]: ...
+
+    def challenges(self, ctx: Context, request: "Request") -> list[str]: ...
+
+    def groups(self, ctx: Context, user: str) -> frozenset[str]: ...
 
 
 @dataclass

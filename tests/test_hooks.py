@@ -139,7 +139,8 @@ def test_every_hook_has_a_contract():
         "add_options", "configure", "unconfigure", "on_connect", "on_request", "route",
         "route_failed", "resolve", "on_tunnel_data", "on_response", "on_close",
         "reopen_logs", "on_disconnect", "on_tls_handshake", "on_progress", "on_reload",
-        "parent_proxies", "prepare_workers", "on_worker_exit"}
+        "parent_proxies", "prepare_workers", "on_worker_exit", "authenticate",
+        "auth_challenge", "user_groups"}
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert "Called" in doc, spec.__name__

@@ -27,7 +27,7 @@ Conventions shared by every hook:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import pluggy
 
@@ -241,6 +241,59 @@ def on_request(ctx: "Context", request: "Request") -> Optional["Response"]:
     ``on_close`` will not follow.
 
     Must not mutate ``request``; use ``ctx.user`` to record an authenticated identity.
+    """
+
+
+@hookspec(firstresult=True)
+def authenticate(ctx: "Context", request: "Request") -> Optional[str]:
+    """Name the user a request's credentials prove.
+
+    Called at most once per request, and only when a decision needs a user: a policy plugin
+    asks ``ctx.authenticate(request)`` (the ``acl`` plugin when its walk reaches a rule with
+    a ``user`` or ``group`` condition; the ``auth`` plugin to enforce ``require = always``,
+    and to name a user it was not asked for in the log). Not called while only deciding
+    (``ctx.decide_only``: ``ctx.user`` is the identity given) nor when a verified client
+    certificate named the user already.
+
+    :param request: the head; credentials are in its ``Proxy-Authorization`` field (or
+        whatever the plugin reads).
+    :returns: the user name, or ``None`` when this plugin's credentials are absent or
+        wrong: the next plugin is asked. The first name decides and becomes ``ctx.user``.
+
+    Must not answer or refuse here: whoever needs the user decides what its absence means
+    (a 407 with ``ctx.challenges(request)``, or nothing). Checking a password may block
+    only cooperatively (gevent's thread pool for hashing).
+    """
+
+
+@hookspec
+def auth_challenge(ctx: "Context", request: "Request") -> Optional[str]:
+    """Offer a way to authenticate, for the 407 answered to a request without a user.
+
+    Called when a 407 is answered (``ctx.challenges(request)``), once per plugin.
+
+    :returns: one ``Proxy-Authenticate`` field value (``Basic realm="geproxy"``), or
+        ``None`` when this plugin authenticates nobody (not configured). Every value is
+        sent, each in its own field, in the order of the plugins.
+
+    Must not raise for a request it cannot authenticate: return ``None``.
+    """
+
+
+@hookspec
+def user_groups(ctx: "Context", user: str) -> Optional[Iterable[str]]:
+    """Name the groups an authenticated user is in.
+
+    Called only when a decision needs them (the ``acl`` plugin's ``group`` condition), at
+    most once per connection and user: ``ctx.groups(user)`` caches the union of every
+    plugin's answer for the connection.
+
+    :param user: the authenticated user (``ctx.user``), as the ``authenticate`` hook named
+        it.
+    :returns: the group names this plugin knows for ``user`` (any iterable of str), or
+        ``None`` for none.
+
+    May block only cooperatively (a directory lookup on a gevent socket).
     """
 
 

@@ -223,6 +223,23 @@ class Hooks:
     def on_request(self, ctx: Context, request: Request) -> Optional[Response]:
         return self._hook.on_request(ctx=ctx, request=request)
 
+    # The identity hooks, as Context asks them (models.IdentitySource).
+
+    def authenticate(self, ctx: Context, request: Request) -> Optional[str]:
+        user = self._hook.authenticate(ctx=ctx, request=request)
+        return None if user is None else str(user)
+
+    def challenges(self, ctx: Context, request: Request) -> list[str]:
+        return [value for value in self._hook.auth_challenge(ctx=ctx, request=request)
+                if value]
+
+    def groups(self, ctx: Context, user: str) -> frozenset[str]:
+        found: set[str] = set()
+        for names in self._hook.user_groups(ctx=ctx, user=user):
+            if names is not None:
+                found.update(str(name) for name in names)
+        return frozenset(found)
+
     def route(self, ctx: Context, request: Request) -> list[Optional[Route]]:
         """The routes to try in order: ``[None]`` means direct."""
         answer = self._route(ctx, request)

@@ -196,9 +196,12 @@ def error_response(exc: ProxyError, proxy_name: str) -> Response:
     """The proxy's answer to ``exc``: its status, a one-line body, and Proxy-Status naming
     the error (RFC 9209) with the proxy as ``proxy_name``."""
     reason = http11.reason_phrase(exc.status)
+    content_type, body = exc.page or ("text/plain; charset=utf-8",
+                                      f"{exc.status} {reason}\n".encode())
     headers = Headers([
-        ("Content-Type", "text/plain; charset=utf-8"),
+        *exc.fields(),
+        ("Content-Type", content_type),
         ("Proxy-Status", f"{proxy_name}; {exc.proxy_status_params()}"),
         ("Cache-Control", "no-store"),
     ])
-    return Response(exc.status, headers, f"{exc.status} {reason}\n".encode(), reason)
+    return Response(exc.status, headers, body, reason)

@@ -45,7 +45,8 @@ class ClientConnection:
         self.gen = gen
         self.sock = sock
         self.ctx = Context(client_addr=(address[0], address[1]), server_addr=local,
-                           config=gen.config, conn_id=server.next_conn_id())
+                           config=gen.config, conn_id=server.next_conn_id(),
+                           identity=gen.hooks)
         self.log = ConnLogger(log, self.ctx)
         #: Bytes read from the client and not yet consumed (pipelined requests, bodies).
         self.buf = b""

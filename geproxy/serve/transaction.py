@@ -177,7 +177,7 @@ class Transaction:
         until the request's end (``_let_go``) when it is not the connection's own."""
         gen.users += 1
         self.gen, self.core, self.hooks, self.via = gen, gen.core, gen.hooks, gen.via
-        self.ctx.config = gen.config
+        self.ctx.config, self.ctx.identity = gen.config, gen.hooks
         self.idle_wait.set_timeout(self.core["idle_timeout"])
 
     def _let_go(self) -> None:
@@ -211,6 +211,7 @@ class Transaction:
         names two, and is refused rather than guessed at."""
         tls = self.ctx.tls
         if tls is None or tls.identity is None:
+            self.ctx.user = None  # an identity holds for one request, not the connection
             return
         if "proxy-authorization" in request.headers:
             raise ClientError("Proxy-Authorization on a connection with a client certificate")
