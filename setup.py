@@ -25,7 +25,7 @@ setup(
     # which 3.9 lacks).
     python_requires=">=3.11",
     packages=["geproxy", "geproxy.protocol", "geproxy.net", "geproxy.policy", "geproxy.relay",
-              "geproxy.serve", "geproxy.testing", "geproxy_plugins"],
+              "geproxy.serve", "geproxy.testing", "geproxy_plugins", "geproxy_plugins.acl"],
     package_dir={"geproxy": "geproxy", "geproxy_plugins": "plugins"},
     package_data={"geproxy": ["py.typed"], "geproxy_plugins": ["py.typed"]},
     install_requires=[
