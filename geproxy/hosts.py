@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-__all__ = ["HostPatterns", "RouteRule", "ip_literal", "is_host_name", "unmapped",
+__all__ = ["HostPatterns", "NetworkSet", "RouteRule", "ip_literal", "is_host_name", "unmapped",
            "parse_network", "authority"]
 
 
@@ -206,3 +206,23 @@ def _parse(values: Sequence[str]) -> HostPatterns:
         else:
             raise ValueError(f"not a host name, .domain, glob or IP network: {value!r}")
     return HostPatterns(frozenset(names), tuple(domains), tuple(globs), tuple(networks))
+
+
+class NetworkSet:
+    """IP networks, for membership tests: ``address in networks``."""
+
+    def __init__(self, networks: Sequence[IPNetwork] = ()) -> None:
+        self._networks = tuple(networks)
+
+    @classmethod
+    def parse(cls, values: Sequence[str]) -> "NetworkSet":
+        return cls([parse_network(value) for value in values])
+
+    def __contains__(self, address: object) -> bool:
+        return any(address in network for network in self._networks)
+
+    def __len__(self) -> int:
+        return len(self._networks)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._networks)
