@@ -15,15 +15,15 @@ user       the authenticated user is one of these; ``*`` is any authenticated us
 group      the authenticated user is in one of these groups
 url_regex  a regular expression (RE2: linear time) finds a match in the absolute URL of a
            plain-HTTP request, or in ``host:port`` of a CONNECT
-path       a shell glob matches the whole path (query included) of a plain-HTTP request;
-           never matches a CONNECT
+path       a shell glob matches the whole path (query included) of a plain-HTTP request
+           (or of one to the proxy itself); never matches a CONNECT
 time       the decision's time is on one of the days and within one of the time ranges:
            ``Mon-Fri 08:00-18:00`` (days and ranges both optional, each ORed)
 =========  ===============================================================================
 
 A request addressed to the proxy itself (origin-form, no host) has no destination: ``dst``,
-``port`` and ``url_regex`` never match it, nor do ``user`` and ``group`` (the proxy's own
-pages are never challenged).
+``port`` and ``url_regex`` never match it. ``user`` and ``group`` see only a user already
+established (a client certificate's): the proxy's own pages are never challenged.
 """
 
 from __future__ import annotations
@@ -253,23 +253,30 @@ class Condition:
             return any(spec.matches(when) for spec in matchers)
         host = request.host
         if name == "path":
-            return not request.is_connect and bool(host) and any(
+            return not request.is_connect and any(
                 glob.match(request.path) for glob in matchers)
-        if not host:
-            return False  # addressed to the proxy itself: no destination, no user asked
         if name == "dst":
+            if not host:
+                return False  # addressed to the proxy itself: no destination
+
             literal = ip_literal(host)
             return any(patterns.matches(host, literal) for patterns in matchers)
         if name == "port":
+            if not host:
+                return False
             port = request.port
             return any(lo <= port <= hi for ranges in matchers for lo, hi in ranges)
         if name == "url_regex":
+            if not host:
+                return False
             subject = (authority(host, request.port) if request.is_connect
                        else request.target)
             return any(regex.search(subject) is not None for regex in matchers)
-        user = ctx.authenticate(request)
+        # The proxy's own pages are never challenged: only a user already established (a
+        # client certificate's) counts for them.
+        user = ctx.authenticate(request) if host else ctx.user
         if user is None:
-            if not ctx.challenges(request):
+            if not host or not ctx.challenges(request):
                 return False  # no plugin could authenticate anyone: no user, no 407
             raise NeedsUser(self.text)
         if name == "user":
