@@ -199,11 +199,15 @@ class Sources:
     def __init__(self, inline: Any, files: Sequence[Any] = ()) -> None:
         self.inline = inline
         self.files = tuple(files)
+        self._inline_only: tuple[Any, ...] = () if inline is None else (inline,)
 
-    def current(self) -> list[Any]:
-        found = [] if self.inline is None else [self.inline]
+    def current(self) -> Sequence[Any]:
+        if not self.files:
+            return self._inline_only
+        found = list(self._inline_only)
         found.extend(lst.matcher for lst in self.files)
         return found
+
 
 
 @dataclass(frozen=True)
@@ -241,51 +245,95 @@ class Condition:
         return self._test(ctx, request) != self.negated
 
     def _test(self, ctx: Context, request: Request) -> bool:
-        name = self.kind.name
-        matchers = self.sources.current()
-        if name == "src":
-            address = client_address(ctx)
-            return any(address in networks for networks in matchers)
-        if name == "method":
-            return any(request.method in methods for methods in matchers)
-        if name == "time":
-            when = datetime.datetime.fromtimestamp(ctx.decision_time(), self.tz)
-            return any(spec.matches(when) for spec in matchers)
-        host = request.host
-        if name == "path":
-            return not request.is_connect and any(
-                glob.match(request.path) for glob in matchers)
-        if name == "dst":
-            if not host:
-                return False  # addressed to the proxy itself: no destination
+        return _TESTS[self.kind.name](self, ctx, request, self.sources.current())
 
-            literal = ip_literal(host)
-            return any(patterns.matches(host, literal) for patterns in matchers)
-        if name == "port":
-            if not host:
-                return False
-            port = request.port
-            return any(lo <= port <= hi for ranges in matchers for lo, hi in ranges)
-        if name == "url_regex":
-            if not host:
-                return False
-            subject = (authority(host, request.port) if request.is_connect
-                       else request.target)
-            return any(regex.search(subject) is not None for regex in matchers)
-        # The proxy's own pages are never challenged: only a user already established (a
-        # client certificate's) counts for them.
-        user = ctx.authenticate(request) if host else ctx.user
-        if user is None:
-            if not host or not ctx.challenges(request):
-                return False  # no plugin could authenticate anyone: no user, no 407
-            raise NeedsUser(self.text)
-        if name == "user":
-            key = user.lower() if self.fold_case else user
-            return any("*" in names or key in names for names in matchers)
-        groups = ctx.groups(user)
-        if self.fold_case:
-            groups = frozenset(group.lower() for group in groups)
-        return any(not names.isdisjoint(groups) for names in matchers)
+
+# -- what each kind tests: (condition, ctx, request, matchers) -> bool ---------------------------
+
+
+def _src(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+    address = client_address(ctx)
+    return any(address in networks for networks in matchers)
+
+
+def _method(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+    return any(request.method in methods for methods in matchers)
+
+
+def _when(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+    when = datetime.datetime.fromtimestamp(ctx.decision_time(), c.tz)
+    return any(spec.matches(when) for spec in matchers)
+
+
+def _path(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+    return not request.is_connect and any(glob.match(request.path) for glob in matchers)
+
+
+# A request addressed to the proxy itself has no host: no destination to match.
+
+def _dst(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+    host = request.host
+    if not host:
+        return False
+    literal = ip_literal(host)
+    return any(patterns.matches(host, literal) for patterns in matchers)
+
+
+def _port(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+    port = request.port
+    return bool(request.host) and any(lo <= port <= hi for ranges in matchers
+                                      for lo, hi in ranges)
+
+
+def _url_regex(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+    host = request.host
+    if not host:
+        return False
+    subject = authority(host, request.port) if request.is_connect else request.target
+    return any(regex.search(subject) is not None for regex in matchers)
+
+
+def _identity(c: Condition, ctx: Context, request: Request) -> str:
+    """The user, or NeedsUser. The proxy's own pages are never challenged: only a user
+    already established (a client certificate's) counts for them; and with no plugin able
+    to authenticate anyone, there is no user and no 407 either."""
+    host = request.host
+    user = ctx.authenticate(request) if host else ctx.user
+    if user is None:
+        if host and ctx.challenges(request):
+            raise NeedsUser(c.text)
+        raise _NoUser
+    return user
+
+
+class _NoUser(Exception):
+    """No user, and none can be asked for: the condition does not match."""
+
+
+def _user(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+    try:
+        user = _identity(c, ctx, request)
+    except _NoUser:
+        return False
+    key = user.lower() if c.fold_case else user
+    return any("*" in names or key in names for names in matchers)
+
+
+def _group(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+    try:
+        user = _identity(c, ctx, request)
+    except _NoUser:
+        return False
+    groups = ctx.groups(user)
+    if c.fold_case:
+        groups = frozenset(group.lower() for group in groups)
+    return any(not names.isdisjoint(groups) for names in matchers)
+
+
+_TESTS: dict[str, Callable[[Condition, Context, Request, Sequence[Any]], bool]] = {
+    "src": _src, "dst": _dst, "port": _port, "method": _method, "user": _user,
+    "group": _group, "url_regex": _url_regex, "path": _path, "time": _when,
+}
 
 
 def fold(kind: Kind, values: Sequence[str], fold_case: bool) -> list[str]:
