@@ -239,53 +239,83 @@ class Condition:
         found = any(address in networks for networks in self.sources.current())
         return found != self.negated
 
-    def matches(self, ctx: Context, request: Request) -> bool:
+    def matches(self, subject: "Subject") -> bool:
         """Whether the request meets it; raises NeedsUser when it needs a user that the
         request does not prove."""
-        return self._test(ctx, request) != self.negated
-
-    def _test(self, ctx: Context, request: Request) -> bool:
-        return _TESTS[self.kind.name](self, ctx, request, self.sources.current())
+        found = _TESTS[self.kind.name](self, subject, self.sources.current())
+        return found != self.negated
 
 
-# -- what each kind tests: (condition, ctx, request, matchers) -> bool ---------------------------
+class Subject:
+    """What one decision is about: the request, its context, and what several conditions
+    derive from them, worked out once (the host's IP-literal reading, the client's
+    address)."""
+
+    __slots__ = ("ctx", "request", "_literal", "_address")
+
+    def __init__(self, ctx: Context, request: Request) -> None:
+        self.ctx = ctx
+        self.request = request
+        self._literal: Any = _UNSET
+        self._address: Any = _UNSET
+
+    @property
+    def literal(self) -> Any:
+        if self._literal is _UNSET:
+            self._literal = ip_literal(self.request.host)
+        return self._literal
+
+    @property
+    def address(self) -> Any:
+        if self._address is _UNSET:
+            self._address = client_address(self.ctx)
+        return self._address
 
 
-def _src(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
-    address = client_address(ctx)
+_UNSET: Any = object()
+
+
+# -- what each kind tests: (condition, subject, matchers) -> bool -------------------------------
+
+
+def _src(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    address = s.address
     return any(address in networks for networks in matchers)
 
 
-def _method(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
-    return any(request.method in methods for methods in matchers)
+def _method(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    method = s.request.method
+    return any(method in methods for methods in matchers)
 
 
-def _when(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
-    when = datetime.datetime.fromtimestamp(ctx.decision_time(), c.tz)
+def _when(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    when = datetime.datetime.fromtimestamp(s.ctx.decision_time(), c.tz)
     return any(spec.matches(when) for spec in matchers)
 
 
-def _path(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+def _path(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    request = s.request
     return not request.is_connect and any(glob.match(request.path) for glob in matchers)
 
 
 # A request addressed to the proxy itself has no host: no destination to match.
 
-def _dst(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
-    host = request.host
+def _dst(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    host = s.request.host
     if not host:
         return False
-    literal = ip_literal(host)
+    literal = s.literal
     return any(patterns.matches(host, literal) for patterns in matchers)
 
 
-def _port(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
-    port = request.port
-    return bool(request.host) and any(lo <= port <= hi for ranges in matchers
+def _port(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    port = s.request.port
+    return bool(s.request.host) and any(lo <= port <= hi for ranges in matchers
                                       for lo, hi in ranges)
 
 
-def _url_regex(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+def _url_regex(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    request = s.request
     host = request.host
     if not host:
         return False
@@ -293,10 +323,11 @@ def _url_regex(c: Condition, ctx: Context, request: Request, matchers: Sequence[
     return any(regex.search(subject) is not None for regex in matchers)
 
 
-def _identity(c: Condition, ctx: Context, request: Request) -> str:
+def _identity(c: Condition, s: Subject) -> str:
     """The user, or NeedsUser. The proxy's own pages are never challenged: only a user
     already established (a client certificate's) counts for them; and with no plugin able
     to authenticate anyone, there is no user and no 407 either."""
+    ctx, request = s.ctx, s.request
     host = request.host
     user = ctx.authenticate(request) if host else ctx.user
     if user is None:
@@ -310,27 +341,27 @@ class _NoUser(Exception):
     """No user, and none can be asked for: the condition does not match."""
 
 
-def _user(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+def _user(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
     try:
-        user = _identity(c, ctx, request)
+        user = _identity(c, s)
     except _NoUser:
         return False
     key = user.lower() if c.fold_case else user
     return any("*" in names or key in names for names in matchers)
 
 
-def _group(c: Condition, ctx: Context, request: Request, matchers: Sequence[Any]) -> bool:
+def _group(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
     try:
-        user = _identity(c, ctx, request)
+        user = _identity(c, s)
     except _NoUser:
         return False
-    groups = ctx.groups(user)
+    groups = s.ctx.groups(user)
     if c.fold_case:
         groups = frozenset(group.lower() for group in groups)
     return any(not names.isdisjoint(groups) for names in matchers)
 
 
-_TESTS: dict[str, Callable[[Condition, Context, Request, Sequence[Any]], bool]] = {
+_TESTS: dict[str, Callable[[Condition, Subject, Sequence[Any]], bool]] = {
     "src": _src, "dst": _dst, "port": _port, "method": _method, "user": _user,
     "group": _group, "url_regex": _url_regex, "path": _path, "time": _when,
 }
