@@ -234,8 +234,10 @@ def read_template(path: str) -> Template:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 (byte {exc.start} is {data[exc.start]:#04x}): "
-                         f"save the page as UTF-8") from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}: not UTF-8: line {line} has the byte "
+                         f"{data[exc.start]:#04x} (offset {exc.start}); save the page as "
+                         f"UTF-8") from None
     return Template.parse(text.removeprefix("\ufeff"), path)
 
 
