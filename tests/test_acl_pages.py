@@ -21,8 +21,11 @@ from geproxy_plugins.acl.pages import (
     ErrorPages,
     PageFields,
     Template,
+    accept_of,
     prefers_html,
 )
+
+from geproxy import Headers
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "etc" / "errors"
@@ -203,6 +206,13 @@ def test_html_loses_controls_too(tmp_path: Path) -> None:
 ])
 def test_accept_negotiation(accept: str | None, html: bool) -> None:
     assert prefers_html(accept) is html
+
+
+def test_several_accept_fields_are_one_list() -> None:
+    assert accept_of(Headers([("Host", "x")], frozen=True)) is None
+    headers = Headers([("Accept", "text/plain;q=0.5"), ("accept", "text/html")], frozen=True)
+    assert accept_of(headers) == "text/plain;q=0.5, text/html"
+    assert prefers_html(accept_of(headers)) is True
 
 
 def test_negotiation_picks_content_type(tmp_path: Path) -> None:

@@ -61,6 +61,8 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
+from geproxy import Headers
+
 __all__ = [
     "FIELDS",
     "HTML_TYPE",
@@ -71,6 +73,7 @@ __all__ = [
     "Page",
     "PageFields",
     "Template",
+    "accept_of",
     "prefers_html",
 ]
 
@@ -335,6 +338,13 @@ def _quality(ranges: list[_Range], subtype: str) -> tuple[float, int]:
     return best
 
 
+def accept_of(headers: Headers) -> Optional[str]:
+    """What ``render`` takes for a request's Accept: its fields' values joined with ``", "``
+    (RFC 9110 section 5.3), or None when it has none."""
+    values = headers.get_all("Accept")
+    return ", ".join(values) if values else None
+
+
 def prefers_html(accept: Optional[str]) -> bool:
     """Whether a client whose Accept field is ``accept`` gets HTML rather than plain text.
 
@@ -401,7 +411,7 @@ class ErrorPages:
 
         HTML (``HTML_TYPE``) when ``prefers_html(accept)``, else plain text (``TEXT_TYPE``):
         the page's ``.txt`` variant, or the built-in text. ``accept`` is the request's
-        Accept value (several fields joined with ``", "``), None when it had none. ``name``
+        Accept value, ``accept_of(request.headers)``: None when it had none. ``name``
         must be one of the names given to ``load``: another is a KeyError (a bug of the
         caller's, not a configuration mistake)."""
         page = self.named[name] if name is not None else self.default
