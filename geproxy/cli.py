@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 DEFAULT_CONFIG = "/etc/geproxy/geproxy.ini"
 
@@ -62,9 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--log-format", choices=["json", "geproxy", "squid"], default=None,
                          help="the format of the --replay log (default: told by its first "
                               "line)")
-    explain.add_argument("--top", type=int, default=10, metavar="N",
+    explain.add_argument("--top", type=_count(1), default=10, metavar="N",
                          help="rules and hosts the --replay summary lists (default 10)")
-    explain.add_argument("--max-bad-lines", type=int, default=10, metavar="N",
+    explain.add_argument("--max-bad-lines", type=_count(0), default=10, metavar="N",
                          help="unreadable --replay lines reported and counted before the "
                               "replay stops with exit 2 (default 10)")
     explain.add_argument("--from", dest="client", default="127.0.0.1", metavar="IP",
@@ -90,6 +90,20 @@ def _parser() -> argparse.ArgumentParser:
     passwd.add_argument("--cost", type=_bcrypt_cost, default=DEFAULT_COST, metavar="N",
                         help=f"bcrypt's cost, {MIN_COST} to {MAX_COST} (default {DEFAULT_COST})")
     return parser
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"not a whole number from {least} up: {text!r}")
+        return value
+
+    return parse
 
 
 def _bcrypt_cost(text: str) -> int:

@@ -302,6 +302,84 @@ def test_each_request_is_decided_for_its_logged_time(tmp_path, monkeypatch):
         "0 refused -> allowed, 0 skipped, 0 undecidable"]
 
 
+@pytest.mark.pure
+@pytest.mark.parametrize("fields, kind, reason", [
+    ({"status": 200, "upstream": "192.0.2.1:443"}, "allowed", ""),
+    ({"status": 404, "upstream": "192.0.2.1:80"}, "allowed", ""),  # the origin's
+    ({"status": 503, "upstream": "192.0.2.1:80"}, "allowed", ""),
+    ({"status": 502, "error": "dns_error"}, "allowed", ""),
+    ({"status": 504, "error": "http_response_timeout"}, "allowed", ""),
+    ({"status": 502, "error": "proxy_loop_detected"}, "allowed", ""),
+    ({"status": 403, "error": "http_request_denied", "rule": "r"}, "refused", ""),
+    ({"status": 407, "error": "http_request_denied"}, "refused", ""),
+    ({"status": 451}, "refused", ""),  # a plugin's own answer: nothing was connected
+    ({"status": 403, "error": "destination_ip_prohibited"}, "guard", ""),
+    ({"status": 200, "error": "http_request_denied", "rule": "sni_deny"}, "undecidable",
+     "tunnel data"),
+    ({"status": 503, "error": "connection_limit_reached"}, "undecidable", "connection limit"),
+    ({"status": 500, "error": "proxy_internal_error"}, "undecidable", "internal error"),
+    ({"status": 0}, "undecidable", "no answer"),
+    ({"status": 502, "error": "made_up_error"}, "undecidable", "unknown error"),
+    ({"status": 400, "error": "http_request_error"}, "skipped", "malformed"),
+    ({"status": 431, "error": "http_request_error"}, "skipped", "malformed"),
+    ({"method": "-", "target": "-", "status": 408}, "skipped", "malformed"),
+    ({"method": "-", "target": "-", "status": 0}, "skipped", "no request"),
+    ({"method": "-", "target": "-", "status": 0, "error": "http_request_denied"},
+     "refused_at_connect", ""),
+])
+def test_what_a_json_line_says(fields, kind, reason):
+    from geproxy.explain.logs import json_request
+
+    line = json.dumps({"time": 5.0, "client": "10.1.2.3", "user": None, "method": "GET",
+                       "target": "http://a.test/", "error": None, "upstream": None,
+                       **fields})
+    logged = json_request(3, line)
+    assert (logged.kind, logged.reason) == (kind, reason)
+    assert (logged.number, logged.time, logged.user) == (3, 5.0, None)
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("result, method, hierarchy, kind, reason", [
+    ("TCP_MISS/200", "GET", "HIER_DIRECT/192.0.2.1", "allowed", ""),
+    ("TCP_TUNNEL/200", "CONNECT", "HIER_DIRECT/192.0.2.1", "allowed", ""),
+    ("TCP_MISS/502", "GET", "HIER_NONE/-", "allowed", ""),  # a DNS error, say
+    ("TCP_MISS/403", "GET", "HIER_DIRECT/192.0.2.1", "allowed", ""),  # the origin's 403
+    ("TCP_MISS/403", "GET", "HIER_NONE/-", "refused", ""),  # a plugin's own answer
+    ("TCP_DENIED/407", "GET", "HIER_NONE/-", "refused", ""),
+    ("TCP_DENIED/403", "GET", "HIER_NONE/-", "denied", ""),
+    ("TCP_DENIED/200", "CONNECT", "HIER_DIRECT/192.0.2.1", "undecidable", "tunnel data"),
+    ("TCP_DENIED/000", "-", "HIER_NONE/-", "refused_at_connect", ""),
+    ("NONE_NONE/400", "-", "HIER_NONE/-", "skipped", "malformed"),
+    ("NONE_NONE/503", "CONNECT", "HIER_NONE/-", "undecidable", "connection limit"),
+    ("NONE_NONE/500", "CONNECT", "HIER_NONE/-", "undecidable", "internal error"),
+    ("TCP_MISS_ABORTED/000", "GET", "HIER_DIRECT/192.0.2.1", "undecidable", "no answer"),
+])
+def test_what_a_squid_line_says(result, method, hierarchy, kind, reason):
+    from geproxy.explain.logs import sniff, squid_request
+
+    line = (f"1000.500    250 10.1.2.3 {result} 120 {method} http://a.test/ bob%20b "
+            f"{hierarchy} text/html")
+    assert sniff(line) == "squid"
+    logged = squid_request(7, line)
+    assert (logged.kind, logged.reason) == (kind, reason)
+    assert (logged.time, logged.user, logged.client) == (1000.25, "bob b", "10.1.2.3")
+
+
+def test_a_client_refused_at_connect(tmp_path):
+    """No request was read: only on_connect can be asked again."""
+    closed = _entry(1.0, user=None, status=0, error="http_request_denied", target="-")
+    log = tmp_path / "access.log"
+    log.write_text(closed.replace('"method": "GET"', '"method": "-"') + "\n")
+    still = _config(tmp_path, "still.ini", "[acl]\nrefuse_at_connect = close\n"
+                    "rules =\n    office: allow src 192.0.2.0/24\n")
+    done = _explain("--config", still, "--replay", log)
+    assert done.returncode == 0 and " 1 unchanged," in done.stdout, done.stdout + done.stderr
+    opened = _config(tmp_path, "opened.ini", "[acl]\nrules =\n    anyone: allow all\n")
+    done = _explain("--config", opened, "--replay", log)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "undecidable 1: refused at connect, before its request was read" in done.stdout
+
+
 def test_unreadable_lines_are_counted_then_stop_the_replay(tmp_path):
     config = _config(tmp_path, "open.ini", OPEN_RULES)
     log = tmp_path / "access.log"

@@ -332,12 +332,9 @@ def explain(config_path: str, method: str, target: str, client: str = "127.0.0.1
     import sys
 
     out = out or sys.stdout
-    pm, config = load(config_path)
-    hooks = Hooks(pm)
-    listen = config.core["listen"][0]
-    ctx = Context(client_addr=(client, 0), server_addr=listen, config=config,
-                  user=user, decide_only=True, identity=hooks)
-    writer = _Explainer(hooks, config, out)
+    decider = Decider(config_path)
+    ctx = decider.context(client, user, None)
+    writer = _Explainer(decider.hooks, decider.config, out)
     writer.say("request", f"{method} {target} from {client}"
                + (f" as {user}" if user else ""))
     answer = _decide(writer, ctx, lambda: _request(method, target), resolve)
