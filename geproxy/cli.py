@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 DEFAULT_CONFIG = "/etc/geproxy/geproxy.ini"
 
@@ -37,10 +37,36 @@ def _parser() -> argparse.ArgumentParser:
                    help="validate the configuration and exit 0 (valid) or 1 (invalid)")
     explain = sub.add_parser(
         "explain", parents=[common],
+        usage="%(prog)s [options] METHOD TARGET\n"
+              "       %(prog)s [options] --replay LOG\n"
+              "       %(prog)s [options] --cases FILE",
         help="dry-run the policy for one request: every plugin's verdict, no connection; "
-             "exit 0 if it would be allowed, 1 if refused")
-    explain.add_argument("method", help="CONNECT, GET, ...")
-    explain.add_argument("target", help="host:port for CONNECT, http://host/path otherwise")
+             "exit 0 if it would be allowed, 1 if refused. With --replay, an access log "
+             "decided again (exit 1 if a verdict changed); with --cases, policy tests",
+        description="Dry-run the policy for one request (METHOD TARGET), for every request "
+                    "of an access log (--replay: the changed verdicts, exit 1 if any), or "
+                    "for a file of cases (--cases: exit 1 at the first mismatch). Exit 2 "
+                    "for a bad configuration or unreadable input.")
+    explain.add_argument("method", nargs="?", metavar="METHOD", help="CONNECT, GET, ...")
+    explain.add_argument("target", nargs="?", metavar="TARGET",
+                         help="host:port for CONNECT, http://host/path otherwise")
+    batch = explain.add_mutually_exclusive_group()
+    batch.add_argument("--replay", metavar="LOG",
+                       help="decide every request of this access log (json, geproxy or "
+                            "squid format; - for standard input, .gz read as gzip) under "
+                            "the configuration, without resolving or connecting, and print "
+                            "the requests whose verdict changes")
+    batch.add_argument("--cases", metavar="FILE",
+                       help="policy tests: lines 'CLIENT USER METHOD TARGET -> EXPECT "
+                            "[rule ID]'; stop at the first mismatch")
+    explain.add_argument("--log-format", choices=["json", "geproxy", "squid"], default=None,
+                         help="the format of the --replay log (default: told by its first "
+                              "line)")
+    explain.add_argument("--top", type=_count(1), default=10, metavar="N",
+                         help="rules and hosts the --replay summary lists (default 10)")
+    explain.add_argument("--max-bad-lines", type=_count(0), default=10, metavar="N",
+                         help="unreadable --replay lines reported and counted before the "
+                              "replay stops with exit 2 (default 10)")
     explain.add_argument("--from", dest="client", default="127.0.0.1", metavar="IP",
                          help="the client address (default 127.0.0.1)")
     explain.add_argument("--user", default=None, metavar="NAME",
@@ -64,6 +90,20 @@ def _parser() -> argparse.ArgumentParser:
     passwd.add_argument("--cost", type=_bcrypt_cost, default=DEFAULT_COST, metavar="N",
                         help=f"bcrypt's cost, {MIN_COST} to {MAX_COST} (default {DEFAULT_COST})")
     return parser
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"not a whole number from {least} up: {text!r}")
+        return value
+
+    return parse
 
 
 def _bcrypt_cost(text: str) -> int:
@@ -94,6 +134,46 @@ def _passwd(args: argparse.Namespace, config_path: str) -> int:
     return 0
 
 
+def _explain_usage(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with an explain command line, or None."""
+    batch = "--replay" if args.replay else "--cases" if args.cases else None
+    if batch is None:
+        if args.target is None:
+            return "METHOD and TARGET are required (or --replay LOG, or --cases FILE)"
+        return None
+    if args.method is not None:
+        return f"{batch} takes no METHOD or TARGET"
+    if args.user is not None or args.client != "127.0.0.1":
+        return f"{batch} takes the client and user of each request from its file"
+    return None
+
+
+def _explain(args: argparse.Namespace, config_path: str) -> int:
+    from .errors import ConfigError
+
+    wrong = _explain_usage(args)
+    if wrong:
+        print(f"geproxy explain: {wrong}", file=sys.stderr)
+        return 2
+    try:
+        if args.replay:
+            from .explain.replay import replay
+
+            return replay(config_path, args.replay, log_format=args.log_format,
+                          top=args.top, max_bad=args.max_bad_lines)
+        if args.cases:
+            from .explain.cases import run_cases
+
+            return run_cases(config_path, args.cases)
+        from .explain import explain
+
+        return explain(config_path, args.method, args.target, args.client, args.user,
+                       resolve=not args.no_resolve)
+    except ConfigError as exc:
+        print(f"geproxy: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from gevent import monkey
 
@@ -114,14 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .serve.server import create_server
 
     if args.command == "explain":
-        from .explain import explain
-
-        try:
-            return explain(config_path, args.method, args.target, args.client, args.user,
-                           resolve=not args.no_resolve)
-        except ConfigError as exc:
-            print(f"geproxy: {exc}", file=sys.stderr)
-            return 2
+        return _explain(args, config_path)
     if args.command != "check-config":
         from .serve.workers import run
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,3 +336,37 @@ def test_squid_lines_match_what_squid_logs(squid, proxy_factory: Callable[..., P
                 assert squid_value is None or squid_line[name] == squid_value, (
                     case.name, name, squid_line)
             assert our_line[name] == expected, (case.name, name, our_line, squid_line)
+    _replay_squids_own_log(reference.lines, len(cases), tmp_path)
+
+
+def _replay_squids_own_log(lines: list[str], count: int, tmp_path: Path) -> None:
+    """``geproxy explain --replay`` reads Squid's own log: under geproxy rules that say what
+    squid's ``http_access`` said, no verdict changes; under rules that refuse tunnels, the
+    tunnels squid let through (its CONNECT refused by policy aside) are the changes."""
+    log = tmp_path / "squid.access.log"
+    log.write_text("\n".join(lines[:count]) + "\n")
+    same = tmp_path / "same.ini"
+    same.write_text(f"[geproxy]\naccess_log = off\n[acl]\nconnect_ports = 1-65535\n"
+                    f"rules =\n    blocked: deny dst {BLOCKED}\n    allow all\n")
+    done = subprocess.run([sys.executable, "-m", "geproxy", "explain", "--config", str(same),
+                           "--replay", str(log)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0] == (
+        f"replayed    {count} requests of {log} (squid): {count} unchanged, 0 allowed -> "
+        "refused, 0 refused -> allowed, 0 skipped, 0 undecidable")
+    tunnels = tmp_path / "tunnels.ini"
+    tunnels.write_text("[geproxy]\naccess_log = off\n[acl]\nconnect_ports = 1-65535\n"
+                       "rules =\n    tunnels: deny method CONNECT\n    allow all\n")
+    done = subprocess.run([sys.executable, "-m", "geproxy", "explain", "--config",
+                           str(tunnels), "--replay", str(log)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    changed = [line.split(": ")[2].split(",")[0] for line in done.stdout.splitlines()
+               if "allowed -> refused: " in line]
+    assert sorted(changed) == sorted(
+        f"127.0.0.1 - CONNECT {line.split()[6]}" for line in lines[:count]
+        if line.split()[5] == "CONNECT" and not line.split()[3].startswith("TCP_DENIED"))
+    # The CONNECT squid refused by policy is refused now too; its GET twin may go through
+    # now, and whether squid's 403 was its policy's or a destination guard's, its line
+    # does not say.
+    assert "1 undecidable" in done.stdout and "squid-format TCP_DENIED/403" in done.stdout

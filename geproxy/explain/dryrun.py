@@ -13,6 +13,10 @@ wrapper's part is found by calling the hook without it: it shows when it changes
 Verdict: ``allowed`` (exit 0) when the request would be tunnelled, forwarded upstream, or
 answered with a status below 400; ``refused`` (exit 1) for an error or any answer of 400 or
 more (a 407 included). Nothing is connected; with ``--no-resolve`` nothing is resolved either.
+
+:class:`Decider` makes the same decisions without printing, many of them under one loaded
+configuration: what ``--replay`` and ``--cases`` ask (replay.py, cases.py). Only the proxy's
+own call of each hook is made there, so each plugin is asked once per hook and request.
 """
 
 from __future__ import annotations
@@ -21,17 +25,26 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
-from .errors import InternalError, LoopDetected, ProxyError
-from .hosts import authority
-from .models import Context, Request, Response, Route
-from .policy.plugins import Hooks, exposition, load
-from .protocol import http11
-from .serve.local import addressed_to_proxy, call_wsgi, local_app
-from .serve.static import docroot_file
+from cachetools import LRUCache
 
-__all__ = ["explain", "Answer"]
+from ..errors import ClientError, InternalError, LoopDetected, ProxyError
+from ..hosts import authority
+from ..models import Context, Request, Response, Route
+from ..policy.plugins import Hooks, exposition, load
+from ..protocol import http11
+from ..serve.local import addressed_to_proxy, call_wsgi, local_app
+from ..serve.static import docroot_file
+
+__all__ = ["explain", "Answer", "Decision", "Decider"]
 
 log = logging.getLogger(__name__)
+
+#: Where the ``acl`` plugin leaves its verdict on a request (an object with ``allow`` and
+#: ``rule``): the rule that let an allowed request through. Read only when it is there: the
+#: plugin may be disabled, and another policy plugin names no rule for what it lets through.
+ACL_VERDICT = "acl.request"
+#: Parsed requests a Decider keeps, by method and target.
+REQUEST_CACHE = 4096
 
 
 @dataclass(frozen=True)
@@ -50,12 +63,29 @@ class Answer:
         return self.error is None and (self.status is None or self.status < 400)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One request decided without printing (:meth:`Decider.decide`)."""
+
+    answer: Answer
+    #: The id of the rule that decided: a refusal's ``rule`` (Denied, a 407 included), or
+    #: for an allowed request the rule of the ``acl`` verdict; None when no plugin names one.
+    rule: Optional[str]
+    #: The destination host of the request ("" for a request to the proxy itself, or one
+    #: whose target does not parse).
+    host: str = ""
+
+
 def _request(method: str, target: str) -> Request:
     """Build the Request the proxy would see, through its own parser (same validation)."""
     host = target if method == "CONNECT" else target.partition("://")[2].partition("/")[0]
     head = f"{method} {target} HTTP/1.1\r\nHost: {host or 'proxy'}\r\n\r\n"
+    try:
+        data = head.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ClientError(f"not a request target: {target!r}") from None
     parser = http11.RequestHeadParser(64 * 1024)
-    request = parser.feed(head.encode("latin-1"))
+    request = parser.feed(data)
     assert request is not None  # a complete head always parses or raises
     return request
 
@@ -130,20 +160,26 @@ class _DryServer:
 
 class _Explainer:
     """One dry run of ``geproxy explain``: the hooks called in the order the proxy calls
-    them, each step written to ``out``."""
+    them, each step written to ``out``; with ``out`` None, only the proxy's own calls are
+    made and nothing is written (a quiet run, for :class:`Decider`)."""
 
-    def __init__(self, hooks: Hooks, config: Any, out: TextIO) -> None:
+    def __init__(self, hooks: Hooks, config: Any, out: Optional[TextIO]) -> None:
         self.hooks = hooks
         self.config = config
         self.out = out
 
     def say(self, label: str, text: str) -> None:
-        self.out.write(f"{label:<12}{text}".rstrip() + "\n")
+        if self.out is not None:
+            self.out.write(f"{label:<12}{text}".rstrip() + "\n")
 
     def decide(self, hook_name: str, kwargs: dict[str, Any],
                call: Callable[[], Any]) -> tuple[Any, Optional[str]]:
         """Run ``call``, the proxy's own call of a firstresult hook, and print every
-        implementation's opinion; returns the outcome and the plugin that decided it."""
+        implementation's opinion; returns the outcome and the plugin that decided it (None
+        in a quiet run, which asks no plugin for its own opinion)."""
+        out = self.out
+        if out is None:
+            return _outcome(call), None
         pm = self.hooks.pm
         impls = list(reversed(getattr(pm.hook, hook_name).get_hookimpls()))
         ctx: Context = kwargs["ctx"]
@@ -185,7 +221,7 @@ class _Explainer:
             else:
                 text = "(wrapper) changes what the others answer"
             mark = "  <- decides" if impl is decider else ""
-            self.out.write(f"  {impl.plugin_name:<22}{text}{mark}\n")
+            out.write(f"  {impl.plugin_name:<22}{text}{mark}\n")
         return decided, None if decider is None else decider.plugin_name
 
     def run(self, ctx: Context, request: Request, resolve: bool) -> Answer:
@@ -271,6 +307,19 @@ def _plugin_answer(response: Response, plugin: Optional[str]) -> Answer:
     return Answer(response.status, text)
 
 
+def _decide(writer: _Explainer, ctx: Context, request: Callable[[], Request],
+            resolve: bool) -> Answer:
+    """The answer to one request (built by ``request``, whose parse errors are answered as
+    the proxy answers them), as the proxy would make it; a plugin's bug fails closed."""
+    try:
+        return writer.run(ctx, request(), resolve)
+    except ProxyError as exc:
+        return _error(exc, writer.config)
+    except Exception as exc:  # a plugin's bug in route or resolve: the proxy fails closed
+        log.exception("explain: a plugin failed")
+        return _error(InternalError(f"{type(exc).__name__}: {exc}"), writer.config)
+
+
 def explain(config_path: str, method: str, target: str, client: str = "127.0.0.1",
             user: Optional[str] = None, resolve: bool = True,
             out: Optional[TextIO] = None) -> int:
@@ -283,24 +332,84 @@ def explain(config_path: str, method: str, target: str, client: str = "127.0.0.1
     import sys
 
     out = out or sys.stdout
-    pm, config = load(config_path)
-    hooks = Hooks(pm)
-    listen = config.core["listen"][0]
-    ctx = Context(client_addr=(client, 0), server_addr=listen, config=config,
-                  user=user, decide_only=True, identity=hooks)
-    writer = _Explainer(hooks, config, out)
+    decider = Decider(config_path)
+    ctx = decider.context(client, user, None)
+    writer = _Explainer(decider.hooks, decider.config, out)
     writer.say("request", f"{method} {target} from {client}"
                + (f" as {user}" if user else ""))
-    try:
-        answer = writer.run(ctx, _request(method, target), resolve)
-    except ProxyError as exc:
-        answer = _error(exc, config)
-    except Exception as exc:  # a plugin's bug in route or resolve: the proxy fails closed
-        log.exception("explain: a plugin failed")
-        answer = _error(InternalError(f"{type(exc).__name__}: {exc}"), config)
+    answer = _decide(writer, ctx, lambda: _request(method, target), resolve)
     for name, value in sorted(ctx.stash.items()):
         if not name.startswith("_"):  # a leading underscore: a plugin's private mark
             writer.say("stash", f"{name}: {value}")
     writer.say("answer", answer.text)
     writer.say("verdict", "allowed" if answer.allowed else "refused")
     return 0 if answer.allowed else 1
+
+
+class Decider:
+    """Decisions without printing, any number of them under one configuration, loaded once
+    (its plugin manager and plugins serve every decision, as a running proxy's do).
+
+    Each decision is the dry run of ``geproxy explain`` with ``--no-resolve``: on_connect,
+    on_request and route, as the proxy calls them, for a new connection from ``client`` to
+    the first listener, with ``ctx.decide_only`` set, ``ctx.user`` the identity given (taken
+    as established, no credentials are checked) and ``ctx.at`` the time decided for (None:
+    now). Nothing is resolved or connected. Raises ConfigError for a bad configuration.
+    """
+
+    def __init__(self, config_path: str) -> None:
+        pm, config = load(config_path)
+        self.config = config
+        self.hooks = Hooks(pm)
+        self._listen = config.core["listen"][0]
+        self._writer = _Explainer(self.hooks, config, None)
+        # Requests are immutable: a log asks for the same few targets again and again.
+        self._requests: LRUCache[tuple[str, str], Request] = LRUCache(maxsize=REQUEST_CACHE)
+
+    def context(self, client: str, user: Optional[str], at: Optional[float]) -> Context:
+        """The context of a new connection, as a decision sees it."""
+        return Context(client_addr=(client, 0), server_addr=self._listen, config=self.config,
+                       user=user, decide_only=True, identity=self.hooks, at=at)
+
+    def _request(self, method: str, target: str) -> Request:
+        key = (method, target)
+        request = self._requests.get(key)
+        if request is None:
+            request = self._requests[key] = _request(method, target)
+        return request
+
+    def decide(self, method: str, target: str, client: str = "127.0.0.1",
+               user: Optional[str] = None, at: Optional[float] = None) -> Decision:
+        """The answer to one request, and the rule that decided it."""
+        try:
+            request = self._request(method, target)
+        except ProxyError as exc:  # a head the proxy answers 400
+            return Decision(_error(exc, self.config), None)
+        ctx = self.context(client, user, at)
+        answer = _decide(self._writer, ctx, lambda: request, False)
+        return Decision(answer, _rule(answer, ctx), request.host)
+
+    def decide_connect(self, client: str, at: Optional[float] = None) -> Optional[Decision]:
+        """The refusal of a client by its address alone (on_connect), or None when it may
+        connect (its requests are then decided each on its own)."""
+        ctx = self.context(client, None, at)
+        verdict = _outcome(self.hooks.on_connect, ctx)
+        if verdict is None:
+            return None
+        error = verdict if isinstance(verdict, ProxyError) else InternalError(
+            f"on_connect returned {verdict!r}")
+        answer = _error(error, self.config)
+        return Decision(answer, _rule(answer, ctx))
+
+
+def _rule(answer: Answer, ctx: Context) -> Optional[str]:
+    """The rule that decided: the refusal's, or for an allowed request the ``acl`` verdict's
+    when it allowed too (in report mode it may say deny while the request goes on)."""
+    if answer.error is not None:
+        rule = getattr(answer.error, "rule", None)
+        return None if rule is None else str(rule)
+    verdict = ctx.stash.get(ACL_VERDICT)
+    if answer.allowed and getattr(verdict, "allow", False) is True:
+        rule = getattr(verdict, "rule", None)
+        return None if rule is None else str(rule)
+    return None
