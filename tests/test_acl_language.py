@@ -160,7 +160,7 @@ def test_conditions_stop_at_the_first_that_fails(proxy_factory, tmp_path, origin
 
 
 def test_negation_of_port_and_method(proxy_factory, tmp_path, origin):
-    proxy = _start(proxy_factory, tmp_path, f"""
+    proxy = _start(proxy_factory, tmp_path, """
         odd-port: deny method CONNECT !port 443 8443
         allow all
     """, auth=None)
@@ -519,3 +519,107 @@ def test_a_page_shows_a_hostile_target_as_text(proxy_factory, tmp_path, origin):
         assert not set(body[4:-5]) & set(b"<>\"'"), body
     # What HTML could break is refused as a malformed target; an IPv6 literal is shown.
     assert statuses == [400, 400, 400, 403, 400, 400], statuses
+
+
+# -- explain, its policy tests and its replay, with the new constructs --------------------------
+
+
+def _explain(*args: Any) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "geproxy", "explain", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_policy_cases_with_negation_users_groups_and_regexes(tmp_path):
+    groups = tmp_path / "groups"
+    groups.write_text("staff: alice\n")
+    config = tmp_path / "policy.ini"
+    config.write_text(textwrap.dedent(f"""
+        [geproxy]
+        access_log = off
+        [acl]
+        group_file = {groups}
+        lists =
+            blocked: url_regex "^(http://)?[^/]*\\.ads\\.test[:/]"
+        rules =
+            outside: deny !src 10.0.0.0/8
+            ads: deny @blocked
+            staff: allow group staff
+            everyone: allow user *
+            deny all
+        [auth]
+        htpasswd = {_htpasswd(tmp_path)}
+    """))
+    cases = tmp_path / "cases.txt"
+    cases.write_text(textwrap.dedent("""
+        # the issue's example
+        192.0.2.9 - CONNECT api.example.com:443 -> 403 rule outside
+        10.1.2.3 - CONNECT api.example.com:443 -> 407 rule staff
+        10.1.2.3 ALICE CONNECT api.example.com:443 -> allow rule staff
+        10.1.2.3 bob CONNECT api.example.com:443 -> allow rule everyone
+        10.1.2.3 - CONNECT x.ads.test:443 -> deny rule ads
+        10.1.2.3 - GET http://x.ads.test/banner -> deny rule ads
+    """))
+    out = _explain("--config", config, "--cases", cases)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "6 cases passed" in out.stdout
+    cases.write_text("10.1.2.3 - CONNECT x.ads.test:443 -> allow\n")
+    out = _explain("--config", config, "--cases", cases)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "cases.txt:1: expected allow" in out.stdout + out.stderr
+
+
+def test_explain_says_which_rule_asks_for_credentials(tmp_path):
+    config = tmp_path / "policy.ini"
+    config.write_text(textwrap.dedent(f"""
+        [geproxy]
+        access_log = off
+        [acl]
+        rules =
+            outside: deny !src 10.0.0.0/8
+            staff: allow user *
+        [auth]
+        htpasswd = {_htpasswd(tmp_path)}
+    """))
+    out = _explain("--config", config, "--no-resolve", "--from", "10.1.2.3", "CONNECT",
+                   "api.example.com:443")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert ("[acl] rule staff (policy.ini:8) needs a user (user *), and the request proves "
+            "none  <- decides") in out.stdout, out.stdout
+    assert "answer      407 Proxy Authentication Required" in out.stdout
+
+
+def test_a_replay_of_real_traffic_under_a_policy_with_the_new_constructs(
+        proxy_factory, tmp_path, origin):
+    log = tmp_path / "access.log"
+    proxy = _start(proxy_factory, tmp_path, "allow all", auth=None,
+                   geproxy=f"access_log = {log}\nlog_format = json\n")
+    for host, source in (("origin.test", INSIDE), ("ads.blocked.test", INSIDE),
+                         ("origin.test", OUTSIDE)):
+        assert _curl(proxy, origin.url("/x.exe", host=host), source=source) == 200
+    wait_for_records(proxy, 3)
+    listed = _write(tmp_path / "blocked.txt", ".blocked.test\n")
+    config = tmp_path / "new.ini"
+    config.write_text(textwrap.dedent(f"""
+        [geproxy]
+        access_log = off
+        [acl]
+        connect_ports = 1-65535
+        rules =
+            outside: deny !src {INSIDE}
+            listed: deny dst file:{listed}
+            allow all
+    """))
+    for _ in range(100):  # the log is written by a greenlet of its own
+        if len(log.read_text().splitlines()) == 3:
+            break
+        gevent.sleep(0.05)
+    out = _explain("--config", config, "--replay", log)
+    assert out.returncode == 1, out.stdout + out.stderr
+    changed = [line for line in out.stdout.splitlines()
+               if line.startswith(f"{log}:") and "allowed -> refused" in line]
+    assert len(changed) == 2, out.stdout
+    assert "ads.blocked.test" in changed[0] and "new rule listed" in changed[0]
+    assert OUTSIDE in changed[1] and "new rule outside" in changed[1]
