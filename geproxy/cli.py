@@ -120,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return explain(config_path, args.method, args.target, args.client, args.user,
                            resolve=not args.no_resolve)
         except ConfigError as exc:
-            print(f"geproxy: {exc}", file=sys.stderr)
+            print(exc.report(), file=sys.stderr)
             return 2
     if args.command != "check-config":
         from .serve.workers import run
@@ -129,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         create_server(config_path)
     except ConfigError as exc:
-        print(f"geproxy: {exc}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return 1
     print(f"{config_path}: ok")
     return 0
