@@ -177,34 +177,51 @@ def load(
 
 
 def configure_all(pm: pluggy.PluginManager, config: Config) -> None:
-    """Call every plugin's ``configure`` with ``config``, in pluggy's order, each whatever
-    the others raised; the ConfigErrors they raised are raised together afterwards, each
-    at its line of the file (a plugin's ``line=`` index mapped through the value's lines).
-    Anything else a plugin raises (a bug) goes to the caller at once.
+    """Call every plugin's ``configure`` with ``config`` (pluggy's historic call: a plugin
+    registered later is configured too), and when one raises ConfigError, every plugin
+    after it as well, each whatever the others raised: their ConfigErrors are raised
+    together, each at its line of the file (a plugin's ``line=`` index mapped through the
+    value's lines). Anything else a plugin raises (a bug) goes to the caller at once.
 
-    Each implementation is called directly, as the observer hooks are, since pluggy's call
-    stops at the first exception; so the call is not recorded as pluggy's historic calls
-    are, and a plugin registered later is not configured by a replay. A ``configure``
-    wrapper (``wrapper=True`` or ``hookwrapper=True``) is pluggy's to run: with one, the
-    hook is called through pluggy, and its first ConfigError is the only one reported.
+    pluggy's call stops at the first exception; the plugins it did not reach are then
+    called directly, in its order, as the isolated hooks are (``Hooks._observe``). They are
+    found by the frame of the implementation the error came through; when it cannot be
+    told (an implementation behind a decorator), or a ``configure`` wrapper is among them
+    (pluggy's to run), the first error is the only one reported.
     """
-    call = HookCall(pm, "configure")
-    errors: list[ConfigError] = []
-    if any(impl.wrapper or impl.hookwrapper for impl in call.caller.get_hookimpls()):
-        try:
-            pm.hook.configure.call_historic(kwargs={"config": config})
-        except ConfigError as exc:
-            errors.append(exc)
-    else:
+    try:
+        pm.hook.configure.call_historic(kwargs={"config": config})
+        return
+    except ConfigError as exc:
+        errors = [exc]
+    order = HookCall(pm, "configure").observers()
+    plain = not any(impl.wrapper or impl.hookwrapper
+                    for impl in pm.hook.configure.get_hookimpls())
+    raised = _raised_in(errors[0], [function for _, function, _ in order]) if plain else None
+    if raised is not None:
         args = (config,)
-        for _, function, pick in call.observers():
+        for _, function, pick in order[raised + 1:]:
             try:
                 function(*args) if pick is None else function(*[args[i] for i in pick])
             except ConfigError as exc:
                 errors.append(exc)
-    failure = located(errors, config.path, config.lines)
-    if failure is not None:
-        raise failure
+    raise located(errors, config.path, config.lines) or errors[0]
+
+
+def _raised_in(exc: BaseException, functions: Sequence[Any]) -> Optional[int]:
+    """The index in ``functions`` of the one ``exc`` was raised through (the outermost
+    frame of its traceback that runs one of them), or None. Where two of them share their
+    code (two instances of one class), the later one is taken: what follows it may go
+    unreported, but no plugin is ever configured twice."""
+    codes = {getattr(function, "__code__", None): index
+             for index, function in enumerate(functions)}
+    tb = exc.__traceback__
+    while tb is not None:
+        index = codes.get(tb.tb_frame.f_code)
+        if index is not None:
+            return index
+        tb = tb.tb_next
+    return None
 
 
 def check_parents(pm: pluggy.PluginManager, config: Config) -> None:
