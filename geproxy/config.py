@@ -2,7 +2,8 @@
 
 Every option lives in a section: ``[geproxy]`` for the core, one section per plugin, declared
 through the ``add_options`` hook. Values are parsed once, here; nothing is parsed per request.
-Every error names the file, the section and the key, in one line.
+Every error names the file and its line there, the section and the key, in one line; every
+error of a file is reported at once (inifile.py knows the lines, suggest.py the names meant).
 """
 
 from __future__ import annotations
