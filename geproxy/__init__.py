@@ -6,7 +6,7 @@ from geproxy (``geproxy.errors`` included, through ``from geproxy import errors`
 
 from . import errors, hosts
 from .config import Config, OptionRegistry, parse_port_ranges
-from .errors import ConfigError, Denied, DNSError, DNSTimeout, ProxyError
+from .errors import ConfigError, ConfigErrors, Denied, DNSError, DNSTimeout, ProxyError
 from .hosts import HostPatterns, RouteRule
 from .models import Context, Headers, Record, Request, Resolved, Response, Route, TLSInfo
 from .policy.plugins import DEFAULT_PLUGINS, hookimpl
@@ -21,6 +21,7 @@ __all__ = [
     "Config",
     "OptionRegistry",
     "ConfigError",
+    "ConfigErrors",
     "Context",
     "Denied",
     "DNSError",

@@ -170,7 +170,7 @@ def _explain(args: argparse.Namespace, config_path: str) -> int:
         return explain(config_path, args.method, args.target, args.client, args.user,
                        resolve=not args.no_resolve)
     except ConfigError as exc:
-        print(f"geproxy: {exc}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return 2
 
 
@@ -202,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         create_server(config_path)
     except ConfigError as exc:
-        print(f"geproxy: {exc}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return 1
     print(f"{config_path}: ok")
     return 0

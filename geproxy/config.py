@@ -2,20 +2,22 @@
 
 Every option lives in a section: ``[geproxy]`` for the core, one section per plugin, declared
 through the ``add_options`` hook. Values are parsed once, here; nothing is parsed per request.
-Every error names the file, the section and the key, in one line.
+Every error names the file and its line there, the section and the key, in one line; every
+error of a file is reported at once (inifile.py knows the lines, suggest.py the names meant).
 """
 
 from __future__ import annotations
 
 import configparser
-import difflib
 import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from .errors import ConfigError, proxy_name
+from .inifile import IniLines, located, strip_comment
+from .suggest import did_you_mean, option_hint, section_hint
 
 __all__ = [
     "Config",
@@ -68,19 +70,6 @@ def parse_bool(text: str) -> bool:
 def parse_list(text: str) -> list[str]:
     """Items separated by white space, commas or new lines."""
     return [item for item in re.split(r"[\s,]+", text.strip()) if item]
-
-
-def did_you_mean(word: str, names: Iterable[str],
-                 aliases: Optional[Mapping[str, str]] = None) -> str:
-    """A hint for a misspelt name: ``"; did you mean 'x'?"``, or "" when nothing is close.
-    ``aliases`` maps names edit distance cannot find (another product's, Squid's
-    ``dstdomain``) to ours; they are looked up first, case-insensitively."""
-    if aliases:
-        alias = aliases.get(word.lower())
-        if alias is not None:
-            return f"; did you mean {alias!r}?"
-    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.75)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def parse_lines(text: str) -> list[str]:
@@ -311,12 +300,31 @@ class Config:
     """
 
     def __init__(self, path: str, values: dict[str, dict[str, Any]],
-                 stash: Optional[dict[str, Any]] = None) -> None:
+                 stash: Optional[dict[str, Any]] = None,
+                 lines: Optional[IniLines] = None) -> None:
         self.path = path
         #: The directory of the file, absolute: what relative file names are taken from.
         self.directory = config_directory(path)
         self._values = values
         self.stash: dict[str, Any] = {} if stash is None else stash
+        #: Where each key and value line stands in the file; None for a configuration
+        #: not read from one.
+        self.lines = lines
+
+    def line_of(self, section: str, key: str, index: Optional[int] = None) -> Optional[int]:
+        """The line of the file (1-based) where ``key`` of ``section`` is set; None when the
+        file does not set it (its default applies) or the configuration was not read from
+        a file. With ``index`` (1-based, as ``ConfigError(line=...)``): the line of that
+        line of the value, counted as ``parse_lines`` gives them (blank lines and comments
+        left out); None past its last."""
+        if self.lines is None:
+            return None
+        return self.lines.key_line(section, key, index)
+
+    def locate(self, error: ConfigError) -> ConfigError:
+        """``error`` (or each error of a ConfigErrors) placed at its line of this
+        configuration's file, for an error found after the load (``inifile.located``)."""
+        return located([error], self.path, self.lines) or error
 
     def resolve_path(self, name: str) -> str:
         """A file name written in this configuration, made absolute against its directory
@@ -391,32 +399,6 @@ def read_ini(path: str, text: Optional[str] = None) -> configparser.ConfigParser
     return parser
 
 
-def strip_comment(line: str) -> str:
-    """One line of a value without its inline comment: from a ``#`` at the line's start or
-    after white space, outside a double-quoted word (one that starts with a quote, as the
-    acl rules write values holding spaces or ``#``), to the end of the line."""
-    if "#" not in line:
-        return line
-    quoted = False
-    previous = " "
-    i = 0
-    while i < len(line):
-        char = line[i]
-        if quoted:
-            if char == "\\" and i + 1 < len(line):
-                i += 2
-                previous = "x"
-                continue
-            if char == '"':
-                quoted = False
-        elif char == '"' and previous.isspace():
-            quoted = True
-        elif char == "#" and previous.isspace() and line[i - 1:i] != "\\":
-            return line[:i].rstrip()
-        previous = char
-        i += 1
-    return line
-
 
 def config_directory(path: str) -> str:
     """The absolute directory of the configuration file ``path``, as named (a symbolic link
@@ -451,18 +433,28 @@ def build_config(
     registry: OptionRegistry,
     ignored_sections: frozenset[str] = frozenset(),
     stash: Optional[dict[str, Any]] = None,
+    lines: Optional[IniLines] = None,
+    errors: Sequence[ConfigError] = (),
 ) -> Config:
-    """Validate every section and key of ``parser`` against ``registry``."""
-    values: dict[str, dict[str, Any]] = {}
+    """Validate every section and key of ``parser`` against ``registry``. Every unknown
+    section or key (with the closest known name, when one is close) and every value that
+    does not parse is an error; with any, nothing is built: the errors, ``errors`` found
+    before (by the caller) first, are raised together, each at its line of the file
+    (``lines``: the scan of the text ``parser`` read), in the file's order."""
+    found = list(errors)
     for section in parser.sections():
         if section in ignored_sections:
             continue
         if section not in registry.options:
-            raise ConfigError("unknown section (no plugin declares it)", path=path,
-                              section=section)
+            found.append(ConfigError("unknown section (no plugin declares it)"
+                                     + section_hint(section, registry.options), path=path,
+                                     section=section))
+            continue
         for key in parser[section]:
             if key not in registry.options[section]:
-                raise ConfigError("unknown option", path=path, section=section, key=key)
+                found.append(ConfigError("unknown option" + option_hint(
+                    section, key, registry.options), path=path, section=section, key=key))
+    values: dict[str, dict[str, Any]] = {}
     directory = config_directory(path)
     for section, options in registry.options.items():
         out = values.setdefault(section, {})
@@ -471,10 +463,14 @@ def build_config(
             try:
                 value = option.parse(text)
             except ValueError as exc:
-                raise ConfigError(str(exc), path=path, section=section, key=key) from None
+                found.append(ConfigError(str(exc), path=path, section=section, key=key))
+                continue
             resolve = _FILE_KINDS.get(option.kind)
             out[key] = value if resolve is None else resolve(directory, value)
-    return Config(path, values, stash)
+    failure = located(found, path, lines)
+    if failure is not None:
+        raise failure
+    return Config(path, values, stash, lines)
 
 
 def core_options(registry: OptionRegistry) -> None:

@@ -12,7 +12,7 @@ a built-in plugin raises has any, so that no refusal tells a client the policy b
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
 __all__ = [
     "ProxyError",
@@ -37,6 +37,7 @@ __all__ = [
     "ClientGone",
     "InternalError",
     "ConfigError",
+    "ConfigErrors",
     "proxy_name",
 ]
 
@@ -347,7 +348,16 @@ class InternalError(ProxyError):
 
 
 class ConfigError(Exception):
-    """A configuration problem, reported in one line naming the file, section and key."""
+    """A configuration problem, reported in one line naming the file, its line, the section
+    and the key: ``geproxy.ini:21: [acl] rules: <message>``.
+
+    ``line``: for an option whose value has several lines (the ``lines`` kind, a list over
+    continuation lines), the 1-based index of the offending one among the lines the plugin
+    was given (the index in ``config.section(name)[key]``, plus 1); None for the key as a
+    whole. The configuration layer turns it into the line of the file (``file_line``) when
+    it reports the error; left None, the key's own line is reported (its section header's
+    for an error with no key).
+    """
 
     def __init__(
         self,
@@ -363,23 +373,49 @@ class ConfigError(Exception):
         self.path = path
         self.section = section
         self.key = key
-        super().__init__(str(self))
+        self.line = line
+        #: The line of the file the error is at (1-based), once known: set by the
+        #: configuration layer, which knows where each key stands.
+        self.file_line: int | None = None
+        #: Every error this exception reports: itself alone; several for ConfigErrors.
+        self.errors: list[ConfigError] = [self]
+        super().__init__(message)
 
     def __str__(self) -> str:
         where = []
         if self.path:
-            where.append(self.path)
+            where.append(self.path if self.file_line is None
+                         else f"{self.path}:{self.file_line}")
         if self.section:
             where.append(f"[{self.section}]" + (f" {self.key}" if self.key else ""))
+        if self.line is not None and self.file_line is None:
+            where.append(f"line {self.line}")  # where in the value, for want of the file's
         return ": ".join(where + [self.message])
+
+    def report(self, prefix: str = "geproxy: ") -> str:
+        """Every error, one per line, each after ``prefix``: what the command line prints."""
+        return "\n".join(prefix + ConfigError.__str__(error) for error in self.errors)
 
 
 class ConfigErrors(ConfigError):
-    """Several configuration problems at once, one per line."""
+    """Several configuration problems at once: ``errors``, each a ConfigError (nested
+    ConfigErrors are flattened), in the order given; ``str()`` is one error per line.
 
-    def __init__(self, errors: Sequence[ConfigError]) -> None:
-        self.errors = list(errors)
-        super().__init__("\n".join(str(error) for error in self.errors))
+    ``geproxy check-config`` and a start report every error of a file through one of these;
+    a plugin's ``configure`` may raise one to report several problems (one per bad line of
+    a ``lines`` value, say). Its own ``message``, ``path``, ``section``, ``key`` and
+    ``line`` are those of the first error, for code that reads one.
+    """
+
+    def __init__(self, errors: Iterable[ConfigError]) -> None:
+        flat = [error for each in errors for error in each.errors]
+        if not flat:
+            raise ValueError("ConfigErrors needs at least one error")
+        first = flat[0]
+        super().__init__(first.message, path=first.path, section=first.section,
+                         key=first.key, line=first.line)
+        self.file_line = first.file_line
+        self.errors = flat
 
     def __str__(self) -> str:
         return "\n".join(str(error) for error in self.errors)

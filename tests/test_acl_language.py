@@ -586,7 +586,7 @@ def test_explain_says_which_rule_asks_for_credentials(tmp_path):
     out = _explain("--config", config, "--no-resolve", "--from", "10.1.2.3", "CONNECT",
                    "api.example.com:443")
     assert out.returncode == 1, out.stdout + out.stderr
-    assert ("[acl] rule staff (policy.ini:8) needs a user (user *), and the request proves "
+    assert ("[acl] rule staff (policy.ini:7) needs a user (user *), and the request proves "
             "none  <- decides") in out.stdout, out.stdout
     assert "answer      407 Proxy Authentication Required" in out.stdout
 

@@ -297,7 +297,8 @@ def test_bad_key_or_value_names_file_section_key(tmp_path: Path, body: str, sect
         load(path, entry_points=False)
     message = str(info.value)
     assert (info.value.path, info.value.section, info.value.key) == (path, section, key)
-    assert message.startswith(f"{path}: [{section}] {key}: "), message
+    assert info.value.file_line == 2
+    assert message.startswith(f"{path}:2: [{section}] {key}: "), message
     assert "\n" not in message
 
 
@@ -305,7 +306,7 @@ def test_unknown_section_names_file_and_section(tmp_path: Path) -> None:
     path = write_ini(tmp_path, "[geproxy]\n\n[nosuch]\nkey = 1\n")
     with pytest.raises(ConfigError) as info:
         load(path, entry_points=False)
-    assert str(info.value).startswith(f"{path}: [nosuch]: ")
+    assert str(info.value).startswith(f"{path}:3: [nosuch]: ")
     assert "unknown section" in str(info.value)
 
 
@@ -349,7 +350,7 @@ def test_disable_unknown_is_an_error(tmp_path: Path) -> None:
     path = write_ini(tmp_path, "[geproxy]\ndisable = access_log, nosuch\n")
     with pytest.raises(ConfigError) as info:
         load(path, entry_points=False)
-    assert str(info.value).startswith(f"{path}: [geproxy] disable: ")
+    assert str(info.value).startswith(f"{path}:2: [geproxy] disable: ")
     assert "nosuch" in str(info.value)
 
 
@@ -366,7 +367,7 @@ def test_bad_plugins_line_names_geproxy_plugins(tmp_path: Path, spec: str) -> No
     with pytest.raises(ConfigError) as info:
         load(path, entry_points=False)
     message = str(info.value)
-    assert message.startswith(f"{path}: [geproxy] plugins: "), message
+    assert message.startswith(f"{path}:2: [geproxy] plugins: "), message
     assert "\n" not in message
 
 
@@ -463,7 +464,7 @@ def test_plugin_section_errors_name_its_key(tmp_path: Path,
     path = write_ini(tmp_path, f"[geproxy]\nplugins = {module}:Quota\n\n[quota]\n{line}\n")
     with pytest.raises(ConfigError) as info:
         load(path, entry_points=False)
-    assert str(info.value).startswith(f"{path}: [quota] {key}: ")
+    assert str(info.value).startswith(f"{path}:5: [quota] {key}: ")
 
 
 def test_plugin_section_unknown_without_plugin(tmp_path: Path) -> None:
@@ -478,7 +479,7 @@ def test_configure_error_stops_loading(tmp_path: Path,
     path = write_ini(tmp_path, f"[geproxy]\nplugins = {module}:Quota\n\n[quota]\nlimit = 0\n")
     with pytest.raises(ConfigError) as info:
         load(path, entry_points=False)
-    assert str(info.value) == f"{path}: [quota] limit: must be more than 0"
+    assert str(info.value) == f"{path}:5: [quota] limit: must be more than 0"
 
 
 def test_plugin_module_without_class(tmp_path: Path,

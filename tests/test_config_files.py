@@ -140,8 +140,11 @@ def test_an_error_names_the_resolved_path(tmp_path: Path, tls_ca: Any, old: str,
     path.write_text(path.read_text().replace(old, new))
     result = _run(tmp_path, "check-config", "--config", "../conf/geproxy.ini")
     expected = error.format(conf=conf, real=os.path.realpath(conf))
+    key = new.splitlines()[-1].partition(" =")[0]
+    line = 1 + next(number for number, text in enumerate(path.read_text().splitlines())
+                    if text.startswith(f"{key} ="))
     assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == f"geproxy: ../conf/geproxy.ini: {expected}\n"
+    assert result.stderr == f"geproxy: ../conf/geproxy.ini:{line}: {expected}\n"
 
 
 def _access_log_lines(path: Path, count: int, limit: float = 10.0) -> list[str]:

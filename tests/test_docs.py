@@ -502,7 +502,7 @@ def test_the_example_plugin_reports_a_bad_value(tmp_path, monkeypatch) -> None:
     with pytest.raises(ConfigError) as caught:
         load(str(path), entry_points=False)
     assert str(caught.value) == (
-        f"{path}: [deny_ports] allowed: not a port or a port range: 'https'")
+        f"{path}:5: [deny_ports] allowed: not a port or a port range: 'https'")
 
 
 @pytest.mark.parametrize("conftest", ["conftest.py",

@@ -120,7 +120,7 @@ def test_the_acl_rule_that_decides_is_shown(tmp_path):
     out = io.StringIO()
     assert explain(str(path), "CONNECT", "api.example.com:443", client="10.2.3.4",
                    resolve=False, out=out) == 0
-    assert "acl.request: allow (rule staff)" in out.getvalue()
+    assert "acl.request: allow (rule staff, acl.ini:6)" in out.getvalue()
     out = io.StringIO()
     assert explain(str(path), "CONNECT", "evil.example.net:443", client="10.2.3.4",
                    resolve=False, out=out) == 1
@@ -128,7 +128,7 @@ def test_the_acl_rule_that_decides_is_shown(tmp_path):
     out = io.StringIO()
     assert explain(str(path), "CONNECT", "api.example.com:443", client="192.0.2.1",
                    resolve=False, out=out) == 1
-    assert "acl: decided at connect: deny (rule others)" in out.getvalue()
+    assert "acl: decided at connect: deny (rule others, acl.ini:7)" in out.getvalue()
 
 
 # -- the first answer decides, as in the proxy ---------------------------------------------

@@ -154,7 +154,7 @@ def test_a_changed_policy_shows_each_changed_verdict(auth_log, tmp_path, fmt):
         assert [(e["user"], e["status"], e["error"], e["rule"]) for e in entries] == [
             ("alice", 200, None, None), ("carol", 200, None, None),
             ("carol", 403, "http_request_denied", "blocked"),
-            (None, 407, "http_request_denied", None),
+            (None, 407, "http_request_denied", "staff"),  # the rule that asked
             ("alice", 403, "destination_ip_prohibited", None),
             (None, 400, "http_request_error", None), ("alice", 502, "dns_error", None)]
     auth = f"[auth]\nhtpasswd = {htpasswd}\n"
@@ -238,10 +238,11 @@ def test_a_password_asked_now_of_a_request_logged_without_user_is_undecidable(
     done = _explain("--config", config, "--replay", squid_log)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == [
-        f"replayed    7 requests of {squid_log} (squid): 0 unchanged, 0 allowed -> "
-        "refused, 0 refused -> allowed, 1 skipped, 6 undecidable",
+        f"replayed    7 requests of {squid_log} (squid): 1 unchanged, 0 allowed -> "
+        "refused, 0 refused -> allowed, 1 skipped, 5 undecidable",
         "skipped     1: a malformed request (400, 408, 414, 431): not a policy decision",
-        "undecidable 6: the new configuration asks for a password (407) and the log has no "
+        # blocked.test is refused before any password is asked: decided, and unchanged.
+        "undecidable 5: the new configuration asks for a password (407) and the log has no "
         "user",
     ]
 

@@ -8,6 +8,7 @@ connection handler does.
 from __future__ import annotations
 
 import logging
+import re
 import textwrap
 from pathlib import Path
 from typing import Any, Optional
@@ -263,7 +264,9 @@ def test_report_mode_logs_and_lets_through(proxy_factory, origin, caplog, rules,
     assert [(r.status, r.rule) for r in records] == [(200, None), (200, None)]
     lines = [r.getMessage() for r in caplog.records if "would deny" in r.getMessage()]
     assert len(lines) == 2, lines
-    assert f"GET {origin.url('/')} from 127.0.0.1 (rule {rule})" in lines[0]
+    # The rule, and its line in the file when it is one of the rules.
+    assert re.search(rf"GET {re.escape(origin.url('/'))} from 127\.0\.0\.1 "
+                     rf"\(rule {rule}(, geproxy-[0-9]+\.ini:[0-9]+)?\)", lines[0]), lines[0]
     assert f"CONNECT 127.0.0.1:{origin.port} from 127.0.0.1 (rule connect_ports)" in lines[1]
     assert all(r.levelno == logging.WARNING for r in caplog.records
                if "would deny" in r.getMessage())
@@ -444,8 +447,8 @@ def test_a_bad_rule_stops_the_start_naming_its_line(tmp_path, line, problem):
         _load_acl(tmp_path, section)
     assert (caught.value.section, caught.value.key, caught.value.line) == ("acl", "rules", 2)
     message = str(caught.value)
-    assert message.startswith(f"{path}"), message
-    assert "[acl] rules: " in message, message
+    number = path.read_text().splitlines().index(f"    {line}") + 1  # the rule's own line
+    assert message.startswith(f"{path}:{number}: [acl] rules: "), message
     assert problem in message and repr(line) in message, message
 
 
@@ -458,7 +461,8 @@ def test_a_bad_option_stops_the_start_naming_its_key(tmp_path, key, value):
     with pytest.raises(ConfigError) as caught:
         _load_acl(tmp_path, _ini(**{key: value}))
     assert (caught.value.section, caught.value.key) == ("acl", key)
-    assert str(caught.value).startswith(f"{path}: [acl] {key}: "), str(caught.value)
+    line = path.read_text().splitlines().index(f"{key} = {value}") + 1
+    assert str(caught.value).startswith(f"{path}:{line}: [acl] {key}: "), str(caught.value)
 
 
 def test_max_connections_per_client(proxy_factory, origin):

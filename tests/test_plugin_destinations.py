@@ -563,7 +563,8 @@ def test_a_bad_network_stops_the_start_naming_section_and_key(tmp_path, key, val
     path = _write(tmp_path, f"{key} = {value}\n")
     with pytest.raises(ConfigError) as caught:
         load(str(path), entry_points=False)
-    assert str(caught.value) == f"{path}: [destinations] {key}: {message}"
+    line = path.read_text().splitlines().index(f"{key} = {value}") + 1
+    assert str(caught.value) == f"{path}:{line}: [destinations] {key}: {message}"
 
 
 def test_configuration_is_parsed_once_into_the_policy(tmp_path):

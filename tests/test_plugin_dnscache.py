@@ -417,7 +417,7 @@ def test_min_ttl_above_max_ttl_stops_the_start(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load(str(path), objects=objects, entry_points=False)
     assert (caught.value.section, caught.value.key) == ("dnscache", "min_ttl")
-    assert str(caught.value) == f"{path}: [dnscache] min_ttl: must not be above max_ttl (60s)"
+    assert str(caught.value) == f"{path}:4: [dnscache] min_ttl: must not be above max_ttl (60s)"
 
 
 def test_a_lookup_only_decided_is_not_counted(start, dns_server):

@@ -290,8 +290,9 @@ def test_a_bad_nameserver_is_named_in_the_error(tmp_path, value, item):
     path.write_text(_ini(nameservers=value))
     with pytest.raises(ConfigError) as caught:
         load(str(path), entry_points=False)
+    line = path.read_text().splitlines().index(f"nameservers = {value}") + 1
     assert str(caught.value).startswith(
-        f"{path}: [resolver] nameservers: not a nameserver: {item!r}"), str(caught.value)
+        f"{path}:{line}: [resolver] nameservers: not a nameserver: {item!r}"), str(caught.value)
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -304,5 +305,6 @@ def test_other_bad_values_are_named_in_the_error(tmp_path, key, value, message):
     path.write_text(_ini(**{key: value}))
     with pytest.raises(ConfigError) as caught:
         load(str(path), entry_points=False)
-    assert str(caught.value).startswith(f"{path}: [resolver] {key}: {message}"), (
+    line = path.read_text().splitlines().index(f"{key} = {value}") + 1
+    assert str(caught.value).startswith(f"{path}:{line}: [resolver] {key}: {message}"), (
         str(caught.value))

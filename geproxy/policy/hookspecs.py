@@ -71,9 +71,13 @@ def configure(config: "Config") -> None:
         absolute, a relative one taken from that file's directory; ``config.resolve_path``
         does the same for a file named inside another value.
 
-    Raise ``geproxy.errors.ConfigError`` (with ``section`` and ``key``) for a value that is
-    well-typed but unusable, such as a file that does not exist: the start stops with that one
-    line. Must not start long-lived greenlets that outlive the server.
+    Raise ``geproxy.errors.ConfigError`` (with ``section`` and ``key``, and ``line``, the
+    1-based index of the offending line of a value of several lines) for a value that is
+    well-typed but unusable, such as a file that does not exist, or ``ConfigErrors`` for
+    several at once: the start stops with one line per error, each at its line of the file.
+    Every plugin's ``configure`` is called, whatever another one raised, so that all the
+    errors are reported together; it is not called at all when a value failed to parse.
+    Must not start long-lived greenlets that outlive the server.
     """
 
 

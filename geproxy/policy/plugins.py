@@ -16,7 +16,16 @@ from typing import Any, Iterable, Optional, Sequence
 
 import pluggy
 
-from ..config import Config, OptionRegistry, build_config, core_options, parse_list, read_ini
+from ..config import (
+    Config,
+    OptionRegistry,
+    build_config,
+    core_options,
+    did_you_mean,
+    parse_list,
+    read_ini,
+    read_text,
+)
 from ..errors import (
     ConfigError,
     ConnectRefused,
@@ -25,6 +34,7 @@ from ..errors import (
     DNSError,
     ProxyError,
 )
+from ..inifile import IniLines, located
 from ..models import Context, Record, Request, Resolved, Response, Route
 from ..net.dns import literal_address
 from . import hookspecs
@@ -115,45 +125,103 @@ def load(
     validation of sections, keys and values: no plugin is configured, so none reads the
     files the configuration names.
 
-    Raises ConfigError (one line: file, section, key) for any problem.
+    Raises ConfigError for any problem: every problem found, each in one line naming the
+    file and its line, the section and the key (a ConfigErrors when there are several).
+    They are found in two rounds. First the file itself: unknown names in ``disable``,
+    plugins that may not be loaded, unknown sections and keys, values that do not parse;
+    with any of these, no plugin is configured (none is handed a value that failed to
+    parse). Then every plugin's ``configure`` (``configure_all``), each run whatever the
+    others raised. A plugin that cannot be imported stops the first round at once: the
+    sections it would have declared are not known.
     """
+    if text is None:
+        text = read_text(path)
     parser = read_ini(path, text)
+    lines = IniLines.scan(text)
     section = parser["geproxy"] if parser.has_section("geproxy") else {}
     extra = parse_list(section.get("plugins", ""))
     disable = parse_list(section.get("disable", ""))
     known = {name for name, _ in DEFAULT_PLUGINS}
     known.update(ep.name for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT))
-    for name in disable:
-        if name not in known:
-            raise ConfigError(f"no built-in or installed plugin named {name!r}", path=path,
-                              section="geproxy", key="disable")
+    errors = [ConfigError(f"no built-in or installed plugin named {name!r}"
+                          + did_you_mean(name, known), path=path, section="geproxy",
+                          key="disable")
+              for name in disable if name not in known]
     try:
         pm = get_plugin_manager(extra, disable, objects, entry_points)
     except Exception as exc:  # whatever a plugin's import raises is a configuration problem
         log.debug("loading plugins failed", exc_info=True)
         # One line: pluggy's duplicate-name message goes on to dump every plugin.
         first = (str(exc).splitlines() or [""])[0]
-        raise ConfigError(f"cannot load plugin: {type(exc).__name__}: {first}", path=path,
-                          section="geproxy", key="plugins") from None
+        errors.append(ConfigError(f"cannot load plugin: {type(exc).__name__}: {first}",
+                                  path=path, section="geproxy", key="plugins"))
+        raise located(errors, path, lines) or errors[-1] from None
     for caller in (pm.hook.on_close, pm.hook.on_disconnect, pm.hook.on_tls_handshake,
                    pm.hook.on_progress, pm.hook.reopen_logs, pm.hook.on_reload,
                    pm.hook.on_worker_exit):
-        for impl in caller.get_hookimpls():
-            if impl.wrapper or impl.hookwrapper:
-                raise ConfigError(f"plugin {impl.plugin_name!r}: {caller.name} may not be a "
+        errors.extend(ConfigError(f"plugin {impl.plugin_name!r}: {caller.name} may not be a "
                                   "wrapper", path=path, section="geproxy", key="plugins")
+                      for impl in caller.get_hookimpls() if impl.wrapper or impl.hookwrapper)
     registry = OptionRegistry()
     pm.hook.add_options.call_historic(kwargs={"registry": registry})
     ignored = frozenset(SECTIONS.get(name, name) for name in disable)
-    config = build_config(path, parser, registry, ignored, stash)
+    config = build_config(path, parser, registry, ignored, stash, lines, errors)
     for name in sorted(ignored):
         if parser.has_section(name):
             log.warning("%s: [%s] is ignored: its plugin is disabled", path, name)
     if not configure:
         return pm, config
-    pm.hook.configure.call_historic(kwargs={"config": config})
+    configure_all(pm, config)
     check_parents(pm, config)
     return pm, config
+
+
+def configure_all(pm: pluggy.PluginManager, config: Config) -> None:
+    """Call every plugin's ``configure`` with ``config`` (pluggy's historic call: a plugin
+    registered later is configured too), and when one raises ConfigError, every plugin
+    after it as well, each whatever the others raised: their ConfigErrors are raised
+    together, each at its line of the file (a plugin's ``line=`` index mapped through the
+    value's lines). Anything else a plugin raises (a bug) goes to the caller at once.
+
+    pluggy's call stops at the first exception; the plugins it did not reach are then
+    called directly, in its order, as the isolated hooks are (``Hooks._observe``). They are
+    found by the frame of the implementation the error came through; when it cannot be
+    told (an implementation behind a decorator), or a ``configure`` wrapper is among them
+    (pluggy's to run), the first error is the only one reported.
+    """
+    try:
+        pm.hook.configure.call_historic(kwargs={"config": config})
+        return
+    except ConfigError as exc:
+        errors = [exc]
+    order = HookCall(pm, "configure").observers()
+    plain = not any(impl.wrapper or impl.hookwrapper
+                    for impl in pm.hook.configure.get_hookimpls())
+    raised = _raised_in(errors[0], [function for _, function, _ in order]) if plain else None
+    if raised is not None:
+        args = (config,)
+        for _, function, pick in order[raised + 1:]:
+            try:
+                function(*args) if pick is None else function(*[args[i] for i in pick])
+            except ConfigError as exc:
+                errors.append(exc)
+    raise located(errors, config.path, config.lines) or errors[0]
+
+
+def _raised_in(exc: BaseException, functions: Sequence[Any]) -> Optional[int]:
+    """The index in ``functions`` of the one ``exc`` was raised through (the outermost
+    frame of its traceback that runs one of them), or None. Where two of them share their
+    code (two instances of one class), the later one is taken: what follows it may go
+    unreported, but no plugin is ever configured twice."""
+    codes = {getattr(function, "__code__", None): index
+             for index, function in enumerate(functions)}
+    tb = exc.__traceback__
+    while tb is not None:
+        index = codes.get(tb.tb_frame.f_code)
+        if index is not None:
+            return index
+        tb = tb.tb_next
+    return None
 
 
 def check_parents(pm: pluggy.PluginManager, config: Config) -> None:

@@ -31,17 +31,20 @@ class Generation:
         #: The TLS listeners' context, read from the files at each load (None with no
         #: TLS listener): a reload picks up a renewed certificate.
         self.tls_context: Any = None
-        if any(getattr(address, "tls", False) for address in core["listen"]):
-            from ..net.tls import server_context  # imports ssl: only when TLS is configured
-
-            self.tls_context = server_context(config["tls"], config.path,
-                                              config["tls"]["http2"])
         self.proxy_protocol: str = core["proxy_protocol"]
         self.proxy_protocol_from = core["proxy_protocol_from"]
-        if self.proxy_protocol != "off" and not self.proxy_protocol_from:
-            raise ConfigError("proxy_protocol needs the balancers' addresses in "
-                              "proxy_protocol_from", path=config.path, section="geproxy",
-                              key="proxy_protocol_from")
+        try:
+            if any(getattr(address, "tls", False) for address in core["listen"]):
+                from ..net.tls import server_context  # imports ssl: only when TLS is on
+
+                self.tls_context = server_context(config["tls"], config.path,
+                                                  config["tls"]["http2"])
+            if self.proxy_protocol != "off" and not self.proxy_protocol_from:
+                raise ConfigError("proxy_protocol needs the balancers' addresses in "
+                                  "proxy_protocol_from", path=config.path, section="geproxy",
+                                  key="proxy_protocol_from")
+        except ConfigError as exc:  # found after the load: placed at its line here
+            raise config.locate(exc) from None
         #: Connections served with it; replaced by a reload, it is released at zero.
         self.users = 0
         self.retired = False

@@ -28,9 +28,10 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
 
 
 def reload_failure(exc: BaseException) -> str:
-    """What refused a reload, in one line; a plugin's bug gets its traceback logged too."""
+    """What refused a reload, in one line (every error of a ConfigErrors, after one another);
+    a plugin's bug gets its traceback logged too."""
     if isinstance(exc, ConfigError):
-        return str(exc)
+        return "; ".join(str(error) for error in exc.errors)
     log.error("loading the configuration failed", exc_info=exc)
     return f"{type(exc).__name__}: {exc}"
 

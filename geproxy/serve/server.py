@@ -14,6 +14,7 @@ import gevent.event
 import gevent.pool
 
 from ..config import Config, ListenAddress
+from ..errors import ConfigError
 from ..models import Context, Request
 from ..net.upstream import UpstreamPool
 from ..policy.plugins import exposition, load, plugin_names
@@ -62,7 +63,10 @@ class ProxyServer:
         self._objects, self._entry_points = tuple(objects), entry_points
         core = config.core
         self.pool = UpstreamPool(core["upstream_keepalive"], core["upstream_idle_timeout"])
-        check_local_options(config)
+        try:
+            check_local_options(config)
+        except ConfigError as exc:  # found after the load: placed at its line here
+            raise config.locate(exc) from None
         #: The proxy port's answers to requests for the proxy itself.
         self.local_app = local_app(self, core["local_paths"])
         self.connections = gevent.pool.Group()

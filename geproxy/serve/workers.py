@@ -151,7 +151,7 @@ class Master:
             try:
                 self.server.gen.hooks.prepare_workers(self.server.config, self.count, shared)
             except ConfigError as exc:
-                print(f"geproxy: {exc}", file=sys.stderr)
+                print(exc.report(), file=sys.stderr)
                 return 2
             return self._run()
         finally:  # never in a worker, which ends with os._exit
@@ -655,12 +655,12 @@ def run(path: str, load: Callable[..., ProxyServer] = create_server) -> int:
     try:
         text = read_text(path)
     except ConfigError as exc:
-        print(f"geproxy: {exc}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return 2
     try:
         server = load(path, text=text)
     except ConfigError as exc:
-        print(f"geproxy: {exc}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return 2
     count = server.config.core["workers"]
     if count <= 1:

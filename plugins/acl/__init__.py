@@ -43,6 +43,7 @@ import datetime
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence
 
 from cachetools import LRUCache
@@ -432,11 +433,15 @@ class ACL:
               verdict: Verdict) -> None:
         """Raise the denial, or in report mode log that it would have been one."""
         client = ctx.client_addr[0]
-        where = verdict.by.where if verdict.by is not None else f"rule {verdict.rule}"
         if policy.report:
+            named = verdict.by.named if verdict.by is not None else f"rule {verdict.rule}"
             log.warning("[%s] acl would deny %s %s from %s (%s)", ctx.conn_id,
-                        request.method, request.target, client, where)
+                        request.method, request.target, client, named)
             return
+        # Credentials the request carries name its user in the log, though no rule needed
+        # them: a wrong one is not refused (the request is refused anyway), only not named.
+        ctx.authenticate(request)
+        where = verdict.by.where if verdict.by is not None else f"rule {verdict.rule}"
         denied = Denied(f"{request.method} {request.target} from {client}: [acl] {where}",
                         rule=verdict.rule)
         self._page(denied, ctx, request, verdict)
@@ -472,10 +477,7 @@ class ACL:
 
 def _located(rule: Rule, config: Config) -> Rule:
     """The rule with where it is written (``geproxy.ini:23``), when the file tells."""
-    line_of = getattr(config, "line_of", None)
-    line = line_of(SECTION, "rules", rule.number) if line_of is not None else None
+    line = config.line_of(SECTION, "rules", rule.number)
     if not line:
         return rule
-    from dataclasses import replace
-
     return replace(rule, location=f"{os.path.basename(config.path)}:{line}")

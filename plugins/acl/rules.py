@@ -59,6 +59,11 @@ class Rule:
         return f"rule {self.id}" + (f" ({self.location})" if self.location else "")
 
     @property
+    def named(self) -> str:
+        """``rule ID, geproxy.ini:23``: ``where`` for inside parentheses."""
+        return f"rule {self.id}" + (f", {self.location}" if self.location else "")
+
+    @property
     def needs_user(self) -> bool:
         return any(c.needs_user for c in self.conditions)
 
@@ -71,7 +76,7 @@ class Verdict:
     by: Optional[Rule] = field(default=None, compare=False)
 
     def __str__(self) -> str:
-        where = self.by.where if self.by is not None else f"rule {self.rule}"
+        where = self.by.named if self.by is not None else f"rule {self.rule}"
         return f"{'allow' if self.allow else 'deny'} ({where})"
 
 
