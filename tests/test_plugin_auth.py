@@ -247,10 +247,11 @@ def test_acl_user_rules_see_the_authenticated_user(proxy_factory, origin, tmp_pa
     bob = curl("-i", "-x", proxy.url, "--proxy-user", "bob:bob:pw é", url)
     assert bob.stdout.startswith(b"HTTP/1.1 403 "), bob.stdout  # authenticated, not allowed
     nobody = curl("-i", "-x", proxy.url, url)
-    assert nobody.stdout.startswith(b"HTTP/1.1 407 "), nobody.stdout  # auth runs first
+    # The walk reaches "user alice" and the request proves no user: the rule asks.
+    assert nobody.stdout.startswith(b"HTTP/1.1 407 "), nobody.stdout
     records = wait_for_records(proxy, 3)
     assert [(r.status, r.ctx.user, r.rule) for r in records] == [
-        (200, "alice", None), (403, "bob", "line 2"), (407, None, None)]
+        (200, "alice", None), (403, "bob", "line 2"), (407, None, "line 1")]
 
 
 def test_the_access_log_line_names_the_user_of_each_request(proxy_factory, origin, tmp_path):
