@@ -362,7 +362,8 @@ def test_files(tmp_path_factory: pytest.TempPathFactory) -> ExampleFiles:
     (directory / "errors").mkdir()
     page = "<html><body><p>Refused by the egress policy.</p></body></html>\n"
     (directory / "errors" / "denied.html").write_text(page)
-    (directory / "errors" / "blocked.html").write_text(page)
+    for name in ("blocked", "no-uploads"):  # the pages the examples' rules name
+        (directory / "errors" / f"{name}.html").write_text(page)
     return ExampleFiles(str(directory / "proxy.pem"), str(directory / "proxy.key"),
                      str(directory / "clients-ca.pem"), str(directory / "htpasswd"),
                      str(directory / "www"), str(directory / "logs" / "access.log"),
