@@ -505,6 +505,54 @@ def test_the_example_plugin_reports_a_bad_value(tmp_path, monkeypatch) -> None:
         f"{path}:5: [deny_ports] allowed: not a port or a port range: 'https'")
 
 
+def test_the_example_identity_plugin_gives_acl_its_groups(proxy_factory, origin, tmp_path,
+                                                          monkeypatch) -> None:
+    """docs/examples/static_groups.py, loaded as plugins.md's Identity section loads it: its
+    groups decide a group rule; a request that proves no user gets 407 with auth's
+    challenge, a user outside the group 403, a user inside 200."""
+    from passlib.hash import bcrypt
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    hashed = bcrypt.using(ident="2y", rounds=4).hash
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"alice:{hashed('alice-pw')}\ncarol:{hashed('carol-pw')}\n")
+    proxy = proxy_factory(
+        "[geproxy]\nplugins = static_groups:StaticGroups\n"
+        "[static_groups]\ngroups =\n    staff: alice bob\n    contractors: carol\n"
+        f"[auth]\nhtpasswd = {htpasswd}\n"
+        "[acl]\nconnect_ports = 1-65535\nrules =\n    staff: allow group staff\n"
+        "    deny all\n")
+    assert "static_groups" in [name for name, _ in proxy.server.pm.list_name_plugin()]
+    url = origin.url("/")
+
+    def status(*credentials: str) -> tuple[int, bytes]:
+        out = curl("-i", "-x", proxy.url, *credentials, url)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split(b" ", 2)[1]), out.stdout
+
+    code, answer = status()
+    assert code == 407 and b'\r\nProxy-Authenticate: Basic realm="geproxy"\r\n' in answer
+    assert status("--proxy-user", "alice:wrong")[0] == 407
+    assert status("--proxy-user", "carol:carol-pw")[0] == 403
+    code, answer = status("--proxy-user", "alice:alice-pw")
+    assert code == 200 and answer.endswith(b"hello\n"), answer
+
+    records = wait_for_records(proxy, 4)
+    assert sorted((r.status, r.rule or "", r.ctx.user or "") for r in records) == [
+        (200, "", "alice"), (403, "line 2", "carol"), (407, "staff", ""), (407, "staff", "")]
+
+
+def test_the_example_identity_plugin_reports_a_bad_line(tmp_path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    path = tmp_path / "bad.ini"
+    path.write_text("[geproxy]\nplugins = static_groups:StaticGroups\naccess_log = off\n"
+                    "[static_groups]\ngroups =\n    staff alice\n")
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), entry_points=False)
+    assert str(caught.value) == (
+        f"{path}: [static_groups] groups: not 'group: user user ...': 'staff alice'")
+
+
 @pytest.mark.parametrize("conftest", ["conftest.py",
                                       "conftest.py, every test checked for leaks"])
 def test_the_test_kit_example_runs(tmp_path, conftest, run_suite) -> None:

@@ -69,6 +69,9 @@ TEST_FILES = {
     ("tls", "key"): "{key}",
     ("tls", "client_ca"): "{client_ca}",
     ("auth", "htpasswd"): "{htpasswd}",
+    ("acl", "group_file"): "{groups}",
+    ("acl", "deny_page"): "{deny_page}",
+    ("acl", "error_dir"): "{error_dir}",
 }
 
 #: The kinds whose values name files (geproxy.config resolves these against the directory).
@@ -282,6 +285,9 @@ class ExampleFiles:
     htpasswd: str
     docroot: str
     access_log: str
+    groups: str
+    deny_page: str
+    error_dir: str
 
 
 def file_kinds() -> dict[tuple[str, str], str]:
@@ -352,9 +358,17 @@ def test_files(tmp_path_factory: pytest.TempPathFactory) -> ExampleFiles:
         f"alice:{bcrypt.using(ident='2y', rounds=4).hash('alice-pw')}\n")
     (directory / "www").mkdir()
     (directory / "logs").mkdir()
+    (directory / "groups").write_text("staff: alice\n")
+    (directory / "errors").mkdir()
+    page = "<html><body><p>Refused by the egress policy.</p></body></html>\n"
+    (directory / "errors" / "denied.html").write_text(page)
+    for name in ("blocked", "no-uploads"):  # the pages the examples' rules name
+        (directory / "errors" / f"{name}.html").write_text(page)
     return ExampleFiles(str(directory / "proxy.pem"), str(directory / "proxy.key"),
                      str(directory / "clients-ca.pem"), str(directory / "htpasswd"),
-                     str(directory / "www"), str(directory / "logs" / "access.log"))
+                     str(directory / "www"), str(directory / "logs" / "access.log"),
+                     str(directory / "groups"), str(directory / "errors" / "denied.html"),
+                     str(directory / "errors"))
 
 
 def run_checks(paths: list[str], directory: Path,

@@ -244,7 +244,9 @@ def on_request(ctx: "Context", request: "Request") -> Optional["Response"]:
     that sent no credentials. A plugin that counts or logs requests leaves this one out:
     ``on_close`` will not follow.
 
-    Must not mutate ``request``; use ``ctx.user`` to record an authenticated identity.
+    Must not mutate ``request``, nor read credentials to set ``ctx.user``: a policy that needs
+    the user asks ``ctx.authenticate(request)``, and identity plugins answer through the
+    ``authenticate`` hook.
     """
 
 
