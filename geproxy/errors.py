@@ -21,6 +21,7 @@ __all__ = [
     "HeadTooLarge",
     "HeaderTimeout",
     "Denied",
+    "AuthenticationRequired",
     "DNSError",
     "DNSTimeout",
     "DestinationProhibited",

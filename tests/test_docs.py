@@ -550,7 +550,7 @@ def test_the_example_identity_plugin_reports_a_bad_line(tmp_path, monkeypatch) -
     with pytest.raises(ConfigError) as caught:
         load(str(path), entry_points=False)
     assert str(caught.value) == (
-        f"{path}: [static_groups] groups: not 'group: user user ...': 'staff alice'")
+        f"{path}:5: [static_groups] groups: not 'group: user user ...': 'staff alice'")
 
 
 @pytest.mark.parametrize("conftest", ["conftest.py",
