@@ -435,12 +435,18 @@ def build_config(
     stash: Optional[dict[str, Any]] = None,
     lines: Optional[IniLines] = None,
     errors: Sequence[ConfigError] = (),
+    collect: Optional[list[ConfigError]] = None,
 ) -> Config:
     """Validate every section and key of ``parser`` against ``registry``. Every unknown
     section or key (with the closest known name, when one is close) and every value that
     does not parse is an error; with any, nothing is built: the errors, ``errors`` found
     before (by the caller) first, are raised together, each at its line of the file
-    (``lines``: the scan of the text ``parser`` read), in the file's order."""
+    (``lines``: the scan of the text ``parser`` read), in the file's order.
+
+    With ``collect``, the errors are appended to it instead, and the configuration is built
+    all the same, each value that did not parse replaced by its option's default: what
+    ``check-config`` hands the plugins' ``configure``, so that their errors are found too
+    (never a configuration to serve with)."""
     found = list(errors)
     for section in parser.sections():
         if section in ignored_sections:
@@ -464,9 +470,14 @@ def build_config(
                 value = option.parse(text)
             except ValueError as exc:
                 found.append(ConfigError(str(exc), path=path, section=section, key=key))
-                continue
+                if collect is None:
+                    continue
+                value = option.parse(option.default)
             resolve = _FILE_KINDS.get(option.kind)
             out[key] = value if resolve is None else resolve(directory, value)
+    if collect is not None:
+        collect.extend(found)
+        return Config(path, values, stash, lines)
     failure = located(found, path, lines)
     if failure is not None:
         raise failure

@@ -623,3 +623,38 @@ def test_a_replay_of_real_traffic_under_a_policy_with_the_new_constructs(
     assert len(changed) == 2, out.stdout
     assert "ads.blocked.test" in changed[0] and "new rule listed" in changed[0]
     assert OUTSIDE in changed[1] and "new rule outside" in changed[1]
+
+
+def test_check_config_reports_bad_rules_beside_every_other_error(tmp_path):
+    path = tmp_path / "bad.ini"
+    path.write_text(textwrap.dedent("""\
+        [geproxy]
+        listen = 127.0.0.1:3999
+        graceful_timout = 3s
+        [acl]
+        rules =
+            deny dstdomain .example.com
+            # a comment
+            allow proxy_auth REQUIRED
+            deny url_regex "(a"
+            allow all
+        [parent]
+        x = 1
+    """))
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "geproxy", "check-config", "--config",
+                          str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert lines[0] == f"geproxy: {path}:3: [geproxy] graceful_timout: unknown option; did " \
+                       "you mean 'graceful_timeout'?"
+    assert lines[1].startswith(f"geproxy: {path}:6: [acl] rules: unknown condition "
+                               "'dstdomain'; did you mean 'dst'?")
+    assert lines[2].startswith(f"geproxy: {path}:8: [acl] rules: unknown condition "
+                               "'proxy_auth'; did you mean 'user'?")
+    assert lines[3].startswith(f"geproxy: {path}:9: [acl] rules: not a regular expression")
+    assert lines[4] == (f"geproxy: {path}:11: [parent]: unknown section (no plugin declares "
+                        "it); did you mean '[parents]'?")
+    assert len(lines) == 5

@@ -129,13 +129,33 @@ def test_config_line_of_counts_the_lines_a_plugin_reads(tmp_path: Path) -> None:
     assert Config("x.ini", {}).line_of("geproxy", "listen") is None  # not from a file
 
 
-def test_a_value_that_fails_to_parse_reaches_no_plugin(tmp_path: Path) -> None:
+class Seen:
+    """Records the limit each configure was handed."""
+
+    name = "seen"
+
+    def __init__(self) -> None:
+        self.limits: list[int] = []
+
+    @hookimpl
+    def configure(self, config: Config) -> None:
+        self.limits.append(config["rulebook"]["limit"])
+
+
+def test_a_value_that_fails_to_parse_reaches_no_plugin_and_the_rest_is_reported(
+        tmp_path: Path) -> None:
     path = _write(tmp_path, RULEBOOK.replace("limit = 3", "limit = many"))
-    rulebook = Rulebook()
-    with pytest.raises(ConfigError) as caught:
-        load(path, objects=[rulebook], entry_points=False)
-    assert str(caught.value).startswith(f"{path}:14: [rulebook] limit: ")
-    assert rulebook.configured == 0  # so the bad rules are not reported yet
+    rulebook, seen = Rulebook(), Seen()
+    with pytest.raises(ConfigErrors) as caught:
+        load(path, objects=[rulebook, seen], entry_points=False)
+    # The bad value and the plugins' own errors, in the file's order: the bad rules are
+    # found beside it, configure having been handed the default in its place.
+    assert str(caught.value).splitlines() == [
+        f"{path}:7: [rulebook] rules: a rule starts with allow or deny: 'permit b'",
+        f"{path}:12: [rulebook] rules: a rule starts with allow or deny: 'forbid d'",
+        f"{path}:14: [rulebook] limit: invalid literal for int() with base 10: 'many'",
+    ]
+    assert seen.limits == [1]  # the default, never the value that did not parse
 
 
 def test_configure_stays_historic(tmp_path: Path) -> None:

@@ -128,11 +128,12 @@ def load(
     Raises ConfigError for any problem: every problem found, each in one line naming the
     file and its line, the section and the key (a ConfigErrors when there are several).
     They are found in two rounds. First the file itself: unknown names in ``disable``,
-    plugins that may not be loaded, unknown sections and keys, values that do not parse;
-    with any of these, no plugin is configured (none is handed a value that failed to
-    parse). Then every plugin's ``configure`` (``configure_all``), each run whatever the
-    others raised. A plugin that cannot be imported stops the first round at once: the
-    sections it would have declared are not known.
+    plugins that may not be loaded, unknown sections and keys, values that do not parse.
+    Then every plugin's ``configure`` (``configure_all``), each run whatever the others
+    raised; when the first round found errors, the values that did not parse are handed to
+    it as their defaults (no plugin ever sees a value that failed to parse), so that its
+    errors are reported too, and the file is refused. A plugin that cannot be imported
+    stops the first round at once: the sections it would have declared are not known.
     """
     if text is None:
         text = read_text(path)
@@ -165,12 +166,24 @@ def load(
     registry = OptionRegistry()
     pm.hook.add_options.call_historic(kwargs={"registry": registry})
     ignored = frozenset(SECTIONS.get(name, name) for name in disable)
-    config = build_config(path, parser, registry, ignored, stash, lines, errors)
+    if not configure:
+        return pm, build_config(path, parser, registry, ignored, stash, lines, errors)
+    found: list[ConfigError] = []
+    config = build_config(path, parser, registry, ignored, stash, lines, errors, found)
     for name in sorted(ignored):
         if parser.has_section(name):
             log.warning("%s: [%s] is ignored: its plugin is disabled", path, name)
-    if not configure:
-        return pm, config
+    if found:
+        # The values that did not parse stand at their defaults: configure every plugin
+        # all the same, to report what their configure finds too (a bad rule beside a bad
+        # duration), then refuse the whole file. Its stash is a throwaway: nothing of this
+        # configuration is kept.
+        config.stash = {}
+        try:
+            configure_all(pm, config)
+        except ConfigError as exc:
+            found.extend(exc.errors)
+        raise located(found, path, lines) or found[0]
     configure_all(pm, config)
     check_parents(pm, config)
     return pm, config
