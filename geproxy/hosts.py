@@ -8,13 +8,14 @@ in one of them. ``RouteRule``: the grammar of the ``[parents] rules`` lines, for
 ``parent`` plugin that routes by them and the ``pac`` plugin that writes them into a PAC
 file. Part of the public API, for plugins.
 
-Both sets are built for lists of a million entries (the ACL's ``dst`` and ``src`` read them
-from files): a check costs a set lookup per label of the host, or per prefix length present,
-whatever the number of entries; only globs are tried one by one.
+Both are built for lists of a million entries (the ACL's ``dst`` and ``src`` read them from
+files): a name costs a set lookup per label, an address a binary search in C, whatever the
+number of entries; only globs are tried one by one.
 """
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import ipaddress
 import re
@@ -65,6 +66,11 @@ def ip_literal(host: str) -> Optional[IPAddress]:
     an IPv4 address without asking DNS (``127.1``, ``2130706433``, ``0x7f.1``), so they cannot
     slip past a ``dst`` network.
     """
+    # Every literal holds a ":" (IPv6) or starts with an ASCII digit (IPv4, and inet_aton's
+    # forms): a name returns here, without the ValueError ipaddress would raise inside
+    # (microseconds, on every request to a name and for every value of a dst list).
+    if ":" not in host and not "0" <= host[:1] <= "9":
+        return None
     try:
         return unmapped(ipaddress.ip_address(host))
     except ValueError:
@@ -161,13 +167,13 @@ class HostPatterns:
 class NetworkSet:
     """IP networks, asked whether an address is in one of them: ``address in networks``.
 
-    A check masks the address to each prefix length present and looks the result up in a
-    set: at most one lookup per distinct length (33 for IPv4, 129 for IPv6, a handful in
-    practice), whatever the number of networks. An IPv4-mapped IPv6 address
-    (``::ffff:10.1.2.3``) is checked as the IPv4 address it maps, as ``unmapped`` says a
-    dual-stack socket reaches it: an IPv4 network may match it, an IPv6 network never does.
-    ``len``, ``bool`` and iteration give the networks it was built from, in their order,
-    duplicates included. Immutable.
+    The networks are kept as the sorted, disjoint ranges of addresses they cover, one list
+    per IP version; a check is a binary search among them (``bisect``, in C): about 17
+    comparisons for 100,000 ranges, 4 for 10, and no more for an IPv6 list of many prefix
+    lengths. An IPv4-mapped IPv6 address (``::ffff:10.1.2.3``) is checked as the IPv4
+    address it maps, as ``unmapped`` says a dual-stack socket reaches it: an IPv4 network
+    may match it, an IPv6 network never does. ``len``, ``bool`` and iteration give the
+    networks it was built from, in their order, duplicates included. Immutable.
     """
 
     __slots__ = ("_networks", "_v4", "_v6")
@@ -175,24 +181,15 @@ class NetworkSet:
     def __init__(self, networks: Iterable[IPNetwork] = ()) -> None:
         """Raises TypeError for an item that is no ``ipaddress`` network."""
         self._networks: tuple[IPNetwork, ...] = tuple(networks)
-        # (version, host bits) -> the network numbers shifted right by the host bits: an
-        # address is in a network of that length when its number, shifted alike, is there.
-        tables: dict[tuple[int, int], set[int]] = {}
+        spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
         for network in self._networks:
             if not isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
                 raise TypeError(f"not an IP network: {network!r}")
-            bits = network.max_prefixlen - network.prefixlen
-            key = (network.version, bits)
-            numbers = tables.get(key)
-            if numbers is None:
-                numbers = tables[key] = set()
-            numbers.add(int(network.network_address) >> bits)
-        # The most populous lengths first: a hit is likelier there, and ends the check.
-        ordered = sorted(tables.items(), key=lambda item: -len(item[1]))
-        self._v4 = tuple((bits, frozenset(numbers)) for (version, bits), numbers in ordered
-                         if version == 4)
-        self._v6 = tuple((bits, frozenset(numbers)) for (version, bits), numbers in ordered
-                         if version == 6)
+            first = int(network.network_address)
+            size = 1 << (network.max_prefixlen - network.prefixlen)
+            spans[network.version].append((first, first + size - 1))
+        self._v4 = _ranges(spans[4])
+        self._v6 = _ranges(spans[6])
 
     @classmethod
     def parse(cls, values: Iterable[str]) -> "NetworkSet":
@@ -204,19 +201,18 @@ class NetworkSet:
         """Raises TypeError for anything but an ``ipaddress`` address: a string or a
         network would otherwise be silently in no network."""
         if isinstance(address, ipaddress.IPv4Address):
-            number, tables = int(address), self._v4
+            number, (firsts, lasts) = int(address), self._v4
         elif isinstance(address, ipaddress.IPv6Address):
             number = int(address)
             if number >> 32 == 0xFFFF:  # ::ffff:0:0/96, IPv4-mapped
-                number, tables = number & 0xFFFFFFFF, self._v4
+                number, (firsts, lasts) = number & 0xFFFFFFFF, self._v4
             else:
-                tables = self._v6
+                firsts, lasts = self._v6
         else:
             raise TypeError(f"not an IP address: {address!r}")
-        for bits, numbers in tables:
-            if number >> bits in numbers:
-                return True
-        return False
+        # The last range that starts at or below the address holds it, or none does.
+        index = bisect.bisect_right(firsts, number)
+        return index > 0 and number <= lasts[index - 1]
 
     def __len__(self) -> int:
         return len(self._networks)
@@ -293,9 +289,26 @@ def parse_network(value: str) -> IPNetwork:
     raise ValueError(f"{value!r} has host bits set (did you mean {loose}?)")
 
 
+def _ranges(spans: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The addresses the (first, last) spans cover, as the firsts and the lasts of sorted,
+    disjoint ranges that do not touch. Two networks are either disjoint or one holds the
+    other, so a span overlaps the range before it only by starting inside it."""
+    spans.sort()
+    firsts: list[int] = []
+    lasts: list[int] = []
+    for first, last in spans:
+        if lasts and first <= lasts[-1] + 1:
+            if last > lasts[-1]:
+                lasts[-1] = last
+        else:
+            firsts.append(first)
+            lasts.append(last)
+    return tuple(firsts), tuple(lasts)
+
+
 def _parse(values: Sequence[str]) -> HostPatterns:
     # Once per value of lists of up to a million: string methods, no regular expression but
-    # for globs, and no ip_literal for a value that cannot be one (it raises inside).
+    # for globs.
     names: set[str] = set()
     domains: list[str] = []
     globs: list[str] = []
@@ -307,14 +320,10 @@ def _parse(values: Sequence[str]) -> HostPatterns:
         if "/" in text or ":" in text:
             networks.append(parse_network(text))
             continue
-        # Without a ":", only text starting with an ASCII digit can be an IP literal (both
-        # ipaddress and inet_aton's forms begin so).
-        if "0" <= text[:1] <= "9":
-            literal = ip_literal(text)
-            if literal is not None:
-                networks.append(ipaddress.ip_network(literal))
-                continue
-        if text[:1] == "." and is_host_name(text[1:]):
+        literal = ip_literal(text)
+        if literal is not None:
+            networks.append(ipaddress.ip_network(literal))
+        elif text[:1] == "." and is_host_name(text[1:]):
             domains.append(text[1:])
         elif ("*" in text or "?" in text or "[" in text) and _GLOB.fullmatch(text):
             globs.append(text)

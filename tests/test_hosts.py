@@ -253,6 +253,21 @@ def test_network_set_mixed() -> None:
     assert list(networks)[0] == _net("10.0.0.0/8") and list(networks)[-1] == _net("203.0.113.5/32")
 
 
+def test_network_set_nested_adjacent_and_at_the_ends() -> None:
+    """The ranges a set searches are merged: what nests, touches or reaches the last address
+    is still found, and the gaps between are not."""
+    networks = NetworkSet.parse(["10.0.0.0/8", "10.1.0.0/16", "10.0.0.5", "11.0.0.0/8",
+                                 "13.0.0.0/8", "255.255.255.255", "ffff::/16",
+                                 "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "0.0.0.0"])
+    for text in ["10.0.0.0", "10.1.2.3", "10.0.0.5", "11.255.255.255", "13.0.0.0",
+                 "255.255.255.255", "0.0.0.0", "ffff::1",
+                 "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"]:
+        assert _address(text) in networks, text
+    for text in ["9.255.255.255", "12.0.0.0", "12.255.255.255", "14.0.0.0", "0.0.0.1",
+                 "255.255.255.254", "fffe:ffff::1", "::"]:
+        assert _address(text) not in networks, text
+
+
 def test_network_set_mapped_addresses_are_their_ipv4_address() -> None:
     """As unmapped() says and every caller did before checking: a mapped network, written as
     IPv6, never matches, since every address in it is checked as an IPv4 address."""
