@@ -134,8 +134,9 @@ class HostPatterns:
         object.__setattr__(self, "_network_set", NetworkSet(self.networks))
 
     @classmethod
-    def parse(cls, values: Sequence[str]) -> "HostPatterns":
-        """Raises ValueError naming the first value that is no pattern."""
+    def parse(cls, values: Iterable[str]) -> "HostPatterns":
+        """Raises ValueError naming the first value that is no pattern. ``values`` is read
+        once, in order: a generator over a file's lines saves holding them all."""
         return _parse(values)
 
     def match(self, host: str) -> bool:
@@ -194,7 +195,8 @@ class NetworkSet:
     @classmethod
     def parse(cls, values: Iterable[str]) -> "NetworkSet":
         """Addresses and networks as ``parse_network`` reads them (``10.0.0.0/8``,
-        ``192.0.2.7``, ``2001:db8::/32``); raises ValueError naming the first bad value."""
+        ``192.0.2.7``, ``2001:db8::/32``); raises ValueError naming the first bad value.
+        ``values`` is read once, in order (a generator over a file's lines will do)."""
         return cls(parse_network(value) for value in values)
 
     def __contains__(self, address: object) -> bool:
@@ -306,7 +308,7 @@ def _ranges(spans: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[int, .
     return tuple(firsts), tuple(lasts)
 
 
-def _parse(values: Sequence[str]) -> HostPatterns:
+def _parse(values: Iterable[str]) -> HostPatterns:
     # Once per value of lists of up to a million: string methods, no regular expression but
     # for globs.
     names: set[str] = set()
@@ -317,6 +319,12 @@ def _parse(values: Sequence[str]) -> HostPatterns:
         text = value.lower()
         if text[-1:] == ".":
             text = text.rstrip(".")
+        # The bulk of a long list, first: a .domain, which is no network nor literal.
+        if text[:1] == "." and "/" not in text and ":" not in text:
+            domain = text[1:]
+            if is_host_name(domain):
+                domains.append(domain)
+                continue
         if "/" in text or ":" in text:
             networks.append(parse_network(text))
             continue
