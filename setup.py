@@ -39,6 +39,8 @@ setup(
         "libpass[bcrypt]>=1.9",
         "prometheus_client>=0.17",
         "h2>=4.1",
+        # The acl plugin's url_regex: RE2 matches in linear time, whatever the pattern.
+        "google-re2>=1.1",
     ],
     extras_require={
         # What the test kit (geproxy.testing) needs: a plugin author's tests install this.

@@ -369,10 +369,10 @@ def read_ini(path: str, text: Optional[str] = None) -> configparser.ConfigParser
 
     Comments: a line whose first non-blank character is ``#`` or ``;``, and, in every line
     of every value alike, a ``#`` at its start or after white space, to the end of the
-    line (configparser's inline comments); ``\\#`` in a value stands for a ``#`` itself.
+    line, unless it is inside a double-quoted word (``strip_comment``); ``\\#`` in a value
+    stands for a ``#`` itself.
     No other character is special, so the values plugins get are final text."""
-    parser = configparser.ConfigParser(interpolation=None, default_section="__no_defaults__",
-                                       inline_comment_prefixes=("#",))
+    parser = configparser.ConfigParser(interpolation=None, default_section="__no_defaults__")
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     if text is None:
         text = read_text(path)
@@ -383,9 +383,39 @@ def read_ini(path: str, text: Optional[str] = None) -> configparser.ConfigParser
         raise ConfigError(f"not a valid INI file: {message}", path=path) from None
     for section in parser.sections():
         for key, value in parser.items(section):
-            if COMMENT_ESCAPE in value:
-                parser.set(section, key, value.replace(COMMENT_ESCAPE, "#"))
+            bare = "\n".join(strip_comment(line) for line in value.split("\n"))
+            if COMMENT_ESCAPE in bare:
+                bare = bare.replace(COMMENT_ESCAPE, "#")
+            if bare != value:
+                parser.set(section, key, bare)
     return parser
+
+
+def strip_comment(line: str) -> str:
+    """One line of a value without its inline comment: from a ``#`` at the line's start or
+    after white space, outside a double-quoted word (one that starts with a quote, as the
+    acl rules write values holding spaces or ``#``), to the end of the line."""
+    if "#" not in line:
+        return line
+    quoted = False
+    previous = " "
+    i = 0
+    while i < len(line):
+        char = line[i]
+        if quoted:
+            if char == "\\" and i + 1 < len(line):
+                i += 2
+                previous = "x"
+                continue
+            if char == '"':
+                quoted = False
+        elif char == '"' and previous.isspace():
+            quoted = True
+        elif char == "#" and previous.isspace() and line[i - 1:i] != "\\":
+            return line[:i].rstrip()
+        previous = char
+        i += 1
+    return line
 
 
 def config_directory(path: str) -> str:

@@ -356,8 +356,10 @@ class ConfigError(Exception):
         path: str | None = None,
         section: str | None = None,
         key: str | None = None,
+        line: int | None = None,
     ) -> None:
         self.message = message
+        self.line = line
         self.path = path
         self.section = section
         self.key = key
@@ -370,3 +372,14 @@ class ConfigError(Exception):
         if self.section:
             where.append(f"[{self.section}]" + (f" {self.key}" if self.key else ""))
         return ": ".join(where + [self.message])
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration problems at once, one per line."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(str(error) for error in self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(str(error) for error in self.errors)

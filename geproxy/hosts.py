@@ -340,3 +340,4 @@ def _parse(values: Iterable[str]) -> HostPatterns:
         else:
             raise ValueError(f"not a host name, .domain, glob or IP network: {value!r}")
     return HostPatterns(frozenset(names), tuple(domains), tuple(globs), tuple(networks))
+

@@ -224,6 +224,10 @@ class Context:
     #: observers in ``on_close``; the core sets it back to None once ``on_close`` has run,
     #: so each request of a keep-alive connection starts without one.
     dns_cache: Optional[str] = None
+    #: The time (``time.time()``) a decision is made for when it is not now: a request
+    #: replayed from a log (``geproxy explain --replay``) is decided at its logged time.
+    #: None, the default, means now; time-dependent policy reads ``ctx.decision_time()``.
+    at: Optional[float] = None
     #: Set by the core: what ``authenticate``, ``groups`` and ``challenges`` ask (the hooks
     #: of the same names); None outside a server, where nobody is authenticated.
     identity: Optional["IdentitySource"] = field(default=None, repr=False, compare=False)
@@ -235,6 +239,10 @@ class Context:
     @property
     def client_ip(self) -> str:
         return self.client_addr[0]
+
+    def decision_time(self) -> float:
+        """When the current decision is made for: ``at``, or now."""
+        return time.time() if self.at is None else self.at
 
     def authenticate(self, request: "Request") -> Optional[str]:
         """The user this request's credentials prove, or None: ``ctx.user``, once the

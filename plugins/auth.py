@@ -3,16 +3,33 @@
     [auth]
     htpasswd = /etc/geproxy/htpasswd
     realm = geproxy
+    require = always
+    user_case = insensitive
 
-With ``htpasswd`` empty (the default) the plugin does nothing. Otherwise every request that
-goes through the proxy, CONNECT and plain alike, must carry ``Proxy-Authorization: Basic``
-credentials of a user of the file; any other request is answered ``407`` with
-``Proxy-Authenticate: Basic realm="..."`` and the client may retry on the same connection
-(the core closes it only when the request had a body). On success ``ctx.user`` is the user
-name, for the ``acl`` plugin's ``user`` condition and the access log. Requests addressed to the
-proxy itself (origin-form, ``GET /healthz``) are not challenged: ``ctx.user`` is None for them.
-On a TLS listener with client certificates (``[tls] client_cert``), a verified certificate
-authenticates: its name (``ctx.tls.identity``) is the user, and no password is asked for.
+With ``htpasswd`` empty (the default) the plugin does nothing. Otherwise it is an identity
+source: its ``authenticate`` hook names the user that a request's ``Proxy-Authorization:
+Basic`` credentials prove, and its ``auth_challenge`` offers ``Basic realm="..."`` for the
+407 answered to a request without a user. Who asks depends on ``require``:
+
+- ``always`` (the default, fail-closed): every request that no rule denies needs valid
+  credentials. The ``acl`` walk runs first: a ``deny`` it reaches without needing a user
+  answers 403 with no 407; any request it lets through without credentials gets the 407 here
+  (``on_request``, after the ``acl`` plugin's). An ``allow`` is never granted without a user.
+- ``rules``: Squid's way: credentials are asked only when the ``acl`` walk reaches a rule with
+  a ``user`` or ``group`` condition. Credentials sent although no rule needed them are checked
+  (cached) only to name the user in the log: wrong ones are not refused, and the log then
+  names no user.
+
+The client may retry a 407 on the same connection (the core closes it only when the request
+had a body). Requests addressed to the proxy itself (origin-form, ``GET /healthz``) are never
+challenged: ``ctx.user`` is None for them. On a TLS listener with client certificates
+(``[tls] client_cert``), a verified certificate authenticates: its name
+(``ctx.tls.identity``) is the user, and no password is asked for.
+
+User names compare case-insensitively by default (``user_case = insensitive``), as Squid's
+``casesensitive off`` and Active Directory do: ``ALICE`` logs in as ``alice`` (the name as the
+file writes it), and two users of the file may not differ by case alone. Passwords are always
+case-sensitive. ``user_case = sensitive`` compares names exactly.
 
 The file is what Apache's ``htpasswd`` writes: ``user:hash`` per line, blank lines and ``#``
 lines skipped. Accepted hashes are bcrypt (``$2y$``, ``htpasswd -B``), apr1-MD5 (``$apr1$``,
@@ -63,6 +80,7 @@ from geproxy import (
     OptionRegistry,
     Request,
     Response,
+    errors,
     hookimpl,
 )
 
@@ -71,6 +89,8 @@ log = logging.getLogger(__name__)
 SECTION = "auth"
 #: The passlib schemes of the hashes Apache's htpasswd writes that are accepted.
 SCHEMES = ("bcrypt", "apr_md5_crypt", "sha256_crypt", "sha512_crypt")
+#: When credentials are needed: for every request let through, or only for rules naming users.
+REQUIRE = ("always", "rules")
 #: Wrong credentials remembered at most (never more than cache_size).
 NEGATIVE_CACHE_SIZE = 1024
 #: bcrypt uses the first 72 bytes of a password; Apache ignores the rest, so does this.
@@ -93,10 +113,13 @@ def _scheme_name(stored: str) -> str:
     return "plain text or an unknown scheme"
 
 
-def parse_htpasswd(data: bytes, context: CryptContext) -> dict[str, str]:
+def parse_htpasswd(data: bytes, context: CryptContext,
+                   fold_case: bool = False) -> dict[str, str]:
     """The users of an htpasswd file and their hashes; ValueError naming the line of the
-    first line that cannot be used."""
+    first line that cannot be used. With ``fold_case``, two users may not differ by case
+    alone (they would be one user)."""
     users: dict[str, str] = {}
+    folded: set[str] = set()
     for number, raw in enumerate(data.split(b"\n"), 1):
         line = raw.strip()
         if not line or line.startswith(b"#"):
@@ -120,6 +143,10 @@ def parse_htpasswd(data: bytes, context: CryptContext) -> dict[str, str]:
                              ) from None
         if user in users:
             raise ValueError(f"line {number}: user {user!r} is given twice")
+        if fold_case and user.lower() in folded:
+            raise ValueError(f"line {number}: user {user!r} differs from another only by "
+                             "case, and user_case is insensitive")
+        folded.add(user.lower())
         users[user] = stored
     return users
 
@@ -151,6 +178,10 @@ class Auth:
         self.interval = 2.0
         self.proxy_name = "geproxy"
         self.users: dict[str, str] = {}
+        self.require = "always"
+        self.fold_case = True
+        #: The users by their lower-case name, with user_case = insensitive.
+        self._names: dict[str, str] = {}
         self._context = CryptContext(schemes=list(SCHEMES))
         self._key = secrets.token_bytes(32)
         self._stamp: Optional[Stamp] = None
@@ -177,6 +208,14 @@ class Auth:
                  minimum=0)
             .add("check_interval", "duration", "2s",
                  "How often, at most, the file is checked for changes.", minimum=0)
+            .add("require", "str", "always",
+                 "always: every request no [acl] rule denies needs valid credentials; rules: "
+                 "only requests whose [acl] walk reaches a user or group condition (Squid's "
+                 "way).", choices=REQUIRE)
+            .add("user_case", "str", "insensitive",
+                 "insensitive: ALICE logs in as alice and matches user alice (Squid, Active "
+                 "Directory); sensitive: names compare exactly. Passwords are always "
+                 "case-sensitive.", choices=("insensitive", "sensitive"))
         )
 
     @hookimpl
@@ -190,6 +229,8 @@ class Auth:
         self.realm = realm
         self.interval = section["check_interval"]
         self.proxy_name = config.proxy_name
+        self.require = section["require"]
+        self.fold_case = section["user_case"] == "insensitive"
         size, ttl = section["cache_size"], section["cache_ttl"]
         if size and ttl:
             timer = self._now
@@ -198,12 +239,12 @@ class Auth:
         else:
             self._good = self._bad = None
         self.path = section["htpasswd"]
-        self.users = {}
+        self._set_users({})
         if not self.path:
             return
         try:
             self._stamp, data = self._read()
-            self.users = parse_htpasswd(data, self._context)
+            self._set_users(parse_htpasswd(data, self._context, self.fold_case))
         except OSError as exc:
             raise ConfigError(f"cannot read {self.path}: {exc.strerror or exc}",
                               path=config.path,
@@ -242,12 +283,16 @@ class Auth:
             return
         self._stamp = stamp  # a file that does not parse is reported once, too
         try:
-            users = parse_htpasswd(data, self._context)
+            users = parse_htpasswd(data, self._context, self.fold_case)
         except ValueError as exc:
             log.warning("auth: keeping the last %d users: %s: %s", len(self.users),
                         self.path, exc)
             return
         self._replace(users)
+
+    def _set_users(self, users: dict[str, str]) -> None:
+        self.users = users
+        self._names = {user.lower(): user for user in users} if self.fold_case else {}
 
     def _replace(self, users: dict[str, str]) -> None:
         if self._good is not None:
@@ -256,37 +301,49 @@ class Auth:
                     self._good.pop(user, None)
         if self._bad is not None:
             self._bad.clear()
-        self.users = users
+        self._set_users(users)
         log.info("auth: %d users from %s", len(users), self.path)
 
     # -- requests -------------------------------------------------------------------------
 
-    @hookimpl(tryfirst=True)
-    def on_request(self, ctx: Context, request: Request) -> Optional[Response]:
+    @hookimpl
+    def authenticate(self, ctx: Context, request: Request) -> Optional[str]:
+        """The user the request's Basic credentials prove (its name as the file writes
+        it), or None. Requests to the proxy itself prove nobody: they are never
+        challenged."""
+        if not self.path or not request.host:
+            return None
+        self._refresh()
+        return self.check_credentials(ctx, request.headers)
+
+    @hookimpl
+    def auth_challenge(self, ctx: Context, request: Request) -> Optional[str]:
         if not self.path:
             return None
-        if ctx.decide_only:
-            # Only deciding: ctx.user is the identity already established (or None), taken
-            # as it is; no credentials are read. Without one, the client gets the challenge.
-            if ctx.user is not None or not request.host:
-                return None
-            return self.challenge()
-        tls = ctx.tls
-        if tls is not None and tls.identity is not None:
-            ctx.user = tls.identity  # a verified client certificate authenticates
+        return f'Basic realm="{self.realm}"'
+
+    # trylast: after the acl plugin's walk (plain), so that a request the rules deny
+    # without needing a user gets its 403, not a 407.
+    @hookimpl(trylast=True)
+    def on_request(self, ctx: Context, request: Request) -> Optional[Response]:
+        if not self.path or not request.host:
             return None
-        ctx.user = None  # an identity holds for one request, not for the connection
-        if not request.host:
-            return None  # addressed to the proxy itself: health checks are not challenged
-        self._refresh()
-        user = self.authenticate(ctx, request.headers)
-        if user is None:
-            return self.challenge()
-        ctx.user = user
+        if self.require == "rules":
+            # Not needed by any rule the walk reached: a user named only for the log. A
+            # request without credentials is not made to prove anything.
+            if ctx.decide_only or "proxy-authorization" in request.headers:
+                ctx.authenticate(request)
+            return None
+        if ctx.authenticate(request) is None:
+            raise errors.AuthenticationRequired(
+                f"{request.method} {request.target} from {ctx.client_addr[0]}: [auth] "
+                "require = always, and the request proves no user",
+                challenges=ctx.challenges(request))
         return None
 
     def challenge(self) -> Response:
-        """The 407 answer: a new object each time, as the core may edit what it sends."""
+        """The 407 answer, as the core makes it from ``AuthenticationRequired`` (for tests
+        and plugins that answer with this plugin's challenge)."""
         headers = Headers([
             ("Proxy-Authenticate", f'Basic realm="{self.realm}"'),
             ("Content-Type", "text/plain; charset=utf-8"),
@@ -295,7 +352,7 @@ class Auth:
         ])
         return Response(407, headers, b"407 Proxy Authentication Required\n")
 
-    def authenticate(self, ctx: Context, headers: Headers) -> Optional[str]:
+    def check_credentials(self, ctx: Context, headers: Headers) -> Optional[str]:
         """The user the request's Basic credentials prove, or None (logged)."""
         values = headers.get_all("Proxy-Authorization")
         if not values:
@@ -318,6 +375,8 @@ class Auth:
             user = name.decode("utf-8")
         except UnicodeDecodeError:
             user = ""
+        if self.fold_case:
+            user = self._names.get(user.lower(), user)
         stored = self.users.get(user) if sep else None
         if stored is None:
             log.info("[%s] auth: unknown user %r", ctx.conn_id, user or name[:64])

@@ -199,12 +199,15 @@ def test_a_user_given_is_authenticated_and_the_acl_decides(auth_config):
 def test_without_a_user_auth_answers_407_and_that_is_a_refusal(auth_config):
     code, text = _run(auth_config, "CONNECT", "allowed.test:443")
     assert code == 1, text
-    assert re.search(r"^  auth +answers 407  <- decides$", text, re.M), text
-    assert _answer(text) == ["answer      407 Proxy Authentication Required, from the auth "
-                             "plugin; Proxy-Status: geproxy; error=http_request_denied"]
+    # The acl walk comes first and lets the request through without needing a user; auth's
+    # require = always then asks for one, and says why.
+    assert re.search(r"^  auth +407 http_request_denied: CONNECT allowed.test:443 from "
+                     r"127.0.0.1: \[auth\] require = always, and the request proves no user"
+                     r"  <- decides$", text, re.M), text
+    assert _answer(text) == ["answer      407 Proxy Authentication Required; Proxy-Status: "
+                             "geproxy; error=http_request_denied"]
     assert "verdict     refused" in text and "route" not in text
-    # The stash shows what the proxy's own call left: acl was never asked there.
-    assert "acl.request" not in text
+    assert "stash       acl.request: allow (rule others" in text
 
 
 def test_a_plugins_response_is_what_the_client_gets(auth_config):

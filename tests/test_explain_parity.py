@@ -64,7 +64,8 @@ class Row:
     target: str
     #: What the proxy answers a client it lets through (authenticated, or no [auth]).
     expect: Outcome
-    #: Answered before authentication (requests for the proxy itself).
+    #: Answered before authentication (requests for the proxy itself, denials that need no
+    #: user).
     challenged: bool = True
     #: Another answer for some users.
     by_user: dict[str, Outcome] = field(default_factory=dict)
@@ -76,12 +77,14 @@ def _rows(origin_port: int) -> list[Row]:
     return [
         Row("tunnel", "CONNECT", f"127.0.0.1:{o}", Outcome(200, None)),
         Row("forwarded", "GET", f"http://origin.test:{o}/", Outcome(None, None)),
-        Row("acl deny", "GET", f"http://blocked.test:{o}/", denied),
-        Row("acl deny, CONNECT", "CONNECT", f"blocked.test:{o}", denied),
+        # A deny the acl walk reaches without needing a user is a 403 even without
+        # credentials: no password is asked to be refused anyway.
+        Row("acl deny", "GET", f"http://blocked.test:{o}/", denied, challenged=False),
+        Row("acl deny, CONNECT", "CONNECT", f"blocked.test:{o}", denied, challenged=False),
         Row("acl user rule", "GET", f"http://staff.test:{o}/", denied,
             by_user={"alice": Outcome(None, None)}),
         Row("connect_ports", "CONNECT", f"origin.test:{o + 1 if o < 65535 else o - 1}",
-            denied),
+            denied, challenged=False),
         Row("destination guard, CONNECT", "CONNECT", f"127.0.0.2:{o}",
             Outcome(ANY, "destination_ip_prohibited")),
         Row("destination guard, name", "GET", f"http://private.test:{o}/",

@@ -174,9 +174,13 @@ def test_user_rules_never_match_without_a_user(proxy_factory, origin):
     url = origin.url("/")
     assert _status(_ask(proxy, "GET", url, "X-Test-User: alice")) == 200
     assert _denied_properly(_ask(proxy, "GET", url, "X-Test-User: bob"))
-    assert _denied_properly(_ask(proxy, "GET", url, "X-Test-User: Alice"))
-    assert _denied_properly(_ask(proxy, "GET", url))  # "deny user bob" did not match it
-    assert [r.rule for r in wait_for_records(proxy, 4)] == [None, "bob", "line 3", "line 3"]
+    # Names compare case-insensitively by default ([auth] user_case = insensitive).
+    assert _status(_ask(proxy, "GET", url, "X-Test-User: Alice")) == 200
+    assert _denied_properly(_ask(proxy, "GET", url, "X-Test-User: carol"))
+    # No plugin offers a way to authenticate: no 407, "deny user bob" does not match.
+    assert _denied_properly(_ask(proxy, "GET", url))
+    assert [r.rule for r in wait_for_records(proxy, 5)] == [None, "bob", None, "line 3",
+                                                            "line 3"]
 
 
 def test_rule_ids_go_to_the_record_never_to_the_client(proxy_factory, origin):
@@ -418,7 +422,7 @@ def test_empty_rules_deny_everyone_with_a_warning(tmp_path, caplog):
     ("permit all", "a rule starts with allow or deny"),
     ("allow", "nothing to match"),
     ("allow all src 10.0.0.0/8", "all stands alone"),
-    ("allow dest example.com", "expected all or a condition"),
+    ("allow dest example.com", "unknown condition 'dest'; did you mean 'dst'?"),
     ("allow src", "src needs at least one value"),
     ("allow src 10.0.0.300", "not an IP address or network: '10.0.0.300'"),
     ("allow src 10.1.2.3/8", "has host bits set (did you mean 10.0.0.0/8?)"),
@@ -438,9 +442,10 @@ def test_a_bad_rule_stops_the_start_naming_its_line(tmp_path, line, problem):
     section = _ini(f"ok: allow src 127.0.0.1\n{line}")
     with pytest.raises(ConfigError) as caught:
         _load_acl(tmp_path, section)
-    assert (caught.value.section, caught.value.key) == ("acl", "rules")
+    assert (caught.value.section, caught.value.key, caught.value.line) == ("acl", "rules", 2)
     message = str(caught.value)
-    assert message.startswith(f"{path}: [acl] rules: line 2: "), message
+    assert message.startswith(f"{path}"), message
+    assert "[acl] rules: " in message, message
     assert problem in message and repr(line) in message, message
 
 

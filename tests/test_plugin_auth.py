@@ -20,7 +20,7 @@ from geproxy_plugins.auth import Auth
 from gevent import monkey
 from passlib.hash import apr_md5_crypt, bcrypt, sha256_crypt, sha512_crypt
 
-from geproxy import DEFAULT_PLUGINS, ConfigError
+from geproxy import DEFAULT_PLUGINS, ConfigError, errors
 from geproxy.policy.plugins import load
 from geproxy.testing import HookRecorder, ResponseReader, curl, exchange, wait_for_records
 
@@ -188,7 +188,6 @@ def test_a_connect_challenge_then_a_retry_on_the_same_connection(proxy_factory, 
     None,
     _basic("alice", "wrong"),
     _basic("alice", "alice-pw "),
-    _basic("Alice", "alice-pw"),  # user names are case-sensitive
     _basic("mallory", "alice-pw"),
     _basic("alice", ""),
     "Basic " + base64.b64encode(b"alice").decode(),  # no colon
@@ -523,6 +522,40 @@ def test_a_file_without_users_is_valid_with_a_warning(tmp_path, caplog):
 # -- deciding only (geproxy explain, re-checks) ----------------------------------------------
 
 
+@pytest.mark.parametrize("user_case, name, outcome", [
+    ("insensitive", "ALICE", "alice"),   # the default: logs in as the file writes the name
+    ("insensitive", "Alice", "alice"),
+    ("sensitive", "Alice", None),
+    ("sensitive", "alice", "alice"),
+])
+def test_user_names_compare_as_user_case_says(proxy_factory, origin, tmp_path, user_case,
+                                              name, outcome):
+    proxy, _, _ = _start(proxy_factory, tmp_path, user_case=user_case)
+    answer = exchange(proxy.address, _get(origin.url("/"),
+                                          f"Proxy-Authorization: {_basic(name, 'alice-pw')}",
+                                          close=True))
+    if outcome is None:
+        assert _challenged(answer), answer
+    else:
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+    # The password stays case-sensitive whatever user_case says.
+    answer = exchange(proxy.address, _get(origin.url("/"),
+                                          f"Proxy-Authorization: {_basic(name, 'ALICE-PW')}",
+                                          close=True))
+    assert _challenged(answer), answer
+    records = wait_for_records(proxy, 2)
+    assert [record.ctx.user for record in records] == [outcome, None]
+
+
+def test_users_differing_only_by_case_are_refused_when_insensitive(tmp_path):
+    path = tmp_path / "htpasswd"
+    hashed = HASHERS["sha256"]("pw")
+    path.write_text(f"alice:{hashed}\nAlice:{hashed}\n")
+    with pytest.raises(ConfigError, match="differs from another only by case"):
+        _load(tmp_path, f"htpasswd = {path}\n")
+    _load(tmp_path, f"htpasswd = {path}\nuser_case = sensitive\n")
+
+
 def test_deciding_only_takes_ctx_user_as_it_is_and_checks_nothing(tmp_path, monkeypatch):
     """With ``ctx.decide_only``, a user set is authenticated and kept; without one the
     challenge is the answer, even beside good credentials: none are read or hashed."""
@@ -544,9 +577,10 @@ def test_deciding_only_takes_ctx_user_as_it_is_and_checks_nothing(tmp_path, monk
     named = ctx("someone")  # not in the file: taken as it is, as explain's --user is
     assert plugin.on_request(named, tunnel) is None and named.user == "someone"
     nobody = ctx(None)
-    answer = plugin.on_request(nobody, tunnel)
-    assert answer is not None and answer.status == 407
-    assert answer.headers.get("Proxy-Authenticate") == 'Basic realm="geproxy"'
+    with pytest.raises(errors.AuthenticationRequired) as caught:
+        plugin.on_request(nobody, tunnel)
+    assert caught.value.status == 407
+    assert plugin.auth_challenge(nobody, tunnel) == 'Basic realm="geproxy"'
     assert nobody.user is None
     assert plugin.on_request(ctx(None), own_page) is None  # the proxy's pages: no challenge
     assert hashed == []

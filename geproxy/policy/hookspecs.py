@@ -293,7 +293,8 @@ def user_groups(ctx: "Context", user: str) -> Optional[Iterable[str]]:
     :returns: the group names this plugin knows for ``user`` (any iterable of str), or
         ``None`` for none.
 
-    May block only cooperatively (a directory lookup on a gevent socket).
+    May block only cooperatively (a directory lookup on a gevent socket); must not
+    raise for a user it does not know: return ``None``.
     """
 
 

@@ -1,20 +1,30 @@
 """``acl``: who may go where, as ordered squid-like rules; CONNECT only to allowed ports.
 
-The ``[acl]`` section (docs/configuration.md has the full reference)::
+The ``[acl]`` section (docs/configuration.md has the full reference and a Squid translation
+table)::
 
     [acl]
     connect_ports = 443 563
-    mode = enforce
+    lists =
+        blocked: dst file:/etc/geproxy/blocked-domains.txt
     rules =
-        allow src 127.0.0.0/8 ::1
-        intranet: allow src 10.0.0.0/8 dst .corp.example port 80,443
+        deny !src 10.0.0.0/8 192.168.0.0/16
+        deny @blocked deny_page blocked
+        staff: allow group staff
+        allow user *
         deny all
 
-Each rule is ``[id:] allow|deny`` followed by ``all`` or by conditions ``src``, ``dst``,
-``port``, ``method``, ``user``, each with one or more values. Conditions AND together, the
-values of one condition OR; the first rule that matches decides; no match denies (rule id
-``default``). A CONNECT to a port outside ``connect_ports`` is denied before any rule is looked
-at (rule id ``connect_ports``), like Squid's ``http_access deny CONNECT !SSL_ports``.
+Each rule is ``[id:] allow|deny`` followed by ``all`` or by conditions (``conditions.py``:
+``src dst port method user group url_regex path time``, ``!`` before one negating it,
+``@NAME`` a named list), and optionally ``deny_page NAME``. The conditions of a rule are
+evaluated left to right and it stops at the first that does not match; the first rule that
+matches decides; no match denies (rule id ``default``). A CONNECT to a port outside
+``connect_ports`` is denied before any rule is looked at (rule id ``connect_ports``), like
+Squid's ``http_access deny CONNECT !SSL_ports``.
+
+Credentials are asked only when the walk reaches a ``user`` or ``group`` condition
+(``ctx.authenticate``): a request that proves no user is then answered 407 with the
+challenges of the identity plugins, and a rule decided before that is decided without them.
 
 Where the decision is made: when every rule that could match a client, up to the first one
 that surely does, is decided by the client's address alone, the verdict is known when the
@@ -22,15 +32,17 @@ client connects. A denied client is then refused in ``on_connect``: its first re
 answered 403 and the connection closed (``refuse_at_connect = answer``), or it is closed
 before a byte is read (``close``); otherwise each request is decided in ``on_request``. The
 per-client plan is kept in ``ctx.stash["acl"]``.
+
+Groups come from ``group_file`` (``name: user user ...`` per line) through the
+``user_groups`` hook the plugin implements, and from any other plugin implementing it.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
 
 from cachetools import LRUCache
 
@@ -39,7 +51,6 @@ from geproxy import (
     ConfigError,
     Context,
     Denied,
-    HostPatterns,
     OptionRegistry,
     Request,
     Response,
@@ -47,12 +58,25 @@ from geproxy import (
     hookimpl,
     parse_port_ranges,
 )
-from geproxy.hosts import ip_literal, parse_network, unmapped
+
+from .conditions import Condition, Kind, client_address, timezone
+from .lists import ListFile, values_of
+from .rules import (
+    CONNECT_PORTS_ID,
+    DEFAULT_ID,
+    NeedsUser,
+    Plan,
+    Rule,
+    Verdict,
+    make_plan,
+    parse_list_line,
+    parse_rule,
+)
+
+__all__ = ["ACL", "Plan", "Rule", "Verdict", "DEFAULT_ID", "CONNECT_PORTS_ID"]
 
 log = logging.getLogger(__name__)
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 PortRange = tuple[int, int]
 
 SECTION = "acl"
@@ -61,233 +85,93 @@ DEFAULT_RULES = "loopback: allow src 127.0.0.0/8 ::1"
 MODES = ("enforce", "report")
 #: What a client denied by its address alone gets: a 403 to its first request, or a close.
 REFUSALS = ("answer", "close")
-CONDITIONS = ("src", "dst", "port", "method", "user")
-#: Rule ids the plugin gives its own denials; a rule may not take them.
-DEFAULT_ID = "default"
-CONNECT_PORTS_ID = "connect_ports"
 REQUEST_KEY = "acl.request"
 #: ctx.stash key set when the connection was counted: True when it is over the limit.
 COUNTED_KEY = "_acl.over_limit"
+#: Where the loaded ``file:`` lists wait for the configuration a reload makes.
+LISTS_STASH = "acl.lists"
 PLAN_CACHE_SIZE = 4096
 
-_ID = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)\s*:\s*(.*)")
-_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]+")
 
-
-# -- matching -------------------------------------------------------------------------------
-
-
-def client_ip(ctx: Context) -> IPAddress:
-    return unmapped(ipaddress.ip_address(ctx.client_addr[0]))
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One line of ``rules``. A condition left out (None) matches anything."""
-
-    id: str
-    allow: bool
-    text: str
-    src: Optional[tuple[IPNetwork, ...]] = None
-    dst: Optional[HostPatterns] = None
-    ports: Optional[tuple[PortRange, ...]] = None
-    methods: Optional[frozenset[str]] = None
-    users: Optional[frozenset[str]] = None
-
-    @property
-    def src_only(self) -> bool:
-        """Decided by the client's address alone (``all`` is, too)."""
-        return (self.dst is None and self.ports is None and self.methods is None
-                and self.users is None)
-
-    def matches_client(self, address: IPAddress) -> bool:
-        return self.src is None or any(address in network for network in self.src)
-
-    def matches_request(self, ctx: Context, request: Request) -> bool:
-        """Everything but ``src``, which the client's plan has already checked.
-
-        A request addressed to the proxy itself (origin-form, no host) has no destination:
-        ``dst`` and ``port`` conditions never match it. ``user`` never matches a request
-        without an authenticated user.
-        """
-        to_proxy = not request.host
-        if self.dst is not None and (
-                to_proxy or not self.dst.matches(request.host, ip_literal(request.host))):
-            return False
-        if self.ports is not None and (
-                to_proxy or not any(lo <= request.port <= hi for lo, hi in self.ports)):
-            return False
-        if self.methods is not None and request.method not in self.methods:
-            return False
-        if self.users is not None and (ctx.user is None or ctx.user not in self.users):
-            return False
-        return True
-
-
-@dataclass(frozen=True)
-class Verdict:
-    allow: bool
-    rule: str
-
-    def __str__(self) -> str:
-        return f"{'allow' if self.allow else 'deny'} (rule {self.rule})"
-
-
-DEFAULT_DENY = Verdict(False, DEFAULT_ID)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the rules say about one client: a verdict known at connect time, or the rules
-    that may match its requests (their ``src`` matches it), in order."""
-
-    policy: "Policy"
-    verdict: Optional[Verdict]
-    candidates: tuple[Rule, ...] = ()
-
-    def __str__(self) -> str:
-        if self.verdict is not None:
-            return f"decided at connect: {self.verdict}"
-        return "decided per request, by rules " + ", ".join(r.id for r in self.candidates)
-
-    def decide(self, ctx: Context, request: Request) -> Verdict:
-        if self.verdict is not None:
-            return self.verdict
-        for rule in self.candidates:
-            if rule.matches_request(ctx, request):
-                return Verdict(rule.allow, rule.id)
-        return DEFAULT_DENY
-
-
-@dataclass(frozen=True)
 class Policy:
     """The parsed ``[acl]`` section; rebuilt whole by each ``configure``."""
 
-    rules: tuple[Rule, ...]
-    connect_ports: tuple[PortRange, ...]
-    report: bool
+    def __init__(self, rules: Sequence[Rule], connect_ports: Sequence[PortRange],
+                 report: bool, files: Sequence[ListFile] = ()) -> None:
+        self.rules = tuple(rules)
+        self.connect_ports = tuple(connect_ports)
+        self.report = report
+        self.files = tuple(files)
+        #: Bumped when a ``file:`` list is swapped: plans made before are stale.
+        self.version = 0
+
+    def changed(self) -> None:
+        self.version += 1
 
     def connect_port_allowed(self, port: int) -> bool:
         return any(lo <= port <= hi for lo, hi in self.connect_ports)
 
-    def plan(self, address: IPAddress) -> Plan:
-        """Walk the rules for one client address.
+    def plan(self, address: Any) -> Plan:
+        return make_plan(self, self.rules, address, self.version)
 
-        Rules whose ``src`` excludes the client can never match its requests and are
-        skipped. The first remaining rule decides at connect time if it is ``src``-only;
-        otherwise the remaining rules up to (and including) the first ``src``-only one are
-        what each request is matched against. No remaining rule at all: denied at connect.
-        """
-        candidates: list[Rule] = []
+    def rule(self, rule_id: str) -> Optional[Rule]:
         for rule in self.rules:
-            if not rule.matches_client(address):
-                continue
-            if rule.src_only:
-                if not candidates:
-                    return Plan(self, Verdict(rule.allow, rule.id))
-                candidates.append(rule)
-                break  # it matches every request: nothing after it is reachable
-            candidates.append(rule)
-        if not candidates:
-            return Plan(self, DEFAULT_DENY)
-        return Plan(self, None, tuple(candidates))
-
-
-# -- parsing --------------------------------------------------------------------------------
-
-
-def _methods(values: Sequence[str]) -> frozenset[str]:
-    for value in values:
-        if not _METHOD.fullmatch(value):
-            if _METHOD.fullmatch(value.upper()):
-                raise ValueError(f"methods are case-sensitive: write {value.upper()!r}, "
-                                 f"not {value!r}")
-            raise ValueError(f"not a method: {value!r}")
-    return frozenset(values)
-
-
-def parse_rule(text: str, number: int) -> Rule:
-    """One line of ``rules``; raises ValueError saying what is wrong with it."""
-    match = _ID.fullmatch(text)
-    rule_id, body = (match.group(1), match.group(2)) if match else (f"line {number}", text)
-    if rule_id in (DEFAULT_ID, CONNECT_PORTS_ID):
-        raise ValueError(f"the rule id {rule_id!r} is reserved")
-    tokens = [t for t in re.split(r"[\s,]+", body.strip()) if t]
-    if not tokens or tokens[0] not in ("allow", "deny"):
-        raise ValueError("a rule starts with allow or deny")
-    allow, words = tokens[0] == "allow", tokens[1:]
-    if words == ["all"]:
-        return Rule(rule_id, allow, text)
-    if not words:
-        raise ValueError(f"nothing to match: write '{tokens[0]} all' or give conditions")
-    values: dict[str, list[str]] = {}
-    current: Optional[list[str]] = None
-    for word in words:
-        if word in CONDITIONS:
-            if word in values:
-                raise ValueError(f"{word} given twice: list its values once")
-            current = values[word] = []
-        elif current is None and word == "all":
-            raise ValueError("all stands alone: no conditions go with it")
-        elif current is None:
-            raise ValueError(f"expected all or a condition ({', '.join(CONDITIONS)}), "
-                             f"not {word!r}")
-        else:
-            current.append(word)
-    for condition, given in values.items():
-        if not given:
-            raise ValueError(f"{condition} needs at least one value")
-    fields: dict[str, Any] = {}
-    if "src" in values:
-        fields["src"] = tuple(parse_network(v) for v in values["src"])
-    if "dst" in values:
-        fields["dst"] = HostPatterns.parse(values["dst"])
-    if "port" in values:
-        fields["ports"] = parse_port_ranges(values["port"])
-    if "method" in values:
-        fields["methods"] = _methods(values["method"])
-    if "user" in values:
-        fields["users"] = frozenset(values["user"])
-    return Rule(rule_id, allow, text, **fields)
-
-
-def parse_rules(lines: Sequence[str]) -> tuple[Rule, ...]:
-    """Every line of ``rules``; raises ValueError starting with ``line N``."""
-    rules: list[Rule] = []
-    seen: set[str] = set()
-    for number, text in enumerate(lines, 1):
-        try:
-            rule = parse_rule(text, number)
-            if rule.id in seen:
-                raise ValueError(f"the rule id {rule.id!r} is given twice")
-        except ValueError as exc:
-            raise ValueError(f"line {number}: {exc}: {text!r}") from None
-        seen.add(rule.id)
-        rules.append(rule)
-    return tuple(rules)
+            if rule.id == rule_id:
+                return rule
+        return None
 
 
 def _default_policy() -> Policy:
-    return Policy(parse_rules([DEFAULT_RULES]),
-                  parse_port_ranges(DEFAULT_CONNECT_PORTS.split()), report=False)
+    rule = parse_rule(DEFAULT_RULES, 1, {}, _no_files)
+    return Policy([rule], parse_port_ranges(DEFAULT_CONNECT_PORTS.split()), report=False)
 
 
-# -- the plugin -----------------------------------------------------------------------------
+def _no_files(kind: Kind, path: str) -> Any:
+    raise ValueError("file: lists are not read here")
+
+
+def parse_groups(data: bytes, fold_case: bool) -> dict[str, frozenset[str]]:
+    """``group_file``: ``name: user user ...`` per line, ``#`` comments; the groups of each
+    user. ValueError naming the line that is not."""
+    members: dict[str, set[str]] = {}
+    seen: set[str] = set()
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"line {number}: not UTF-8") from None
+        if not line or line.startswith("#"):
+            continue
+        group, sep, users = line.partition(":")
+        group = group.strip()
+        if not sep or not group or any(c.isspace() for c in group):
+            raise ValueError(f"line {number}: not 'group: user user ...'")
+        if group in seen:
+            raise ValueError(f"line {number}: the group {group!r} is given twice")
+        seen.add(group)
+        for user in users.replace(",", " ").split():
+            members.setdefault(user.lower() if fold_case else user, set()).add(group)
+    return {user: frozenset(groups) for user, groups in members.items()}
 
 
 class ACL:
     name = SECTION
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         # Replaced by configure(); the defaults until then, never "allow everything".
         self.policy = _default_policy()
         self.per_client = 0
         #: refuse_at_connect = close: denials at connect close without an answer.
         self.silent = False
+        self.fold_case = True
         #: Open connections per client address, while max_connections_per_client is set.
         self._open: dict[str, int] = {}
         #: Bounded: one entry per recent client address.
         self._plans: LRUCache[str, Plan] = LRUCache(maxsize=PLAN_CACHE_SIZE)
+        self.group_path = ""
+        self._groups: dict[str, frozenset[str]] = {}
+        self._groups_file: Optional[ListFile] = None
 
     @hookimpl
     def add_options(self, registry: OptionRegistry) -> None:
@@ -301,7 +185,28 @@ class ACL:
                  choices=MODES)
             .add("rules", "lines", DEFAULT_RULES,
                  "Ordered rules, one per line, first match wins: [id:] allow|deny all, or "
-                 "allow|deny with src, dst, port, method, user conditions; no match denies.")
+                 "allow|deny with conditions (src dst port method user group url_regex path "
+                 "time, ! to negate, @NAME for a list) and an optional deny_page NAME; no "
+                 "match denies.")
+            .add("lists", "lines", "",
+                 "Named lists, one per line: NAME: CONDITION VALUE...; rules use them as "
+                 "@NAME (!@NAME negated).")
+            .add("check_interval", "duration", "5s",
+                 "How often, at most, file: lists and group_file are checked for changes.",
+                 minimum=0)
+            .add("group_file", "path", "",
+                 "Groups for group conditions: one 'group: user user ...' per line; empty "
+                 "for none (other plugins may give groups too).")
+            .add("timezone", "str", "",
+                 "The zone time conditions are read in (an IANA name such as Europe/Berlin); "
+                 "empty for the system's.")
+            .add("deny_page", "path", "",
+                 "An HTML template sent with every refusal of a rule without its own "
+                 "deny_page; empty for the plain one-line answer.")
+            .add("error_dir", "path", "",
+                 "The directory of the pages rules name with deny_page NAME (NAME.html).")
+            .add("contact", "str", "",
+                 "Who to contact about a refusal, for the error pages' ${contact} field.")
             .add("refuse_at_connect", "str", "answer",
                  "A client denied by its address alone: answer reads its first request head "
                  "and answers 403, then closes; close closes at once, before any byte is read "
@@ -311,21 +216,115 @@ class ACL:
                  "requests get 503. 0 for no limit.", minimum=0)
         )
 
+    # -- configuration --------------------------------------------------------------------
+
     @hookimpl
     def configure(self, config: Config) -> None:
         section = config.section(SECTION)
-        ports = section["connect_ports"]
-        mode = section["mode"]
+        auth = config.section("auth") if "auth" in config else {}
+        self.fold_case = auth.get("user_case", "insensitive") != "sensitive"
+        problems: list[ConfigError] = []
+
+        def problem(key: str, message: str, line: Optional[int] = None) -> None:
+            problems.append(ConfigError(message, path=config.path, section=SECTION, key=key,
+                                        line=line))
+
         try:
-            rules = parse_rules(section["rules"])
+            tz = timezone(section["timezone"])
         except ValueError as exc:
-            raise ConfigError(str(exc), path=config.path, section=SECTION,
-                              key="rules") from None
+            problem("timezone", str(exc))
+            tz = None
+        interval = section["check_interval"]
+        previous: dict[tuple[str, str], ListFile] = config.stash.get(LISTS_STASH, {})
+        files: dict[tuple[str, str], ListFile] = {}
+        policy_box: list[Policy] = []
+
+        def changed() -> None:
+            if policy_box:
+                policy_box[0].changed()
+
+        def make_list(kind: Kind, path: str) -> ListFile:
+            path = config.resolve_path(path)
+            key = (kind.name, path)
+            found = files.get(key)
+            if found is None:
+                found = ListFile(f"{kind.name}:{self.fold_case}", path,
+                                 values_of(kind, self.fold_case), interval,
+                                 changed, self.clock)
+                old = previous.get(key)
+                if old is None or not found.adopt(old):
+                    try:
+                        found.load()
+                    except OSError as exc:
+                        raise ValueError(f"cannot read {path}: {exc.strerror or exc}"
+                                         ) from None
+                    except ValueError as exc:
+                        raise ValueError(f"{path}: {exc}") from None
+                files[key] = found
+            return found
+
+        lists: dict[str, Condition] = {}
+        for number, text in enumerate(section["lists"], 1):
+            try:
+                name, condition = parse_list_line(text, lists, make_list, self.fold_case, tz)
+            except ValueError as exc:
+                problem("lists", f"{exc}: {text!r}", number)
+                continue
+            lists[name] = condition
+        rules: list[Rule] = []
+        seen: set[str] = set()
+        for number, text in enumerate(section["rules"], 1):
+            try:
+                rule = parse_rule(text, number, lists, make_list, self.fold_case, tz)
+                if rule.id in seen:
+                    raise ValueError(f"the rule id {rule.id!r} is given twice")
+            except ValueError as exc:
+                problem("rules", f"{exc}: {text!r}", number)
+                continue
+            seen.add(rule.id)
+            rules.append(_located(rule, config))
+        self._configure_groups(config, section, problem)
+        if problems:
+            raise problems[0] if len(problems) == 1 else errors.ConfigErrors(problems)
         if not rules:
             log.warning("%s: [acl] rules is empty: every client is denied", config.path)
-        self.policy = Policy(rules, ports, report=mode == "report")
+        if auth.get("require") == "rules" and auth.get("htpasswd") is not None \
+                and not any(rule.needs_user for rule in rules):
+            log.warning("%s: [auth] require = rules, and no [acl] rule has a user or group "
+                        "condition: nobody is ever asked for credentials", config.path)
+        policy = Policy(rules, section["connect_ports"], section["mode"] == "report",
+                        tuple(files.values()))
+        policy_box.append(policy)
+        config.stash[LISTS_STASH] = files
+        self.policy = policy
         self.per_client = section["max_connections_per_client"]
         self.silent = section["refuse_at_connect"] == "close"
+
+    def _configure_groups(self, config: Config, section: Any,
+                          problem: Callable[..., None]) -> None:
+        self.group_path = section["group_file"]
+        self._groups, self._groups_file = {}, None
+        if not self.group_path:
+            return
+        fold_case = self.fold_case
+
+        def build(data: bytes) -> tuple[dict[str, frozenset[str]], int]:
+            groups = parse_groups(data, fold_case)
+            return groups, len(groups)
+
+        holder = ListFile("group_file", self.group_path, build, section["check_interval"],
+                          lambda: None, self.clock)
+        try:
+            holder.load()
+        except OSError as exc:
+            problem("group_file", f"cannot read {self.group_path}: {exc.strerror or exc}")
+            return
+        except ValueError as exc:
+            problem("group_file", f"{self.group_path}: {exc}")
+            return
+        self._groups_file = holder
+
+    # -- connections ----------------------------------------------------------------------
 
     @hookimpl
     def on_connect(self, ctx: Context) -> Optional[Denied]:
@@ -339,7 +338,8 @@ class ACL:
         if verdict is None or verdict.allow or plan.policy.report:
             # Report mode: the "would deny" line is logged per request, with its target.
             return None
-        return Denied(f"client {ctx.client_addr[0]} denied by [acl] rule {verdict.rule}",
+        where = verdict.by.where if verdict.by is not None else f"rule {verdict.rule}"
+        return Denied(f"client {ctx.client_addr[0]} denied by [acl] {where}",
                       rule=verdict.rule, silent=self.silent)
 
     @hookimpl
@@ -352,42 +352,84 @@ class ACL:
             else:
                 self._open.pop(client, None)
 
-    # trylast: identity plugins (authentication) set ctx.user in their on_request first.
-    @hookimpl(trylast=True)
+    # -- requests -------------------------------------------------------------------------
+
+    # Plain: after third-party plugins' plain implementations (registered later, called
+    # first), before auth's trylast one, which enforces require = always on what the walk
+    # let through.
+    @hookimpl
     def on_request(self, ctx: Context, request: Request) -> Optional[Response]:
         if ctx.stash.get(COUNTED_KEY):
             raise errors.TooManyConnections(
                 f"client {ctx.client_addr[0]} has over {self.per_client} connections open")
+        policy = self.policy
+        if not ctx.decide_only:
+            for holder in policy.files:
+                holder.refresh()
         plan = ctx.stash.get(SECTION)
-        if not isinstance(plan, Plan) or plan.policy is not self.policy:
-            plan = self._plan(ctx)  # on_connect did not run for this policy
-        policy = plan.policy
+        if not isinstance(plan, Plan) or plan.policy is not policy \
+                or plan.version != policy.version:
+            plan = self._plan(ctx)  # on_connect did not run for this policy, or lists changed
         if request.is_connect and not policy.connect_port_allowed(request.port):
-            self._deny(ctx, request, policy, CONNECT_PORTS_ID)
+            self._deny(ctx, request, policy, Verdict(False, CONNECT_PORTS_ID))
             return None
-        verdict = plan.decide(ctx, request)
+        try:
+            verdict = plan.decide(ctx, request)
+        except NeedsUser as exc:
+            rule, condition = exc.args
+            detail = (f"{request.method} {request.target} from {ctx.client_addr[0]}: [acl] "
+                      f"{rule.where} needs a user ({condition}), and the request proves none")
+            if policy.report:
+                log.warning("[%s] acl would ask for credentials: %s", ctx.conn_id, detail)
+                return None
+            raise errors.AuthenticationRequired(detail, challenges=ctx.challenges(request),
+                                                rule=rule.id) from None
         ctx.stash[REQUEST_KEY] = verdict  # the last request's verdict, for geproxy explain
         if not verdict.allow:
-            self._deny(ctx, request, policy, verdict.rule)
+            self._deny(ctx, request, policy, verdict)
         return None
 
     def _plan(self, ctx: Context) -> Plan:
-        # Plans depend only on the policy and the client address: clients come back, and
-        # parsing an address and walking the rules per connection is the costly part.
+        # Plans depend only on the policy (and its lists) and the client address: clients
+        # come back, and parsing an address and walking the rules is the costly part.
         policy, key = self.policy, ctx.client_addr[0]
         plan = self._plans.get(key)
-        if plan is None or plan.policy is not policy:
-            plan = self._plans[key] = policy.plan(client_ip(ctx))
+        if plan is None or plan.policy is not policy or plan.version != policy.version:
+            plan = self._plans[key] = policy.plan(client_address(ctx))
         ctx.stash[SECTION] = plan
         return plan
 
     @staticmethod
-    def _deny(ctx: Context, request: Request, policy: Policy, rule: str) -> None:
+    def _deny(ctx: Context, request: Request, policy: Policy, verdict: Verdict) -> None:
         """Raise the denial, or in report mode log that it would have been one."""
         client = ctx.client_addr[0]
+        where = verdict.by.where if verdict.by is not None else f"rule {verdict.rule}"
         if policy.report:
-            log.warning("[%s] acl would deny %s %s from %s (rule %s)", ctx.conn_id,
-                        request.method, request.target, client, rule)
+            log.warning("[%s] acl would deny %s %s from %s (%s)", ctx.conn_id,
+                        request.method, request.target, client, where)
             return
-        raise Denied(f"{request.method} {request.target} from {client}: [acl] rule {rule}",
-                     rule=rule)
+        raise Denied(f"{request.method} {request.target} from {client}: [acl] {where}",
+                     rule=verdict.rule)
+
+    # -- groups ---------------------------------------------------------------------------
+
+    @hookimpl
+    def user_groups(self, ctx: Context, user: str) -> Optional[frozenset[str]]:
+        holder = self._groups_file
+        if holder is None:
+            return None
+        if not ctx.decide_only:
+            holder.refresh()
+        groups: dict[str, frozenset[str]] = holder.matcher
+        return groups.get(user.lower() if self.fold_case else user)
+
+
+def _located(rule: Rule, config: Config) -> Rule:
+    """The rule with where it is written (``geproxy.ini:23``), when the file tells."""
+    line_of = getattr(config, "line_of", None)
+    line = line_of(SECTION, "rules", rule.number) if line_of is not None else None
+    if not line:
+        return rule
+    from dataclasses import replace
+
+    return replace(rule, location=f"{os.path.basename(config.path)}:{line}")
