@@ -21,6 +21,13 @@ names, ``address in networks`` for 1,000 addresses, half inside the first 10 ent
 (hits whatever the list's size) and half outside every entry. The same probes go to both
 sizes, so the ratio is what the size alone costs. Rounds alternate the sizes; the table
 gives medians, the check's per round being the fastest of its repeats.
+
+Then the same files through the ``acl`` plugin, as a deployment loads them: a config whose
+``[acl] rules`` is ``deny dst file:PATH`` (or ``allow src file:PATH``), loaded with
+``geproxy.policy.plugins.load`` (built-in plugins only), after a first load of the 10-entry
+file so that imports and gevent's thread pool are not counted. The plugin reads the file
+whole and builds the list in gevent's thread pool; the rows give that load's time, RSS and
+peak (``--no-plugin`` leaves them out).
 """
 
 from __future__ import annotations
@@ -182,6 +189,28 @@ def child(kind: str, path: Path, limit: int, whole: bool, repeats: int) -> dict[
             "check_ns": best / (20 * len(probes)) * 1e9, "hits": hits}
 
 
+def plugin_child(kind: str, path: Path, small: Path) -> dict[str, Any]:
+    """Load a config whose acl rule names ``path`` (``kind`` dst or src) through the plugin;
+    what it took, after the same config naming ``small`` (imports, thread pool)."""
+    from geproxy.policy.plugins import load
+
+    rule = "deny dst" if kind == "dst" else "allow src"
+    config = path.parent / f"plugin-{kind}.ini"
+    config.write_text(f"[acl]\nrules = {rule} file:{small}\n", encoding="utf-8")
+    load(str(config), entry_points=False)
+    config.write_text(f"[acl]\nrules = {rule} file:{path}\n", encoding="utf-8")
+    gc.collect()
+    before = _status()
+    started = time.perf_counter()
+    loaded = load(str(config), entry_points=False)
+    load_s = time.perf_counter() - started
+    gc.collect()
+    after = _status()
+    del loaded
+    return {"load_s": load_s, "rss_mb": (after["VmRSS"] - before["VmRSS"]) / 1024,
+            "peak_mb": (after["VmHWM"] - before["VmRSS"]) / 1024}
+
+
 def run_child(kind: str, path: Path, limit: int, whole: bool, repeats: int) -> dict[str, Any]:
     """``child`` in a fresh interpreter that imports this checkout's geproxy."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -191,6 +220,18 @@ def run_child(kind: str, path: Path, limit: int, whole: bool, repeats: int) -> d
                           env=env, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise SystemExit(f"acl_lists: the {kind} child failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def run_plugin_child(kind: str, path: Path, small: Path) -> dict[str, Any]:
+    """``plugin_child`` in a fresh interpreter that imports this checkout's geproxy."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    done = subprocess.run([sys.executable, __file__, "plugin", kind, str(path), str(small)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"acl_lists: the plugin {kind} child failed:\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 
@@ -207,6 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--whole", action="store_true",
                         help="read each file into a list before parsing it (default: stream "
                              "its lines into the parse)")
+    parser.add_argument("--no-plugin", dest="plugin", action="store_false",
+                        help="leave out the loads through the acl plugin")
     parser.add_argument("--quick", action="store_true",
                         help="20,000 domains, 2,000 networks, 1 round, fewer repeats")
     args = parser.parse_args(argv)
@@ -238,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_child(kind, files[kind], limit, args.whole, repeats)
                     found.setdefault((kind, size), []).append(result)
                     print(f"round {number + 1} {kind} {size}: {result}", file=sys.stderr)
+                if args.plugin:
+                    small = Path(tmp) / f"small-{kind}.txt"
+                    small.write_text("\n".join(iter_lines(files[kind], SMALL)) + "\n",
+                                     encoding="utf-8")
+                    result = run_plugin_child(kind, files[kind], small)
+                    found.setdefault((kind, "plugin"), []).append(result)
+                    print(f"round {number + 1} {kind} plugin: {result}", file=sys.stderr)
     print(render(args, found))
     return 0
 
@@ -265,13 +315,24 @@ def render(args: argparse.Namespace, found: dict[tuple[str, str], list[dict[str,
                          f"| {_median(runs, 'rss_mb'):.1f} | {_median(runs, 'peak_mb'):.1f} "
                          f"| {_median(runs, 'check_ns'):.0f} | {ratio:.2f}x |")
         entries = large[0]["entries"]
+        plugin = found.get((kind, "plugin"))
+        if plugin:
+            lines.append(f"| acl {kind} file: | {entries:,} | {_median(plugin, 'load_s'):.2f} "
+                         f"| {_median(plugin, 'rss_mb'):.1f} "
+                         f"| {_median(plugin, 'peak_mb'):.1f} | | |")
         summary.append(f"{kind} {entries:,}: load {_median(large, 'load_s'):.2f} s, "
                        f"+{_median(large, 'rss_mb'):.0f} MB RSS; check "
-                       f"{_median(large, 'check_ns') / base:.2f}x the {SMALL}-entry cost")
+                       f"{_median(large, 'check_ns') / base:.2f}x the {SMALL}-entry cost"
+                       + (f"; through the acl plugin: load {_median(plugin, 'load_s'):.2f} s, "
+                          f"+{_median(plugin, 'rss_mb'):.0f} MB RSS" if plugin else ""))
     return "\n".join([*lines, "", *summary])
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["plugin"]:
+        kind, path, small = sys.argv[2:5]
+        print(json.dumps(plugin_child(kind, Path(path), Path(small))))
+        sys.exit(0)
     if sys.argv[1:2] == ["child"]:
         kind, path, limit, mode, repeats = sys.argv[2:7]
         print(json.dumps(child(kind, Path(path), int(limit), mode == "whole", int(repeats))))

@@ -120,20 +120,24 @@ def test_the_bench_config_runs_geproxy_without_others_plugins(monkeypatch, tmp_p
 
 def test_the_acl_lists_bench_runs_small(tmp_path: Path) -> None:
     """`python bench/acl_lists.py --quick` on lists small enough for a test: a row per list
-    and size, with a figure in every cell, and the summary lines."""
+    and size and for the load through the acl plugin, with a figure in every cell, and the
+    summary lines."""
     done = subprocess.run([sys.executable, str(BENCH / "acl_lists.py"), "--quick",
                            "--domains", "2000", "--networks", "300"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()
-            if line.startswith("| dst") or line.startswith("| src")]
-    assert [(row[0].strip(), row[1].strip()) for row in rows] == [
-        ("dst", "10"), ("dst", "2,000"), ("src", "10"), ("src", "300")]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]]
+            for line in done.stdout.splitlines() if re.match(r"\| (dst|src|acl) ", line)]
+    assert [row[:2] for row in rows] == [
+        ["dst", "10"], ["dst", "2,000"], ["acl dst file:", "2,000"],
+        ["src", "10"], ["src", "300"], ["acl src file:", "300"]]
     for row in rows:
-        assert all(re.fullmatch(r"[0-9.,]+x?", cell.strip()) for cell in row[2:]), row
-    assert rows[0][-1].strip() == rows[2][-1].strip() == "1.00x"  # the 10-entry rows
+        figures = row[2:5] if row[0].startswith("acl") else row[2:]
+        assert all(re.fullmatch(r"[0-9.,]+x?", cell) for cell in figures), row
+    assert rows[0][-1] == rows[3][-1] == "1.00x"  # the 10-entry rows
     assert re.search(r"^dst 2,000: load [0-9.]+ s, \+[0-9]+ MB RSS; check [0-9.]+x the "
-                     r"10-entry cost$", done.stdout, re.MULTILINE), done.stdout
+                     r"10-entry cost; through the acl plugin: load [0-9.]+ s, \+[0-9]+ MB RSS$",
+                     done.stdout, re.MULTILINE), done.stdout
     assert re.search(r"^src 300: load ", done.stdout, re.MULTILINE), done.stdout
 
 
