@@ -460,3 +460,62 @@ def test_a_reload_reuses_an_unchanged_list(tmp_path):
     _write(listed, ".other.test\n")
     pm3, _ = load(str(path), entry_points=False, stash=config.stash)
     assert pm3.get_plugin("acl").policy.files[0].matcher is not first.matcher
+
+
+# -- error pages ----------------------------------------------------------------------------
+
+
+def test_refusals_get_the_rules_page_or_the_default_one(proxy_factory, tmp_path, origin):
+    pages = tmp_path / "errors"
+    pages.mkdir()
+    (pages / "blocked.html").write_text("<p>${host} is blocked (${request_id}, ${rule})</p>")
+    (pages / "blocked.txt").write_text("${host} is blocked\n")
+    denied = tmp_path / "denied.html"
+    denied.write_text("<p>${status} ${reason}: ${client}. Ask ${contact}.</p>")
+    proxy = _start(proxy_factory, tmp_path, """
+        social: deny dst .blocked.test deny_page blocked
+        staff: allow user *
+    """, acl=f"deny_page = {denied}\nerror_dir = {pages}\ncontact = \"helpdesk\" <x@example.com>\n",
+        auth="require = rules\n")
+    html = ("-H", "Accept: text/html,application/xhtml+xml,*/*;q=0.8")
+    out = curl("-i", *html, "-x", proxy.url,
+               origin.url("/", host="ads.blocked.test"))
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 ")
+    assert b"\r\nContent-Type: text/html; charset=utf-8" in head
+    assert b"\r\nProxy-Status: geproxy; error=http_request_denied" in head
+    assert body.startswith(b"<p>ads.blocked.test is blocked (c1, social)</p>"), body
+    out = curl("-i", "-x", proxy.url, origin.url("/", host="ads.blocked.test"))
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Type: text/plain; charset=utf-8" in head
+    assert body == b"ads.blocked.test is blocked\n"
+    # The 407 of a rule that needs a user gets the default page, escaped.
+    out = curl("-i", *html, "-x", proxy.url, origin.url("/", host="origin.test"))
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 407 ") and b"\r\nProxy-Authenticate: Basic" in head
+    assert body == (b"<p>407 Proxy Authentication Required: 127.0.0.1. "
+                    b"Ask &quot;helpdesk&quot; &lt;x@example.com&gt;.</p>"), body
+
+
+def test_a_page_shows_a_hostile_target_as_text(proxy_factory, tmp_path, origin):
+    from geproxy.testing import exchange
+
+    denied = tmp_path / "denied.html"
+    denied.write_text("<h1>${host}</h1>")
+    proxy = _start(proxy_factory, tmp_path, "deny port 1-65535", acl=f"deny_page = {denied}\n",
+                   auth=None)
+    statuses = []
+    for host in ("a<b>.test", 'a"b.test', "a&b.test", "[::1]", "a'b.test", "%3Cb%3E.test"):
+        head = (f"GET http://{host}/ HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n"
+                "Connection: close\r\n\r\n").encode()
+        answer = exchange(proxy.address, head)
+        status = int(answer.split(b" ", 2)[1])
+        statuses.append(status)
+        if status == 400:
+            continue  # the parser refused it before any policy
+        assert status == 403, answer
+        body = answer.partition(b"\r\n\r\n")[2]
+        assert body.startswith(b"<h1>") and body.endswith(b"</h1>"), body
+        assert not set(body[4:-5]) & set(b"<>\"'"), body
+    # What HTML could break is refused as a malformed target; an IPv6 literal is shown.
+    assert statuses == [400, 400, 400, 403, 400, 400], statuses

@@ -39,6 +39,7 @@ Groups come from ``group_file`` (``name: user user ...`` per line) through the
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import time
@@ -61,6 +62,7 @@ from geproxy import (
 
 from .conditions import Condition, Kind, client_address, timezone
 from .lists import ListFile, values_of
+from .pages import ErrorPages, PageFields, accept_of
 from .rules import (
     CONNECT_PORTS_ID,
     DEFAULT_ID,
@@ -91,6 +93,7 @@ COUNTED_KEY = "_acl.over_limit"
 #: Where the loaded ``file:`` lists wait for the configuration a reload makes.
 LISTS_STASH = "acl.lists"
 PLAN_CACHE_SIZE = 4096
+_REASONS = {403: "Forbidden", 407: "Proxy Authentication Required"}
 
 
 class Policy:
@@ -170,8 +173,10 @@ class ACL:
         #: Bounded: one entry per recent client address.
         self._plans: LRUCache[str, Plan] = LRUCache(maxsize=PLAN_CACHE_SIZE)
         self.group_path = ""
-        self._groups: dict[str, frozenset[str]] = {}
         self._groups_file: Optional[ListFile] = None
+        #: deny_page and the pages of error_dir; false when there is none.
+        self.pages = ErrorPages.load("", "", ())
+        self.contact = ""
 
     @hookimpl
     def add_options(self, registry: OptionRegistry) -> None:
@@ -284,6 +289,7 @@ class ACL:
             seen.add(rule.id)
             rules.append(_located(rule, config))
         self._configure_groups(config, section, problem)
+        pages = self._configure_pages(section, rules, problem)
         if problems:
             raise problems[0] if len(problems) == 1 else errors.ConfigErrors(problems)
         if not rules:
@@ -299,11 +305,29 @@ class ACL:
         self.policy = policy
         self.per_client = section["max_connections_per_client"]
         self.silent = section["refuse_at_connect"] == "close"
+        self.pages, self.contact = pages, section["contact"]
+
+    @staticmethod
+    def _configure_pages(section: Any, rules: Sequence[Rule],
+                         problem: Callable[..., None]) -> ErrorPages:
+        """deny_page and the pages the rules name in error_dir, read and checked now."""
+        default, directory = section["deny_page"], section["error_dir"]
+        try:
+            ErrorPages.load(default, "", ())
+        except ValueError as exc:
+            problem("deny_page", str(exc))
+            default = ""
+        names = {rule.page for rule in rules if rule.page is not None}
+        try:
+            return ErrorPages.load(default, directory, names)
+        except ValueError as exc:
+            problem("error_dir" if directory and not names else "rules", str(exc))
+        return ErrorPages.load("", "", ())
 
     def _configure_groups(self, config: Config, section: Any,
                           problem: Callable[..., None]) -> None:
         self.group_path = section["group_file"]
-        self._groups, self._groups_file = {}, None
+        self._groups_file = None
         if not self.group_path:
             return
         fold_case = self.fold_case
@@ -339,8 +363,11 @@ class ACL:
             # Report mode: the "would deny" line is logged per request, with its target.
             return None
         where = verdict.by.where if verdict.by is not None else f"rule {verdict.rule}"
-        return Denied(f"client {ctx.client_addr[0]} denied by [acl] {where}",
-                      rule=verdict.rule, silent=self.silent)
+        denied = Denied(f"client {ctx.client_addr[0]} denied by [acl] {where}",
+                        rule=verdict.rule, silent=self.silent)
+        # Answered to whatever the first request asks, unread yet: no host, plain text.
+        self._page(denied, ctx, None, verdict)
+        return denied
 
     @hookimpl
     def on_disconnect(self, ctx: Context) -> None:
@@ -382,8 +409,10 @@ class ACL:
             if policy.report:
                 log.warning("[%s] acl would ask for credentials: %s", ctx.conn_id, detail)
                 return None
-            raise errors.AuthenticationRequired(detail, challenges=ctx.challenges(request),
-                                                rule=rule.id) from None
+            required = errors.AuthenticationRequired(
+                detail, challenges=ctx.challenges(request), rule=rule.id)
+            self._page(required, ctx, request, Verdict(False, rule.id, rule))
+            raise required from None
         ctx.stash[REQUEST_KEY] = verdict  # the last request's verdict, for geproxy explain
         if not verdict.allow:
             self._deny(ctx, request, policy, verdict)
@@ -399,8 +428,8 @@ class ACL:
         ctx.stash[SECTION] = plan
         return plan
 
-    @staticmethod
-    def _deny(ctx: Context, request: Request, policy: Policy, verdict: Verdict) -> None:
+    def _deny(self, ctx: Context, request: Request, policy: Policy,
+              verdict: Verdict) -> None:
         """Raise the denial, or in report mode log that it would have been one."""
         client = ctx.client_addr[0]
         where = verdict.by.where if verdict.by is not None else f"rule {verdict.rule}"
@@ -408,8 +437,25 @@ class ACL:
             log.warning("[%s] acl would deny %s %s from %s (%s)", ctx.conn_id,
                         request.method, request.target, client, where)
             return
-        raise Denied(f"{request.method} {request.target} from {client}: [acl] {where}",
-                     rule=verdict.rule)
+        denied = Denied(f"{request.method} {request.target} from {client}: [acl] {where}",
+                        rule=verdict.rule)
+        self._page(denied, ctx, request, verdict)
+        raise denied
+
+    def _page(self, refusal: errors.ProxyError, ctx: Context, request: Optional[Request],
+              verdict: Verdict) -> None:
+        """Give ``refusal`` its error page (the rule's deny_page, or deny_page), if any."""
+        if not self.pages:
+            return
+        fields = PageFields(
+            status=refusal.status, reason=_REASONS.get(refusal.status, "Forbidden"),
+            error=refusal.error, request_id=ctx.conn_id, client=ctx.client_addr[0],
+            host=request.host if request is not None else "",
+            time=datetime.datetime.fromtimestamp(ctx.decision_time(), datetime.timezone.utc),
+            contact=self.contact, rule=verdict.rule)
+        name = verdict.by.page if verdict.by is not None else None
+        accept = accept_of(request.headers) if request is not None else None
+        refusal.page = self.pages.render(name, fields, accept)
 
     # -- groups ---------------------------------------------------------------------------
 

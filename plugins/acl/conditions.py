@@ -15,15 +15,15 @@ user       the authenticated user is one of these; ``*`` is any authenticated us
 group      the authenticated user is in one of these groups
 url_regex  a regular expression (RE2: linear time) finds a match in the absolute URL of a
            plain-HTTP request, or in ``host:port`` of a CONNECT
-path       a shell glob matches the whole path (query included) of a plain-HTTP request;
-           never matches a CONNECT
+path       a shell glob matches the whole path (query included) of a plain-HTTP request
+           (or of one to the proxy itself); never matches a CONNECT
 time       the decision's time is on one of the days and within one of the time ranges:
            ``Mon-Fri 08:00-18:00`` (days and ranges both optional, each ORed)
 =========  ===============================================================================
 
 A request addressed to the proxy itself (origin-form, no host) has no destination: ``dst``,
-``port`` and ``url_regex`` never match it, nor do ``user`` and ``group`` (the proxy's own
-pages are never challenged).
+``port`` and ``url_regex`` never match it. ``user`` and ``group`` see only a user already
+established (a client certificate's): the proxy's own pages are never challenged.
 """
 
 from __future__ import annotations
@@ -199,11 +199,15 @@ class Sources:
     def __init__(self, inline: Any, files: Sequence[Any] = ()) -> None:
         self.inline = inline
         self.files = tuple(files)
+        self._inline_only: tuple[Any, ...] = () if inline is None else (inline,)
 
-    def current(self) -> list[Any]:
-        found = [] if self.inline is None else [self.inline]
+    def current(self) -> Sequence[Any]:
+        if not self.files:
+            return self._inline_only
+        found = list(self._inline_only)
         found.extend(lst.matcher for lst in self.files)
         return found
+
 
 
 @dataclass(frozen=True)
@@ -235,50 +239,132 @@ class Condition:
         found = any(address in networks for networks in self.sources.current())
         return found != self.negated
 
-    def matches(self, ctx: Context, request: Request) -> bool:
+    def matches(self, subject: "Subject") -> bool:
         """Whether the request meets it; raises NeedsUser when it needs a user that the
         request does not prove."""
-        return self._test(ctx, request) != self.negated
+        found = _TESTS[self.kind.name](self, subject, self.sources.current())
+        return found != self.negated
 
-    def _test(self, ctx: Context, request: Request) -> bool:
-        name = self.kind.name
-        matchers = self.sources.current()
-        if name == "src":
-            address = client_address(ctx)
-            return any(address in networks for networks in matchers)
-        if name == "method":
-            return any(request.method in methods for methods in matchers)
-        if name == "time":
-            when = datetime.datetime.fromtimestamp(ctx.decision_time(), self.tz)
-            return any(spec.matches(when) for spec in matchers)
-        host = request.host
-        if name == "path":
-            return not request.is_connect and bool(host) and any(
-                glob.match(request.path) for glob in matchers)
-        if not host:
-            return False  # addressed to the proxy itself: no destination, no user asked
-        if name == "dst":
-            literal = ip_literal(host)
-            return any(patterns.matches(host, literal) for patterns in matchers)
-        if name == "port":
-            port = request.port
-            return any(lo <= port <= hi for ranges in matchers for lo, hi in ranges)
-        if name == "url_regex":
-            subject = (authority(host, request.port) if request.is_connect
-                       else request.target)
-            return any(regex.search(subject) is not None for regex in matchers)
-        user = ctx.authenticate(request)
-        if user is None:
-            if not ctx.challenges(request):
-                return False  # no plugin could authenticate anyone: no user, no 407
-            raise NeedsUser(self.text)
-        if name == "user":
-            key = user.lower() if self.fold_case else user
-            return any("*" in names or key in names for names in matchers)
-        groups = ctx.groups(user)
-        if self.fold_case:
-            groups = frozenset(group.lower() for group in groups)
-        return any(not names.isdisjoint(groups) for names in matchers)
+
+class Subject:
+    """What one decision is about: the request, its context, and what several conditions
+    derive from them, worked out once (the host's IP-literal reading, the client's
+    address)."""
+
+    __slots__ = ("ctx", "request", "_literal", "_address")
+
+    def __init__(self, ctx: Context, request: Request) -> None:
+        self.ctx = ctx
+        self.request = request
+        self._literal: Any = _UNSET
+        self._address: Any = _UNSET
+
+    @property
+    def literal(self) -> Any:
+        if self._literal is _UNSET:
+            self._literal = ip_literal(self.request.host)
+        return self._literal
+
+    @property
+    def address(self) -> Any:
+        if self._address is _UNSET:
+            self._address = client_address(self.ctx)
+        return self._address
+
+
+_UNSET: Any = object()
+
+
+# -- what each kind tests: (condition, subject, matchers) -> bool -------------------------------
+
+
+def _src(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    address = s.address
+    return any(address in networks for networks in matchers)
+
+
+def _method(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    method = s.request.method
+    return any(method in methods for methods in matchers)
+
+
+def _when(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    when = datetime.datetime.fromtimestamp(s.ctx.decision_time(), c.tz)
+    return any(spec.matches(when) for spec in matchers)
+
+
+def _path(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    request = s.request
+    return not request.is_connect and any(glob.match(request.path) for glob in matchers)
+
+
+# A request addressed to the proxy itself has no host: no destination to match.
+
+def _dst(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    host = s.request.host
+    if not host:
+        return False
+    literal = s.literal
+    return any(patterns.matches(host, literal) for patterns in matchers)
+
+
+def _port(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    port = s.request.port
+    return bool(s.request.host) and any(lo <= port <= hi for ranges in matchers
+                                      for lo, hi in ranges)
+
+
+def _url_regex(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    request = s.request
+    host = request.host
+    if not host:
+        return False
+    subject = authority(host, request.port) if request.is_connect else request.target
+    return any(regex.search(subject) is not None for regex in matchers)
+
+
+def _identity(c: Condition, s: Subject) -> str:
+    """The user, or NeedsUser. The proxy's own pages are never challenged: only a user
+    already established (a client certificate's) counts for them; and with no plugin able
+    to authenticate anyone, there is no user and no 407 either."""
+    ctx, request = s.ctx, s.request
+    host = request.host
+    user = ctx.authenticate(request) if host else ctx.user
+    if user is None:
+        if host and ctx.challenges(request):
+            raise NeedsUser(c.text)
+        raise _NoUser
+    return user
+
+
+class _NoUser(Exception):
+    """No user, and none can be asked for: the condition does not match."""
+
+
+def _user(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    try:
+        user = _identity(c, s)
+    except _NoUser:
+        return False
+    key = user.lower() if c.fold_case else user
+    return any("*" in names or key in names for names in matchers)
+
+
+def _group(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    try:
+        user = _identity(c, s)
+    except _NoUser:
+        return False
+    groups = s.ctx.groups(user)
+    if c.fold_case:
+        groups = frozenset(group.lower() for group in groups)
+    return any(not names.isdisjoint(groups) for names in matchers)
+
+
+_TESTS: dict[str, Callable[[Condition, Subject, Sequence[Any]], bool]] = {
+    "src": _src, "dst": _dst, "port": _port, "method": _method, "user": _user,
+    "group": _group, "url_regex": _url_regex, "path": _path, "time": _when,
+}
 
 
 def fold(kind: Kind, values: Sequence[str], fold_case: bool) -> list[str]:

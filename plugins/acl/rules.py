@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from geproxy import Context, Request
 from geproxy.config import did_you_mean
 
-from .conditions import KINDS, SQUID_NAMES, Condition, Kind, NeedsUser, Sources, fold
+from .conditions import KINDS, SQUID_NAMES, Condition, Kind, NeedsUser, Sources, Subject, fold
 from .words import Word, split_words
 
 __all__ = ["Rule", "Verdict", "Plan", "parse_rule", "parse_list_line", "DEFAULT_ID",
@@ -112,10 +112,11 @@ class Plan:
         rule and the condition) when the walk needs a user the request does not prove."""
         if self.verdict is not None:
             return self.verdict
+        subject = Subject(ctx, request)
         for step in self.steps:
             try:
                 for condition in step.conditions:
-                    if not condition.matches(ctx, request):
+                    if not condition.matches(subject):
                         break
                 else:
                     return Verdict(step.rule.allow, step.rule.id, step.rule)
@@ -168,7 +169,7 @@ class _Never:
     address_only = False
     text = "(the client's address)"
 
-    def matches(self, ctx: Context, request: Request) -> bool:
+    def matches(self, subject: Subject) -> bool:
         return False
 
 
