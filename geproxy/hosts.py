@@ -319,20 +319,20 @@ def _parse(values: Iterable[str]) -> HostPatterns:
         text = value.lower()
         if text[-1:] == ".":
             text = text.rstrip(".")
-        # The bulk of a long list, first: a .domain, which is no network nor literal.
+        # The bulk of a long list, first: a .domain. Without "/" or ":" it is no network,
+        # and no literal starts with a dot; any other value starting with one is a glob
+        # (".*.example") or a mistake.
         if text[:1] == "." and "/" not in text and ":" not in text:
             domain = text[1:]
             if is_host_name(domain):
                 domains.append(domain)
                 continue
-        if "/" in text or ":" in text:
+        elif "/" in text or ":" in text:
             networks.append(parse_network(text))
             continue
         literal = ip_literal(text)
         if literal is not None:
             networks.append(ipaddress.ip_network(literal))
-        elif text[:1] == "." and is_host_name(text[1:]):
-            domains.append(text[1:])
         elif ("*" in text or "?" in text or "[" in text) and _GLOB.fullmatch(text):
             globs.append(text)
         elif is_host_name(text):
