@@ -7,7 +7,7 @@ from geproxy (``geproxy.errors`` included, through ``from geproxy import errors`
 from . import errors, hosts
 from .config import Config, OptionRegistry, parse_port_ranges
 from .errors import ConfigError, ConfigErrors, Denied, DNSError, DNSTimeout, ProxyError
-from .hosts import HostPatterns, RouteRule
+from .hosts import HostPatterns, NetworkSet, RouteRule
 from .models import Context, Headers, Record, Request, Resolved, Response, Route, TLSInfo
 from .policy.plugins import DEFAULT_PLUGINS, hookimpl
 
@@ -28,6 +28,7 @@ __all__ = [
     "DNSTimeout",
     "Headers",
     "HostPatterns",
+    "NetworkSet",
     "RouteRule",
     "parse_port_ranges",
     "ProxyError",

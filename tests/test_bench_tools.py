@@ -1,13 +1,17 @@
 """bench/floor.py and bench/ab.py: the yardstick proxy does what its figures claim (it
 tunnels, and it routes each keep-alive request by its host), and both tables are made as
-documented, from made-up readings. The measurements themselves are not run here."""
+documented, from made-up readings. Their measurements are not run here; bench/acl_lists.py,
+which needs no servers, runs on small lists (its figures are not checked, only that it
+gives them)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.metadata
+import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -112,3 +116,52 @@ def test_the_bench_config_runs_geproxy_without_others_plugins(monkeypatch, tmp_p
     assert set(plugin_names(pm)) == own
     installed = {entry.name for entry in importlib.metadata.entry_points(group="geproxy")}
     assert subjects.foreign_plugins() == sorted(installed - own)
+
+
+def test_the_acl_lists_bench_runs_small(tmp_path: Path) -> None:
+    """`python bench/acl_lists.py --quick` on lists small enough for a test: a row per list
+    and size and for the load through the acl plugin, with a figure in every cell, and the
+    summary lines."""
+    done = subprocess.run([sys.executable, str(BENCH / "acl_lists.py"), "--quick",
+                           "--domains", "2000", "--networks", "300"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]]
+            for line in done.stdout.splitlines() if re.match(r"\| (dst|src|acl) ", line)]
+    assert [row[:2] for row in rows] == [
+        ["dst", "10"], ["dst", "2,000"], ["acl dst file:", "2,000"],
+        ["src", "10"], ["src", "300"], ["acl src file:", "300"]]
+    for row in rows:
+        figures = row[2:5] if row[0].startswith("acl") else row[2:]
+        assert all(re.fullmatch(r"[0-9.,]+x?", cell) for cell in figures), row
+    assert rows[0][-1] == rows[3][-1] == "1.00x"  # the 10-entry rows
+    assert re.search(r"^dst 2,000: load [0-9.]+ s, \+[0-9]+ MB RSS; check [0-9.]+x the "
+                     r"10-entry cost; through the acl plugin: load [0-9.]+ s, \+[0-9]+ MB RSS$",
+                     done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^src 300: load ", done.stdout, re.MULTILINE), done.stdout
+
+
+def test_the_acl_lists_files_are_what_the_probes_assume(monkeypatch, tmp_path: Path) -> None:
+    """Every generated line parses, the lists hold no duplicates, and no entry covers the
+    probes that are meant to miss."""
+    from geproxy import HostPatterns, NetworkSet
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    acl_lists = importlib.import_module("acl_lists")
+    domains, networks = tmp_path / "d.txt", tmp_path / "n.txt"
+    acl_lists.write_domains(domains, 5000)
+    acl_lists.write_networks(networks, 5000)
+    patterns = HostPatterns.parse(acl_lists.iter_lines(domains, 0))
+    assert len(set(patterns.domains)) == 5000
+    found = NetworkSet.parse(acl_lists.iter_lines(networks, 0))
+    assert len(found) == 5000 and {n.version for n in list(found)[:10]} == {4, 6}
+    first = list(acl_lists.iter_lines(domains, 10))
+    probes = acl_lists._host_probes(first)
+    small = HostPatterns.parse(first)
+    assert [patterns.match(h) for h in probes] == [small.match(h) for h in probes]
+    assert sum(small.match(h) for h in probes) == len(probes) // 2
+    first = list(acl_lists.iter_lines(networks, 10))
+    addresses = acl_lists._address_probes(first)
+    small_set = NetworkSet.parse(first)
+    assert [a in found for a in addresses] == [a in small_set for a in addresses]
+    assert sum(a in small_set for a in addresses) == len(addresses) // 2
