@@ -429,7 +429,7 @@ def test_every_bad_rule_is_reported(tmp_path):
 def test_a_bad_list_file_stops_the_start_naming_its_line(tmp_path):
     listed = tmp_path / "blocked.txt"
     listed.write_text(".ok.test\n.bad_*_[.test\nexa$mple\n")
-    with pytest.raises(ConfigError, match=r"blocked.txt: .*exa\$mple"):
+    with pytest.raises(ConfigError, match=r"blocked.txt: line 3: .*exa\$mple"):
         _plugin(tmp_path, f"rules =\n    deny dst file:{listed}\n")
 
 

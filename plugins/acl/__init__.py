@@ -44,7 +44,7 @@ import logging
 import os
 import time
 from dataclasses import replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from cachetools import LRUCache
 
@@ -333,8 +333,8 @@ class ACL:
             return
         fold_case = self.fold_case
 
-        def build(data: bytes) -> tuple[dict[str, frozenset[str]], int]:
-            groups = parse_groups(data, fold_case)
+        def build(lines: Iterable[bytes]) -> tuple[dict[str, frozenset[str]], int]:
+            groups = parse_groups(b"".join(lines), fold_case)
             return groups, len(groups)
 
         holder = ListFile("group_file", self.group_path, build, section["check_interval"],

@@ -165,11 +165,13 @@ class Kind:
     address_only: bool = False
     #: Needs the authenticated user.
     needs_user: bool = False
+    #: ``build`` takes its values in one pass (a large file list is streamed into it).
+    streams: bool = False
 
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
-    Kind("src", NetworkSet.parse, address_only=True),
-    Kind("dst", HostPatterns.parse),
+    Kind("src", NetworkSet.parse, address_only=True, streams=True),
+    Kind("dst", HostPatterns.parse, streams=True),
     Kind("port", parse_port_ranges),
     Kind("method", _methods),
     Kind("user", frozenset, needs_user=True),

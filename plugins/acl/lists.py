@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import gevent
 
@@ -35,25 +35,49 @@ def _stamp(stat: os.stat_result) -> Stamp:
     return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
+class Values:
+    """The values of a list file's lines (bytes, UTF-8), one at a time, so that a large
+    list is never held twice (as lines and as values); ``line`` is the number of the line
+    of the value given last, ``count`` how many were given."""
+
+    def __init__(self, lines: Iterable[bytes]) -> None:
+        self.lines = lines
+        self.line = 0
+        self.count = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for number, raw in enumerate(self.lines, 1):
+            self.line = number
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"line {number}: not UTF-8") from None
+            if text and not text.startswith("#"):
+                self.count += 1
+                yield text
+
+
 def read_values(data: bytes) -> list[str]:
-    """The values of a list file's bytes (UTF-8); ValueError naming a line that is not."""
-    values = []
-    for number, raw in enumerate(data.split(b"\n"), 1):
+    """The values of a list file's bytes; ValueError naming a line that is not UTF-8."""
+    return list(Values(data.split(b"\n")))
+
+
+def values_of(kind: Kind, fold_case: bool) -> Callable[[Iterable[bytes]], tuple[Any, int]]:
+    """How a list file of ``kind`` is built from its lines: its values, into the kind's
+    matcher. ``dst`` and ``src`` lists are streamed into their matcher; the others (short
+    by nature) are read whole first. A value the kind refuses is named with its line."""
+
+    def build(lines: Iterable[bytes]) -> tuple[Any, int]:
+        values = Values(lines)
         try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise ValueError(f"line {number}: not UTF-8") from None
-        if line and not line.startswith("#"):
-            values.append(line)
-    return values
-
-
-def values_of(kind: Kind, fold_case: bool) -> Callable[[bytes], tuple[Any, int]]:
-    """How a list file of ``kind`` is built: its values, into the kind's matcher."""
-
-    def build(data: bytes) -> tuple[Any, int]:
-        values = read_values(data)
-        return kind.build(fold(kind, values, fold_case)), len(values)
+            if kind.streams and not (fold_case and kind.needs_user):
+                return kind.build(values), values.count
+            listed = fold(kind, list(values), fold_case)
+            return kind.build(listed), len(listed)
+        except ValueError as exc:
+            if str(exc).startswith("line "):
+                raise
+            raise ValueError(f"line {values.line}: {exc}") from None
 
     return build
 
@@ -65,11 +89,13 @@ def _off_loop(function: Callable[..., Any], *args: Any) -> Any:
 
 class ListFile:
     """One file read into a matcher (a ``file:`` list of one kind of condition, shared by
-    every rule that names it; ``group_file``). ``build`` turns the file's bytes into the
-    matcher and a count of values; it runs in a thread and raises ValueError naming the
-    line or the value. ``label`` tells two uses of one file apart (the kind of condition)."""
+    every rule that names it; ``group_file``). ``build`` turns the file's lines (an
+    iterable of bytes, read as it goes) into the matcher and a count of values; it runs in
+    a thread and raises ValueError naming the line or the value. ``label`` tells two uses
+    of one file apart (the kind of condition)."""
 
-    def __init__(self, label: str, path: str, build: Callable[[bytes], tuple[Any, int]],
+    def __init__(self, label: str, path: str,
+                 build: Callable[[Iterable[bytes]], tuple[Any, int]],
                  interval: float, on_change: Callable[[], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.label = label
@@ -88,13 +114,10 @@ class ListFile:
     def __repr__(self) -> str:
         return f"file:{self.path}"
 
-    def _read(self) -> tuple[Stamp, bytes]:
-        with open(self.path, "rb") as handle:
-            return _stamp(os.fstat(handle.fileno())), handle.read()
-
     def _read_and_build(self) -> tuple[Stamp, Any, int]:
-        stamp, data = self._read()
-        matcher, count = self.build(data)
+        with open(self.path, "rb") as handle:
+            stamp = _stamp(os.fstat(handle.fileno()))
+            matcher, count = self.build(handle)
         return stamp, matcher, count
 
     def load(self) -> None:
