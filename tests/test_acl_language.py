@@ -658,3 +658,31 @@ def test_check_config_reports_bad_rules_beside_every_other_error(tmp_path):
     assert lines[4] == (f"geproxy: {path}:11: [parent]: unknown section (no plugin declares "
                         "it); did you mean '[parents]'?")
     assert len(lines) == 5
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_worker_swaps_a_changed_list(proxy_process, origin, tmp_path, workers):
+    """Each worker watches the file: a change reaches whichever worker the kernel picks."""
+    listed = _write(tmp_path / "blocked.txt", "192.0.2.0/24\n")
+    proxy = proxy_process(textwrap.dedent(f"""\
+        workers = {workers}
+        [acl]
+        connect_ports = 1-65535
+        check_interval = 0
+        rules =
+            listed: deny dst file:{listed}
+            allow all
+    """))
+    url = origin.url("/")  # 127.0.0.1, an IP literal: no name to resolve in the proxy
+
+    def statuses() -> set[int]:
+        return {int(curl("-o", "/dev/null", "-w", "%{http_code}", "-x", proxy.url,
+                         url).stdout) for _ in range(8)}
+
+    assert statuses() == {200}
+    _write(listed, "127.0.0.0/8\n")
+    for _ in range(100):  # the first requests after the change may still see the old list
+        if statuses() == {403}:
+            break
+        gevent.sleep(0.05)
+    assert statuses() == {403}
