@@ -686,3 +686,29 @@ def test_every_worker_swaps_a_changed_list(proxy_process, origin, tmp_path, work
             break
         gevent.sleep(0.05)
     assert statuses() == {403}
+
+
+def test_policy_cases_at_a_time(tmp_path):
+    config = tmp_path / "policy.ini"
+    config.write_text(textwrap.dedent("""
+        [geproxy]
+        access_log = off
+        [acl]
+        timezone = Europe/Berlin
+        rules =
+            weekend: deny time Sat-Sun
+            office: allow time Mon-Fri 08:00-18:00
+            deny all
+    """))
+    cases = tmp_path / "cases.txt"
+    cases.write_text(textwrap.dedent("""
+        10.1.2.3 - GET http://example.com/ at 2026-12-05T10:00+01:00 -> deny rule weekend
+        10.1.2.3 - GET http://example.com/ at 2026-12-07T08:30+01:00 -> allow rule office
+        10.1.2.3 - GET http://example.com/ at 2026-12-07T07:30Z -> allow rule office
+        10.1.2.3 - GET http://example.com/ at 2026-12-07T18:00+01:00 -> deny rule line 3
+    """))
+    out = _explain("--config", config, "--cases", cases)
+    assert out.returncode == 0 and "4 cases passed" in out.stdout, out.stdout + out.stderr
+    cases.write_text("10.1.2.3 - GET http://example.com/ at tomorrow -> allow\n")
+    out = _explain("--config", config, "--cases", cases)
+    assert out.returncode == 2 and "not an ISO 8601 time: 'tomorrow'" in out.stderr

@@ -463,7 +463,7 @@ def test_the_first_case_that_fails_stops_the_run(cases_config, tmp_path):
 @pytest.mark.parametrize("line, message", [
     ("127.0.0.1 alice CONNECT origin.test:443 allow", "no '->'"),
     ("127.0.0.1 CONNECT origin.test:443 -> allow",
-     "the request is CLIENT USER METHOD TARGET, not 3 words"),
+     "the request is CLIENT USER METHOD TARGET [at TIME], not 3 words"),
     ("alice-pc alice CONNECT origin.test:443 -> allow", "not a client address: 'alice-pc'"),
     ("127.0.0.1 alice connect origin.test:443 -> allow", "not a method: 'connect'"),
     ("127.0.0.1 alice CONNECT origin.test:443 -> maybe", "expected allow, deny or a status"),

@@ -2,18 +2,21 @@
 
 One case per line, ``#`` comments and blank lines aside::
 
-    CLIENT USER METHOD TARGET -> EXPECT [rule ID]
+    CLIENT USER METHOD TARGET [at TIME] -> EXPECT [rule ID]
 
     10.1.2.3 alice CONNECT api.example.com:443 -> allow
     192.0.2.9 - GET http://example.com/ -> 403
     10.1.2.3 bob GET http://blocked.example/ -> deny rule blocked
+    10.1.2.3 bob GET http://example.com/ at 2026-12-05T10:00+01:00 -> deny rule weekend
 
 ``USER`` is ``-`` for a client without a user (a configuration with ``[auth]`` answers it
 407); any other name is taken as authenticated, as ``explain --user`` does. ``EXPECT`` is
 ``allow`` (tunnelled, forwarded, or answered below 400), ``deny`` (refused by policy: 403,
 or the connection closed at connect), ``407``, or any status the proxy itself answers
 (``200`` for a tunnel). ``rule ID`` requires the deciding rule too: a refusal's, or for
-``allow`` the ``acl`` rule that let it through.
+``allow`` the ``acl`` rule that let it through. ``at TIME`` decides the case for that
+time instead of now (``time`` conditions), an ISO 8601 date and time (``2026-12-05T10:00``;
+with an offset, ``+01:00`` or ``Z``; without one, in the system's zone).
 
 Each case is decided as ``--replay`` decides a logged request (:class:`Decider`: no
 resolution, no connection, the configuration loaded once), in the file's order. The first
@@ -24,6 +27,7 @@ line is reported with its number, exit 2, before any case runs.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 import sys
@@ -53,6 +57,8 @@ class Case:
     #: ``allow``, ``deny`` or a status, as written.
     expect: str
     rule: Optional[str] = None
+    #: ``at TIME``: the time it is decided for (``time.time()`` seconds); None for now.
+    at: Optional[float] = None
 
     @property
     def expected(self) -> str:
@@ -65,8 +71,17 @@ def _case(number: int, text: str) -> Case:
     if not arrow:
         raise ValueError("no '->' between the request and what it must get")
     words = request.split()
+    at = None
+    if len(words) == 6 and words[4] == "at":
+        try:
+            at = datetime.datetime.fromisoformat(words[5]).timestamp()
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 time: {words[5]!r} (2026-12-05T10:00, "
+                             "2026-12-05T10:00+01:00)") from None
+        words = words[:4]
     if len(words) != 4:
-        raise ValueError(f"the request is CLIENT USER METHOD TARGET, not {len(words)} words")
+        raise ValueError("the request is CLIENT USER METHOD TARGET [at TIME], not "
+                         f"{len(words)} words")
     client, user, method, target = words
     try:
         ipaddress.ip_address(client)
@@ -83,11 +98,14 @@ def _case(number: int, text: str) -> Case:
         raise ValueError(f"expected allow, deny or a status, not {expect!r}")
     rule = None
     if rest:
-        if len(rest) != 2 or rest[0] != "rule":
+        # A rule without an id is named "line N": two words.
+        unnamed = len(rest) == 3 and rest[1] == "line" and rest[2].isdigit()
+        if rest[0] != "rule" or not (len(rest) == 2 or unnamed):
             raise ValueError(f"after {expect!r} only 'rule ID' may follow, not "
                              f"{' '.join(rest)!r}")
-        rule = rest[1]
-    return Case(number, client, None if user == "-" else user, method, target, expect, rule)
+        rule = " ".join(rest[1:])
+    return Case(number, client, None if user == "-" else user, method, target, expect, rule,
+                at)
 
 
 def parse_cases(text: str, name: str) -> list[Case]:
@@ -143,7 +161,7 @@ def run_cases(config_path: str, cases_path: str, out: Optional[TextIO] = None,
         return 2
     decider = Decider(config_path)
     for case in cases:
-        decision = decider.decide(case.method, case.target, case.client, case.user)
+        decision = decider.decide(case.method, case.target, case.client, case.user, case.at)
         if not matches(case, decision.answer, decision.rule):
             got = _got(decision.answer)
             out.write(f"{cases_path}:{case.number}: expected {case.expected}, got {got} "
