@@ -159,8 +159,9 @@ class Kind:
     """A condition's name and how its values are built into something that matches."""
 
     name: str
-    #: ``values -> matcher``; raises ValueError naming the bad value.
-    build: Callable[[Sequence[str]], Any]
+    #: ``values -> matcher``; raises ValueError naming the bad value. Its values are a
+    #: sequence, or any iterable (one pass) when ``streams``.
+    build: Callable[..., Any]
     #: Decided by the client's address alone.
     address_only: bool = False
     #: Needs the authenticated user.

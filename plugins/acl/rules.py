@@ -16,14 +16,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from geproxy import Context, Request
-from geproxy.config import did_you_mean
+from geproxy import Context, Request, did_you_mean
 
 from .conditions import KINDS, SQUID_NAMES, Condition, Kind, NeedsUser, Sources, Subject, fold
 from .words import Word, split_words
 
-__all__ = ["Rule", "Verdict", "Plan", "parse_rule", "parse_list_line", "DEFAULT_ID",
-           "CONNECT_PORTS_ID", "RESERVED_IDS", "ListMaker"]
+__all__ = ["Rule", "Verdict", "Plan", "Step", "NeedsUser", "parse_rule", "parse_list_line",
+           "make_plan", "DEFAULT_ID", "DEFAULT_DENY", "CONNECT_PORTS_ID", "RESERVED_IDS",
+           "ListMaker"]
 
 DEFAULT_ID = "default"
 CONNECT_PORTS_ID = "connect_ports"
@@ -303,11 +303,3 @@ def parse_list_line(text: str, lists: Mapping[str, Condition], make_list: ListMa
     if len(conditions) != 1:
         raise ValueError("a list is one condition and its values")
     return name, conditions[0]
-
-
-def walk_needs_user(rules: Sequence[Rule]) -> bool:
-    """Whether any rule has a ``user`` or ``group`` condition."""
-    return any(rule.needs_user for rule in rules)
-
-
-__all__ += ["make_plan", "walk_needs_user", "DEFAULT_DENY", "Step", "NeedsUser"]
