@@ -225,6 +225,7 @@ class Condition:
     fold_case: bool = True
     #: The zone of ``time`` conditions (``[acl] timezone``); None: the system's.
     tz: Optional[datetime.tzinfo] = None
+    _test: Any = field(init=False, repr=False, compare=False)
 
     @property
     def address_only(self) -> bool:
@@ -242,11 +243,14 @@ class Condition:
         found = any(address in networks for networks in self.sources.current())
         return found != self.negated
 
+    def __post_init__(self) -> None:
+        # The kind's test, looked up once (frozen: set around the dataclass's guard).
+        object.__setattr__(self, "_test", _TESTS[self.kind.name])
+
     def matches(self, subject: "Subject") -> bool:
         """Whether the request meets it; raises NeedsUser when it needs a user that the
         request does not prove."""
-        found = _TESTS[self.kind.name](self, subject, self.sources.current())
-        return found != self.negated
+        return self._test(self, subject, self.sources.current()) != self.negated
 
 
 class Subject:
@@ -283,12 +287,18 @@ _UNSET: Any = object()
 
 def _src(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
     address = s.address
-    return any(address in networks for networks in matchers)
+    for networks in matchers:
+        if address in networks:
+            return True
+    return False
 
 
 def _method(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
     method = s.request.method
-    return any(method in methods for methods in matchers)
+    for methods in matchers:
+        if method in methods:
+            return True
+    return False
 
 
 def _when(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
@@ -308,7 +318,10 @@ def _dst(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
     if not host:
         return False
     literal = s.literal
-    return any(patterns.matches(host, literal) for patterns in matchers)
+    for patterns in matchers:
+        if patterns.matches(host, literal):
+            return True
+    return False
 
 
 def _port(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:

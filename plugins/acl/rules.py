@@ -90,6 +90,12 @@ class Step:
 
     rule: Rule
     conditions: tuple[Condition, ...]
+    #: What the rule decides when its conditions match: made once, not per request.
+    verdict: "Verdict" = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "verdict", Verdict(self.rule.allow, self.rule.id,
+                                                    self.rule))
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ class Plan:
                     if not condition.matches(subject):
                         break
                 else:
-                    return Verdict(step.rule.allow, step.rule.id, step.rule)
+                    return step.verdict
             except NeedsUser as exc:
                 raise NeedsUser(step.rule, exc.args[0]) from None
         return DEFAULT_DENY
