@@ -13,17 +13,19 @@ import gevent
 import pytest
 
 from geproxy import ConfigError
-from geproxy.testing import curl, exchange, free_port, require_tool, wait_for_records, wait_until
+from geproxy.testing import (
+    curl,
+    exchange,
+    free_port,
+    require_tool,
+    wait_for_lines,
+    wait_for_records,
+    wait_until,
+)
 
 
 def _lines(path, count):
-    """The log's lines, once there are ``count`` (bounded wait: lines follow the records)."""
-    for _ in range(500):
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= count:
-            return lines
-        gevent.sleep(0.01)
-    raise AssertionError(f"{path}: {len(lines)} lines, expected {count}")
+    return wait_for_lines(path, count)
 
 
 def test_the_squid_format(proxy_factory, origin, tmp_path):

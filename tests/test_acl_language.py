@@ -20,7 +20,7 @@ from passlib.hash import sha256_crypt
 
 from geproxy import ConfigError, Context, Headers, Request, hookimpl
 from geproxy.policy.plugins import load
-from geproxy.testing import StaticResolver, curl, wait_for_records
+from geproxy.testing import StaticResolver, curl, wait_for_lines, wait_for_records
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -612,10 +612,7 @@ def test_a_replay_of_real_traffic_under_a_policy_with_the_new_constructs(
             listed: deny dst file:{listed}
             allow all
     """))
-    for _ in range(100):  # the log is written by a greenlet of its own
-        if len(log.read_text().splitlines()) == 3:
-            break
-        gevent.sleep(0.05)
+    wait_for_lines(log, 3)  # the log's lines follow the records
     out = _explain("--config", config, "--replay", log)
     assert out.returncode == 1, out.stdout + out.stderr
     changed = [line for line in out.stdout.splitlines()

@@ -11,15 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import gevent
 import pytest
 
 from geproxy.policy.plugins import load
-from geproxy.testing import Origin, ProxyProcess, curl
+from geproxy.testing import Origin, ProxyProcess, curl, wait_for_lines
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,14 +146,7 @@ def test_an_error_names_the_resolved_path(tmp_path: Path, tls_ca: Any, old: str,
 
 
 def _access_log_lines(path: Path, count: int, limit: float = 10.0) -> list[str]:
-    deadline = time.monotonic() + limit
-    lines: list[str] = []
-    while time.monotonic() < deadline:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= count:
-            break
-        gevent.sleep(0.05)
-    return lines
+    return wait_for_lines(path, count, limit)
 
 
 def test_a_master_and_its_workers_find_the_files_beside_the_configuration(

@@ -14,12 +14,11 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
-import gevent
 import pytest
 from passlib.hash import bcrypt
 
 from geproxy.explain import Decider
-from geproxy.testing import Origin, Proxy, curl, exchange, wait_for_records
+from geproxy.testing import Origin, Proxy, curl, exchange, wait_for_lines, wait_for_records
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,14 +82,7 @@ def _explain(*args: Any) -> subprocess.CompletedProcess:
 
 
 def _log_lines(path: Path, count: int) -> list[str]:
-    """The log's lines, once there are ``count`` (bounded wait: lines follow the records)."""
-    lines: list[str] = []
-    for _ in range(500):
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= count:
-            return lines
-        gevent.sleep(0.01)
-    raise AssertionError(f"{path}: {len(lines)} lines, expected {count}")
+    return wait_for_lines(path, count)
 
 
 def _through(proxy: Proxy, sent: list[int], *args: str) -> bytes:

@@ -46,6 +46,7 @@ from .servers import (
     kit_ini,
     start_origin,
     start_proxy,
+    wait_for_lines,
     wait_for_records,
 )
 
@@ -68,6 +69,7 @@ __all__ = [
     "pattern",
     "pattern_sha256",
     "wait_for_records",
+    "wait_for_lines",
     "open_fds",
     "live_greenlets",
     "settle",

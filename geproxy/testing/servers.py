@@ -137,6 +137,19 @@ def wait_for_records(proxy: Proxy, count: int, limit: float = 10.0) -> list[Reco
     return proxy.records.records
 
 
+def wait_for_lines(path: Any, count: int, limit: float = 10.0) -> list[str]:
+    """The lines of the file ``path`` (an access log), once there are ``count`` of them
+    (bounded wait: a log's lines are written after the records)."""
+    deadline = time.monotonic() + limit
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+        if len(lines) >= count:
+            return lines
+        gevent.sleep(0.01)
+    raise AssertionError(f"{path}: {len(lines)} lines, expected {count}")
+
+
 class LogLines(list[str]):
     """The lines a process wrote to its standard error, oldest first, each with its newline
     (a list: ``log[-5:]``, ``log.index(...)``). ``"text" in log`` asks whether any line
