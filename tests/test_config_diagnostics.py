@@ -414,3 +414,38 @@ def test_the_crafted_scan_exactly() -> None:
     assert lines.key_line("two", "e") == 13
     assert lines.key_line("two", "key with spaces") == 14
     assert [lines.key_line("two", "f", index) for index in (1, 2, 3)] == [16, 17, 18]
+
+
+class Holder:
+    """Counts what it holds: configure takes one, unconfigure gives it back."""
+
+    name = "holder"
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.released = 0
+
+    @hookimpl
+    def configure(self, config: Config) -> None:
+        self.held += 1
+
+    @hookimpl
+    def unconfigure(self, config: Config) -> None:
+        self.released += 1
+
+
+@pytest.mark.parametrize("change", [("limit = 2", "limit = many"),  # a value that fails
+                                    ("allow a", "permit a")])        # a plugin's error
+def test_a_refused_configuration_is_released_at_once(tmp_path: Path, change) -> None:
+    path = _write(tmp_path, RULEBOOK.replace("permit", "allow").replace("forbid", "deny")
+                  .replace("limit = 3", "limit = 2").replace(*change))
+    assert change[1] in Path(path).read_text()
+    holder = Holder()
+    with pytest.raises(ConfigError):
+        load(path, objects=[Rulebook(), holder], entry_points=False)
+    assert (holder.held, holder.released) == (1, 1)
+    holder = Holder()
+    good = _write(tmp_path, RULEBOOK.replace("permit", "allow").replace("forbid", "deny")
+                  .replace("limit = 3", "limit = 2"), "good.ini")
+    load(good, objects=[Rulebook(), holder], entry_points=False)
+    assert (holder.held, holder.released) == (1, 0)  # in force: released by its server

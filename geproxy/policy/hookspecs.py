@@ -87,7 +87,9 @@ def unconfigure(config: "Config") -> None:
 
     Called once per plugin instance: when the server has stopped (after its last
     connection ended), or, for instances a reload (SIGHUP) replaced, when the last connection
-    they served has ended; also when the test kit stops a proxy. Errors are logged.
+    they served has ended; also when the test kit stops a proxy, and when a configuration is
+    refused (a plugin's ``configure`` raised, or a value did not parse): then for instances
+    whose ``configure`` did not run or did not finish too. Errors are logged.
 
     Must not expect any further hook call on this plugin instance.
     """

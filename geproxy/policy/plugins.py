@@ -183,10 +183,25 @@ def load(
             configure_all(pm, config)
         except ConfigError as exc:
             found.extend(exc.errors)
+        finally:
+            _release(pm, config)
         raise located(found, path, lines) or found[0]
-    configure_all(pm, config)
+    try:
+        configure_all(pm, config)
+    except BaseException:
+        _release(pm, config)  # the plugins configured before the failure
+        raise
     check_parents(pm, config)
     return pm, config
+
+
+def _release(pm: pluggy.PluginManager, config: Config) -> None:
+    """``unconfigure`` for the plugins of a refused configuration, some of which may not have
+    been configured: what they opened is closed now, not when the garbage is collected."""
+    try:
+        pm.hook.unconfigure(config=config)
+    except Exception:
+        log.exception("a plugin failed to release its resources")
 
 
 def configure_all(pm: pluggy.PluginManager, config: Config) -> None:
