@@ -445,6 +445,10 @@ def test_require_rules_without_a_user_rule_warns(tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     load(str(path), entry_points=False)
     assert "nobody is ever asked for credentials" in caplog.text
+    caplog.clear()  # no [auth] htpasswd: nobody authenticates, and nothing to warn of
+    path.write_text("[acl]\nrules = allow all\n[auth]\nrequire = rules\n")
+    load(str(path), entry_points=False)
+    assert "nobody is ever asked" not in caplog.text
 
 
 def test_a_reload_reuses_an_unchanged_list(tmp_path):
@@ -659,10 +663,16 @@ def test_check_config_reports_bad_rules_beside_every_other_error(tmp_path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_worker_swaps_a_changed_list(proxy_process, origin, tmp_path, workers):
-    """Each worker watches the file: a change reaches whichever worker the kernel picks."""
+    """Each worker watches the file: a change reaches every worker, whichever the kernel
+    picks for a connection; the access log's connection ids say which worker answered."""
+    import json
+
     listed = _write(tmp_path / "blocked.txt", "192.0.2.0/24\n")
+    log = tmp_path / "access.log"
     proxy = proxy_process(textwrap.dedent(f"""\
         workers = {workers}
+        access_log = {log}
+        log_format = json
         [acl]
         connect_ports = 1-65535
         check_interval = 0
@@ -672,7 +682,10 @@ def test_every_worker_swaps_a_changed_list(proxy_process, origin, tmp_path, work
     """))
     url = origin.url("/")  # 127.0.0.1, an IP literal: no name to resolve in the proxy
 
+    sent = [0]
+
     def statuses() -> set[int]:
+        sent[0] += 8
         return {int(curl("-o", "/dev/null", "-w", "%{http_code}", "-x", proxy.url,
                          url).stdout) for _ in range(8)}
 
@@ -682,7 +695,17 @@ def test_every_worker_swaps_a_changed_list(proxy_process, origin, tmp_path, work
         if statuses() == {403}:
             break
         gevent.sleep(0.05)
-    assert statuses() == {403}
+    # From now on every answer is a 403, from every worker (numbered from 0).
+    expected = {"w0", "w1"} if workers == 2 else {""}
+    refusers: set[str] = set()
+    for _ in range(20):
+        assert statuses() == {403}
+        lines = [json.loads(line) for line in wait_for_lines(log, sent[0])]
+        refusers = {entry["conn"].partition("c")[0] for entry in lines
+                    if entry["status"] == 403}
+        if refusers == expected:
+            break
+    assert refusers == expected, refusers
 
 
 def test_policy_cases_at_a_time(tmp_path):

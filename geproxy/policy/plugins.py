@@ -166,13 +166,13 @@ def load(
     registry = OptionRegistry()
     pm.hook.add_options.call_historic(kwargs={"registry": registry})
     ignored = frozenset(SECTIONS.get(name, name) for name in disable)
+    for name in sorted(ignored):
+        if parser.has_section(name):
+            log.warning("%s: [%s] is ignored: its plugin is disabled", path, name)
     if not configure:
         return pm, build_config(path, parser, registry, ignored, stash, lines, errors)
     found: list[ConfigError] = []
     config = build_config(path, parser, registry, ignored, stash, lines, errors, found)
-    for name in sorted(ignored):
-        if parser.has_section(name):
-            log.warning("%s: [%s] is ignored: its plugin is disabled", path, name)
     if found:
         # The values that did not parse stand at their defaults: configure every plugin
         # all the same, to report what their configure finds too (a bad rule beside a bad

@@ -44,6 +44,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from http import HTTPStatus
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from cachetools import LRUCache
@@ -94,35 +95,40 @@ COUNTED_KEY = "_acl.over_limit"
 #: Where the loaded ``file:`` lists wait for the configuration a reload makes.
 LISTS_STASH = "acl.lists"
 PLAN_CACHE_SIZE = 4096
-_REASONS = {403: "Forbidden", 407: "Proxy Authentication Required"}
+
+
+class Version:
+    """Bumped when one of a policy's ``file:`` lists is swapped: the plans made before are
+    stale. Made before the lists, which tell it, and handed to the policy they end in."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def bump(self) -> None:
+        self.value += 1
 
 
 class Policy:
     """The parsed ``[acl]`` section; rebuilt whole by each ``configure``."""
 
     def __init__(self, rules: Sequence[Rule], connect_ports: Sequence[PortRange],
-                 report: bool, files: Sequence[ListFile] = ()) -> None:
+                 report: bool, files: Sequence[ListFile] = (),
+                 lists_version: Optional[Version] = None) -> None:
         self.rules = tuple(rules)
         self.connect_ports = tuple(connect_ports)
         self.report = report
         self.files = tuple(files)
-        #: Bumped when a ``file:`` list is swapped: plans made before are stale.
-        self.version = 0
+        self._version = lists_version or Version()
 
-    def changed(self) -> None:
-        self.version += 1
+    @property
+    def version(self) -> int:
+        return self._version.value
 
     def connect_port_allowed(self, port: int) -> bool:
         return any(lo <= port <= hi for lo, hi in self.connect_ports)
 
     def plan(self, address: Any) -> Plan:
         return make_plan(self, self.rules, address, self.version)
-
-    def rule(self, rule_id: str) -> Optional[Rule]:
-        for rule in self.rules:
-            if rule.id == rule_id:
-                return rule
-        return None
 
 
 def _default_policy() -> Policy:
@@ -173,7 +179,6 @@ class ACL:
         self._open: dict[str, int] = {}
         #: Bounded: one entry per recent client address.
         self._plans: LRUCache[str, Plan] = LRUCache(maxsize=PLAN_CACHE_SIZE)
-        self.group_path = ""
         self._groups_file: Optional[ListFile] = None
         #: deny_page and the pages of error_dir; false when there is none.
         self.pages = ErrorPages.load("", "", ())
@@ -243,11 +248,7 @@ class ACL:
         interval = section["check_interval"]
         previous: dict[tuple[str, str], ListFile] = config.stash.get(LISTS_STASH, {})
         files: dict[tuple[str, str], ListFile] = {}
-        policy_box: list[Policy] = []
-
-        def changed() -> None:
-            if policy_box:
-                policy_box[0].changed()
+        lists_version = Version()
 
         def make_list(kind: Kind, path: str) -> ListFile:
             path = config.resolve_path(path)
@@ -256,7 +257,7 @@ class ACL:
             if found is None:
                 found = ListFile(f"{kind.name}:{self.fold_case}", path,
                                  values_of(kind, self.fold_case), interval,
-                                 changed, self.clock)
+                                 lists_version.bump, self.clock)
                 old = previous.get(key)
                 if old is None or not found.adopt(old):
                     try:
@@ -295,13 +296,12 @@ class ACL:
             raise problems[0] if len(problems) == 1 else errors.ConfigErrors(problems)
         if not rules:
             log.warning("%s: [acl] rules is empty: every client is denied", config.path)
-        if auth.get("require") == "rules" and auth.get("htpasswd") is not None \
+        if auth.get("require") == "rules" and auth.get("htpasswd") \
                 and not any(rule.needs_user for rule in rules):
             log.warning("%s: [auth] require = rules, and no [acl] rule has a user or group "
                         "condition: nobody is ever asked for credentials", config.path)
         policy = Policy(rules, section["connect_ports"], section["mode"] == "report",
-                        tuple(files.values()))
-        policy_box.append(policy)
+                        tuple(files.values()), lists_version)
         config.stash[LISTS_STASH] = files
         self.policy = policy
         self.per_client = section["max_connections_per_client"]
@@ -327,9 +327,9 @@ class ACL:
 
     def _configure_groups(self, config: Config, section: Any,
                           problem: Callable[..., None]) -> None:
-        self.group_path = section["group_file"]
+        path = section["group_file"]
         self._groups_file = None
-        if not self.group_path:
+        if not path:
             return
         fold_case = self.fold_case
 
@@ -337,15 +337,15 @@ class ACL:
             groups = parse_groups(b"".join(lines), fold_case)
             return groups, len(groups)
 
-        holder = ListFile("group_file", self.group_path, build, section["check_interval"],
+        holder = ListFile("group_file", path, build, section["check_interval"],
                           lambda: None, self.clock)
         try:
             holder.load()
         except OSError as exc:
-            problem("group_file", f"cannot read {self.group_path}: {exc.strerror or exc}")
+            problem("group_file", f"cannot read {path}: {exc.strerror or exc}")
             return
         except ValueError as exc:
-            problem("group_file", f"{self.group_path}: {exc}")
+            problem("group_file", f"{path}: {exc}")
             return
         self._groups_file = holder
 
@@ -453,7 +453,7 @@ class ACL:
         if not self.pages:
             return
         fields = PageFields(
-            status=refusal.status, reason=_REASONS.get(refusal.status, "Forbidden"),
+            status=refusal.status, reason=HTTPStatus(refusal.status).phrase,
             error=refusal.error, request_id=ctx.conn_id, client=ctx.client_addr[0],
             host=request.host if request is not None else "",
             time=datetime.datetime.fromtimestamp(ctx.decision_time(), datetime.timezone.utc),

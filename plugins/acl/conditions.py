@@ -200,7 +200,6 @@ class Sources:
     what to match against now."""
 
     def __init__(self, inline: Any, files: Sequence[Any] = ()) -> None:
-        self.inline = inline
         self.files = tuple(files)
         self._inline_only: tuple[Any, ...] = () if inline is None else (inline,)
 
@@ -339,37 +338,30 @@ def _url_regex(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
     return any(regex.search(subject) is not None for regex in matchers)
 
 
-def _identity(c: Condition, s: Subject) -> str:
-    """The user, or NeedsUser. The proxy's own pages are never challenged: only a user
-    already established (a client certificate's) counts for them; and with no plugin able
-    to authenticate anyone, there is no user and no 407 either."""
+def _identity(c: Condition, s: Subject) -> Optional[str]:
+    """The user; None when there is none and none can be asked for (the proxy's own pages
+    are never challenged: only a user already established, a client certificate's, counts
+    for them; and with no plugin able to authenticate anyone, there is no 407 either);
+    NeedsUser when one can be asked for."""
     ctx, request = s.ctx, s.request
     host = request.host
     user = ctx.authenticate(request) if host else ctx.user
-    if user is None:
-        if host and ctx.challenges(request):
-            raise NeedsUser(c.text)
-        raise _NoUser
+    if user is None and host and ctx.challenges(request):
+        raise NeedsUser(c.text)
     return user
 
 
-class _NoUser(Exception):
-    """No user, and none can be asked for: the condition does not match."""
-
-
 def _user(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
-    try:
-        user = _identity(c, s)
-    except _NoUser:
+    user = _identity(c, s)
+    if user is None:
         return False
     key = user.lower() if c.fold_case else user
     return any("*" in names or key in names for names in matchers)
 
 
 def _group(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
-    try:
-        user = _identity(c, s)
-    except _NoUser:
+    user = _identity(c, s)
+    if user is None:
         return False
     groups = s.ctx.groups(user)
     if c.fold_case:

@@ -24,7 +24,7 @@ import gevent
 
 from .conditions import Kind, fold
 
-__all__ = ["ListFile", "read_values", "values_of"]
+__all__ = ["ListFile", "Values", "values_of"]
 
 log = logging.getLogger("geproxy_plugins.acl")
 
@@ -57,11 +57,6 @@ class Values:
                 yield text
 
 
-def read_values(data: bytes) -> list[str]:
-    """The values of a list file's bytes; ValueError naming a line that is not UTF-8."""
-    return list(Values(data.split(b"\n")))
-
-
 def values_of(kind: Kind, fold_case: bool) -> Callable[[Iterable[bytes]], tuple[Any, int]]:
     """How a list file of ``kind`` is built from its lines: its values, into the kind's
     matcher. ``dst`` and ``src`` lists are streamed into their matcher; the others (short
@@ -70,7 +65,7 @@ def values_of(kind: Kind, fold_case: bool) -> Callable[[Iterable[bytes]], tuple[
     def build(lines: Iterable[bytes]) -> tuple[Any, int]:
         values = Values(lines)
         try:
-            if kind.streams and not (fold_case and kind.needs_user):
+            if kind.streams:  # dst and src: nothing to fold
                 return kind.build(values), values.count
             listed = fold(kind, list(values), fold_case)
             return kind.build(listed), len(listed)

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import email.utils
 import html
 import os
@@ -61,7 +60,7 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
-from geproxy import Headers
+from geproxy import Headers, did_you_mean
 
 __all__ = [
     "FIELDS",
@@ -206,8 +205,8 @@ def _field_name(name: str, text: str, offset: int, path: str) -> str:
     if not _IDENTIFIER.fullmatch(name):
         raise ValueError(where + f"'${{{name}}}' is not a field name (fields: "
                          f"{', '.join(FIELDS)}; a dollar sign is written $$)")
-    close = difflib.get_close_matches(name.lower(), FIELDS, n=1, cutoff=0.6)
-    hint = f"; did you mean ${{{close[0]}}}?" if close else f" (fields: {', '.join(FIELDS)})"
+    hint = did_you_mean(f"${{{name.lower()}}}", [f"${{{field}}}" for field in FIELDS])
+    hint = hint.replace("'", "") or f" (fields: {', '.join(FIELDS)})"
     raise ValueError(where + f"unknown field ${{{name}}}{hint}")
 
 

@@ -114,10 +114,6 @@ class Plan:
             return f"decided at connect: {self.verdict}"
         return "decided per request, by rules " + ", ".join(s.rule.id for s in self.steps)
 
-    @property
-    def candidates(self) -> tuple[Rule, ...]:
-        return tuple(step.rule for step in self.steps)
-
     def decide(self, ctx: Context, request: Request) -> Verdict:
         """The first rule whose conditions all match; raises NeedsUser (its args: the
         rule and the condition) when the walk needs a user the request does not prove."""
