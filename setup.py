@@ -25,7 +25,8 @@ setup(
     # which 3.9 lacks).
     python_requires=">=3.11",
     packages=["geproxy", "geproxy.protocol", "geproxy.net", "geproxy.policy", "geproxy.relay",
-              "geproxy.serve", "geproxy.testing", "geproxy_plugins", "geproxy_plugins.acl"],
+              "geproxy.serve", "geproxy.testing", "geproxy_plugins", "geproxy_plugins.acl",
+              "geproxy_plugins.auth"],
     package_dir={"geproxy": "geproxy", "geproxy_plugins": "plugins"},
     package_data={"geproxy": ["py.typed"], "geproxy_plugins": ["py.typed"]},
     install_requires=[
@@ -41,8 +42,13 @@ setup(
         "h2>=4.1",
         # The acl plugin's url_regex: RE2 matches in linear time, whatever the pattern.
         "google-re2>=1.1",
+        # [auth] ldap_url: pure Python, so its sockets are gevent's.
+        "ldap3>=2.9",
     ],
     extras_require={
+        # [auth] keytab (Kerberos, Negotiate): python-gssapi builds against the system's
+        # MIT Kerberos (Debian: libkrb5-dev and gcc).
+        "kerberos": ["gssapi>=1.8"],
         # What the test kit (geproxy.testing) needs: a plugin author's tests install this.
         "testing": TESTING,
         # geproxy's own development: the kit's needs, the property tests and the fuzzer,

@@ -8,7 +8,17 @@ from . import errors, hosts
 from .config import Config, OptionRegistry, did_you_mean, parse_port_ranges
 from .errors import ConfigError, ConfigErrors, Denied, DNSError, DNSTimeout, ProxyError
 from .hosts import HostPatterns, NetworkSet, RouteRule
-from .models import Context, Headers, Record, Request, Resolved, Response, Route, TLSInfo
+from .models import (
+    Context,
+    ExternalAnswer,
+    Headers,
+    Record,
+    Request,
+    Resolved,
+    Response,
+    Route,
+    TLSInfo,
+)
 from .policy.plugins import DEFAULT_PLUGINS, hookimpl
 
 __version__ = "0.1.0"
@@ -23,6 +33,7 @@ __all__ = [
     "ConfigError",
     "ConfigErrors",
     "Context",
+    "ExternalAnswer",
     "Denied",
     "DNSError",
     "DNSTimeout",

@@ -22,6 +22,8 @@ __all__ = [
     "HeaderTimeout",
     "Denied",
     "AuthenticationRequired",
+    "BackendUnavailable",
+    "HTTP11Required",
     "DNSError",
     "DNSTimeout",
     "DestinationProhibited",
@@ -215,6 +217,26 @@ class AuthenticationRequired(Denied):
 
     def fields(self) -> list[tuple[str, str]]:
         return [("Proxy-Authenticate", value) for value in self.challenges]
+
+
+class BackendUnavailable(ProxyError):
+    """A service the decision needs did not answer (every directory server down past
+    ``stale_ttl``, an external ACL helper that failed or hung): 503, the connection kept.
+    ``details`` names the kind of service for the client (``authentication backend
+    unavailable``), never which server or why."""
+
+    status = 503
+    close = False
+    expected = True
+
+
+class HTTP11Required(ProxyError):
+    """The request needs what only HTTP/1.1 can carry (connection-based authentication:
+    Negotiate): on an HTTP/2 stream, a reset with ``HTTP_1_1_REQUIRED`` so that the client
+    retries over HTTP/1.1 (RFC 9113 section 8.2.2 and 7); on HTTP/1.1, where it cannot
+    apply, a 500 (a plugin's mistake)."""
+
+    expected = True
 
 
 class DNSError(ProxyError):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Protocol, Tuple
+from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence, Tuple
 
+from .errors import BackendUnavailable
 from .hosts import authority
 
 __all__ = ["Headers", "Request", "Response", "Context", "Record", "Route", "Resolved", "TLSInfo"]
@@ -228,6 +229,17 @@ class Context:
     #: replayed from a log (``geproxy explain --replay``) is decided at its logged time.
     #: None, the default, means now; time-dependent policy reads ``ctx.decision_time()``.
     at: Optional[float] = None
+    #: How the current request's credentials were checked, set by the plugin that checked
+    #: them (in ``authenticate``) for observers in ``on_close`` (the ``metrics`` plugin
+    #: counts them): the scheme ("basic", "negotiate", "certificate") and the result:
+    #: "ok" (checked now), "cached" (a remembered verdict), "stale" (remembered past
+    #: ``cache_ttl`` while no backend answers), "connection" (the connection's
+    #: Negotiate identity, reused), "failed" (wrong or unknown, checked now or
+    #: remembered), "throttled" (refused unchecked: too many failures), "unavailable"
+    #: (no backend answered). Both None when no credentials were checked; the core sets
+    #: them back to None once ``on_close`` has run.
+    auth_scheme: Optional[str] = None
+    auth_result: Optional[str] = None
     #: Set by the core: what ``authenticate``, ``groups`` and ``challenges`` ask (the hooks
     #: of the same names); None outside a server, where nobody is authenticated.
     identity: Optional["IdentitySource"] = field(default=None, repr=False, compare=False)
@@ -235,10 +247,19 @@ class Context:
     _asked: Optional["Request"] = field(default=None, repr=False, compare=False)
     _groups: dict[str, frozenset[str]] = field(default_factory=dict, repr=False,
                                                compare=False)
+    _external_for: Optional["Request"] = field(default=None, repr=False, compare=False)
+    _external: dict[tuple[Any, ...], bool] = field(default_factory=dict, repr=False,
+                                                  compare=False)
 
     @property
     def client_ip(self) -> str:
         return self.client_addr[0]
+
+    @property
+    def http2(self) -> bool:
+        """Whether the request came on an HTTP/2 stream (its context a copy of the
+        connection's): what holds for a connection (Negotiate) cannot hold for it."""
+        return self.tls is not None and self.tls.alpn == "h2"
 
     def decision_time(self) -> float:
         """When the current decision is made for: ``at``, or now."""
@@ -277,9 +298,55 @@ class Context:
             self._groups[user] = found
         return found
 
+    def external(self, request: "Request", name: str,
+                 arguments: Sequence[str] = ()) -> bool:
+        """Whether the external check ``name`` holds for ``request`` (the ``external_acl``
+        hook), asked at most once per request, name and arguments. A ``user=`` it names
+        becomes ``ctx.user`` when there is none; its ``group=`` names join the user's
+        groups. No plugin with a checker of that name: ``errors.BackendUnavailable``
+        (fail closed). Only deciding (``decide_only``): the check is made all the same,
+        since no credential is involved."""
+        key = (id(request), name, tuple(arguments))
+        remembered = self._external.get(key)
+        if remembered is not None and self._external_for is request:
+            return remembered
+        if self._external_for is not request:
+            self._external_for = request
+            self._external.clear()
+        answer = None if self.identity is None else self.identity.external(
+            self, request, name, tuple(arguments))
+        if answer is None:
+            raise BackendUnavailable(f"no plugin answers the external check {name!r}",
+                                     details="external ACL helper unavailable")
+        if answer.user is not None and self.user is None:
+            self.user = answer.user
+        user = answer.user or self.user
+        if answer.groups and user is not None:
+            self._groups[user] = self.groups(user) | answer.groups
+        self._external[key] = answer.match
+        return answer.match
+
+
+@dataclass(frozen=True)
+class ExternalAnswer:
+    """What an external check (the ``external_acl`` hook: Squid's ``external_acl_type``
+    helpers) answered about a request."""
+
+    #: The condition holds (``OK``), or not (``ERR``).
+    match: bool
+    #: The user the checker names (``user=``): the request's user when it has none yet.
+    user: Optional[str] = None
+    #: Groups the checker names for the user (``group=``): ``group`` conditions see them.
+    groups: frozenset[str] = frozenset()
+    #: A text for the log (``message=``, ``log=``).
+    message: Optional[str] = None
+
 
 class IdentitySource(Protocol):
     """What ``Context`` asks about identities: the core implements it with the hooks."""
+
+    def external(self, ctx: Context, request: "Request", name: str,
+                 arguments: Sequence[str]) -> Optional[ExternalAnswer]: ...
 
     def authenticate(self, ctx: Context, request: "Request") -> Optional[str]: ...
 

@@ -17,6 +17,7 @@ import gevent
 import pytest
 import requests
 from geproxy_plugins.auth import Auth
+from geproxy_plugins.auth.htpasswd import HtpasswdFile
 from gevent import monkey
 from passlib.hash import apr_md5_crypt, bcrypt, sha256_crypt, sha512_crypt
 
@@ -280,7 +281,7 @@ def _spy(monkeypatch, plugin: Auth, gate: Any = None) -> list[int]:
     held by the test), each hashing in a thread waits, bounded, until the test releases it.
     One on the event loop's thread does not wait: it would stall the test itself."""
     calls: list[int] = []
-    verify = plugin.verify_hash
+    verify = plugin.htpasswd.verify_hash
 
     def spy(password: bytes, stored: str) -> bool:
         calls.append(_real_get_ident())
@@ -289,7 +290,7 @@ def _spy(monkeypatch, plugin: Auth, gate: Any = None) -> list[int]:
             gate.release()
         return verify(password, stored)
 
-    monkeypatch.setattr(plugin, "verify_hash", spy)
+    monkeypatch.setattr(plugin.htpasswd, "verify_hash", spy)
     return calls
 
 
@@ -361,7 +362,7 @@ def test_a_reload_adds_and_removes_users_and_survives_a_bad_file(proxy_factory, 
     _write(path, users, extra="frank:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=")
     fake_clock.advance(2)
     assert status("erin", "erin-pw") == b"HTTP/1.1 200"  # the last good users are kept
-    assert "erin" in plugin.users
+    assert "erin" in plugin.htpasswd.users
     assert any("keeping the last 4 users" in r.getMessage() and "line 5" in r.getMessage()
                for r in caplog.records)
 
@@ -446,11 +447,11 @@ def test_concurrent_checks_of_the_same_credentials_hash_once(proxy_factory, orig
 
 @pytest.mark.pure
 def test_bcrypt_uses_the_first_72_bytes_as_apache_does():
-    plugin = Auth()
+    source = HtpasswdFile("-", fold_case=True, interval=2, clock=lambda: 0.0)
     password = b"x" * 72
     stored = bcrypt.using(ident="2y", rounds=4).hash(password)
-    assert plugin.verify_hash(password + b"ignored", stored)
-    assert not plugin.verify_hash(b"x" * 71, stored)
+    assert source.verify_hash(password + b"ignored", stored)
+    assert not source.verify_hash(b"x" * 71, stored)
 
 
 # -- off by default, and configuration errors ------------------------------------------------
@@ -516,7 +517,7 @@ def test_a_file_without_users_is_valid_with_a_warning(tmp_path, caplog):
     path = tmp_path / "htpasswd"
     path.write_text("# nobody yet\n\n")
     plugin = _load(tmp_path, f"htpasswd = {path}\n")
-    assert plugin.users == {}
+    assert plugin.htpasswd.users == {}
     assert any("has no user" in r.getMessage() for r in caplog.records)
 
 
@@ -564,7 +565,7 @@ def test_deciding_only_takes_ctx_user_as_it_is_and_checks_nothing(tmp_path, monk
 
     plugin = _load(tmp_path, f"htpasswd = {_write(tmp_path / 'htpasswd', USERS)}\n")
     hashed: list[str] = []
-    monkeypatch.setattr(plugin, "verify_hash", lambda password, stored: hashed.append(stored))
+    monkeypatch.setattr(plugin.htpasswd, "verify_hash", lambda password, stored: hashed.append(stored))
     good = Headers([("Proxy-Authorization", _basic("alice", "alice-pw"))], frozen=True)
     tunnel = Request("CONNECT", "origin.test:443", "HTTP/1.1", good, "", "origin.test", 443)
     own_page = Request("GET", "/healthz", "HTTP/1.1", Headers(frozen=True), path="/healthz")
@@ -581,7 +582,7 @@ def test_deciding_only_takes_ctx_user_as_it_is_and_checks_nothing(tmp_path, monk
     with pytest.raises(errors.AuthenticationRequired) as caught:
         plugin.on_request(nobody, tunnel)
     assert caught.value.status == 407
-    assert plugin.auth_challenge(nobody, tunnel) == 'Basic realm="geproxy"'
+    assert plugin.auth_challenge(nobody, tunnel) == ['Basic realm="geproxy"']
     assert nobody.user is None
     assert plugin.on_request(ctx(None), own_page) is None  # the proxy's pages: no challenge
     assert hashed == []

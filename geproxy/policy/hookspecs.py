@@ -34,7 +34,7 @@ import pluggy
 if TYPE_CHECKING:
     from ..config import Config, OptionRegistry
     from ..errors import Denied, ProxyError
-    from ..models import Context, Record, Request, Response, Route
+    from ..models import Context, ExternalAnswer, Record, Request, Response, Route
 
 PROJECT = "geproxy"
 
@@ -275,16 +275,20 @@ def authenticate(ctx: "Context", request: "Request") -> Optional[str]:
 
 
 @hookspec
-def auth_challenge(ctx: "Context", request: "Request") -> Optional[str]:
-    """Offer a way to authenticate, for the 407 answered to a request without a user.
+def auth_challenge(ctx: "Context", request: "Request") -> Optional[str | Sequence[str]]:
+    """Offer ways to authenticate, for the 407 answered to a request without a user.
 
     Called when a 407 is answered (``ctx.challenges(request)``), once per plugin.
 
-    :returns: one ``Proxy-Authenticate`` field value (``Basic realm="geproxy"``), or
+    :returns: a ``Proxy-Authenticate`` field value (``Basic realm="geproxy"``) or a list
+        of them (``["Negotiate", 'Basic realm="geproxy"']``, the preferred first), or
         ``None`` when this plugin authenticates nobody (not configured). Every value is
         sent, each in its own field, in the order of the plugins.
 
-    Must not raise for a request it cannot authenticate: return ``None``.
+    Must not raise for a request it cannot authenticate: return ``None``. It may raise
+    ``errors.HTTP11Required`` when the only way it offers cannot work on the request's
+    protocol (Negotiate on an HTTP/2 stream: ``ctx.http2``): the stream is then reset with
+    ``HTTP_1_1_REQUIRED`` instead of a 407, and the client retries over HTTP/1.1.
     """
 
 
@@ -302,7 +306,30 @@ def user_groups(ctx: "Context", user: str) -> Optional[Iterable[str]]:
         ``None`` for none.
 
     May block only cooperatively (a directory lookup on a gevent socket); must not
-    raise for a user it does not know: return ``None``.
+    raise for a user it does not know: return ``None``. When the groups cannot be known
+    (no directory server answers and nothing is remembered), raise
+    ``errors.BackendUnavailable``: the request is answered 503, never decided without them.
+    """
+
+
+@hookspec(firstresult=True)
+def external_acl(ctx: "Context", request: "Request", name: str,
+                 arguments: Sequence[str]) -> Optional["ExternalAnswer"]:
+    """Answer an ``external NAME ARG...`` condition of a policy (the ``acl`` plugin's):
+    Squid's ``external_acl_type``, a check made by something outside the proxy.
+
+    Called when a rule's walk reaches the condition, through ``ctx.external(request, name,
+    arguments)``, at most once per request, condition and arguments (the ``external``
+    plugin's helpers remember answers for their own ``ttl`` across requests).
+
+    :param name: the checker's name, as the condition gives it.
+    :param arguments: the condition's words after the name (a group to test, say).
+    :returns: an ``ExternalAnswer`` (``match``, and optionally the ``user`` and ``groups``
+        the checker names), or ``None`` when this plugin has no checker of that name.
+
+    Raises ``errors.BackendUnavailable`` when the checker cannot answer (a helper that
+    failed, hung or answered ``BH``): the request is refused with 503, never let through.
+    May block only cooperatively (a helper's pipe, through gevent).
     """
 
 

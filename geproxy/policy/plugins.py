@@ -35,7 +35,7 @@ from ..errors import (
     ProxyError,
 )
 from ..inifile import IniLines, located
-from ..models import Context, Record, Request, Resolved, Response, Route
+from ..models import Context, ExternalAnswer, Record, Request, Resolved, Response, Route
 from ..net.dns import literal_address
 from . import hookspecs
 from .hookcall import HookCall
@@ -326,8 +326,12 @@ class Hooks:
         return None if user is None else str(user)
 
     def challenges(self, ctx: Context, request: Request) -> list[str]:
-        return [value for value in self._hook.auth_challenge(ctx=ctx, request=request)
-                if value]
+        offers: list[str] = []
+        for value in self._hook.auth_challenge(ctx=ctx, request=request):
+            if isinstance(value, str):
+                value = [value]
+            offers.extend(item for item in value or () if item)
+        return offers
 
     def groups(self, ctx: Context, user: str) -> frozenset[str]:
         found: set[str] = set()
@@ -335,6 +339,12 @@ class Hooks:
             if names is not None:
                 found.update(str(name) for name in names)
         return frozenset(found)
+
+    def external(self, ctx: Context, request: Request, name: str,
+                 arguments: Sequence[str]) -> Optional[ExternalAnswer]:
+        answer = self._hook.external_acl(ctx=ctx, request=request, name=name,
+                                         arguments=list(arguments))
+        return answer if isinstance(answer, ExternalAnswer) else None
 
     def route(self, ctx: Context, request: Request) -> list[Optional[Route]]:
         """The routes to try in order: ``[None]`` means direct."""
@@ -373,7 +383,8 @@ class Hooks:
 
     def on_close(self, ctx: Context, record: Record) -> None:
         self._observe(self._on_close, (ctx, record), ctx)
-        ctx.dns_cache = None  # the request's: the next one on the connection has its own
+        # The request's: the next one on the connection has its own.
+        ctx.dns_cache = ctx.auth_scheme = ctx.auth_result = None
 
     def on_progress(self, ctx: Context, record: Record, bytes_in: int,
                     bytes_out: int) -> None:

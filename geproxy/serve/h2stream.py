@@ -271,6 +271,10 @@ class H2Stream:
     def cancel(self) -> None:
         self.reset(_CANCEL)
 
+    def require_http11(self) -> bool:
+        self.reset(h2.errors.ErrorCodes.HTTP_1_1_REQUIRED)
+        return True
+
     def reset(self, code: int) -> None:
         if self.cut_by is None and not self.owner.closed:
             self.cut_by = "reset"

@@ -302,6 +302,9 @@ class HTTP1Exchange:
     def cancel(self) -> None:
         """Cut: the connection closes with it."""
 
+    def require_http11(self) -> bool:
+        return False
+
     def upgrade(self, fields: list[tuple[str, str]], upstream: socket.socket,
                 to_client: bytes, record: Record, idle_timeout: float) -> str:
         self._send(http11.serialize_head("HTTP/1.1 101 Switching Protocols", fields))

@@ -22,6 +22,7 @@ from ..errors import (
     ClientGone,
     Denied,
     HeaderTimeout,
+    HTTP11Required,
     InternalError,
     LoopDetected,
     ProxyError,
@@ -49,6 +50,10 @@ class Client(Exchange, Protocol):
 
     def cancel(self) -> None:
         """The request is cut from outside (a stop, the admin listener)."""
+
+    def require_http11(self) -> bool:
+        """Tell the client to send the request again over HTTP/1.1 (HTTP/2's
+        ``HTTP_1_1_REQUIRED`` reset); False where it came over HTTP/1.1 already."""
 
     def tunnel(self, upstream: socket.socket, record: Record, early: bytes,
                inspect: Optional[Callable[[bytes], bool]],
@@ -239,6 +244,11 @@ class Transaction:
             return False
         if isinstance(exc, HeaderTimeout):
             record.close_reason = "header timeout"
+        if isinstance(exc, HTTP11Required) and client.require_http11():
+            # Not an error: the client is sent to HTTP/1.1, where the request can be met.
+            record.error = None
+            record.close_reason = record.close_reason or "http/1.1 required"
+            return False
         try:
             keep = answer(client, error_response(exc, self.gen.proxy_name), record, request,
                           close=exc.close or self.refusal is not None)
