@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--user", default=None, metavar="NAME",
                          help="the client as this authenticated user (no password is checked); "
                               "without it, a proxy with [auth] answers 407")
+    explain.add_argument("--group", action="append", default=None, metavar="NAME",
+                         dest="groups",
+                         help="the user is in this group (repeat for several; no directory "
+                              "is asked); without it, only groups held in memory ([acl] "
+                              "group_file) are seen")
     explain.add_argument("--no-resolve", action="store_true", help="skip name resolution")
     passwd = sub.add_parser(
         "passwd", parents=[common],
@@ -140,10 +145,12 @@ def _explain_usage(args: argparse.Namespace) -> Optional[str]:
     if batch is None:
         if args.target is None:
             return "METHOD and TARGET are required (or --replay LOG, or --cases FILE)"
+        if args.groups is not None and args.user is None:
+            return "--group needs --user: groups are a user's"
         return None
     if args.method is not None:
         return f"{batch} takes no METHOD or TARGET"
-    if args.user is not None or args.client != "127.0.0.1":
+    if args.user is not None or args.client != "127.0.0.1" or args.groups is not None:
         return f"{batch} takes the client and user of each request from its file"
     return None
 
@@ -168,7 +175,7 @@ def _explain(args: argparse.Namespace, config_path: str) -> int:
         from .explain import explain
 
         return explain(config_path, args.method, args.target, args.client, args.user,
-                       resolve=not args.no_resolve)
+                       resolve=not args.no_resolve, groups=args.groups)
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return 2

@@ -217,6 +217,10 @@ class Context:
     #: it is, check no credentials, and answer their challenge only when it is None; plugins
     #: that count or log requests leave the request out.
     decide_only: bool = False
+    #: True in ``geproxy explain`` (a process that serves nobody): no backend may be asked
+    #: (a directory, an external helper, a KDC). Plugins answer from what they hold in
+    #: memory or not at all; the groups a decision needs come from ``explain --group``.
+    offline: bool = False
     #: What a DNS cache made of the current request's last lookup: "hit" (answered without
     #: asking the resolvers, a cached failure included), "miss" (the resolvers were asked)
     #: or "stale" (a stale answer, the resolvers having failed); None when no cache took part
@@ -304,8 +308,9 @@ class Context:
         hook), asked at most once per request, name and arguments. A ``user=`` it names
         becomes ``ctx.user`` when there is none; its ``group=`` names join the user's
         groups. No plugin with a checker of that name: ``errors.BackendUnavailable``
-        (fail closed). Only deciding (``decide_only``): the check is made all the same,
-        since no credential is involved."""
+        (fail closed). Only deciding (``decide_only``), the check is made all the same,
+        since no credential is involved; in ``geproxy explain`` (``offline``) the plugin
+        answers from what it remembers, or raises ``BackendUnavailable``."""
         key = (id(request), name, tuple(arguments))
         remembered = self._external.get(key)
         if remembered is not None and self._external_for is request:

@@ -21,6 +21,11 @@ Metrics, all with the ``geproxy_`` prefix:
 - ``acl_denials_total{rule}``: denials by a policy plugin, by the rule id that denied.
 - ``dns_cache_total{result}``: requests whose lookup went through a DNS cache, by what it
   made of it (``ctx.dns_cache``: ``hit``, ``miss``, ``stale``).
+- ``auth_total{scheme,result}``: requests whose credentials were checked, by scheme
+  (``basic``, ``negotiate``, ``certificate``) and outcome (``ctx.auth_result``: ``ok``,
+  ``cached``, ``stale``, ``connection``, ``failed``, ``throttled``, ``unavailable``): a
+  directory that stopped answering shows as ``stale`` then ``unavailable``, a password
+  guesser as ``failed`` then ``throttled``.
 - ``tls_handshakes_total{result}``: handshakes on TLS listeners: ``ok``, or what failed them
   (``timeout``, ``eof``, ``client_certificate``, ``server_certificate``, ``protocol``,
   ``plain_http``, ``error``).
@@ -87,6 +92,10 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 STASH = "_metrics"
 #: What ``ctx.dns_cache`` may say, and this plugin counts (bounded labels).
 DNS_RESULTS = frozenset({"hit", "miss", "stale"})
+#: What ``ctx.auth_scheme`` and ``ctx.auth_result`` may say, and this plugin counts.
+AUTH_SCHEMES = frozenset({"basic", "negotiate", "certificate"})
+AUTH_RESULTS = frozenset({"ok", "cached", "stale", "connection", "failed", "throttled",
+                          "unavailable"})
 #: The key of the mark of a connection counted open.
 OPEN = "_metrics.open"
 #: The key of the figures in ``config.stash``.
@@ -159,6 +168,8 @@ class _Figures:
                                "policy rule.", ["rule"], registry=registry)
         self.dns_cache = Counter("geproxy_dns_cache", "Lookups answered by the dnscache "
                                  "plugin, by outcome.", ["result"], registry=registry)
+        self.auth = Counter("geproxy_auth", "Requests whose credentials were checked, by "
+                            "scheme and outcome.", ["scheme", "result"], registry=registry)
         self.handshakes = Counter("geproxy_tls_handshakes", "Handshakes on TLS listeners, "
                                   "by result: ok, or what failed them.", ["result"],
                                   registry=registry)
@@ -388,6 +399,8 @@ class Metrics:
         child.inc()
         if ctx.dns_cache in DNS_RESULTS:  # this request's lookup went through a cache
             figures.child(figures.dns_cache, ctx.dns_cache).inc()
+        if ctx.auth_scheme in AUTH_SCHEMES and ctx.auth_result in AUTH_RESULTS:
+            figures.child(figures.auth, ctx.auth_scheme, ctx.auth_result).inc()
         if record.error:
             figures.child(figures.errors, record.error).inc()
         if record.rule:

@@ -565,7 +565,8 @@ def test_deciding_only_takes_ctx_user_as_it_is_and_checks_nothing(tmp_path, monk
 
     plugin = _load(tmp_path, f"htpasswd = {_write(tmp_path / 'htpasswd', USERS)}\n")
     hashed: list[str] = []
-    monkeypatch.setattr(plugin.htpasswd, "verify_hash", lambda password, stored: hashed.append(stored))
+    monkeypatch.setattr(plugin.htpasswd, "verify_hash",
+                        lambda password, stored: hashed.append(stored))
     good = Headers([("Proxy-Authorization", _basic("alice", "alice-pw"))], frozen=True)
     tunnel = Request("CONNECT", "origin.test:443", "HTTP/1.1", good, "", "origin.test", 443)
     own_page = Request("GET", "/healthz", "HTTP/1.1", Headers(frozen=True), path="/healthz")

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, Optional, Sequence, TextIO
 
 from cachetools import LRUCache
 
 from ..errors import ClientError, InternalError, LoopDetected, ProxyError
 from ..hosts import authority
-from ..models import Context, Request, Response, Route
+from ..models import Context, ExternalAnswer, Request, Response, Route
 from ..policy.plugins import Hooks, exposition, load
 from ..protocol import http11
 from ..serve.local import addressed_to_proxy, call_wsgi, local_app
@@ -322,22 +322,30 @@ def _decide(writer: _Explainer, ctx: Context, request: Callable[[], Request],
 
 def explain(config_path: str, method: str, target: str, client: str = "127.0.0.1",
             user: Optional[str] = None, resolve: bool = True,
-            out: Optional[TextIO] = None) -> int:
+            out: Optional[TextIO] = None, groups: Optional[Sequence[str]] = None) -> int:
     """Print the dry run to ``out``; 0 when the request would be allowed, 1 when refused.
 
-    ``user`` is taken as an authenticated user (no credentials are checked). Raises
-    ConfigError for a bad configuration; a malformed request is reported as the proxy would
-    answer it (400), with exit status 1.
+    ``user`` is taken as an authenticated user (no credentials are checked), ``groups`` as
+    the user's groups (no lookup); without ``groups``, only groups held in memory are
+    seen, and the report says that no directory was asked. Raises ConfigError for a bad
+    configuration; a malformed request is reported as the proxy would answer it (400), with
+    exit status 1.
     """
     import sys
 
     out = out or sys.stdout
     decider = Decider(config_path)
-    ctx = decider.context(client, user, None)
+    ctx = decider.context(client, user, None, groups)
     writer = _Explainer(decider.hooks, decider.config, out)
     writer.say("request", f"{method} {target} from {client}"
-               + (f" as {user}" if user else ""))
+               + (f" as {user}" if user else "")
+               + (f" in {', '.join(sorted(set(groups))) or 'no group'}"
+                  if groups is not None else ""))
     answer = _decide(writer, ctx, lambda: _request(method, target), resolve)
+    identity = ctx.identity
+    if isinstance(identity, _Identity) and identity.looked_up:
+        writer.say("groups", f"of {identity.looked_up[0]}: only [acl] group_file and other "
+                   "groups held in memory; no directory was asked (give them with --group)")
     for name, value in sorted(ctx.stash.items()):
         if not name.startswith("_"):  # a leading underscore: a plugin's private mark
             writer.say("stash", f"{name}: {value}")
@@ -366,10 +374,15 @@ class Decider:
         # Requests are immutable: a log asks for the same few targets again and again.
         self._requests: LRUCache[tuple[str, str], Request] = LRUCache(maxsize=REQUEST_CACHE)
 
-    def context(self, client: str, user: Optional[str], at: Optional[float]) -> Context:
-        """The context of a new connection, as a decision sees it."""
-        return Context(client_addr=(client, 0), server_addr=self._listen, config=self.config,
-                       user=user, decide_only=True, identity=self.hooks, at=at)
+    def context(self, client: str, user: Optional[str], at: Optional[float],
+                groups: Optional[Sequence[str]] = None) -> Context:
+        """The context of a new connection, as a decision sees it: ``offline`` (no
+        directory, helper or KDC is asked). ``groups``, when given, are the user's groups,
+        in place of any lookup."""
+        ctx = Context(client_addr=(client, 0), server_addr=self._listen, config=self.config,
+                      user=user, decide_only=True, offline=True, at=at)
+        ctx.identity = _Identity(self.hooks, groups)
+        return ctx
 
     def _request(self, method: str, target: str) -> Request:
         key = (method, target)
@@ -400,6 +413,35 @@ class Decider:
             f"on_connect returned {verdict!r}")
         answer = _error(error, self.config)
         return Decision(answer, _rule(answer, ctx))
+
+
+class _Identity:
+    """The identity hooks as a dry run asks them: the groups given with ``--group`` replace
+    any lookup; without them, the plugins that hold groups in memory (``[acl] group_file``)
+    answer and the ones that would ask a directory do not (``ctx.offline``), which is
+    noted (``looked_up``) for the report."""
+
+    def __init__(self, hooks: Hooks, groups: Optional[Sequence[str]]) -> None:
+        self.hooks = hooks
+        self.given = None if groups is None else frozenset(groups)
+        #: The users whose groups a decision needed and that no ``--group`` gave.
+        self.looked_up: list[str] = []
+
+    def authenticate(self, ctx: Context, request: Request) -> Optional[str]:
+        return self.hooks.authenticate(ctx, request)
+
+    def challenges(self, ctx: Context, request: Request) -> list[str]:
+        return self.hooks.challenges(ctx, request)
+
+    def groups(self, ctx: Context, user: str) -> frozenset[str]:
+        if self.given is not None:
+            return self.given
+        self.looked_up.append(user)
+        return self.hooks.groups(ctx, user)
+
+    def external(self, ctx: Context, request: Request, name: str,
+                 arguments: Sequence[str]) -> Optional[ExternalAnswer]:
+        return self.hooks.external(ctx, request, name, arguments)
 
 
 def _rule(answer: Answer, ctx: Context) -> Optional[str]:

@@ -329,7 +329,9 @@ def external_acl(ctx: "Context", request: "Request", name: str,
 
     Raises ``errors.BackendUnavailable`` when the checker cannot answer (a helper that
     failed, hung or answered ``BH``): the request is refused with 503, never let through.
-    May block only cooperatively (a helper's pipe, through gevent).
+    May block only cooperatively (a helper's pipe, through gevent); must not start
+    anything when ``ctx.offline`` (``geproxy explain``): answer from what is remembered, or
+    raise ``BackendUnavailable``.
     """
 
 

@@ -221,6 +221,7 @@ class Transaction:
         if "proxy-authorization" in request.headers:
             raise ClientError("Proxy-Authorization on a connection with a client certificate")
         self.ctx.user = tls.identity
+        self.ctx.auth_scheme, self.ctx.auth_result = "certificate", "ok"
 
     def _fail(self, exc: ProxyError, record: Record, request: Optional[Request],
               client: Client) -> bool:

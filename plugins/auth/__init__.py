@@ -229,8 +229,8 @@ class Auth:
         """The directory's groups of ``user`` (a Kerberos principal is looked up by its
         name without the realm). No directory server answering and nothing remembered:
         503."""
-        if self.directory is None or not self.directory.has_groups:
-            return None
+        if self.directory is None or not self.directory.has_groups or ctx.offline:
+            return None  # offline: geproxy explain asks no directory
         try:
             return self.directory.groups(user.partition("@")[0])
         except Unavailable as exc:
