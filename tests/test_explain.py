@@ -257,3 +257,52 @@ def test_a_plugin_that_raises_fails_closed(auth_config):
                      text, re.M), text
     assert _answer(text) == ["answer      500 Internal Server Error; Proxy-Status: geproxy; "
                              "error=proxy_internal_error"]
+
+
+@pytest.fixture
+def group_config(tmp_path):
+    """A policy that lets only the group staff through; bob is in it by [acl] group_file."""
+    groups = tmp_path / "groups"
+    groups.write_text("staff: bob\n")
+    path = tmp_path / "groups.ini"
+    path.write_text(
+        "[geproxy]\naccess_log = off\n"
+        f"[acl]\nconnect_ports = 443\ngroup_file = {groups}\nrules =\n"
+        "    staffonly: allow group staff\n    others: deny all\n"
+        "[destinations]\nallow = 127.0.0.0/8\n")
+    return str(path)
+
+
+def test_groups_given_replace_any_lookup(group_config):
+    code, text = _run(group_config, "CONNECT", "127.0.0.1:443", user="alice",
+                      groups=["staff"], resolve=False)
+    assert code == 0, text
+    assert "request     CONNECT 127.0.0.1:443 from 127.0.0.1 as alice in staff" in text
+    assert "groups      " not in text  # given: nothing was looked up
+    # bob is in staff by the group file, but the groups given are the only ones.
+    code, text = _run(group_config, "CONNECT", "127.0.0.1:443", user="bob",
+                      groups=["other"], resolve=False)
+    assert code == 1 and "(rule others)" in text, text
+
+
+def test_without_groups_only_those_in_memory_are_seen_and_explain_says_so(group_config):
+    code, text = _run(group_config, "CONNECT", "127.0.0.1:443", user="bob", resolve=False)
+    assert code == 0, text  # from [acl] group_file
+    code, text = _run(group_config, "CONNECT", "127.0.0.1:443", user="alice",
+                      resolve=False)
+    assert code == 1 and "(rule others)" in text, text
+    assert ("groups      of alice: only [acl] group_file and other groups held in memory; "
+            "no directory was asked (give them with --group)") in text
+
+
+def test_group_needs_a_user_on_the_command_line(group_config):
+    run = subprocess.run([sys.executable, "-m", "geproxy", "explain", "--config",
+                          group_config, "--group", "staff", "CONNECT", "127.0.0.1:443"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--group needs --user" in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, "-m", "geproxy", "explain", "--config",
+                          group_config, "--user", "alice", "--group", "staff",
+                          "--group", "ops", "CONNECT", "127.0.0.1:443"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "as alice in ops, staff" in run.stdout

@@ -587,3 +587,39 @@ def test_deciding_only_takes_ctx_user_as_it_is_and_checks_nothing(tmp_path, monk
     assert nobody.user is None
     assert plugin.on_request(ctx(None), own_page) is None  # the proxy's pages: no challenge
     assert hashed == []
+
+
+def test_checks_are_counted_by_outcome_and_a_repeated_wrong_password_is_not_hashed_again(
+        proxy_factory, origin, tmp_path, fake_clock, monkeypatch):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proxy, plugin, _ = _start(proxy_factory, tmp_path, ini="admin_listen = 127.0.0.1:0\n",
+                              clock=fake_clock, negative_ttl="1m", max_failures="2")
+    hashed = _spy(monkeypatch, plugin)
+    url = f"http://127.0.0.1:{origin.port}/"
+
+    def status(user: str, password: str) -> bytes:
+        return curl("-i", "-x", proxy.url, "--proxy-user", f"{user}:{password}",
+                    url).stdout[:12]
+
+    assert status("alice", "alice-pw") == b"HTTP/1.1 200"  # ok
+    assert status("alice", "alice-pw") == b"HTTP/1.1 200"  # cached
+    for _ in range(3):
+        assert status("dave", "stale-pw") == b"HTTP/1.1 407"  # failed, then remembered
+    assert status("dave", "guess-2") == b"HTTP/1.1 407"  # failed: the second failure
+    assert status("dave", "dave-pw") == b"HTTP/1.1 407"  # throttled, right as it is
+    assert len(hashed) == 3
+    fake_clock.advance(61)
+    assert status("dave", "dave-pw") == b"HTTP/1.1 200"
+    wait_for_records(proxy, 8)
+    host, port = proxy.server.admin_address
+    text = requests.get(f"http://{host}:{port}/metrics", timeout=10).text
+    counted = {tuple(sorted(sample.labels.items())): sample.value
+               for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == "geproxy_auth_total"}
+    assert counted == {
+        (("result", "ok"), ("scheme", "basic")): 2.0,
+        (("result", "cached"), ("scheme", "basic")): 1.0,
+        (("result", "failed"), ("scheme", "basic")): 4.0,
+        (("result", "throttled"), ("scheme", "basic")): 1.0,
+    }
