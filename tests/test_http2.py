@@ -627,3 +627,58 @@ def test_a_stream_opened_after_a_reload_is_decided_by_it(h2_pair, raw_origin, tl
     assert spared.recv() == b"still here"
     record = next(r for r in wait_for_records(proxy, 2) if r.close_reason == "reload")
     assert record.target == f"origin.test:{revoked.port}"
+
+
+def test_a_request_that_needs_http11_is_reset_with_http_1_1_required(proxy_factory, tls_files,
+                                                                     raw_origin):
+    """A way to authenticate that holds for a connection (Negotiate) cannot answer a stream:
+    its challenge raises HTTP11Required on HTTP/2, the stream is reset HTTP_1_1_REQUIRED and
+    the connection's other streams go on; over HTTP/1.1 the same request gets its 407."""
+    from geproxy import errors, hookimpl
+    from geproxy.testing import StaticResolver, recv_all
+
+    class ConnectionAuth:
+        name = "connection_auth"
+
+        @hookimpl
+        def auth_challenge(self, ctx, request):
+            if ctx.http2:
+                raise errors.HTTP11Required("a connection-based challenge")
+            return "Negotiate"
+
+        @hookimpl
+        def on_request(self, ctx, request):
+            if request.host == "private.test":
+                raise errors.AuthenticationRequired("no user",
+                                                    challenges=ctx.challenges(request))
+            return None
+
+    origin = raw_origin(echo)
+    proxy = proxy_factory(h2_ini(tls_files) + f"[acl]\nconnect_ports = {origin.port}\n",
+                          plugins=[ConnectionAuth()],
+                          resolver=StaticResolver({"origin.test": ["127.0.0.1"],
+                                                   "private.test": ["127.0.0.1"]}))
+    client = H2Client(proxy.tls_address, tls_files.ca_file)
+    try:
+        good = client.connect(f"origin.test:{origin.port}")
+        refused = client.connect(f"private.test:{origin.port}")
+        with gevent.Timeout(10):
+            while refused.reset is None:
+                refused.changed.wait(1)
+                refused.changed.clear()
+        assert refused.reset == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED
+        assert refused.headers is None  # no 407 went first
+        assert good.wait_head() == 200
+        good.send(b"still here")
+        assert good.recv() == b"still here"
+    finally:
+        client.close()
+    record = next(r for r in wait_for_records(proxy, 2) if r.target.startswith("private."))
+    assert record.close_reason == "http/1.1 required" and record.error is None
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        sock.sendall(f"CONNECT private.test:{origin.port} HTTP/1.1\r\n"
+                     f"Host: private.test\r\n\r\n".encode())
+        sock.shutdown(socket.SHUT_WR)
+        head = recv_all(sock).split(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 407 ")
+    assert b"\r\nProxy-Authenticate: Negotiate" in head
