@@ -14,7 +14,8 @@ Squid's ``basic_ldap_auth`` and ``ext_ldap_group_acl`` in one place:
 A user name is attacker input: it reaches a DN escaped per RFC 4514 and a filter escaped
 per RFC 4515, so ``*``, ``(``, ``)``, ``\\`` and NUL are only ever characters of a name.
 Names the directory could not hold (empty, over ``MAX_NAME`` characters, control
-characters) are refused before anything is asked.
+characters) or would match as another name (leading, trailing or doubled spaces, format
+characters: RFC 4518 ignores them) are refused before anything is asked.
 
 Everything is validated by ``Directory.from_config`` without a connection; the pool
 (ldappool.py) connects on the first check, in the worker that makes it. Checked passwords
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
@@ -47,6 +49,8 @@ SECTION = "auth"
 MAX_NAME = 256
 #: Names no directory entry has: control characters (NUL included).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Unicode categories a directory's string preparation drops or folds into a space.
+_IGNORED = ("Cc", "Cf", "Zs", "Zl", "Zp")
 #: Faults of a request a user name produced (a DN or filter ldap3 will not encode): the
 #: answer is "no such user", not "server down".
 _USER_FAULTS = (ldap_errors.LDAPInvalidDnError, ldap_errors.LDAPInvalidFilterError,
@@ -279,7 +283,13 @@ class Directory:
     # -- PasswordSource ---------------------------------------------------------------------
 
     def canonical(self, user: str) -> Optional[str]:
-        if not user or len(user) > MAX_NAME or _CONTROL.search(user):
+        """None for a name no entry may be known by: empty, too long, with control or
+        format characters, or with spaces the directory's matching rules would ignore
+        (RFC 4518: `` alice`` binds as ``alice``, and would evade a rule naming ``alice``)."""
+        if (not user or len(user) > MAX_NAME or _CONTROL.search(user)
+                or user != " ".join(user.split(" ")).strip() or "  " in user
+                or any(unicodedata.category(char) in _IGNORED and char != " "
+                       for char in user)):
             return None
         return user.lower() if self.fold_case else user
 

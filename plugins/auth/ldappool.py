@@ -8,8 +8,9 @@ the loop). Nothing is opened before the first operation: a pool made in ``check-
 ``Pool.run(work)`` hands ``work`` a ``Link`` (a connection and what it is bound as) and
 returns what it returns:
 
-- an idle link is reused; a fault on a reused link (the server closed it while idle) costs
-  one more try on a fresh link, not the server;
+- an idle link is reused, unless a server configured before its own is no longer skipped
+  (failback); a fault on a reused link (the server closed it while idle) costs one more
+  try on a fresh link, not the server;
 - a fresh link goes to the servers in their configured order, skipping a server that failed
   within ``SKIP`` seconds (a flapping first server does not make every request wait for its
   timeout); a server that fails is marked and the next one is tried;
@@ -122,10 +123,16 @@ class Link:
         self.bound = SERVICE
 
     def close(self) -> None:
+        """Unbound and closed; the socket is closed even when the unbind cannot be sent
+        (a server that stopped answering mid-operation)."""
         try:
             self.connection.unbind()
         except (ldap_errors.LDAPException, OSError):
             pass
+        finally:
+            sock = getattr(self.connection, "socket", None)
+            if sock is not None:
+                sock.close()
 
 
 class Pool:
@@ -195,7 +202,20 @@ class Pool:
             if searches and link.settings.service is None and link.bound != ANONYMOUS:
                 link.close()  # bound as a user, and no account to rebind as
                 continue
+            if self._preferred_over(link.endpoint):
+                link.close()  # a server before it is back: fail back to it
+                continue
             return link
+
+    def _preferred_over(self, endpoint: Endpoint) -> bool:
+        """Whether a server configured before ``endpoint`` is no longer skipped."""
+        now = self.clock()
+        for candidate in self.endpoints:
+            if candidate is endpoint:
+                return False
+            if candidate.skip_until <= now:
+                return True
+        return False
 
     def _work(self, link: Link, work: Callable[[Link], T]) -> T:
         """``work(link)``, bounded; the link goes back to the pool only after it succeeded."""
