@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -166,10 +167,10 @@ def _status(proxy, origin, user: str, password: str) -> tuple[int, bytes]:
 
 def _binds_settled(directory: Directory, proxy, origin, dn: str) -> int:
     """Binds of ``dn`` slapd logged once everything before now is in its log: a sentinel
-    (mallory, with a password never used elsewhere, so it always binds) goes last."""
+    (mallory's good password, which binds every time under ``cache_ttl = 0``) goes last."""
     sentinel = directory.user_dn("mallory")
     before = directory.binds(sentinel)
-    _status(proxy, origin, "mallory", f"sentinel-{before}")
+    assert _status(proxy, origin, "mallory", "mallory-pw")[0] == 200
     assert wait_until(lambda: directory.binds(sentinel) > before)
     return directory.binds(dn)
 
@@ -253,7 +254,8 @@ def test_a_repeated_wrong_password_binds_once_per_negative_ttl(proxy_factory, ld
                                                                origin, tmp_path):
     clock = FakeClock()
     proxy, _ = _start(proxy_factory, _options(ldap_directory, "direct", tmp_path,
-                                              negative_ttl="1m", max_failures="3"),
+                                              negative_ttl="1m", max_failures="3",
+                                              cache_ttl="0"),
                       clock=clock)
     bob = ldap_directory.user_dn("bob")
     start = _binds_settled(ldap_directory, proxy, origin, bob)
@@ -275,7 +277,8 @@ def test_a_repeated_wrong_password_binds_once_per_negative_ttl(proxy_factory, ld
 
 def test_an_empty_password_never_reaches_the_directory(proxy_factory, ldap_directory, origin,
                                                        tmp_path):
-    proxy, _ = _start(proxy_factory, _options(ldap_directory, "direct", tmp_path))
+    proxy, _ = _start(proxy_factory, _options(ldap_directory, "direct", tmp_path,
+                                              cache_ttl="0"))
     alice = ldap_directory.user_dn("alice")
     start = _binds_settled(ldap_directory, proxy, origin, alice)
     assert _status(proxy, origin, "alice", "")[0] == 407
@@ -302,6 +305,25 @@ def test_a_group_rule_lets_members_through(proxy_factory, ldap_directory, origin
     assert plugin.directory.groups("alice") == {"staff", "admins"}
     assert plugin.directory.groups("mallory") == frozenset()
     assert plugin.directory.groups("nobody)(cn=*") == frozenset()
+    # No search ever ran on a connection bound as a user (a user's bind is followed by
+    # the service account's before the next search): in slapd's whole log so far.
+    assert _searches_as_users(ldap_directory) == []
+
+
+def _searches_as_users(directory: Directory) -> list[str]:
+    """slapd's SRCH lines made on a connection whose last bind was a user's."""
+    bound: dict[str, str] = {}
+    found = []
+    for line in directory.log().splitlines():
+        conn = re.search(r" (conn=\d+) op=\d+ ", line)
+        if conn is None:
+            continue
+        bind = re.search(r' BIND dn="([^"]*)"', line)
+        if bind:
+            bound[conn.group(1)] = bind.group(1)
+        elif " SRCH base=" in line and PEOPLE in bound.get(conn.group(1), ""):
+            found.append(line)
+    return found
 
 
 # -- when the directory fails -----------------------------------------------------------------
@@ -393,23 +415,35 @@ def test_each_worker_authenticates(proxy_process, ldap_directory, origin, tmp_pa
     assert workers == {"w0", "w1"}
 
 
-def _check_config(tmp_path: Path, options: dict[str, str]) -> subprocess.CompletedProcess:
+def _write_config(tmp_path: Path, options: dict[str, str], ini: str = "") -> Path:
     path = tmp_path / "check.ini"
-    path.write_text("[geproxy]\nlisten = 127.0.0.1:0\naccess_log = off\n[auth]\n"
+    path.write_text("[geproxy]\nlisten = 127.0.0.1:0\naccess_log = off\n" + ini + "[auth]\n"
                     + "".join(f"{k} = {v}\n" for k, v in options.items()))
-    return subprocess.run([sys.executable, "-m", "geproxy", "check-config", "--config",
-                           str(path)], capture_output=True, text=True, timeout=30)
+    return path
 
 
-def test_check_config_connects_nowhere(ldap_directory, tmp_path, relays):
-    relay = relays()
-    options = _options(ldap_directory, "search", tmp_path,
-                       ldap_url=f"ldap://127.0.0.1:{relay.port}",
-                       ldap_group_base="ou=groups,dc=corp,dc=example")
-    result = _check_config(tmp_path, options)
-    assert result.returncode == 0, result.stderr
-    gevent.sleep(0)
-    assert relay.connects == 0
+def _geproxy(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "geproxy", *args], capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_check_config_and_explain_connect_nowhere(ldap_directory, tmp_path):
+    """The directory's URL is a listener that accepts nothing: a connect to it would wait
+    in its backlog, where a non-blocking accept finds it."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        options = _options(ldap_directory, "search", tmp_path,
+                           ldap_url=f"ldap://127.0.0.1:{listener.getsockname()[1]}",
+                           ldap_group_base="ou=groups,dc=corp,dc=example")
+        path = str(_write_config(tmp_path, options, ini=GROUP_RULES))
+        result = _geproxy("check-config", "--config", path)
+        assert result.returncode == 0, result.stderr
+        explained = _geproxy("explain", "--config", path, "GET", "http://192.0.2.1/")
+        assert "407" in explained.stdout, explained.stdout + explained.stderr
+        with pytest.raises(BlockingIOError):
+            listener.accept()
 
 
 @pytest.mark.parametrize("key, value, says", [
@@ -426,6 +460,6 @@ def test_config_errors_name_the_key(ldap_directory, tmp_path, key, value, says):
     if key == "ldap_bind_dn":
         options = _options(ldap_directory, "direct", tmp_path)
     options[key] = value
-    result = _check_config(tmp_path, options)
+    result = _geproxy("check-config", "--config", str(_write_config(tmp_path, options)))
     assert result.returncode != 0
     assert key in result.stderr and says in result.stderr, result.stderr

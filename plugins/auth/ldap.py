@@ -32,10 +32,10 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
-import ldap3
+import ldap3  # type: ignore[import-untyped]  # no type information
 from cachetools import TTLCache
-from ldap3.core import exceptions as ldap_errors
-from ldap3.utils.dn import parse_dn
+from ldap3.core import exceptions as ldap_errors  # type: ignore[import-untyped]
+from ldap3.utils.dn import parse_dn  # type: ignore[import-untyped]
 
 from geproxy import Config, ConfigError
 
@@ -261,8 +261,8 @@ class Directory:
         ca_file = section["ldap_ca_file"]
         if ca_file:
             try:
-                with open(ca_file, "rb") as handle:
-                    if b"-----BEGIN CERTIFICATE-----" not in handle.read():
+                with open(ca_file, "rb") as pem:
+                    if b"-----BEGIN CERTIFICATE-----" not in pem.read():
                         raise fault("ldap_ca_file", f"{ca_file}: no PEM certificate in it")
             except OSError as exc:
                 raise fault("ldap_ca_file",
@@ -449,7 +449,7 @@ def _check_dn(dn: str, fault: Callable[[str, str], ConfigError], key: str) -> No
 
 
 def _check_filter(text: str, fault: Callable[[str, str], ConfigError], key: str) -> None:
-    from ldap3.operation.search import parse_filter
+    from ldap3.operation.search import parse_filter  # type: ignore[import-untyped]
 
     try:
         parse_filter(text, None, auto_escape=False, auto_encode=True, validator=None,

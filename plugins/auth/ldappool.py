@@ -35,8 +35,8 @@ from typing import Any, Callable, Optional, TypeVar, Union
 import gevent
 import gevent.lock
 import gevent.queue
-import ldap3
-from ldap3.core import exceptions as ldap_errors
+import ldap3  # type: ignore[import-untyped]  # no type information
+from ldap3.core import exceptions as ldap_errors  # type: ignore[import-untyped]
 
 from .credentials import Unavailable
 
@@ -174,7 +174,7 @@ class Pool:
             except Down as exc:
                 # Closed while idle, most likely: a fresh link decides about the server.
                 log.debug("ldap: %s: a pooled connection failed: %s", link.endpoint.url, exc)
-        failures = []
+        failures: list[str] = []
         now = self.clock()
         candidates = [e for e in self.endpoints if e.skip_until <= now]
         for endpoint in candidates:
@@ -264,8 +264,8 @@ class Pool:
             server, client_strategy=ldap3.SYNC, auto_bind=ldap3.AUTO_BIND_NONE,
             # Whole seconds (ldap3 packs it into SO_RCVTIMEO); the gevent.Timeout around
             # each step holds it to the exact figure.
-            receive_timeout=max(1, math.ceil(settings.timeout)), raise_exceptions=False, read_only=True,
-            auto_referrals=False)
+            receive_timeout=max(1, math.ceil(settings.timeout)), raise_exceptions=False,
+            read_only=True, auto_referrals=False)
         link = Link(endpoint, connection, settings)
         try:
             connection.open(read_server_info=False)
