@@ -326,6 +326,34 @@ def _searches_as_users(directory: Directory) -> list[str]:
     return found
 
 
+def test_the_pool_bounds_the_connections_and_one_lookup_serves_many(
+        proxy_factory, ldap_directory, origin, tmp_path, relays):
+    """Many clients at once: at most ldap_pool_size connections to the directory, and the
+    concurrent requests of one user cost one group lookup."""
+    relay = relays()
+    options = _options(ldap_directory, "search", tmp_path, ldap_pool_size="2",
+                       ldap_url=f"ldap://127.0.0.1:{relay.port}",
+                       ldap_group_base="ou=groups,dc=corp,dc=example")
+    proxy, plugin = _start(proxy_factory, options, ini=GROUP_RULES)
+    users = [("alice", 200), ("bob", 200), ("mallory", 403)] * 4
+    jobs = [gevent.spawn(_status, proxy, origin, user, f"{user}-pw") for user, _ in users]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    assert [job.value[0] for job in jobs] == [status for _, status in users]
+    assert 1 <= relay.connects <= 2
+    searches = ldap_directory.log().count('SRCH base="ou=groups,dc=corp,dc=example"')
+    plugin.directory._groups.clear()  # expired, say
+    jobs = [gevent.spawn(plugin.directory.groups, "bob") for _ in range(6)]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    assert {job.value for job in jobs} == {frozenset({"staff"})}
+    # A lookup after them all (alice's) settles the log: its search is logged last.
+    plugin.directory._groups.clear()
+    assert plugin.directory.groups("alice") == {"staff", "admins"}
+    assert wait_until(lambda: ldap_directory.log().count(
+        'SRCH base="ou=groups,dc=corp,dc=example"') >= searches + 2)
+    assert ldap_directory.log().count(
+        'SRCH base="ou=groups,dc=corp,dc=example"') == searches + 2
+
+
 # -- when the directory fails -----------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
+import gevent.event
 import ldap3  # type: ignore[import-untyped]  # no type information
 from cachetools import TTLCache
 from ldap3.core import exceptions as ldap_errors  # type: ignore[import-untyped]
@@ -183,6 +184,7 @@ class Directory:
         self._groups: Optional[TTLCache[str, _Groups]] = (
             TTLCache(maxsize=cache_size, ttl=keep, timer=clock)
             if cache_size and keep else None)
+        self._flights: dict[str, gevent.event.AsyncResult] = {}
         #: Users' DNs found by searches (they change seldom), so that a groups lookup
         #: after a password check searches no more.
         self._dns: Optional[TTLCache[str, str]] = (
@@ -327,8 +329,7 @@ class Directory:
         if known is not None and self.clock() - known.at < self.cache_ttl:
             return known.names
         try:
-            names = self.pool.run(lambda link: self._lookup_groups(link, name),
-                                  searches=True)
+            names = self._lookup_once(name)
         except Unavailable:
             if known is not None:
                 log.warning("ldap: the groups of %r taken from the cache: no server answers",
@@ -338,6 +339,33 @@ class Directory:
         if self._groups is not None:
             self._groups[name] = _Groups(names, self.clock())
         return names
+
+    def _lookup_once(self, user: str) -> frozenset[str]:
+        """One lookup for concurrent lookups of the same user's groups (the requests of a
+        page whose entry has just expired); ``Unavailable`` is shared as well."""
+        joined = self._flights.get(user)
+        if joined is not None:
+            shared = joined.get()
+            if isinstance(shared, Unavailable):
+                raise shared
+            if isinstance(shared, frozenset):
+                return shared
+            # The greenlet that looked was killed or failed: look here.
+        flight = gevent.event.AsyncResult()
+        self._flights[user] = flight
+        outcome: object = None
+        try:
+            outcome = self.pool.run(lambda link: self._lookup_groups(link, user),
+                                    searches=True)
+        except Unavailable as exc:
+            outcome = exc
+            raise
+        finally:
+            if self._flights.get(user) is flight:
+                del self._flights[user]
+            flight.set(outcome)
+        assert isinstance(outcome, frozenset)
+        return outcome
 
     def _lookup_groups(self, link: Link, user: str) -> frozenset[str]:
         dn = self._user_dn(link, user)
