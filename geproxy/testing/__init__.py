@@ -36,6 +36,7 @@ from .clients import (
     wait_until,
 )
 from .data import pattern, pattern_sha256
+from .directory import ldap_directory  # noqa: F401  (the fixture, for pytest)
 from .dns import DNSServer, FakeClock
 from .fakes import HookRecorder, RecordCollector, StaticResolver
 from .servers import (
