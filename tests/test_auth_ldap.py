@@ -470,6 +470,16 @@ def test_check_config_and_explain_connect_nowhere(ldap_directory, tmp_path):
         assert result.returncode == 0, result.stderr
         explained = _geproxy("explain", "--config", path, "GET", "http://192.0.2.1/")
         assert "407" in explained.stdout, explained.stdout + explained.stderr
+        # A user whose groups a rule needs: explain asks no directory, and says so ...
+        explained = _geproxy("explain", "--config", path, "--user", "alice",
+                             "--no-resolve", "GET", "http://192.0.2.1/")
+        assert ("groups      of alice: only [acl] group_file and other groups held in "
+                "memory; no directory was asked (give them with --group)"
+                ) in explained.stdout, explained.stdout + explained.stderr
+        # ... and the groups given decide.
+        explained = _geproxy("explain", "--config", path, "--user", "alice", "--group",
+                             "staff", "--no-resolve", "GET", "http://192.0.2.1/")
+        assert explained.returncode == 0, explained.stdout + explained.stderr
         with pytest.raises(BlockingIOError):
             listener.accept()
 
