@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import importlib.metadata
 import re
 import socket
@@ -165,3 +166,23 @@ def test_the_acl_lists_files_are_what_the_probes_assume(monkeypatch, tmp_path: P
     small_set = NetworkSet.parse(first)
     assert [a in found for a in addresses] == [a in small_set for a in addresses]
     assert sum(a in small_set for a in addresses) == len(addresses) // 2
+
+
+def test_the_auth_bench_runs_small_and_the_negative_cache_spares_the_directory() -> None:
+    """`python bench/auth.py --quick --json` against the kit's slapd: a CPU figure per
+    configuration and round, and the guesser's binds bounded as the cache promises:
+    at most max_failures (10) binds as the guessed user, one for a repeated password."""
+    from geproxy.testing import require_tool
+
+    require_tool("slapd")
+    done = subprocess.run([sys.executable, str(BENCH / "auth.py"), "--quick", "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert sorted(figures["cpu_us_per_request"]) == ["htpasswd", "ldap", "none"]
+    assert all(len(values) == 1 and values[0] >= 0
+               for values in figures["cpu_us_per_request"].values())
+    guessed = figures["guesser"]
+    assert guessed["attempts"] == 100
+    assert 1 <= guessed["user_binds_guessing"] <= 10
+    assert guessed["user_binds_repeating"] == 1
