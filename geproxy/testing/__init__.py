@@ -38,6 +38,7 @@ from .clients import (
 from .data import pattern, pattern_sha256
 from .dns import DNSServer, FakeClock
 from .fakes import HookRecorder, RecordCollector, StaticResolver
+from .kerberos import kerberos, kerberos_kdc  # noqa: F401  (fixtures: a KDC on loopback)
 from .servers import (
     Origin,
     Proxy,
