@@ -36,7 +36,7 @@ from geproxy.testing import (
     wait_until,
 )
 from geproxy.testing.h2client import H2Client
-from geproxy.testing.kerberos import REALM, KerberosClient
+from geproxy.testing.kerberos import PARTNER, REALM, KerberosClient
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -320,17 +320,24 @@ def test_a_ticket_for_another_service_is_refused(kerberos, negotiate_proxy, orig
     assert seen.requests == [("GET", 407, None, "failed")]
 
 
-def test_a_realm_not_accepted_is_refused(kerberos, negotiate_proxy, origin, connections,
-                                         caplog):
-    """``kerberos_realms`` names the realms whose users get in; alice's is not one here."""
-    kerberos.kinit("alice")
-    proxy, seen = negotiate_proxy(kerberos_realms="OTHER.EXAMPLE")
+def test_a_trusted_realms_user_needs_kerberos_realms(kerberos, negotiate_proxy, origin,
+                                                      connections, caplog):
+    """carol of PARTNER.EXAMPLE, a realm the proxy's trusts, has a good ticket for the
+    proxy: refused while ``kerberos_realms`` is the proxy's realm (the default), let in
+    once it names hers too."""
+    carol = f"carol@{PARTNER}"
+    kerberos.kinit(carol)
+    proxy, seen = negotiate_proxy()
     with caplog.at_level(logging.INFO, logger=LOGGER):
         status, _, _ = connections(proxy).ask(origin.url("/"), f"Negotiate {token()}")
     assert status == 407
-    assert f"{ALICE} is not of a realm of kerberos_realms (OTHER.EXAMPLE)" in caplog.text
+    assert f"{carol} is not of a realm of kerberos_realms ({REALM})" in caplog.text
     wait_for_records(proxy, 1)
     assert seen.requests == [("GET", 407, None, "failed")]
+    proxy, seen = negotiate_proxy(kerberos_realms=f"{REALM} {PARTNER}")
+    assert connections(proxy).ask(origin.url("/"), f"Negotiate {token()}")[0] == 200
+    wait_for_records(proxy, 1)
+    assert seen.requests == [("GET", 200, carol, "ok")]
 
 
 # -- the user's name --------------------------------------------------------------------------
@@ -583,3 +590,32 @@ def test_workers_negotiate_and_only_workers_touch_kerberos(kerberos, proxy_proce
     assert answers == [b"200", b"407"]
     pids = _trace_pids(served)
     assert pids and proxy.process.pid not in pids
+
+
+def test_gssapi_runs_in_the_thread_pool(kerberos, negotiate_proxy, origin, connections,
+                                        monkeypatch):
+    """Every GSSAPI call of the proxy runs off the event loop's thread."""
+    import gssapi.raw
+    from gevent import monkey
+
+    get_ident = monkey.get_original("_thread", "get_ident")
+    loop_thread = get_ident()
+    threads: dict[str, list[int]] = {}
+
+    def spy(name: str) -> Any:
+        real = getattr(gssapi.raw, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            threads.setdefault(name, []).append(get_ident())
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("acquire_cred_from", "accept_sec_context", "canonicalize_name"):
+        monkeypatch.setattr(gssapi.raw, name, spy(name))
+    kerberos.kinit("alice")
+    proxy, _ = negotiate_proxy(principal="")  # the default realm is looked up too
+    assert connections(proxy).ask(origin.url("/"), f"Negotiate {token()}")[0] == 200
+    assert sorted(threads) == ["accept_sec_context", "acquire_cred_from",
+                               "canonicalize_name"]
+    assert loop_thread not in {ident for idents in threads.values() for ident in idents}

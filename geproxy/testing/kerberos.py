@@ -1,6 +1,7 @@
 """A real MIT Kerberos KDC on loopback, for tests of Negotiate (SPNEGO) authentication.
 
     kdc = start_kdc(tmp_dir)                  # realm CORP.EXAMPLE, alice, bob, HTTP/localhost
+                                              # PARTNER.EXAMPLE (carol), which it trusts
     kdc.kinit("alice", ccache)                # a ticket, as a user gets one
     subprocess.run([...], env=kdc.env(ccache))
     kdc.stop()
@@ -38,6 +39,10 @@ REALM = "CORP.EXAMPLE"
 SERVICE = "HTTP/localhost"
 #: The users of the realm, with their passwords (kinit reads them on its standard input).
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
+#: A second realm that REALM trusts (its users get tickets for REALM's services, as a
+#: partner forest's do), and its user.
+PARTNER = "PARTNER.EXAMPLE"
+PARTNER_USERS = {f"carol@{PARTNER}": "carol-secret"}
 #: The master key's password (``kdb5_util create -P``): nobody types it.
 MASTER_PASSWORD = "geproxy-tests-master"
 #: The commands the KDC needs, for ``require_tool``.
@@ -58,6 +63,9 @@ KRB5_CONF = """\
     {realm} = {{
         kdc = 127.0.0.1:{port}
     }}
+    {partner} = {{
+        kdc = 127.0.0.1:{port}
+    }}
 
 [domain_realm]
     localhost = {realm}
@@ -75,6 +83,12 @@ KDC_CONF = """\
         acl_file = {directory}/kadm5.acl
         max_life = 10h
         max_renewable_life = 1d
+    }}
+    {partner} = {{
+        database_name = {directory}/partner
+        key_stash_file = {directory}/partner-stash
+        acl_file = {directory}/kadm5.acl
+        max_life = 10h
     }}
 
 [logging]
@@ -150,15 +164,15 @@ class KDC:
         ``clockskew`` seconds of tolerance; returns its path."""
         path = krb5_conf or self.krb5_conf
         path.write_text(KRB5_CONF.format(
-            realm=self.realm, port=self.port,
+            realm=self.realm, partner=PARTNER, port=self.port,
             clockskew=self.clockskew if clockskew is None else clockskew))
         return path
 
     def create(self) -> None:
         """The database, with the users of USERS and the proxy's SERVICE in ``keytab``:
         the commands of docs/deployment.md."""
-        self.kdc_conf.write_text(KDC_CONF.format(realm=self.realm, port=self.port,
-                                                 directory=self.directory))
+        self.kdc_conf.write_text(KDC_CONF.format(realm=self.realm, partner=PARTNER,
+                                                 port=self.port, directory=self.directory))
         (self.directory / "kadm5.acl").write_text("")
         self.write_config()
         self._run("kdb5_util", "create", "-s", "-r", self.realm, "-P", MASTER_PASSWORD)
@@ -166,17 +180,26 @@ class KDC:
             self.add_principal(user, password)
         self.add_principal(SERVICE)
         self.export_keytab([SERVICE], self.keytab)
+        # The partner realm, and the trust: one key, under one name, in both databases.
+        self._run("kdb5_util", "create", "-s", "-r", PARTNER, "-P", MASTER_PASSWORD)
+        for user, password in PARTNER_USERS.items():
+            self.add_principal(user, password)
+        trust = f"krbtgt/{self.realm}@{PARTNER}"
+        for realm in (self.realm, PARTNER):
+            self.kadmin(f"addprinc -pw {MASTER_PASSWORD}-trust {trust}", realm)
 
-    def kadmin(self, query: str) -> str:
-        """Run one ``kadmin.local`` request on the database."""
-        return self._run("kadmin.local", "-r", self.realm, "-q", query)
+    def kadmin(self, query: str, realm: Optional[str] = None) -> str:
+        """Run one ``kadmin.local`` request on the database of ``realm`` (REALM's)."""
+        return self._run("kadmin.local", "-r", realm or self.realm, "-q", query)
 
     def add_principal(self, name: str, password: Optional[str] = None) -> None:
-        """A user with ``password``, or a service with a random key (``-randkey``)."""
+        """A user with ``password``, or a service with a random key (``-randkey``), in
+        the realm ``name`` ends with (REALM without one)."""
+        realm = name.partition("@")[2] or self.realm
         if password is None:
-            self.kadmin(f"addprinc -randkey {name}")
+            self.kadmin(f"addprinc -randkey {name}", realm)
         else:
-            self.kadmin(f"addprinc -pw {password} {name}")
+            self.kadmin(f"addprinc -pw {password} {name}", realm)
 
     def export_keytab(self, principals: Sequence[str], path: Path) -> Path:
         """Write the keys of ``principals`` to the keytab ``path`` (``ktadd -k``; each
@@ -197,13 +220,14 @@ class KDC:
                 self.create()
             else:  # another port: the configurations name it
                 self.kdc_conf.write_text(KDC_CONF.format(
-                    realm=self.realm, port=self.port, directory=self.directory))
+                    realm=self.realm, partner=PARTNER, port=self.port,
+                    directory=self.directory))
                 self.write_config()
             environment = {k: v for k, v in os.environ.items() if not k.startswith("KRB5")}
             environment.update(self.env())
             with open(self.directory / "krb5kdc.out", "ab") as output:
                 self.process = subprocess.Popen(
-                    ["krb5kdc", "-n", "-r", self.realm], env=environment,
+                    ["krb5kdc", "-n", "-r", self.realm, "-r", PARTNER], env=environment,
                     stdout=output, stderr=subprocess.STDOUT)
             if self._answers(limit):
                 return
@@ -241,14 +265,17 @@ class KDC:
 
     def kinit(self, user: str, ccache: os.PathLike[str] | str,
               lifetime: Optional[str] = None, password: Optional[str] = None) -> str:
-        """Get ``user`` a ticket-granting ticket into the file ``ccache`` (the password on
-        kinit's standard input, as a user types it), valid ``lifetime`` (``kinit -l``:
-        ``10s``, ``1h``) if given; returns the ``KRB5CCNAME`` value."""
+        """Get ``user`` (of USERS, or PARTNER_USERS with its realm) a ticket-granting
+        ticket into the file ``ccache`` (the password on kinit's standard input, as a user
+        types it), valid ``lifetime`` (``kinit -l``: ``10s``, ``1h``) if given; returns
+        the ``KRB5CCNAME`` value."""
         command = ["kinit"]
         if lifetime:
             command += ["-l", lifetime]
-        command.append(f"{user}@{self.realm}")
-        self._run(*command, input=(password or USERS[user]) + "\n", env=self.env(ccache))
+        principal = user if "@" in user else f"{user}@{self.realm}"
+        password = password or {**USERS, **PARTNER_USERS}[user]
+        command.append(principal)
+        self._run(*command, input=password + "\n", env=self.env(ccache))
         return "FILE:" + str(ccache)
 
     def issued(self) -> int:

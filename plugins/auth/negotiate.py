@@ -41,7 +41,6 @@ import base64
 import binascii
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
