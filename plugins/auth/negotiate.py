@@ -260,9 +260,7 @@ class Negotiator:
                      "Kerberos in one round is accepted)", ctx.conn_id)
             ctx.auth_result = "failed"
             return None
-        except Exception as exc:
-            if not _is_gss_error(exc):
-                raise
+        except _gss_error() as exc:
             log.info("[%s] auth: Negotiate token refused: %s", ctx.conn_id, reason(exc))
             ctx.auth_result = "failed"
             return None
@@ -273,8 +271,7 @@ class Negotiator:
             ctx.auth_result = "failed"
             return None
         ctx.auth_result = "ok"
-        if not ctx.http2:
-            ctx.stash[STASH] = Proof(digest, principal)
+        ctx.stash[STASH] = Proof(digest, principal)  # HTTP/1.1 here: the connection's
         return user
 
     def _user(self, principal: str) -> Optional[str]:
@@ -297,9 +294,7 @@ class Negotiator:
                 creds = _in_thread(_acquire, self.keytab, self.principal)
                 if not self.realms:
                     realm = _in_thread(_default_realm)
-            except Exception as exc:
-                if not _is_gss_error(exc):
-                    raise
+            except _gss_error() as exc:
                 whose = f" ({self.principal})" if self.principal else ""
                 raise Unavailable(f"keytab {self.keytab}{whose}: {reason(exc)}") from None
             if not self.realms:
@@ -311,10 +306,12 @@ class Negotiator:
             return creds
 
 
-def _is_gss_error(exc: BaseException) -> bool:
+def _gss_error() -> type[Exception]:
+    """GSSAPI's exception class (an ``except`` clause evaluates it only when something
+    was raised: by then ``from_config`` made sure python-gssapi imports)."""
     import gssapi.raw
 
-    return isinstance(exc, gssapi.raw.GSSError)
+    return gssapi.raw.GSSError  # type: ignore[no-any-return]
 
 
 def _acquire(keytab: str, principal: str) -> Any:
