@@ -563,7 +563,8 @@ def test_workers_negotiate_and_only_workers_touch_kerberos(kerberos, proxy_proce
                                                           monkeypatch, tmp_path):
     """With ``workers = 2``: curl is served by Negotiate, a token replayed on another
     connection (whichever worker takes it) is refused, and the library's trace shows
-    that neither ``check-config`` nor the master did anything with Kerberos."""
+    that neither ``check-config``, ``explain`` nor the master did anything with
+    Kerberos."""
     kerberos.kinit("alice")
     ini = (f"workers = 2\n[auth]\nkeytab = {kerberos.keytab}\nprincipal = HTTP/localhost\n")
     checked = tmp_path / "check.trace"
@@ -571,10 +572,11 @@ def test_workers_negotiate_and_only_workers_touch_kerberos(kerberos, proxy_proce
     from geproxy.testing import kit_ini
 
     path.write_text(kit_ini(ini))
-    result = subprocess.run([sys.executable, "-m", "geproxy", "check-config", "--config",
-                             str(path)], capture_output=True, timeout=30,
-                            env={**os.environ, "KRB5_TRACE": str(checked)})
-    assert result.returncode == 0, result.stderr
+    for command in (["check-config"], ["explain", "--user", ALICE, "GET", origin.url("/")]):
+        result = subprocess.run([sys.executable, "-m", "geproxy", command[0], "--config",
+                                 str(path), *command[1:]], capture_output=True, timeout=30,
+                                env={**os.environ, "KRB5_TRACE": str(checked)})
+        assert result.returncode == 0, result.stderr
     assert not checked.exists() or not checked.read_text()
     served = tmp_path / "proxy.trace"
     monkeypatch.setenv("KRB5_TRACE", str(served))
