@@ -266,6 +266,19 @@ def test_a_new_token_authenticates_the_connection_anew(kerberos, negotiate_proxy
                              ("GET", 407, None, None)]
 
 
+def test_ntlm_in_negotiate_is_refused(kerberos, negotiate_proxy, origin, connections,
+                                      caplog):
+    """What a Windows client outside the domain sends: an NTLM message, not Kerberos."""
+    ntlm = base64.b64encode(b"NTLMSSP\0\x01\0\0\0\x07\x82\x08\xa2" + b"\0" * 16).decode()
+    proxy, seen = negotiate_proxy()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        status, head, _ = connections(proxy).ask(origin.url("/"), f"Negotiate {ntlm}")
+    assert status == 407, head
+    assert "Negotiate token refused: An unsupported mechanism was requested" in caplog.text
+    wait_for_records(proxy, 1)
+    assert seen.requests == [("GET", 407, None, "failed")]
+
+
 def test_a_malformed_token_is_refused(kerberos, negotiate_proxy, origin, connections, caplog):
     proxy, seen = negotiate_proxy()
     connection = connections(proxy)
@@ -393,6 +406,9 @@ def test_the_reason_logged_is_gssapis():
             "information, Minor (100005): Request is a replay")
     assert reason(Exception(text)) == "Request is a replay"
     assert reason(Exception("Major (65536): An unsupported mechanism was requested")) == (
+        "An unsupported mechanism was requested")
+    assert reason(Exception("Major (65536): An unsupported mechanism was requested, "
+                            "Minor (0): Unknown error")) == (
         "An unsupported mechanism was requested")
 
 

@@ -137,13 +137,14 @@ def user_name(principal: str, realms: frozenset[str], strip_realm: bool,
 
 def reason(exc: BaseException) -> str:
     """What GSSAPI says went wrong, without its boilerplate: the minor status (``Request
-    is a replay``, ``Ticket expired``, ``Clock skew too great``) when it gave one."""
+    is a replay``, ``Clock skew too great``) when it says something, else the major one
+    (``An unsupported mechanism was requested``)."""
     text = str(exc)
-    found = re.search(r"Minor \(\d+\): (.+)$", text, re.S)
-    if found and found.group(1).strip():
-        return found.group(1).strip()
-    found = re.search(r"Major \(\d+\): (.+?)(, Minor|$)", text, re.S)
-    return (found.group(1) if found else text).strip()
+    minor = re.search(r"Minor \(\d+\): (.+)$", text, re.S)
+    if minor and minor.group(1).strip() not in ("", "Unknown error", "Success"):
+        return minor.group(1).strip()
+    major = re.search(r"Major \(\d+\): (.+?)(, Minor|$)", text, re.S)
+    return (major.group(1) if major else text).strip()
 
 
 # -- the acceptor -----------------------------------------------------------------------------
@@ -246,8 +247,9 @@ class Negotiator:
         if proof is not None and proof.digest == digest and self.realms:
             # The token that authenticated this connection, sent again (curl does, with
             # every request): the connection's user. GSSAPI would call it a replay.
-            ctx.auth_result = "connection"
-            return self._user(proof.principal)
+            user = self._user(proof.principal)  # None if a reload refused its realm
+            ctx.auth_result = "connection" if user is not None else "failed"
+            return user
         ctx.stash.pop(STASH, None)  # a new token: the connection is what it proves, or none
         try:
             principal = self._accept(raw)
