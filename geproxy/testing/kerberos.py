@@ -19,6 +19,11 @@ The proxy's principal is ``HTTP/localhost``: clients address the proxy as ``loca
 (``curl -x http://localhost:PORT``), and with ``dns_canonicalize_hostname = false`` and
 ``rdns = false`` that is the name they ask a ticket for.
 
+Fixtures (pytest, registered by ``geproxy.testing``): ``kerberos_kdc``, the KDC, one per
+session; ``kerberos``, per test, a ``KerberosClient`` with the test process's environment
+pointed at the realm, a credential cache and a replay cache of the test's own
+(``kerberos.kinit("alice")``, ``kerberos.keytab``, ``kerberos.env()`` for subprocesses).
+
 This module imports no GSSAPI binding: ``gssapi`` is an optional extra, and a test that
 needs it asks ``require_gssapi()``.
 """
