@@ -39,6 +39,7 @@ from .data import pattern, pattern_sha256
 from .directory import ldap_directory  # noqa: F401  (the fixture, for pytest)
 from .dns import DNSServer, FakeClock
 from .fakes import HookRecorder, RecordCollector, StaticResolver
+from .kerberos import kerberos, kerberos_kdc  # noqa: F401  (fixtures: a KDC on loopback)
 from .servers import (
     Origin,
     Proxy,
