@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import importlib.metadata
+import json
 import re
 import socket
 import subprocess
