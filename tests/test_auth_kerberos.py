@@ -642,3 +642,36 @@ def test_gssapi_runs_in_the_thread_pool(kerberos, negotiate_proxy, origin, conne
     assert sorted(threads) == ["accept_sec_context", "acquire_cred_from",
                                "canonicalize_name"]
     assert loop_thread not in {ident for idents in threads.values() for ident in idents}
+
+
+# -- groups of a Kerberos user, from the directory --------------------------------------------
+
+
+def test_a_kerberos_users_groups_come_from_the_directory(kerberos, negotiate_proxy, origin,
+                                                         ldap_directory, tmp_path):
+    """alice@CORP.EXAMPLE (the realm kept) is looked up in the directory as alice: in
+    admins, she is let through by ``allow group admins``; bob, in staff only, is not."""
+    secret = tmp_path / "service.pw"
+    secret.write_text(ldap_directory.service_password + "\n")
+    kerberos.kinit("alice")
+    proxy, seen = negotiate_proxy(
+        "[acl]\nconnect_ports = 1-65535\nrules =\n    admins: allow group admins\n"
+        "    others: deny all\n",
+        ldap_url=ldap_directory.url, ldap_base=ldap_directory.base,
+        ldap_bind_user=ldap_directory.service_dn, ldap_bind_password_file=str(secret),
+        ldap_group_base=f"ou=groups,{ldap_directory.base}")
+    assert curl("--proxy-negotiate", "-U", ":", "-x", proxy_url(proxy),
+                origin.url("/")).stdout == b"hello\n"
+    bob_cache = tmp_path / "bob.ccache"
+    kerberos.kinit("bob", ccache=bob_cache)
+    denied = subprocess.run(
+        ["curl", "-q", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "",
+         "--proxy-negotiate", "-U", ":", "-x", proxy_url(proxy), origin.url("/")],
+        capture_output=True, timeout=30, env={**os.environ, **kerberos.env(bob_cache)})
+    assert denied.stdout == b"403"
+    records = wait_for_records(proxy, 2)
+    assert [(status, user) for _, status, user, _ in seen.requests] == [
+        (200, ALICE), (403, f"bob@{REALM}")]
+    assert records[1].rule == "others"
+    assert re.search(r"SRCH base=\"ou=groups,dc=corp,dc=example\".*filter=\"\(&\(objectClass="
+                     r"groupOfNames\)\(member=uid=alice,", ldap_directory.log())
