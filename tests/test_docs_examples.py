@@ -72,6 +72,9 @@ TEST_FILES = {
     ("acl", "group_file"): "{groups}",
     ("acl", "deny_page"): "{deny_page}",
     ("acl", "error_dir"): "{error_dir}",
+    ("auth", "ldap_ca_file"): "{client_ca}",
+    ("auth", "ldap_bind_password_file"): "{secret}",
+    ("auth", "keytab"): "{keytab}",
 }
 
 #: The kinds whose values name files (geproxy.config resolves these against the directory).
@@ -288,6 +291,8 @@ class ExampleFiles:
     groups: str
     deny_page: str
     error_dir: str
+    secret: str
+    keytab: str
 
 
 def file_kinds() -> dict[tuple[str, str], str]:
@@ -360,6 +365,10 @@ def test_files(tmp_path_factory: pytest.TempPathFactory) -> ExampleFiles:
     (directory / "logs").mkdir()
     (directory / "groups").write_text("staff: alice\n")
     (directory / "errors").mkdir()
+    (directory / "ldap.secret").write_text("service-pw\n")
+    # check-config reads no key from it (nothing Kerberos is done before a worker's first
+    # token): a file that is there and readable is all it asks.
+    (directory / "proxy.keytab").write_bytes(b"\x05\x02")
     page = "<html><body><p>Refused by the egress policy.</p></body></html>\n"
     (directory / "errors" / "denied.html").write_text(page)
     for name in ("blocked", "no-uploads"):  # the pages the examples' rules name
@@ -368,7 +377,8 @@ def test_files(tmp_path_factory: pytest.TempPathFactory) -> ExampleFiles:
                      str(directory / "clients-ca.pem"), str(directory / "htpasswd"),
                      str(directory / "www"), str(directory / "logs" / "access.log"),
                      str(directory / "groups"), str(directory / "errors" / "denied.html"),
-                     str(directory / "errors"))
+                     str(directory / "errors"), str(directory / "ldap.secret"),
+                     str(directory / "proxy.keytab"))
 
 
 def run_checks(paths: list[str], directory: Path,
