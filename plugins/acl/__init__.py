@@ -57,6 +57,7 @@ from geproxy import (
     OptionRegistry,
     Request,
     Response,
+    did_you_mean,
     errors,
     hookimpl,
     parse_port_ranges,
@@ -290,6 +291,7 @@ class ACL:
                 continue
             seen.add(rule.id)
             rules.append(_located(rule, config))
+        _check_helpers(config, rules, lists, problem)
         self._configure_groups(config, section, problem)
         pages = self._configure_pages(section, rules, problem)
         if problems:
@@ -473,6 +475,44 @@ class ACL:
             holder.refresh()
         groups: dict[str, frozenset[str]] = holder.matcher
         return groups.get(user.lower() if self.fold_case else user)
+
+
+def _helper_names(config: Config) -> Optional[list[str]]:
+    """The helpers ``[external] helpers`` declares (the name before each line's options and
+    colon); None when the external plugin is not loaded."""
+    if "external" not in config:
+        return None
+    names = []
+    for line in config.section("external").get("helpers", ()):
+        words = line.partition(":")[0].split()
+        if words:
+            names.append(words[0])
+    return names
+
+
+def _check_helpers(config: Config, rules: Sequence[Rule], lists: dict[str, Condition],
+                   problem: Callable[..., None]) -> None:
+    """Every ``external NAME`` names a helper of ``[external] helpers``."""
+    known = _helper_names(config)
+
+    def check(condition: Condition, key: str, number: int) -> None:
+        if condition.kind.name != "external" or condition.sources.current() == ():
+            return
+        for call in condition.sources.current():
+            if known is None:
+                problem(key, f"{condition.text}: the external plugin is disabled: no "
+                        "helper can answer", number)
+            elif call.name not in known:
+                problem(key, f"{condition.text}: no helper named {call.name!r} in "
+                        "[external] helpers" + did_you_mean(call.name, known)
+                        + f" (helpers: {', '.join(known) or 'none'})", number)
+
+    for number, (name, condition) in enumerate(lists.items(), 1):
+        check(condition, "lists", number)
+    for rule in rules:
+        for condition in rule.conditions:
+            if not condition.text.startswith(("@", "!@")):
+                check(condition, "rules", rule.number)
 
 
 def _located(rule: Rule, config: Config) -> Rule:
