@@ -24,7 +24,7 @@ from passlib.hash import bcrypt
 
 from geproxy import ConfigError, Context, Headers, Request
 from geproxy.policy.plugins import load
-from geproxy.testing import curl, wait_for_records
+from geproxy.testing import curl, echo, kit_ini, open_tunnel, wait_for_records
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,6 +60,8 @@ def answer(fields):
         return "ERR"
     if mode == "bh":
         return "BH message=broken"
+    if mode == "same":                         # FIELD ARG: whether they are equal
+        return "OK" if fields[0] == fields[1] else "ERR"
     if mode == "hang" and fields[0].endswith("/hang"):
         time.sleep(3600)
     if mode == "slow":
@@ -357,7 +359,7 @@ def test_check_config_and_explain_start_no_helper(tmp_path, helper):
     explained = subprocess.run([*geproxy, "explain", "-c", str(path), "GET",
                                 "http://example.org/"], capture_output=True, text=True,
                                timeout=30)
-    assert "not run" in explained.stdout + explained.stderr, explained
+    assert "runs no external ACL helper" in explained.stdout, explained
     assert not (state / "started").exists()
 
 
@@ -372,3 +374,44 @@ def test_each_worker_starts_its_own_helpers_lazily(proxy_process, origin, helper
         if len(parents) == 2 and n >= 4:
             break
     assert len(parents) == 2 and str(proxy.process.pid) not in parents
+
+
+@pytest.mark.xfail(strict=True, reason="core: Transaction.recheck's ctx keeps the old "
+                   "generation's identity (ctx.identity), so ctx.external asks the old "
+                   "plugins; fixed by identity=gen.hooks in its dataclasses.replace")
+def test_the_reload_recheck_asks_helpers_and_closes_only_what_they_refuse(proxy_factory,
+                                                                           raw_origin,
+                                                                           helper):
+    """reload_tunnels = recheck: a condition new to an open tunnel is asked of the helper in
+    the worker (a tunnel is not closed only because nobody asked); its answer decides."""
+    command, state = helper("same")
+    revoked, kept = raw_origin(echo), raw_origin(echo)
+    proxy = proxy_factory("[acl]\nconnect_ports = 1-65535\nrules = allow all\n")
+    tunnels = []
+    for server in (revoked, kept):
+        sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        tunnels.append(sock)
+    try:
+        with open(proxy.server.config.path, "w", encoding="utf-8") as handle:
+            handle.write(kit_ini("reload_tunnels = recheck\n" + _ini(
+                f"same: %PORT: {command}", f"deny external same {revoked.port}\n    allow all",
+                "connect_ports = 1-65535\n")))
+        assert proxy.server.reload()
+        for sock in tunnels:
+            sock.settimeout(10)
+        assert _recv_or_closed(tunnels[0]) == b""
+        tunnels[1].sendall(b"ping")
+        assert tunnels[1].recv(100) == b"ping"
+        assert sorted(line[1] for line in _lines(state, "lines")) == sorted(
+            [str(revoked.port), str(kept.port)])
+    finally:
+        for sock in tunnels:
+            sock.close()
+
+
+def _recv_or_closed(sock: Any) -> bytes:
+    try:
+        return sock.recv(100)
+    except OSError:
+        return b""

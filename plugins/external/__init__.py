@@ -28,10 +28,14 @@ offer the field is ``-``.
 Processes (helpers.py) start on the first question in a worker: never at configure, in
 ``check-config``, ``explain`` or the master; ``unconfigure`` (reload, stop) kills them.
 
-Only deciding (``ctx.decide_only``: ``geproxy explain`` and the re-check of open tunnels
-after a reload) no helper is asked: the answer is the one this connection's request got
-(kept in ``ctx.stash``: a tunnel is re-checked with the answer it was let in with), or a
-remembered one; otherwise ``errors.BackendUnavailable`` says that no helper is run there.
+Only deciding (``ctx.decide_only``) outside a server (``geproxy explain``: ``ctx.conn_id``
+is ``-``), no helper is started: a remembered answer is used, and otherwise
+``errors.BackendUnavailable`` says that explain runs no helper. The re-check of open tunnels
+after a reload (``reload_tunnels = recheck``) is also only deciding, but in the worker that
+holds the tunnel: a condition the tunnel's request met already keeps its answer (the core
+asks once per request and condition), and a condition new to it is asked of the helper as a
+new request would be (remembered answers first), so that no tunnel is closed only because
+a helper was not asked; a helper that cannot answer then closes it (fail closed).
 """
 
 from __future__ import annotations
@@ -65,11 +69,11 @@ __all__ = ["External", "HelperSpec", "parse_helper"]
 log = logging.getLogger(__name__)
 
 SECTION = "external"
-#: ctx.stash key: (name, line) -> the answer this connection's requests got.
-ANSWERS_KEY = "external.answers"
-#: What explain and the tunnel re-check say when nothing answered a helper's question.
-NOT_ASKED = "external ACL helpers are not run when only deciding (geproxy explain, the " \
-    "re-check of tunnels at a reload), and no answer to this question is remembered"
+#: ``ctx.conn_id`` of a context made outside a server (``geproxy explain``, a test).
+OUTSIDE = "-"
+#: What explain says when no answer to a helper's question is remembered.
+NOT_ASKED = "geproxy explain runs no external ACL helper, and no answer to this question " \
+    "is remembered"
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -228,14 +232,11 @@ class External:
                         f"external helper {name} needs a user (%LOGIN), and the request "
                         "proves none", challenges=challenges)
         line = request_line(spec.format.fields(ctx, request, user), arguments)
-        answers = ctx.stash.setdefault(ANSWERS_KEY, {})
         cache = self.caches[name]
         answer: Optional[Answer] = cache.get(line)
-        if answer is None and ctx.decide_only:
-            answer = answers.get((name, line))
-            if answer is None:
-                raise errors.BackendUnavailable(f"external helper {name}: {NOT_ASKED}",
-                                                details=DETAILS)
+        if answer is None and ctx.decide_only and ctx.conn_id == OUTSIDE:
+            raise errors.BackendUnavailable(f"external helper {name}: {NOT_ASKED}",
+                                            details=DETAILS)
         if answer is None:
             answer = self._helpers(spec).ask(line)
             if answer.result == "BH":
@@ -243,10 +244,6 @@ class External:
                                   + (f": {answer.message}" if answer.message else ""))
             if (spec.ttl if answer.match else spec.negative_ttl) > 0 and spec.cache:
                 cache[line] = answer
-        if not ctx.decide_only:
-            if len(answers) >= 64:
-                answers.clear()  # bounded: a long keep-alive connection asks many lines
-            answers[(name, line)] = answer
         return ExternalAnswer(answer.match, user=answer.user, groups=answer.groups,
                               message=answer.message or answer.log)
 
