@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import gevent
 import pytest
-from geproxy_plugins.external import External, parse_helper
+from geproxy_plugins.external import parse_helper
 from geproxy_plugins.external.protocol import encode, parse_answer, parse_format, request_line
 from passlib.hash import bcrypt
 
@@ -415,3 +415,18 @@ def _recv_or_closed(sock: Any) -> bytes:
         return sock.recv(100)
     except OSError:
         return b""
+
+
+def test_a_negated_external_condition_and_one_in_a_named_list(proxy_factory, origin, helper,
+                                                               tmp_path):
+    command, state = helper("same")
+    proxy = proxy_factory(_ini(f"same: %PORT: {command}",
+                               f"deny !external same {origin.port}\n    allow @mine",
+                               "lists = mine: external same " + str(origin.port) + "\n"))
+    assert _status(proxy, origin.url("/"))[0] == 200
+    closed = f"http://127.0.0.1:{origin.port + 1 if origin.port < 65535 else 1}/"
+    assert _status(proxy, closed)[0] == 403  # ERR, negated: denied before any connect
+    assert len(_lines(state, "lines")) == 2  # one question per request: the answer is kept
+    said = _load_error(tmp_path, _ini("same: %PORT: /bin/true", "allow @mine",
+                                      "lists = mine: external sam 80\n"))
+    assert "[acl] lists" in said and "'same'" in said and "bad.ini:10" in said, said

@@ -140,7 +140,7 @@ def test_every_hook_has_a_contract():
         "route_failed", "resolve", "on_tunnel_data", "on_response", "on_close",
         "reopen_logs", "on_disconnect", "on_tls_handshake", "on_progress", "on_reload",
         "parent_proxies", "prepare_workers", "on_worker_exit", "authenticate",
-        "auth_challenge", "user_groups"}
+        "auth_challenge", "user_groups", "external_acl"}
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert "Called" in doc, spec.__name__

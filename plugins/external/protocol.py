@@ -93,15 +93,21 @@ _GETTERS: dict[str, Callable[[Any, Any, Optional[str]], Optional[str]]] = {
 }
 
 
+def _header(name: str) -> Callable[[Any, Any, Optional[str]], Optional[str]]:
+    def get(ctx: Any, request: Any, user: Optional[str]) -> Optional[str]:
+        value: Optional[str] = request.headers.get(name)
+        return value
+    return get
+
+
 def parse_format(text: str) -> Format:
     """``%LOGIN %DST ...`` (whitespace separated); ValueError naming an unknown code."""
     codes: list[str] = []
-    getters = []
+    getters: list[Callable[[Any, Any, Optional[str]], Optional[str]]] = []
     for code in text.split():
         header = _HEADER.fullmatch(code)
         if header is not None:
-            name = header.group(1)
-            getters.append(lambda ctx, request, user, name=name: request.headers.get(name))
+            getters.append(_header(header.group(1)))
         elif code in _GETTERS:
             getters.append(_GETTERS[code])
         else:
