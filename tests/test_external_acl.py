@@ -430,3 +430,20 @@ def test_a_negated_external_condition_and_one_in_a_named_list(proxy_factory, ori
     said = _load_error(tmp_path, _ini("same: %PORT: /bin/true", "allow @mine",
                                       "lists = mine: external sam 80\n"))
     assert "[acl] lists" in said and "'same'" in said and "bad.ini:10" in said, said
+
+
+def test_a_full_queue_answers_503_at_once(proxy_factory, origin, helper):
+    """children=1, concurrency=0: one question in flight, two waiting (twice the slots);
+    the next is refused without waiting."""
+    command, state = helper("hang")
+    proxy = proxy_factory(_ini(f"hang children=1 timeout=2s ttl=0: %PATH: {command}",
+                               "allow external hang"))
+    plugin = proxy.server.pm.get_plugin("external")
+    hung = gevent.spawn(_status, proxy, origin.url("/hang"))
+    _wait(lambda: _lines(state, "lines"))
+    queued = [gevent.spawn(_status, proxy, origin.url(f"/{n}")) for n in range(2)]
+    _wait(lambda: plugin.helpers["hang"].waiting == 2)
+    status, head = _status(proxy, origin.url("/one-too-many"))
+    assert status == 503 and 'details="external ACL helper unavailable"' in head
+    assert hung.get(timeout=20)[0] == 503  # its timeout: killed
+    assert [job.get(timeout=20)[0] for job in queued] == [200, 200]  # a new process answers

@@ -6,10 +6,11 @@ Invariants:
 - A process is started only by ``Helpers.ask`` (a request in a worker), never at configure.
 - At most ``children`` processes, each with at most ``slots`` questions in flight
   (``concurrency``, or 1 when it is 0: then no channel id, answers in order). Questions beyond
-  that wait for a slot; at most ``queue`` of them wait, the next is refused (503).
-- Every question waits at most ``timeout``; past it the process is killed by its PID (a
-  helper that hangs on one question is not trusted with the next), its other questions fail
-  with it, and the next question starts a fresh process.
+  that wait for a slot; at most ``queue`` of them wait, the next is refused (503). A waiter
+  gives up after the longest its turn can take when every process runs to its timeout.
+- Every question waits at most ``timeout`` for its answer; past it the process is killed
+  by its PID (a helper that hangs on one question is not trusted with the next), its other
+  questions fail with it, and the next question starts a fresh process.
 - Starts are counted per minute: past ``MAX_STARTS_PER_MINUTE`` a helper that keeps dying
   is not started again until the minute passes (logged as an error): questions fail (503)
   rather than fork a crashing program in a loop. A restart after a death waits a little
@@ -207,6 +208,11 @@ class Helpers:
         self._closed = False
 
     @property
+    def waiting(self) -> int:
+        """Questions waiting for a free process now."""
+        return self._waiting
+
+    @property
     def pids(self) -> list[int]:
         """The PIDs of the processes running now."""
         return [p.pid for p in self.processes if p.alive]
@@ -221,9 +227,13 @@ class Helpers:
                                   "wait already (every process busy)")
             self._waiting += 1
             try:
-                if not self._free.acquire(timeout=self.timeout):
+                # Every question in flight ends within timeout (answered or killed), and at
+                # most queue wait: a waiter's turn comes within this, unless processes
+                # cannot start at all.
+                patience = self.timeout * (1 + self.queue / (self.children * self.slots))
+                if not self._free.acquire(timeout=patience):
                     raise Unavailable(f"external helper {self.name}: no process free "
-                                      f"within {self.timeout:g}s")
+                                      f"within {patience:g}s")
             finally:
                 self._waiting -= 1
         try:
