@@ -26,7 +26,7 @@ setup(
     python_requires=">=3.11",
     packages=["geproxy", "geproxy.protocol", "geproxy.net", "geproxy.policy", "geproxy.relay",
               "geproxy.serve", "geproxy.testing", "geproxy_plugins", "geproxy_plugins.acl",
-              "geproxy_plugins.auth"],
+              "geproxy_plugins.auth", "geproxy_plugins.external"],
     package_dir={"geproxy": "geproxy", "geproxy_plugins": "plugins"},
     package_data={"geproxy": ["py.typed"], "geproxy_plugins": ["py.typed"]},
     install_requires=[

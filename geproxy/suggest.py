@@ -58,6 +58,7 @@ SQUID_NAMES: dict[str, tuple[str, str]] = {
     "auth_param": ("auth", "htpasswd"),
     "acl": ("acl", "rules"),
     "http_access": ("acl", "rules"),
+    "external_acl_type": ("external", "helpers"),
     "client_ip_max_connections": ("acl", "max_connections_per_client"),
     "cache_peer": ("parents", "parents"),
     "never_direct": ("parents", "rules"),

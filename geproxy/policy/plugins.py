@@ -54,6 +54,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("dnscache", "geproxy_plugins.dnscache:DNSCache"),
     ("auth", "geproxy_plugins.auth:Auth"),
     ("acl", "geproxy_plugins.acl:ACL"),
+    ("external", "geproxy_plugins.external:External"),
     ("parent", "geproxy_plugins.parent:Parent"),
     ("pac", "geproxy_plugins.pac:PAC"),
     ("sni", "geproxy_plugins.sni:SNI"),

@@ -15,7 +15,7 @@ table)::
         deny all
 
 Each rule is ``[id:] allow|deny`` followed by ``all`` or by conditions (``conditions.py``:
-``src dst port method user group url_regex path time``, ``!`` before one negating it,
+``src dst port method user group url_regex path time external``, ``!`` negating one,
 ``@NAME`` a named list), and optionally ``deny_page NAME``. The conditions of a rule are
 evaluated left to right and it stops at the first that does not match; the first rule that
 matches decides; no match denies (rule id ``default``). A CONNECT to a port outside
@@ -57,6 +57,7 @@ from geproxy import (
     OptionRegistry,
     Request,
     Response,
+    did_you_mean,
     errors,
     hookimpl,
     parse_port_ranges,
@@ -197,7 +198,7 @@ class ACL:
             .add("rules", "lines", DEFAULT_RULES,
                  "Ordered rules, one per line, first match wins: [id:] allow|deny all, or "
                  "allow|deny with conditions (src dst port method user group url_regex path "
-                 "time, ! to negate, @NAME for a list) and an optional deny_page NAME; no "
+                 "time external, ! to negate, @NAME for a list) and an optional deny_page NAME; no "
                  "match denies.")
             .add("lists", "lines", "",
                  "Named lists, one per line: NAME: CONDITION VALUE...; rules use them as "
@@ -270,6 +271,7 @@ class ACL:
                 files[key] = found
             return found
 
+        check_external = _helper_check(config, problem)
         lists: dict[str, Condition] = {}
         for number, text in enumerate(section["lists"], 1):
             try:
@@ -277,6 +279,7 @@ class ACL:
             except ValueError as exc:
                 problem("lists", f"{exc}: {text!r}", number)
                 continue
+            check_external(condition, "lists", number)
             lists[name] = condition
         rules: list[Rule] = []
         seen: set[str] = set()
@@ -289,6 +292,8 @@ class ACL:
                 problem("rules", f"{exc}: {text!r}", number)
                 continue
             seen.add(rule.id)
+            for condition in rule.conditions:
+                check_external(condition, "rules", number)
             rules.append(_located(rule, config))
         self._configure_groups(config, section, problem)
         pages = self._configure_pages(section, rules, problem)
@@ -473,6 +478,41 @@ class ACL:
             holder.refresh()
         groups: dict[str, frozenset[str]] = holder.matcher
         return groups.get(user.lower() if self.fold_case else user)
+
+
+def _helper_names(config: Config) -> Optional[list[str]]:
+    """The helpers ``[external] helpers`` declares (the name before each line's options and
+    colon); None when the external plugin is not loaded."""
+    if "external" not in config:
+        return None
+    names = []
+    for line in config.section("external").get("helpers", ()):
+        words = line.partition(":")[0].split()
+        if words:
+            names.append(words[0])
+    return names
+
+
+def _helper_check(config: Config, problem: Callable[..., None]
+                  ) -> Callable[[Condition, str, int], None]:
+    """``check(condition, key, number)``: an ``external NAME`` condition must name a helper
+    of ``[external] helpers`` (a problem reported otherwise, at the line ``number`` of
+    ``key``)."""
+    known = _helper_names(config)
+
+    def check(condition: Condition, key: str, number: int) -> None:
+        if condition.kind.name != "external" or condition.text.startswith(("@", "!@")):
+            return  # a named list was checked where it is written
+        for call in condition.sources.current():
+            if known is None:
+                problem(key, f"{condition.text}: the external plugin is disabled: no "
+                        "helper can answer", number)
+            elif call.name not in known:
+                problem(key, f"{condition.text}: no helper named {call.name!r} in "
+                        "[external] helpers" + did_you_mean(call.name, known)
+                        + f" (helpers: {', '.join(known) or 'none'})", number)
+
+    return check
 
 
 def _located(rule: Rule, config: Config) -> Rule:

@@ -19,6 +19,8 @@ path       a shell glob matches the whole path (query included) of a plain-HTTP 
            (or of one to the proxy itself); never matches a CONNECT
 time       the decision's time is on one of the days and within one of the time ranges:
            ``Mon-Fri 08:00-18:00`` (days and ranges both optional, each ORed)
+external   ``external NAME [ARG...]``: the external ACL helper NAME (``[external]``)
+           answers OK for the request, the arguments appended to its line
 =========  ===============================================================================
 
 A request addressed to the proxy itself (origin-form, no host) has no destination: ``dst``,
@@ -37,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import re2
 
-from geproxy import Context, HostPatterns, Request, parse_port_ranges
+from geproxy import Context, HostPatterns, Request, errors, parse_port_ranges
 from geproxy.hosts import NetworkSet, authority, ip_literal, unmapped
 
 __all__ = ["KINDS", "SQUID_NAMES", "Condition", "Kind", "NeedsUser", "Sources",
@@ -155,6 +157,18 @@ def _time(values: Sequence[str]) -> TimeSpec:
 
 
 @dataclass(frozen=True)
+class External:
+    """``external NAME ARG...``: the helper's name and the words after it."""
+
+    name: str
+    arguments: tuple[str, ...]
+
+
+def _external_call(values: Sequence[str]) -> External:
+    return External(values[0], tuple(values[1:]))
+
+
+@dataclass(frozen=True)
 class Kind:
     """A condition's name and how its values are built into something that matches."""
 
@@ -180,13 +194,14 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("url_regex", _regex),
     Kind("path", _globs),
     Kind("time", _time),
+    Kind("external", _external_call),
 )}
 
 #: Squid's ACL types, for the suggestion an unknown condition name gets.
 SQUID_NAMES = {
     "dstdomain": "dst", "dstdom_regex": "url_regex", "dst": "dst", "src": "src",
     "srcdomain": "src", "proxy_auth": "user", "proxy_auth_regex": "user",
-    "ext_user": "user", "external": "group", "urlpath_regex": "path", "urllogin": "path",
+    "ext_user": "user", "external": "external", "urlpath_regex": "path", "urllogin": "path",
     "localnet": "src", "ssl_ports": "port", "safe_ports": "port",
 }
 
@@ -369,9 +384,19 @@ def _group(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
     return any(not names.isdisjoint(groups) for names in matchers)
 
 
+def _external(c: Condition, s: Subject, matchers: Sequence[Any]) -> bool:
+    """The helper's answer (``ctx.external``); a helper whose format needs ``%LOGIN`` asks
+    for credentials as ``user`` does (NeedsUser: the 407 and its rule)."""
+    try:
+        return any(s.ctx.external(s.request, call.name, call.arguments) for call in matchers)
+    except errors.AuthenticationRequired:
+        raise NeedsUser(c.text) from None
+
+
 _TESTS: dict[str, Callable[[Condition, Subject, Sequence[Any]], bool]] = {
     "src": _src, "dst": _dst, "port": _port, "method": _method, "user": _user,
     "group": _group, "url_regex": _url_regex, "path": _path, "time": _when,
+    "external": _external,
 }
 
 

@@ -226,7 +226,7 @@ class _Parser:
                 raise ValueError(f"unknown condition {name!r}"
                                  + did_you_mean(name, KINDS, SQUID_NAMES)
                                  + f" (conditions: {', '.join(KINDS)})")
-            if name in seen:
+            if name in seen and name != "external":  # each external names its own helper
                 raise ValueError(f"{name} given twice: list its values once")
             seen.add(name)
             i += 1
@@ -241,6 +241,11 @@ class _Parser:
                   negated: bool) -> Condition:
         if not values:
             raise ValueError(f"{kind.name} needs at least one value")
+        if kind.name == "external" and (values[0].quoted
+                                        or any(not w.quoted and w.text.startswith("file:")
+                                               for w in values)):
+            raise ValueError("external NAME [ARG...]: a helper's name, then its arguments "
+                             "(no file: lists)")
         inline = [w.text for w in values if w.quoted or not w.text.startswith("file:")]
         files = []
         for word in values:
