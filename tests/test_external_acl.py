@@ -376,9 +376,6 @@ def test_each_worker_starts_its_own_helpers_lazily(proxy_process, origin, helper
     assert len(parents) == 2 and str(proxy.process.pid) not in parents
 
 
-@pytest.mark.xfail(strict=True, reason="core: Transaction.recheck's ctx keeps the old "
-                   "generation's identity (ctx.identity), so ctx.external asks the old "
-                   "plugins; fixed by identity=gen.hooks in its dataclasses.replace")
 def test_the_reload_recheck_asks_helpers_and_closes_only_what_they_refuse(proxy_factory,
                                                                            raw_origin,
                                                                            helper):

@@ -291,8 +291,10 @@ class Transaction:
         request = record.request
         if request is None:
             return None
+        # The new generation's plugins answer the identity hooks (groups, external
+        # checks) too, not the ones the tunnel was opened under.
         ctx = dataclasses.replace(self.ctx, decide_only=True, stash=dict(self.ctx.stash),
-                                  config=gen.config)
+                                  config=gen.config, identity=gen.hooks)
         try:
             decided = gen.hooks.on_request(ctx, request)
             if isinstance(decided, ProxyError):

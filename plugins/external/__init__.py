@@ -28,14 +28,14 @@ offer the field is ``-``.
 Processes (helpers.py) start on the first question in a worker: never at configure, in
 ``check-config``, ``explain`` or the master; ``unconfigure`` (reload, stop) kills them.
 
-Only deciding (``ctx.decide_only``) outside a server (``geproxy explain``: ``ctx.conn_id``
-is ``-``), no helper is started: a remembered answer is used, and otherwise
-``errors.BackendUnavailable`` says that explain runs no helper. The re-check of open tunnels
-after a reload (``reload_tunnels = recheck``) is also only deciding, but in the worker that
-holds the tunnel: a condition the tunnel's request met already keeps its answer (the core
-asks once per request and condition), and a condition new to it is asked of the helper as a
-new request would be (remembered answers first), so that no tunnel is closed only because
-a helper was not asked; a helper that cannot answer then closes it (fail closed).
+In ``geproxy explain`` (``ctx.offline``), no helper is started: a remembered answer is used,
+and otherwise ``errors.BackendUnavailable`` says that explain runs no helper. The re-check
+of open tunnels after a reload (``reload_tunnels = recheck``) is also only deciding, but in
+the worker that holds the tunnel: a condition the tunnel's request met already keeps its
+answer (the core asks once per request and condition), and a condition new to it is asked of
+the helper as a new request would be (remembered answers first), so that no tunnel is closed
+only because a helper was not asked; a helper that cannot answer then closes it (fail
+closed).
 """
 
 from __future__ import annotations
@@ -69,8 +69,6 @@ __all__ = ["External", "HelperSpec", "parse_helper"]
 log = logging.getLogger(__name__)
 
 SECTION = "external"
-#: ``ctx.conn_id`` of a context made outside a server (``geproxy explain``, a test).
-OUTSIDE = "-"
 #: What explain says when no answer to a helper's question is remembered.
 NOT_ASKED = "geproxy explain runs no external ACL helper, and no answer to this question " \
     "is remembered"
@@ -234,7 +232,7 @@ class External:
         line = request_line(spec.format.fields(ctx, request, user), arguments)
         cache = self.caches[name]
         answer: Optional[Answer] = cache.get(line)
-        if answer is None and ctx.decide_only and ctx.conn_id == OUTSIDE:
+        if answer is None and ctx.offline:
             raise errors.BackendUnavailable(f"external helper {name}: {NOT_ASKED}",
                                             details=DETAILS)
         if answer is None:
