@@ -444,6 +444,19 @@ def test_basic_of_another_user_on_a_negotiated_connection_is_refused(
         (200, "alice"), (200, "alice"), (400, None)]
 
 
+def _status_as(kerberos: KerberosClient, user: str, tmp_path: Path, proxy: Any,
+               origin: Any) -> bytes:
+    """The status curl gets for a GET through ``proxy`` with ``user``'s ticket (kinit
+    into a credential cache of the user's own)."""
+    ccache = tmp_path / f"{user}.ccache"
+    kerberos.kinit(user, ccache=ccache)
+    done = subprocess.run(
+        ["curl", "-q", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "",
+         "--proxy-negotiate", "-U", ":", "-x", proxy_url(proxy), origin.url("/")],
+        capture_output=True, timeout=30, env={**os.environ, **kerberos.env(ccache)})
+    return done.stdout
+
+
 def test_an_acl_rule_names_the_kerberos_user(kerberos, negotiate_proxy, origin, tmp_path):
     kerberos.kinit("alice")
     proxy, seen = negotiate_proxy(
@@ -451,13 +464,7 @@ def test_an_acl_rule_names_the_kerberos_user(kerberos, negotiate_proxy, origin, 
         strip_realm="on")
     assert curl("--proxy-negotiate", "-U", ":", "-x", proxy_url(proxy),
                 origin.url("/")).stdout == b"hello\n"
-    bob_cache = tmp_path / "bob.ccache"
-    kerberos.kinit("bob", ccache=bob_cache)
-    denied = subprocess.run(
-        ["curl", "-q", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "",
-         "--proxy-negotiate", "-U", ":", "-x", proxy_url(proxy), origin.url("/")],
-        capture_output=True, timeout=30, env={**os.environ, **kerberos.env(bob_cache)})
-    assert denied.stdout == b"403"
+    assert _status_as(kerberos, "bob", tmp_path, proxy, origin) == b"403"
     wait_for_records(proxy, 2)
     assert [(status, user) for _, status, user, _ in seen.requests] == [
         (200, "alice"), (403, "bob")]
@@ -662,13 +669,7 @@ def test_a_kerberos_users_groups_come_from_the_directory(kerberos, negotiate_pro
         ldap_group_base=f"ou=groups,{ldap_directory.base}")
     assert curl("--proxy-negotiate", "-U", ":", "-x", proxy_url(proxy),
                 origin.url("/")).stdout == b"hello\n"
-    bob_cache = tmp_path / "bob.ccache"
-    kerberos.kinit("bob", ccache=bob_cache)
-    denied = subprocess.run(
-        ["curl", "-q", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "",
-         "--proxy-negotiate", "-U", ":", "-x", proxy_url(proxy), origin.url("/")],
-        capture_output=True, timeout=30, env={**os.environ, **kerberos.env(bob_cache)})
-    assert denied.stdout == b"403"
+    assert _status_as(kerberos, "bob", tmp_path, proxy, origin) == b"403"
     records = wait_for_records(proxy, 2)
     assert [(status, user) for _, status, user, _ in seen.requests] == [
         (200, ALICE), (403, f"bob@{REALM}")]

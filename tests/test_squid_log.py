@@ -24,7 +24,7 @@ import gevent.pywsgi
 import gevent.server
 import pytest
 
-from geproxy.testing import Proxy, curl, free_port, require_tool
+from geproxy.testing import Proxy, curl, free_port, require_tool, stop_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -199,12 +199,7 @@ def squid(tmp_path: Path) -> Iterator[Callable[..., Squid]]:
 
     yield start
     for process, collector in started:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process)
         collector.server.stop(timeout=1)
 
 

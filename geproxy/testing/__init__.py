@@ -33,6 +33,7 @@ from .clients import (
     recv_all,
     require_tool,
     settle,
+    stop_process,
     wait_until,
 )
 from .data import pattern, pattern_sha256
@@ -76,6 +77,7 @@ __all__ = [
     "live_greenlets",
     "settle",
     "require_tool",
+    "stop_process",
     "free_port",
     "head_field",
     "wait_until",

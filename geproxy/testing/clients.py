@@ -195,6 +195,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def stop_process(process: "subprocess.Popen[Any]", timeout: float = 10.0) -> int:
+    """Stop a process the test started, by its PID: SIGTERM, then SIGKILL if it is still
+    there after ``timeout`` seconds; its exit status."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(timeout=5)
+
+
 def require_tool(tool: str) -> str:
     """The path of a command a test needs; skips the test when it is missing, or fails it
     when ``GEPROXY_REQUIRE_TOOLS`` is set (CI, where every tool must be there)."""

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional
 import gevent
 import pytest
 
-from .clients import free_port, require_tool
+from .clients import free_port, require_tool, stop_process
 
 __all__ = ["Directory", "ldap_directory", "SERVICE_PASSWORD"]
 
@@ -182,13 +182,8 @@ class Directory:
         return f"uid={user},ou=people,{BASE}"
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            stop_process(self.process)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -39,6 +39,8 @@ from typing import Iterator, Optional, Sequence
 
 import pytest
 
+from .clients import stop_process
+
 #: The test realm, and the service principal of the proxy in it.
 REALM = "CORP.EXAMPLE"
 SERVICE = "HTTP/localhost"
@@ -256,15 +258,8 @@ class KDC:
     def stop(self) -> None:
         """Stop the KDC this started (by its PID)."""
         process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        if process is not None:
+            stop_process(process)
 
     # -- clients ------------------------------------------------------------------------
 

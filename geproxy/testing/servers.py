@@ -19,6 +19,7 @@ import gevent.server
 
 from ..models import Record
 from ..serve.server import ProxyServer, create_server
+from .clients import stop_process
 from .data import pattern
 from .fakes import RecordCollector, StaticResolver
 
@@ -225,13 +226,7 @@ class ProxyProcess:
         raise KeyError(field_name)
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait(timeout=5)
+        code = stop_process(self.process, timeout)
         self._reader.join(timeout=5)
         self._reader.kill()
         self.process.stderr.close()  # type: ignore[union-attr]
