@@ -23,6 +23,7 @@ import collections
 import itertools
 import logging
 import os
+import signal
 import time
 from typing import Callable, Optional, Sequence
 
@@ -156,7 +157,7 @@ class _Process:
     def _kill(self) -> None:
         try:
             if self.popen.poll() is None:
-                os.kill(self.pid, 9)
+                os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         try:
