@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Callable, Hashable, NamedTuple, Optional, Protocol
+from typing import Callable, Hashable, NamedTuple, Optional, Protocol, TypeVar, cast
 
 import gevent
 import gevent.event
@@ -101,7 +101,7 @@ class CredentialCache:
             TTLCache(maxsize=bad_size, ttl=negative_ttl, timer=clock)
             if negative_ttl and max_failures else None)
         self._clock = clock
-        self._flights: dict[bytes, gevent.event.AsyncResult] = {}
+        self._flights = SingleFlight()
 
     def digest(self, source: str, user: str, password: bytes) -> bytes:
         message = b"\0".join((source.encode(), user.encode("utf-8", "surrogatepass"),
@@ -127,7 +127,7 @@ class CredentialCache:
                 and self._failures.get(key, 0) >= self.max_failures):
             return Verdict(None, "throttled")
         try:
-            ok = self._check_once(digest, source, user, password)
+            ok = self._flights.run(digest, lambda: bool(source.verify(user, password)))
         except Unavailable:
             if matches:
                 return Verdict(user, "stale")
@@ -151,32 +151,40 @@ class CredentialCache:
         if self._failures is not None:
             self._failures.clear()
 
-    def _check_once(self, digest: bytes, source: PasswordSource, user: str,
-                    password: bytes) -> bool:
-        """One check for concurrent checks of the same credentials; ``Unavailable`` is
-        shared as well."""
-        joined = self._flights.get(digest)
+
+class SingleFlight:
+    """Concurrent calls with the same key share one: the first caller makes it, the others
+    wait for its outcome, ``Unavailable`` included. A caller killed or failing otherwise
+    leaves its waiters to make the call themselves."""
+
+    def __init__(self) -> None:
+        self._flights: dict[Hashable, gevent.event.AsyncResult] = {}
+
+    def run(self, key: Hashable, call: Callable[[], _T]) -> _T:
+        joined = self._flights.get(key)
         if joined is not None:
             shared = joined.get()
             if isinstance(shared, Unavailable):
                 raise shared
-            if shared is not None:
-                return bool(shared)
-            # The greenlet that was checking was killed or failed: check here.
+            if shared is not _FAILED:
+                return cast(_T, shared)
         flight = gevent.event.AsyncResult()
-        self._flights[digest] = flight
-        outcome: object = None
+        self._flights[key] = flight
+        outcome: object = _FAILED
         try:
-            outcome = bool(source.verify(user, password))
+            outcome = call()
         except Unavailable as exc:
             outcome = exc
             raise
         finally:
-            if self._flights.get(digest) is flight:
-                del self._flights[digest]
+            if self._flights.get(key) is flight:
+                del self._flights[key]
             flight.set(outcome)
-        return bool(outcome)
+        return cast(_T, outcome)
 
 
 #: A stamp no source gives: a remembered failure of no one.
 _NONE = object()
+#: The outcome of a call that ended otherwise than by returning or ``Unavailable``.
+_FAILED = object()
+_T = TypeVar("_T")

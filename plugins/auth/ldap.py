@@ -32,15 +32,14 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
-import gevent.event
 import ldap3  # type: ignore[import-untyped]  # no type information
 from cachetools import TTLCache
 from ldap3.core import exceptions as ldap_errors  # type: ignore[import-untyped]
-from ldap3.utils.dn import parse_dn  # type: ignore[import-untyped]
+from ldap3.utils.dn import escape_rdn, parse_dn  # type: ignore[import-untyped]
 
 from geproxy import Config, ConfigError
 
-from .credentials import Unavailable
+from .credentials import SingleFlight, Unavailable
 from .ldappool import Down, Endpoint, Link, Pool, Settings, result_name
 
 log = logging.getLogger(__name__)
@@ -108,23 +107,6 @@ def escape_filter(value: str) -> str:
                    for b in value.encode("utf-8", "surrogatepass"))
 
 
-def escape_dn_value(value: str) -> str:
-    """``value`` as an RFC 4514 attribute value: the specials backslash-escaped, NUL,
-    controls and leading or trailing spaces written ``\\XX``, a leading ``#`` escaped."""
-    out = []
-    for index, char in enumerate(value):
-        if char in ',+"\\<>;=':
-            out.append("\\" + char)
-        elif (ord(char) < 0x20 or ord(char) == 0x7f
-              or (char == " " and index in (0, len(value) - 1))):
-            out.append("".join(f"\\{b:02x}" for b in char.encode()))
-        elif char == "#" and index == 0:
-            out.append("\\#")
-        else:
-            out.append(char)
-    return "".join(out)
-
-
 def unescape_dn_value(value: str) -> str:
     """An RFC 4514 attribute value as the text it stands for (``\\,`` -> ``,``,
     ``\\c3\\a9`` -> ``é``)."""
@@ -184,7 +166,7 @@ class Directory:
         self._groups: Optional[TTLCache[str, _Groups]] = (
             TTLCache(maxsize=cache_size, ttl=keep, timer=clock)
             if cache_size and keep else None)
-        self._flights: dict[str, gevent.event.AsyncResult] = {}
+        self._flights = SingleFlight()
         #: Users' DNs found by searches (they change seldom), so that a groups lookup
         #: after a password check searches no more.
         self._dns: Optional[TTLCache[str, str]] = (
@@ -329,7 +311,10 @@ class Directory:
         if known is not None and self.clock() - known.at < self.cache_ttl:
             return known.names
         try:
-            names = self._lookup_once(name)
+            # One lookup for concurrent lookups of a user (a page's requests when the
+            # entry has just expired).
+            names = self._flights.run(name, lambda: self.pool.run(
+                lambda link: self._lookup_groups(link, name), searches=True))
         except Unavailable:
             if known is not None:
                 log.warning("ldap: the groups of %r taken from the cache: no server answers",
@@ -339,33 +324,6 @@ class Directory:
         if self._groups is not None:
             self._groups[name] = _Groups(names, self.clock())
         return names
-
-    def _lookup_once(self, user: str) -> frozenset[str]:
-        """One lookup for concurrent lookups of the same user's groups (the requests of a
-        page whose entry has just expired); ``Unavailable`` is shared as well."""
-        joined = self._flights.get(user)
-        if joined is not None:
-            shared = joined.get()
-            if isinstance(shared, Unavailable):
-                raise shared
-            if isinstance(shared, frozenset):
-                return shared
-            # The greenlet that looked was killed or failed: look here.
-        flight = gevent.event.AsyncResult()
-        self._flights[user] = flight
-        outcome: object = None
-        try:
-            outcome = self.pool.run(lambda link: self._lookup_groups(link, user),
-                                    searches=True)
-        except Unavailable as exc:
-            outcome = exc
-            raise
-        finally:
-            if self._flights.get(user) is flight:
-                del self._flights[user]
-            flight.set(outcome)
-        assert isinstance(outcome, frozenset)
-        return outcome
 
     def _lookup_groups(self, link: Link, user: str) -> frozenset[str]:
         dn = self._user_dn(link, user)
@@ -396,7 +354,7 @@ class Directory:
         """The DN of ``user``'s entry: from ``ldap_bind_dn``, or by a search that finds
         exactly one entry (None otherwise)."""
         if self.bind_dn:
-            return _fill(self.bind_dn, user=escape_dn_value(user))
+            return _fill(self.bind_dn, user=escape_rdn(user))
         known = self._dns.get(user) if self._dns is not None else None
         if known is not None:
             return known
