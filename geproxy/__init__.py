@@ -5,7 +5,7 @@ from geproxy (``geproxy.errors`` included, through ``from geproxy import errors`
 """
 
 from . import errors, hosts
-from .config import Config, OptionRegistry, did_you_mean, parse_port_ranges
+from .config import Config, OptionRegistry, did_you_mean, parse_duration, parse_port_ranges
 from .errors import ConfigError, ConfigErrors, Denied, DNSError, DNSTimeout, ProxyError
 from .hosts import HostPatterns, NetworkSet, RouteRule
 from .models import (
@@ -43,6 +43,7 @@ __all__ = [
     "RouteRule",
     "parse_port_ranges",
     "did_you_mean",
+    "parse_duration",
     "ProxyError",
     "Record",
     "Request",

@@ -51,6 +51,7 @@ import gevent.lock
 from geproxy import Config, ConfigError, Context, errors
 
 from . import UNAVAILABLE
+from .credentials import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,6 @@ def reason(exc: BaseException) -> str:
 class Incomplete(Exception):
     """The token needs another leg (SPNEGO's mechanism negotiation, a mechanism other
     than Kerberos first): the proxy makes none, as a connection keeps no half context."""
-
-
-class Unavailable(Exception):
-    """The acceptor cannot work: the keytab or the krb5 configuration is wrong."""
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from geproxy import (
     did_you_mean,
     errors,
     hookimpl,
+    parse_duration,
 )
 
 from .helpers import DETAILS, Helpers, Unavailable
@@ -73,10 +74,8 @@ SECTION = "external"
 NOT_ASKED = "geproxy explain runs no external ACL helper, and no answer to this question " \
     "is remembered"
 
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-#: Per-helper options: name -> (section default's name, kind).
+#: Per-helper options: name -> kind.
 _OPTIONS = {"ttl": "duration", "negative_ttl": "duration", "children": "int",
             "concurrency": "int", "timeout": "duration", "cache": "int"}
 #: Squid's spellings of the same.
@@ -99,14 +98,6 @@ class HelperSpec:
     cache: int
 
 
-def _duration(text: str) -> float:
-    """``60`` (seconds, as Squid writes them), ``250ms``, ``5m``, ``1h``."""
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise ValueError(text)
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
 def parse_helper(text: str, defaults: dict[str, Any]) -> HelperSpec:
     """``NAME [KEY=VALUE ...]: FORMAT: COMMAND``; ValueError saying what is wrong."""
     head, sep, rest = text.partition(":")
@@ -125,7 +116,7 @@ def parse_helper(text: str, defaults: dict[str, Any]) -> HelperSpec:
                              + did_you_mean(key, list(_OPTIONS) + list(_ALIASES))
                              + f" (options: {', '.join(_OPTIONS)})")
         try:
-            parsed: Any = _duration(value) if _OPTIONS[key] == "duration" \
+            parsed: Any = parse_duration(value) if _OPTIONS[key] == "duration" \
                 else int(value)
         except ValueError:
             raise ValueError(f"{key}={value!r}: not a {_OPTIONS[key]}") from None
