@@ -210,3 +210,30 @@ def test_a_dead_workers_open_connections_stop_counting(proxy_process, raw_origin
         assert wait_until(lambda: _value(proxy, "geproxy_requests_in_flight") == 0)
     assert _value(proxy, "geproxy_connections_open") == 0
     assert _value(proxy, "geproxy_connections_total") == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_auth_outcomes_are_counted_across_workers(proxy_process, origin, tmp_path, workers):
+    """geproxy_auth_total sums every worker's checks. Each worker remembers passwords on
+    its own, so a good password is checked ("ok") once per worker that saw it and "cached"
+    after; a wrong one is "failed" wherever it lands."""
+    from passlib.hash import bcrypt
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"alice:{bcrypt.using(ident='2y', rounds=4).hash('alice-pw')}\n")
+    proxy = _start(proxy_process, workers, f"[auth]\nhtpasswd = {htpasswd}\n")
+    for password, status in [("alice-pw", b"200")] * 6 + [("wrong", b"407")] * 3:
+        out = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", proxy.url,
+                   "--proxy-user", f"alice:{password}", origin.url("/"))
+        assert out.stdout == status, out.stderr
+
+    def counted() -> dict[str, float]:
+        return {dict(labels)["result"]: value for (name, labels), value
+                in _samples(proxy).items() if name == "geproxy_auth_total"
+                and dict(labels)["scheme"] == "basic"}
+
+    assert wait_until(lambda: sum(counted().values()) == 9)
+    found = counted()
+    assert found["failed"] == 3
+    assert found["ok"] + found.get("cached", 0) == 6
+    assert 1 <= found["ok"] <= workers
