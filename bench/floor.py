@@ -14,7 +14,9 @@ gevent.Timeout armed and cancelled for every wait that blocks.
 
 It answers what the rates of the bench leave open: how much of a proxy's CPU per request
 the kernel takes whatever the proxy is written in, how much gevent itself takes, and how far
-above both geproxy is. Each subject (the two yardsticks, geproxy-1 with the bench's config,
+above both geproxy is. Each subject (the two yardsticks, geproxy-1 with the bench's config
+and with the audited one of the performance targets (subjects.py: every request logged as
+JSON to a file and checked by a `dst` rule),
 and tinyproxy, privoxy and squid-1 when installed) runs the bench's loads in turn, round
 after round: CONNECT cycles from bench/loadgen.c and keep-alive requests from wrk, 50
 clients each; the table gives medians of the proxy's CPU per item, user space and kernel
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds 1-20, --seconds 1-60")
     installed = [subject.name for subject in subjects.by_names(list(PEERS))
                  if subject.missing() is None]
-    names = [*YARDSTICKS, "geproxy-1", *installed]
+    names = [*YARDSTICKS, "geproxy-1", "geproxy-1-audited", *installed]
     nofile = procs.raise_nofile()
     started = datetime.datetime.now()
     found: dict[str, list[dict[str, float]]] = {name: [] for name in names}
@@ -224,7 +226,24 @@ def render(args: argparse.Namespace, found: dict[str, list[dict[str, float]]]) -
                  *(f"{medians[key]:.3f}"
                    for key in ("request_user", "request_sys", "request_total"))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "The targets' ratios, round by round (each round measures every subject in "
+              "turn): the median of the rounds' ratios and their range", "",
+              "| subject | keep-alive request ÷ floor | CONNECT cycle ÷ floor with timeouts |",
+              "|---|---:|---:|"]
+    for name in (name for name in found if name.startswith("geproxy")):
+        cells = [_ratio(found, name, "floor", "request_total"),
+                 _ratio(found, name, "floor with timeouts", "cycle_total")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(found: dict[str, list[dict[str, float]]], name: str, base: str, key: str) -> str:
+    """`name`'s `key` over `base`'s, per round: "median (lowest-highest)"."""
+    ratios = [run[key] / floor[key] for run, floor in zip(found[name], found[base], strict=True)
+              if floor.get(key)]
+    if not ratios:
+        return "n/a"
+    return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 if __name__ == "__main__":

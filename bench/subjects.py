@@ -45,8 +45,14 @@ class Subject:
 GEPROXY_TLS_OPTIONS = {"http2": "on", "max_streams": "1000"}
 
 
+#: The per-request policy of the audited configuration: a `dst` rule every request is checked
+#: against (it matches none of the bench's), then the clients' rule.
+AUDITED_RULES = ("blocked: deny dst .blocked.example.com 169.254.169.254",
+                 "loopback: allow src 127.0.0.0/8")
+
+
 def geproxy_config(port: int, workers: str | None = None, tls_port: int = 0,
-                   tls: certs.TLSFiles | None = None) -> str:
+                   tls: certs.TLSFiles | None = None, access_log: Path | None = None) -> str:
     """The bench's whole geproxy config: the one place to add or change a section.
 
     Every built-in plugin stays on, as in a deployment; installed plugins of others are off
@@ -69,10 +75,13 @@ def geproxy_config(port: int, workers: str | None = None, tls_port: int = 0,
         + (f"disable = {' '.join(foreign)}\n" if foreign else "")
         + "max_connections = 20000\n"
         "idle_timeout = 5m\n"
-        "access_log = off\n"
-        "\n[acl]\n"
+        + (f"access_log = {access_log}\nlog_format = json\n" if access_log
+           else "access_log = off\n")
+        + "\n[acl]\n"
         "connect_ports = 1-65535\n"
-        "\n[destinations]\n"
+        + ("rules =\n" + "".join(f"    {rule}\n" for rule in AUDITED_RULES)
+           if access_log else "")
+        + "\n[destinations]\n"
         "allow = 127.0.0.0/8\n"
         + tls_section
     )
@@ -116,11 +125,12 @@ def _geproxy_version() -> str:
     return f"geproxy {version}"
 
 
-def _geproxy_start(workers: str) -> Callable[[Path], procs.Server]:
+def _geproxy_start(workers: str, audited: bool = False) -> Callable[[Path], procs.Server]:
     def start(workdir: Path) -> procs.Server:
         port = procs.free_port()
         conf = workdir / "geproxy.ini"
-        conf.write_text(geproxy_config(port, workers))
+        conf.write_text(geproxy_config(port, workers,
+                                       access_log=workdir / "access.log" if audited else None))
         command = [*_geproxy_command(), "--config", str(conf)]
         return procs.start_server(f"geproxy-{workers}", command, port, workdir)
     return start
@@ -154,6 +164,9 @@ SUBJECTS: tuple[Subject, ...] = (
             _no_proxy, _fixed("no proxy"), None),
     Subject("geproxy-1", GEPROXY, "`workers = 1`: one process",
             _geproxy_missing, _geproxy_version, _geproxy_start("1"), _geproxy_start_tls("1")),
+    Subject("geproxy-1-audited", GEPROXY,
+            "`workers = 1`, every request logged as JSON to a file and checked by a `dst` rule",
+            _geproxy_missing, _geproxy_version, _geproxy_start("1", audited=True)),
     Subject("geproxy-auto", GEPROXY,
             f"`workers = auto`: a master and {os.cpu_count()} workers on one SO_REUSEPORT port",
             _geproxy_missing, _geproxy_version, _geproxy_start("auto"),
@@ -183,7 +196,9 @@ SUBJECTS: tuple[Subject, ...] = (
             lambda: peers.missing_distribution("pproxy"),
             lambda: peers.distribution_version("pproxy", "uvloop"), peers.start_pproxy),
 )
-DEFAULT = ",".join(subject.name for subject in SUBJECTS)
+#: Every subject but the audited geproxy, which bench/floor.py measures (it adds its own
+#: minutes to a run; name it in --subjects to have it in the table).
+DEFAULT = ",".join(subject.name for subject in SUBJECTS if subject.name != "geproxy-1-audited")
 #: Older names, still accepted (bench/soak.py asks for "geproxy").
 ALIASES = {"geproxy": "geproxy-1", "squid": "squid-1"}
 
