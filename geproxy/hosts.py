@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -71,6 +72,14 @@ def ip_literal(host: str) -> Optional[IPAddress]:
     # (microseconds, on every request to a name and for every value of a dst list).
     if ":" not in host and not "0" <= host[:1] <= "9":
         return None
+    return _literal(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal(host: str) -> Optional[IPAddress]:
+    """``ip_literal`` of a host that may be one, memoized: the same few addresses come in
+    request after request, and reading one costs ``ipaddress`` several microseconds. A pure
+    function of the text; the addresses it returns are immutable."""
     try:
         return unmapped(ipaddress.ip_address(host))
     except ValueError:

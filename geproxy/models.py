@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence, Tuple
+from typing import Any, Iterable, Iterator, KeysView, Optional, Protocol, Sequence, Tuple
 
 from .errors import BackendUnavailable
 from .hosts import authority
@@ -39,7 +39,12 @@ class Headers:
         if index is None:
             index = {}
             for key, value in self._items:
-                index.setdefault(key.lower(), []).append(value)
+                lower = key.lower()
+                found = index.get(lower)
+                if found is None:
+                    index[lower] = [value]
+                else:
+                    found.append(value)
             self._index = index
         return index
 
@@ -53,10 +58,17 @@ class Headers:
 
     def tokens(self, name: str) -> list[str]:
         """The comma-separated tokens of every ``name`` field, lower-cased and stripped."""
+        values = self._lookup().get(name.lower())
+        if not values:
+            return []
         out: list[str] = []
-        for value in self._lookup().get(name.lower(), ()):
-            out.extend(t.strip().lower() for t in value.split(",") if t.strip())
+        for value in values:
+            out.extend(t.strip() for t in value.lower().split(",") if t.strip())
         return out
+
+    def names(self) -> KeysView[str]:
+        """The lower-case names present, as a set-like view (``names().isdisjoint(...)``)."""
+        return self._lookup().keys()
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._lookup()
@@ -73,27 +85,34 @@ class Headers:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Headers) and self._items == other._items
 
-    def _change(self) -> None:
+    def add(self, name: str, value: str) -> None:
         if self._frozen:
             raise TypeError("these headers are read-only")
-        self._index = None
-
-    def add(self, name: str, value: str) -> None:
-        self._change()
         self._items.append((name, value))
+        index = self._index
+        if index is not None:  # kept in step rather than built again
+            lower = name.lower()
+            found = index.get(lower)
+            if found is None:
+                index[lower] = [value]
+            else:
+                found.append(value)
 
     def set(self, name: str, value: str) -> None:
         """Replace every ``name`` field with one field holding ``value``."""
         self.remove(name)
-        self._items.append((name, value))
+        self.add(name, value)
 
-    def remove(self, name: str) -> None:
-        lname = name.lower()
-        if lname in self._lookup():
-            self._change()
-            self._items = [(k, v) for k, v in self._items if k.lower() != lname]
-        elif self._frozen:
+    def remove(self, *names: str) -> None:
+        """Remove every field of each of ``names`` (one pass, however many are named)."""
+        if self._frozen:
             raise TypeError("these headers are read-only")
+        index = self._lookup()
+        present = {lower for lower in map(str.lower, names) if lower in index}
+        if present:
+            for lower in present:
+                del index[lower]
+            self._items = [(k, v) for k, v in self._items if k.lower() not in present]
 
     def copy(self, *, frozen: bool = False) -> "Headers":
         return Headers(self._items, frozen=frozen)

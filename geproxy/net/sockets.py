@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import gevent.socket
 from gevent import get_hub, getcurrent
+from gevent.exceptions import ConcurrentObjectUseError
 
 __all__ = ["IdleWait", "peek", "raw_socket", "send_all", "still_idle"]
 
@@ -57,7 +58,25 @@ class IdleWait:
         timer = self._timer
         if timer is None:
             timer = self._timer = get_hub().loop.timer(self.timeout, self.timeout)
-        own = sock.gettimeout()
+        if isinstance(sock, gevent.socket.socket):
+            # gevent's own socket: read under it and wait on its read watcher, as its recv
+            # does, with no timeout of the socket's to set aside (two settimeout calls) and
+            # no timer armed when the bytes are there already.
+            raw, watcher = sock._sock, sock._read_event
+            while True:
+                try:
+                    return raw.recv(size)  # type: ignore[no-any-return]
+                except BlockingIOError:
+                    pass
+                if watcher.callback is not None:  # as gevent: one waiter per watcher
+                    raise ConcurrentObjectUseError(
+                        f"This socket is already used by another greenlet: {watcher.callback!r}")
+                timer.again(getcurrent().throw, socket.timeout)
+                try:
+                    sock.hub.wait(watcher)
+                finally:
+                    timer.stop()
+        own = sock.gettimeout()  # another stream (TLS): its recv, its timeout set aside
         sock.settimeout(None)
         timer.again(getcurrent().throw, socket.timeout)
         try:

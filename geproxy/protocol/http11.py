@@ -90,6 +90,7 @@ _VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 _AFTER_SPACE = {v: b" " + v.encode() for v in _VERSIONS.values()}
 _BEFORE_SPACE = {v: v.encode() + b" " for v in _VERSIONS.values()}
 _CRLF_BYTES = b"\r\n"
+_CRLF_START = (b"\r", b"\n")
 
 
 def _leading_crlf(buf: Union[bytes, bytearray]) -> int:
@@ -105,13 +106,14 @@ class _HeadDone(Exception):
 
 
 class _Callbacks:
-    """What llhttp's callbacks collect of one head: its target, fields and status."""
+    """What llhttp's callbacks collect of one head: its target, and whether it is whole.
+    There is no ``on_header``: llhttp then validates the fields without a call into Python
+    for each, and they are split out of the head once it is whole (``_fields``)."""
 
-    __slots__ = ("url", "headers", "done", "status", "max_line", "too_long")
+    __slots__ = ("url", "done", "max_line", "too_long")
 
     def __init__(self, max_line: int) -> None:
         self.url = b""
-        self.headers: list[tuple[str, str]] = []
         self.done = False
         self.max_line = max_line
         self.too_long = False
@@ -122,14 +124,23 @@ class _Callbacks:
             self.too_long = True
             raise _HeadDone()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # A field value has no leading or trailing whitespace (RFC 9110 5.5); llhttp
-        # drops the leading but keeps the trailing.
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1").strip(" \t")))
-
     def on_headers_complete(self) -> None:
         self.done = True
+        # Stop here: llhttp's own checks after the head (of Transfer-Encoding, say) are
+        # not the proxy's, which are made on the fields (docs/hardening.md).
         raise _HeadDone()
+
+
+def _fields(block: bytes) -> list[tuple[str, str]]:
+    """The fields of a head llhttp has validated (no obs-fold, no bare CR or LF, no
+    whitespace before a colon, token names), from the bytes between the start line's CRLF
+    and the empty line, each line ending in CRLF. A field value has no leading or trailing
+    whitespace (RFC 9110 5.5)."""
+    fields = []
+    for line in block.decode("latin-1").split("\r\n")[:-1]:
+        name, _, value = line.partition(":")
+        fields.append((name, value.strip(" \t")))
+    return fields
 
 
 class _HeadParser:
@@ -149,6 +160,8 @@ class _HeadParser:
         self.rest = b""
         #: The size of the head on the wire, once it is complete.
         self.size = 0
+        #: The head's fields, once it is complete.
+        self.fields: list[tuple[str, str]] = []
 
     @property
     def started(self) -> bool:
@@ -163,8 +176,12 @@ class _HeadParser:
             buf: Union[bytes, bytearray] = self._buf
         else:
             start, buf = 0, data
+        # llhttp is given the head and nothing after it: the bytes after it are ours.
+        head_start = _leading_crlf(buf) if buf[:1] in _CRLF_START else 0
+        end = buf.find(b"\r\n\r\n", max(head_start, start - 3)) + 4
         try:
-            self._parser.feed_data(data)
+            self._parser.feed_data(data if end < 4 or end - start >= len(data)
+                                   else data[: end - start])
         except (httptools.HttpParserCallbackError, httptools.HttpParserUpgrade):
             pass
         except httptools.HttpParserError as exc:
@@ -190,11 +207,11 @@ class _HeadParser:
         self._http_version = _VERSIONS[version]
         # llhttp skips empty lines before the start line and insists on CRLF line endings
         # after it, so the head ends at the first empty line after the start line.
-        head_start = _leading_crlf(buf)
-        end = buf.find(b"\r\n\r\n", max(head_start, start - 3)) + 4
         if end < 4 or end > self.max_size:
             raise self._size_error()
-        self._start_line = bytes(buf[head_start : buf.find(b"\r\n", head_start)])
+        line_end = buf.find(b"\r\n", head_start)
+        self._start_line = bytes(buf[head_start:line_end])
+        self.fields = _fields(buf[line_end + 2 : end - 2]) if end - line_end > 4 else []
         self.rest = bytes(buf[end:])
         self.size = end
         self._buf = bytearray()
@@ -230,7 +247,7 @@ class RequestHeadParser(_HeadParser):
         cb = self._cb
         method = self._parser.get_method().decode("ascii")
         return make_request(method, cb.url.decode("latin-1"), self._version(),
-                            Headers(cb.headers, frozen=True))
+                            Headers(self.fields, frozen=True))
 
 
 def make_request(method: str, target: str, version: str, headers: Headers) -> Request:
@@ -266,7 +283,7 @@ class ResponseHeadParser(_HeadParser):
         status = self._parser.get_status_code()
         if not 100 <= status <= 999:
             raise self._error(f"bad status {status}")
-        return Response(status, Headers(self._cb.headers), b"", "", version)
+        return Response(status, Headers(self.fields), b"", "", version)
 
     def _error(self, detail: str) -> Exception:
         return UpstreamError(f"upstream response {detail}")

@@ -173,8 +173,7 @@ def response_fields(response: Response, via: str) -> Headers:
 def without_framing(headers: Headers, names: Sequence[str] = (
         "content-length", "transfer-encoding", "connection")) -> Headers:
     """``headers`` less the fields that frame a message: the core sets those itself."""
-    for name in names:
-        headers.remove(name)
+    headers.remove(*names)
     return headers
 
 

@@ -146,7 +146,7 @@ class _Upstream:
             return held
         if self.parser is None:
             self.parser = http11.ResponseHeadParser(max_size)
-        idle = self.sock.gettimeout()
+        idle: Optional[float] = None  # the socket's timeout, once set aside for the deadline
         try:
             if first_wait is not None and not self.buf:
                 data = self.recv(first_wait)
@@ -154,6 +154,8 @@ class _Upstream:
                 if response is not None:
                     return response
             while True:
+                if idle is None:
+                    idle = self.sock.gettimeout()
                 self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 data = self.recv()
                 response = self._parse_head(data)
@@ -166,7 +168,8 @@ class _Upstream:
                 raise UpstreamError(f"response head cut: {exc.detail}") from None
             raise
         finally:
-            self.sock.settimeout(idle)
+            if idle is not None:
+                self.sock.settimeout(idle)
 
     def _parse_head(self, data: bytes) -> Optional[Response]:
         if not data:
@@ -254,7 +257,9 @@ class _Forwarding:
     def run(self, upstream: _Upstream, route: Optional[Route], key: tuple) -> bool:
         """Forward on ``upstream``; True if the client connection may serve another."""
         scope, client, request, record = self.scope, self.client, self.request, self.record
-        upstream.sock.settimeout(self.core["idle_timeout"])
+        idle_timeout = self.core["idle_timeout"]
+        if upstream.sock.gettimeout() != idle_timeout:  # a pooled one has it already
+            upstream.sock.settimeout(idle_timeout)
         reusable = False
         try:
             framing = self.framing
@@ -286,7 +291,8 @@ class _Forwarding:
             return keep
         finally:
             if reusable and not scope.stopping:
-                upstream.sock.settimeout(None)
+                # Pooled with its timeout: nothing waits on it there (the pool peeks), and
+                # the next request on it sets it only if idle_timeout changed.
                 scope.pool.put(key, upstream.sock, upstream.address)
             else:
                 upstream.sock.close()

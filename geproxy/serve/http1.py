@@ -116,7 +116,8 @@ class HTTP1Side:
                 if request is not None:
                     conn.buf = parser.rest
                     record.bytes_in += parser.size
-                    sock.settimeout(core["idle_timeout"])
+                    if sock.gettimeout() != core["idle_timeout"]:  # after the deadline's
+                        sock.settimeout(core["idle_timeout"])
                     return request
                 left = deadline - time.time()
                 if left <= 0:
