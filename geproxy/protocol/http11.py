@@ -131,7 +131,7 @@ class _Callbacks:
         raise _HeadDone()
 
 
-def _fields(block: bytes) -> list[tuple[str, str]]:
+def _fields(block: Union[bytes, bytearray]) -> list[tuple[str, str]]:
     """The fields of a head llhttp has validated (no obs-fold, no bare CR or LF, no
     whitespace before a colon, token names), from the bytes between the start line's CRLF
     and the empty line, each line ending in CRLF. A field value has no leading or trailing
