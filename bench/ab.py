@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=int, default=5, help="per measure (default 5)")
     parser.add_argument("--measures", default="cycles,keepalive",
                         help="comma-separated: cycles, keepalive")
+    parser.add_argument("--audited", action="store_true",
+                        help="the audited config of the performance targets (subjects.py: "
+                             "a JSON access log to a file, a dst rule), not the bench's")
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 60:
         parser.error("--rounds 1-20, --seconds 1-60")
@@ -57,11 +60,12 @@ def link_tree(source: Path, into: Path) -> Path:
 
 
 def run_side(path_dir: Path, workdir: Path, loadgen: Path, origins: origin.Origins,
-             measures: list[str], seconds: int) -> dict[str, float]:
+             measures: list[str], seconds: int, audited: bool = False) -> dict[str, float]:
     """Start geproxy from path_dir, measure, stop it (measure.cpu_apart's figures)."""
     port = procs.free_port()
     conf = workdir / "geproxy.ini"
-    conf.write_text(subjects.geproxy_config(port, "1"))
+    log = workdir / "access.log" if audited else None
+    conf.write_text(subjects.geproxy_config(port, "1", access_log=log))
     os.environ["PYTHONPATH"] = str(path_dir)
     try:
         server = procs.start_server("geproxy-ab", [sys.executable, "-m", "geproxy",
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 for number in range(args.rounds):
                     for side in ("A", "B"):
                         found[side].append(run_side(sides[side], workdir, loadgen, origins,
-                                                    measures, args.seconds))
+                                                    measures, args.seconds, args.audited))
                         print(f"round {number + 1} {side}: {found[side][-1]}", file=sys.stderr)
             finally:
                 origins.stop()
@@ -114,8 +118,9 @@ def render(args: argparse.Namespace, measures: list[str],
                          "cycles/s"),
               "keepalive": ("proxy CPU ms per keep-alive request", "request_total", "rps",
                             "req/s")}
-    lines = [f"A = {args.base}, B = working tree; {args.rounds} rounds of {args.seconds} s, "
-             f"{CLIENTS} clients, medians", "",
+    config = "the audited config" if args.audited else "the bench's config"
+    lines = [f"A = {args.base}, B = working tree, {config}; {args.rounds} rounds of "
+             f"{args.seconds} s, {CLIENTS} clients, medians", "",
              "| measure | A | B | B/A |", "|---|---:|---:|---:|"]
     for name in measures:
         label, cpu, rate, unit = labels[name]
