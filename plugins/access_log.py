@@ -84,7 +84,7 @@ class FileSink:
                 self._fd, self._check_at = None, 0.0  # closed under us: open it again
             return
         if self._told:
-            log.warning("access log %s: written again", self.path)
+            log.info("access log %s: written again", self.path)
             self._told.clear()
 
     def _check(self) -> None:
