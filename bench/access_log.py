@@ -203,9 +203,9 @@ def keep_alive_get() -> tuple[Context, Record]:
 
 
 def per_line(lines: int, run: Callable[[], None]) -> float:
-    """µs per line of ``run`` called ``lines`` times (bounded), the best of three rounds of
-    a third each."""
-    rounds, best = 3, float("inf")
+    """µs per line of ``run`` called ``lines`` times (bounded): the best of five rounds of a
+    fifth each, the least disturbed by whatever else the machine runs."""
+    rounds, best = 5, float("inf")
     each = max(1, lines // rounds)
     for _ in range(rounds):
         began = time.perf_counter()
