@@ -76,6 +76,8 @@ class FileSink:
             # full) is finished, or fails on the next call.
             written = os.write(fd, data)
             while written < len(data):
+                if written == 0:  # never for a regular file: no endless loop either way
+                    raise OSError(errno.EIO, "nothing could be written")
                 data = data[written:]
                 written = os.write(fd, data)
         except OSError as exc:
@@ -209,7 +211,8 @@ class AccessLog:
     @hookimpl
     def on_close(self, ctx: Context, record: Record) -> None:
         sink = self._sink
-        if sink is None or (self._skip_paths or self._skip_src) and self._skipped(ctx, record):
+        if sink is None or ((self._skip_paths or self._skip_src)
+                            and self._skipped(ctx, record)):
             return
         sink.write(self._format(ctx, record))
 

@@ -152,8 +152,8 @@ def _rounded(value: float) -> str:
     ``round`` does (both correctly, to the nearest of the exact binary value), and below
     1e12 the 3-decimal number has at most 15 significant digits, so the shortest repr of
     the float nearest it (json's form) is that number without its trailing zeros. Anything
-    else (huge, infinite, NaN: never a time or a duration) is json's own."""
-    if -1e12 < value < 1e12:
+    else (an int, huge, infinite, NaN: never a measured time) is json's own."""
+    if value.__class__ is float and -1e12 < value < 1e12:
         text = ("%.3f" % value).rstrip("0")
         return text + "0" if text[-1] == "." else text
     return json.dumps(round(value, 3))

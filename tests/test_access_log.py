@@ -306,6 +306,31 @@ def test_a_failing_write_loses_its_line_only(proxy_factory, origin, tmp_path, ca
     assert wait_until(lambda: any("written again" in r.message for r in caplog.records))
 
 
+def test_a_descriptor_gone_bad_is_opened_again(proxy_factory, origin, tmp_path, caplog):
+    """EBADF (the descriptor no longer one to write to): that line is lost and told once,
+    the file is opened again for the next line, without a signal."""
+    path = tmp_path / "access.log"
+    proxy = proxy_factory(f"access_log = {path}\n")
+    assert curl("-x", proxy.url, origin.url("/before")).stdout == b"hello\n"
+    _lines(path, 1)
+    [fd] = _descriptors_of(path)
+    readonly = os.open("/dev/null", os.O_RDONLY)
+    try:
+        os.dup2(readonly, fd)
+    finally:
+        os.close(readonly)
+    try:
+        assert curl("-x", proxy.url, origin.url("/lost")).stdout == b"hello\n"
+        wait_for_records(proxy, 2)
+        assert curl("-x", proxy.url, origin.url("/after")).stdout == b"hello\n"
+        lines = _lines(path, 2)
+    finally:
+        os.close(fd)  # the sink let this number go: the test's /dev/null now
+    assert [line.split()[4] for line in lines] == [origin.url("/before"), origin.url("/after")]
+    told = [r for r in caplog.records if r.name == "geproxy" and "access log" in r.message]
+    assert len(told) == 1 and "Bad file descriptor" in told[0].message, told
+
+
 def test_standard_output_has_each_line_at_once(proxy_factory, origin, capsys):
     """``access_log = -``: each line is on standard output when its request ends, not held
     back for a collector reading it live."""
@@ -430,6 +455,8 @@ def _cases():
     rng = random.Random(19)
     nothing = Context(client_addr=("127.0.0.1", 0), server_addr=("127.0.0.1", 0), config=None)
     yield nothing, Record(nothing)  # every optional field None, every other its default
+    # Integers where floats are declared: json writes them as integers.
+    yield nothing, Record(nothing, started=1796649091, duration=0, dns_time=1, connect_time=0)
     for _ in range(3000):
         yield _case(rng)
 
