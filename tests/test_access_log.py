@@ -3,16 +3,23 @@ SIGUSR1. The squid format beside a real squid is in test_squid_log.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import math
 import os
+import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import gevent
 import pytest
+from geproxy_plugins.log_formats import FORMATS
 
-from geproxy import ConfigError
+from geproxy import ConfigError, Context, Record
+from geproxy.models import Headers, Request, Route, TLSInfo
 from geproxy.testing import (
     curl,
     exchange,
@@ -22,6 +29,8 @@ from geproxy.testing import (
     wait_for_records,
     wait_until,
 )
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "access_log.py"
 
 
 def _lines(path, count):
@@ -228,3 +237,257 @@ def test_sigusr1_reopens_a_moved_log(proxy_process, origin, tmp_path, workers):
     assert len(lines) == sent
     assert len({json.loads(line)["worker"] for line in lines}) == workers
     assert len((tmp_path / "access.log.1").read_text().splitlines()) == 1
+
+
+# -- the writer: one write per line, rotation, failures, workers -------------------------------
+
+
+def _descriptors_of(path) -> list[int]:
+    """This process's descriptors open on the file ``path``."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == str(path):
+                found.append(int(name))
+        except OSError:
+            pass  # the listing's own descriptor, closed since
+    return found
+
+
+def test_a_moved_file_is_reopened_by_name_within_a_second(proxy_factory, origin, tmp_path):
+    """logrotate without a signal: the file is moved away, and the lines that follow go to a
+    new file by the old name from the next check of the name on (at most a second later);
+    those written before it went to the moved file. None is lost."""
+    path, moved = tmp_path / "access.log", tmp_path / "access.log.1"
+    proxy = proxy_factory(f"access_log = {path}\nlog_format = json\n")
+    assert curl("-x", proxy.url, origin.url("/first")).stdout == b"hello\n"
+    _lines(path, 1)
+    path.rename(moved)
+    sent = 1
+    for sent in range(2, 302):  # a request every 10 ms, until the new file appears (bounded)
+        assert curl("-x", proxy.url, origin.url(f"/after/{sent}")).stdout == b"hello\n"
+        if path.exists():
+            break
+        gevent.sleep(0.01)
+    assert path.exists(), "the moved file was not reopened by name"
+    wait_for_records(proxy, sent)
+    old, new = moved.read_text().splitlines(), path.read_text().splitlines()
+    assert len(old) + len(new) == sent and new
+    targets = [json.loads(line)["target"] for line in old + new]
+    assert targets == [origin.url("/first")] + [origin.url(f"/after/{n}")
+                                                for n in range(2, sent + 1)]
+
+
+def test_a_failing_write_loses_its_line_only(proxy_factory, origin, tmp_path, caplog):
+    """A full disk (the file's descriptor made /dev/full's): the requests are served, one
+    warning says so in the program log, however many lines fail; once the file can be
+    written again (here after SIGUSR1's reopen), lines are written again."""
+    caplog.set_level(logging.INFO, logger="geproxy")
+    path = tmp_path / "access.log"
+    proxy = proxy_factory(f"access_log = {path}\n")
+    assert curl("-x", proxy.url, origin.url("/before")).stdout == b"hello\n"
+    _lines(path, 1)
+    [fd] = _descriptors_of(path)
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, fd)
+    finally:
+        os.close(full)
+    for n in range(3):
+        assert curl("-x", proxy.url, origin.url(f"/lost/{n}")).stdout == b"hello\n"
+    wait_for_records(proxy, 4)
+    told = [r for r in caplog.records if r.name == "geproxy" and "access log" in r.message]
+    assert len(told) == 1 and told[0].levelname == "WARNING", told
+    assert "No space left on device" in told[0].message and str(path) in told[0].message
+    proxy.server.reopen_logs()
+    assert curl("-x", proxy.url, origin.url("/after")).stdout == b"hello\n"
+    lines = _lines(path, 2)
+    assert [line.split()[4] for line in lines] == [origin.url("/before"), origin.url("/after")]
+    assert wait_until(lambda: any("written again" in r.message for r in caplog.records))
+
+
+def test_a_descriptor_gone_bad_is_opened_again(proxy_factory, origin, tmp_path, caplog):
+    """EBADF (the descriptor no longer one to write to): that line is lost and told once,
+    the file is opened again for the next line, without a signal."""
+    path = tmp_path / "access.log"
+    proxy = proxy_factory(f"access_log = {path}\n")
+    assert curl("-x", proxy.url, origin.url("/before")).stdout == b"hello\n"
+    _lines(path, 1)
+    [fd] = _descriptors_of(path)
+    readonly = os.open("/dev/null", os.O_RDONLY)
+    try:
+        os.dup2(readonly, fd)
+    finally:
+        os.close(readonly)
+    try:
+        assert curl("-x", proxy.url, origin.url("/lost")).stdout == b"hello\n"
+        wait_for_records(proxy, 2)
+        assert curl("-x", proxy.url, origin.url("/after")).stdout == b"hello\n"
+        lines = _lines(path, 2)
+    finally:
+        os.close(fd)  # the sink let this number go: the test's /dev/null now
+    assert [line.split()[4] for line in lines] == [origin.url("/before"), origin.url("/after")]
+    told = [r for r in caplog.records if r.name == "geproxy" and "access log" in r.message]
+    assert len(told) == 1 and "Bad file descriptor" in told[0].message, told
+
+
+def test_standard_output_has_each_line_at_once(proxy_factory, origin, capsys):
+    """``access_log = -``: each line is on standard output when its request ends, not held
+    back for a collector reading it live."""
+    proxy = proxy_factory("access_log = -\nlog_format = json\n")
+    written: list[str] = []
+
+    def read() -> list[str]:
+        written.extend(capsys.readouterr().out.splitlines())
+        return written
+
+    for n in range(3):
+        assert curl("-x", proxy.url, origin.url(f"/{n}")).stdout == b"hello\n"
+        wait_for_records(proxy, n + 1)
+        assert wait_until(lambda count=n + 1: len(read()) >= count, limit=10), written
+    assert [json.loads(line)["target"] for line in written] == [
+        origin.url(f"/{n}") for n in range(3)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_line_of_every_worker_is_whole(proxy_process, origin, tmp_path, workers):
+    """Many clients at once, long lines: after a graceful stop the file has exactly one
+    valid JSON line per request, each request's own, none mixed with another process's,
+    each with the process id of the worker that served it (not the master's)."""
+    path = tmp_path / "access.log"
+    proxy = proxy_process(f"workers = {workers}\naccess_log = {path}\nlog_format = json\n")
+    pad = "x" * 3000  # lines of about 3 KB: a split or a mix would show
+    sent: list[str] = []
+    pids: set[int] = set()
+    for round_ in range(6):  # bounded: until every worker served some
+        urls = [[origin.url(f"/r{round_}/c{c}/n{n}/{pad}") for n in range(15)]
+                for c in range(8)]
+        jobs = [gevent.spawn(curl, "-x", proxy.url, *batch) for batch in urls]
+        for job, batch in zip(jobs, urls, strict=True):
+            assert job.get(timeout=60).stdout == b"hello\n" * len(batch)
+            sent.extend(batch)
+        pids = {json.loads(line)["worker"] for line in _lines(path, len(sent))}
+        if len(pids) == workers:
+            break
+    assert len(pids) == workers
+    assert proxy.stop() == 0
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    entries = [json.loads(line) for line in raw.decode().split("\n")[:-1]]
+    assert sorted(entry["target"] for entry in entries) == sorted(sent)
+    assert all(entry["status"] == 200 for entry in entries)
+    if workers == 1:
+        assert pids == {proxy.process.pid}
+    else:
+        assert proxy.process.pid not in pids
+
+
+# -- the formats, byte for byte as they were ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    """bench/access_log.py, whose BASELINE is the formatters as they were before issue 19."""
+    spec = importlib.util.spec_from_file_location("bench_access_log", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: Strings a client or a plugin could put in a field: empty, spaces, quotes, backslashes,
+#: controls, DEL, Latin-1, other planes, a lone surrogate, percent signs, long ones.
+TEXTS = ["", "-", "alice", "al ice", 'q"uote', "back\\slash", "tab\tx", "nul\x00", "del\x7f",
+         "\x80\xff", "ü", "Ж", "\u2028line", "\U0001F600", "\ud800", "100%25", "a" * 3000,
+         "http://example.com/p?q=1&r=%20", "example.com:443", "[::1]:8080"]
+SECONDS = [0.0, 0.1 + 0.2, 1e-7, 0.0005, 0.00049999, 2.5e-4, 123.4567, 86400.0001, 1e-3,
+           3.0, 0.0015, 0.0025, 59.9999999]
+
+
+def _some(rng, values):
+    return values[rng.randrange(len(values))]
+
+
+def _case(rng):
+    """A random context and record, every field drawn from its edge cases."""
+    tls = None
+    if rng.random() < 0.3:
+        tls = TLSInfo(_some(rng, ["TLSv1.3", "TLSv1.2"]), _some(rng, TEXTS),
+                      alpn=_some(rng, [None, "h2", "http/1.1"]),
+                      server_name=_some(rng, [None, *TEXTS]),
+                      client_subject=_some(rng, [None, "CN=svc-a,O=Example", "CN=ü"]))
+    ctx = Context(client_addr=_some(rng, [("127.0.0.1", 1), ("::1", 65535),
+                                          ("2001:db8::1", 5000)]),
+                  server_addr=("127.0.0.1", 3128), config=None,
+                  conn_id=_some(rng, ["c1", "w1c22", "c\u00e9"]),
+                  user=_some(rng, [None, *TEXTS]), tls=tls)
+    request = None
+    if rng.random() < 0.7:
+        headers = Headers([(name, _some(rng, TEXTS)) for name in ("Referer", "User-Agent")
+                           if rng.random() < 0.7])
+        request = Request("GET", "http://a/", "HTTP/1.1", headers,
+                          host=_some(rng, ["", "a"]), path=_some(rng, ["/", "/healthz"]))
+    started = _some(rng, [time.time(), 0.0, 1e9 + 0.1 + 0.2, 1796649091.9515,
+                          rng.uniform(0, 2e9), 1796649091.0005])
+    timings = [None, *SECONDS, rng.random(), rng.random() * 10 ** rng.randint(-6, 5)]
+    record = Record(
+        ctx, method=_some(rng, ["GET", "CONNECT", "-", "GE T", "Ж", "POST"]),
+        target=_some(rng, TEXTS), version=_some(rng, ["HTTP/1.1", "-", "HTTP/2", "HTTP/1.0"]),
+        status=_some(rng, [0, 200, 204, 403, 407, 502, 999]),
+        error=_some(rng, [None, "http_request_denied", "destination_ip_prohibited",
+                          "http_request_error", "dns_timeout"]),
+        upstream_addr=_some(rng, [None, ("127.0.0.1", 80), ("::1", 8080)]),
+        bytes_in=_some(rng, [0, 1, 78, 2**63, 10**30]),
+        bytes_out=_some(rng, [0, 853, 2**64 + 1]), started=started,
+        duration=_some(rng, [*SECONDS, rng.random() * 100]),
+        dns_time=_some(rng, timings), connect_time=_some(rng, timings),
+        first_byte_time=_some(rng, [*timings, math.inf, math.nan]),
+        close_reason=_some(rng, ["", "client", "upstream", "error"]),
+        rule=_some(rng, [None, *TEXTS]), sni=_some(rng, [None, *TEXTS]), request=request,
+        route=_some(rng, [None, Route("parent.test", 3128), Route("::1", 8080, "u", "p")]),
+        routes_tried=_some(rng, [0, 1, 2, 7]),
+        content_type=_some(rng, [None, "text/html; charset=utf-8", "text/plain\tx",
+                                 " a b ", "ü/x", "", *TEXTS]))
+    return ctx, record
+
+
+def _cases():
+    rng = random.Random(19)
+    nothing = Context(client_addr=("127.0.0.1", 0), server_addr=("127.0.0.1", 0), config=None)
+    yield nothing, Record(nothing)  # every optional field None, every other its default
+    # Integers where floats are declared: json writes them as integers.
+    yield nothing, Record(nothing, started=1796649091, duration=0, dns_time=1, connect_time=0)
+    for _ in range(3000):
+        yield _case(rng)
+
+
+@pytest.mark.parametrize("name", ["geproxy", "squid", "combined"])
+def test_the_text_formats_write_what_they_wrote(baseline, name):
+    """The fast paths change no byte: the same line as the old formatter for thousands of
+    records of every edge case (spaces, quotes, controls, non-ASCII in every text field)."""
+    old, new = baseline.OLD_FORMATS[name], FORMATS[name]
+    for ctx, record in _cases():
+        assert new(ctx, record) == old(ctx, record), (ctx, record)
+
+
+def test_the_json_format_is_what_json_dumps_writes(baseline):
+    """The object put together as text is json.dumps' of the old dict, byte for byte: the
+    keys in their order, ensure_ascii escapes, floats (0.1 + 0.2, 1e-7, inf, NaN) as json
+    writes them after round(x, 3), huge integers, null for None, the tls object, the
+    parent, and this process's id."""
+    for ctx, record in _cases():
+        expected = json.dumps(baseline.old_json_fields(ctx, record), separators=(",", ":"),
+                              ensure_ascii=True)
+        assert FORMATS["json"](ctx, record) == expected, (ctx, record)
+
+
+def test_json_times_are_rounded_as_json_writes_them(baseline):
+    """Times and durations over many magnitudes: the text of each rounded value."""
+    rng = random.Random(3)
+    ctx = Context(client_addr=("127.0.0.1", 0), server_addr=("127.0.0.1", 0), config=None)
+    for _ in range(20000):
+        value = rng.random() * 10 ** rng.randint(-9, 9)
+        record = Record(ctx, started=value * 1000, duration=value, dns_time=-value)
+        line = FORMATS["json"](ctx, record)
+        assert line == json.dumps(baseline.old_json_fields(ctx, record),
+                                  separators=(",", ":")), value
