@@ -192,12 +192,15 @@ def test_a_request_only_decided_is_not_counted(tmp_path):
                      for name in ("geproxy_connections_total", "geproxy_connections_open",
                                   "geproxy_requests_in_flight"))
 
-    for decide_only, counted in ((True, (0, 0, 0)), (False, (1, 1, 1))):
-        ctx = Context(client_addr=("127.0.0.1", 1), server_addr=("127.0.0.1", 3128),
-                      config=config, decide_only=decide_only)
-        assert pm.hook.on_connect(ctx=ctx) is None
-        assert pm.hook.on_request(ctx=ctx, request=request) is None
-        assert figures() == counted
+    try:
+        for decide_only, counted in ((True, (0, 0, 0)), (False, (1, 1, 1))):
+            ctx = Context(client_addr=("127.0.0.1", 1), server_addr=("127.0.0.1", 3128),
+                          config=config, decide_only=decide_only)
+            assert pm.hook.on_connect(ctx=ctx) is None
+            assert pm.hook.on_request(ctx=ctx, request=request) is None
+            assert figures() == counted
+    finally:  # its periodic flush, started by the connection counted, stops
+        pm.hook.unconfigure(config=config)
 
 
 def _another_users_samples() -> set[str]:
@@ -233,6 +236,8 @@ def test_prometheus_client_is_left_as_it_was_for_the_rest_of_the_process(tmp_pat
         assert values.ValueClass is values.MutexValue
         assert _another_users_samples() == {"other_events_total", "other_events_created"}
     finally:
+        alone.unconfigure()  # their periodic flushes stop
+        shared.unconfigure()
         shared.figures.value_class.close_all_files()
 
 
