@@ -147,14 +147,10 @@ class _Pending:
                  "labelled")
 
     def __init__(self) -> None:
-        self.connections = 0
-        #: Gauges: the change since the last flush (negative when more went down).
-        self.open = 0
-        self.in_flight = 0
-        self.up = 0
-        self.down = 0
-        self.http_up = 0
-        self.http_down = 0
+        # open, in_flight (gauges): the change since the last flush, negative when more
+        # went down than up.
+        self.connections = self.open = self.in_flight = 0
+        self.up = self.down = self.http_up = self.http_down = 0
         self.labelled: dict[tuple[Any, ...], int] = {}
 
     def add(self, key: tuple[Any, ...]) -> None:
