@@ -47,6 +47,17 @@ process writes its own files into a directory of the master's, the master sums t
 names come out either way: ``_created`` samples are left out (the multiprocess mode has
 none).
 
+Counting costs a few additions of plain integers per request: the hooks add to the
+figures' ``_Pending`` counts (no lock: gevent runs every hook of a process in its one
+thread, and no hook of this plugin runs in gevent's threadpool), and ``flush()`` moves them
+into the prometheus_client values (each change of those takes a lock, and with workers
+writes a file). A flush happens before every exposition (a scrape is exact: with workers,
+the master asks each worker to flush first), every FLUSH_INTERVAL seconds while a server
+counts (a worker killed by SIGKILL loses at most that), and when a configuration is
+unconfigured (a stop, a reload's retired plugins). The pending counts belong to the
+figures, so every configuration that shares them (a reload's old and new plugins) adds to
+the same ones, and none is lost across a reload.
+
 prometheus_client chooses how its values are kept for the whole process (two globals of
 ``prometheus_client.values``, read whenever a metric or a labelled child is made). This
 plugin's figures are made inside ``_Figures.making``, which sets both for them alone and puts
@@ -60,6 +71,7 @@ import os
 import time
 from typing import Any, Generator, Iterator, Mapping, Optional
 
+import gevent
 from gevent import monkey
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -100,6 +112,8 @@ AUTH_RESULTS = frozenset({"ok", "cached", "stale", "connection", "failed", "thro
 OPEN = "_metrics.open"
 #: The key of the figures in ``config.stash``.
 STATE = "metrics"
+#: Seconds between two flushes of the pending counts while a server counts.
+FLUSH_INTERVAL = 1.0
 
 #: The lock of this plugin's values: the thread's own, in C. gevent's patching makes
 #: threading.Lock, prometheus_client's, a lock written in Python, taken a dozen times per
@@ -121,6 +135,28 @@ def _values_made_with(value_class: Any) -> Iterator[None]:
         values.ValueClass, values.Lock = saved
 
 
+class _Pending:
+    """Counts not yet in the prometheus_client values: what the hooks add to.
+
+    Plain integers, changed without a lock: every hook of this plugin runs in the process's
+    one gevent thread and adds in one step that never yields to another greenlet.
+    ``labelled``: counts of labelled counters, by (the counter's attribute of ``_Figures``,
+    its labels as counted: a request's status is an int until flushed)."""
+
+    __slots__ = ("connections", "open", "in_flight", "up", "down", "http_up", "http_down",
+                 "labelled")
+
+    def __init__(self) -> None:
+        # open, in_flight (gauges): the change since the last flush, negative when more
+        # went down than up.
+        self.connections = self.open = self.in_flight = 0
+        self.up = self.down = self.http_up = self.http_down = 0
+        self.labelled: dict[tuple[Any, ...], int] = {}
+
+    def add(self, key: tuple[Any, ...]) -> None:
+        self.labelled[key] = self.labelled.get(key, 0) + 1
+
+
 class _Figures:
     """Every metric of one server: made once, kept across reloads in ``config.stash``.
     ``directory``: prometheus_client's multiprocess directory (with workers), or None."""
@@ -139,6 +175,14 @@ class _Figures:
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         with self.making():
             self._make(self.registry)
+        #: What the hooks counted since the last flush.
+        self.pending = _Pending()
+        #: The configured plugin instances that count into these figures (a reload's old
+        #: and new ones, for a while): the periodic flush runs while there is one.
+        self.users = 0
+        #: The greenlet that flushes every FLUSH_INTERVAL, started by the first connection
+        #: counted while configured (in a worker, never in its master: it serves none).
+        self.flusher: Optional[gevent.Greenlet] = None
 
     def making(self) -> contextlib.AbstractContextManager[None]:
         """The block where a metric or a labelled child of these figures may be made."""
@@ -187,7 +231,6 @@ class _Figures:
                                  buckets=BUCKETS, registry=registry)
         # Every label a process may count is made at once, so the samples shown do not
         # depend on which process happened to count what.
-        self.requests_by: dict[tuple[str, int], Any] = {}
         self.up = self.child(self.tunnel_bytes, "up")
         self.down = self.child(self.tunnel_bytes, "down")
         self.http_up = self.child(self.http_bytes, "up")
@@ -205,7 +248,37 @@ class _Figures:
                 found = self._children[key] = metric.labels(*labels)
         return found
 
+    def flush(self) -> None:
+        """Move the pending counts into the prometheus_client values. Never yields (a
+        value's lock is the C one, its file a mapped one), so nothing is counted between
+        taking the pending counts and replacing them."""
+        pending, self.pending = self.pending, _Pending()
+        for value, amount in ((self.connections, pending.connections), (self.up, pending.up),
+                              (self.down, pending.down), (self.http_up, pending.http_up),
+                              (self.http_down, pending.http_down),
+                              (self.open, pending.open), (self.in_flight, pending.in_flight)):
+            if amount:
+                value.inc(amount)  # a gauge's change may be negative: Gauge.inc adds it
+        for (name, *labels), amount in pending.labelled.items():
+            self.child(getattr(self, name), *map(str, labels)).inc(amount)
+
+    def start_flushing(self) -> None:
+        """Flush every FLUSH_INTERVAL from now on, while a configured plugin counts here."""
+        if self.flusher is None and self.users > 0:
+            self.flusher = gevent.spawn(self._flush_every, FLUSH_INTERVAL)
+
+    def _flush_every(self, interval: float) -> None:
+        while True:
+            gevent.sleep(interval)
+            self.flush()
+
+    def stop_flushing(self) -> None:
+        if self.flusher is not None:
+            self.flusher.kill(block=False)
+            self.flusher = None
+
     def exposition(self, processes: Mapping[int, int]) -> bytes:
+        self.flush()
         if self.directory:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=self.directory)
@@ -295,6 +368,8 @@ class Metrics:
         #: The server's figures: set by configure (from config.stash, or made there), and
         #: by prepare_workers.
         self.figures: Optional[_Figures] = None
+        #: configure ran (and unconfigure did not yet): counted in ``figures.users``.
+        self._using = False
 
     @hookimpl
     def configure(self, config: Config) -> None:
@@ -302,6 +377,26 @@ class Metrics:
         if not isinstance(figures, _Figures):
             figures = config.stash[STATE] = _Figures()
         self.figures = figures
+        figures.users += 1
+        self._using = True
+
+    @hookimpl
+    def unconfigure(self) -> None:
+        """What this instance counted goes into the values (at a stop, a worker's before it
+        exits); the periodic flush stops with the last instance of the figures."""
+        figures = self.figures
+        if figures is None or not self._using:  # configure did not run, or not here
+            return
+        self._using = False
+        figures.users -= 1
+        figures.flush()
+        if figures.users <= 0:
+            figures.stop_flushing()
+
+    def flush(self) -> None:
+        """Move every count not yet in the values into them (``_Figures.flush``): asked by a
+        master of each worker before it sums their files for /metrics."""
+        self._figures().flush()
 
     @hookimpl
     def prepare_workers(self, config: Config, workers: int, directory: str) -> None:
@@ -313,7 +408,9 @@ class Metrics:
         # Where prometheus_client's multiprocess values keep their files, here and in each
         # worker forked from here: they read it from the environment, and only there.
         os.environ[MULTIPROC_ENV] = path
-        self.figures = config.stash[STATE] = _Figures(path)
+        figures = _Figures(path)
+        figures.users = self._figures().users  # the configured instances count here now
+        self.figures = config.stash[STATE] = figures
 
     @hookimpl
     def on_worker_exit(self, config: Config, worker: int, pid: int) -> None:
@@ -335,25 +432,32 @@ class Metrics:
             self.figures = _Figures()
         return self.figures
 
+    # -- counting: plain integers (see _Pending); histograms and reloads go to the values
+    # at once (a histogram is observed per upstream connection made, not per request on a
+    # kept-alive one; a reload is rare, and counted in the master, which never flushes
+    # periodically).
+
     @hookimpl
     def on_connect(self, ctx: Context) -> None:
         if ctx.decide_only:  # only deciding (geproxy explain): nothing was accepted
             return
         figures = self._figures()
-        figures.connections.inc()
-        figures.open.inc()
+        pending = figures.pending
+        pending.connections += 1
+        pending.open += 1
         ctx.stash[OPEN] = figures
+        if figures.flusher is None:
+            figures.start_flushing()
 
     @hookimpl
     def on_tls_handshake(self, ctx: Context, error: Optional[str]) -> None:
-        figures = self._figures()
-        figures.child(figures.handshakes, error or "ok").inc()
+        self._figures().pending.add(("handshakes", error or "ok"))
 
     @hookimpl
     def on_disconnect(self, ctx: Context) -> None:
         figures = ctx.stash.pop(OPEN, None)
         if figures is not None:  # counted: no plugin refused it before this one
-            figures.open.dec()
+            figures.pending.open -= 1
 
     @hookimpl
     def on_reload(self, config: Config, error: Optional[str]) -> None:
@@ -371,40 +475,40 @@ class Metrics:
             return (yield)
         figures = self._figures()
         ctx.stash[STASH] = figures
-        figures.in_flight.inc()
+        figures.pending.in_flight += 1
         return (yield)
 
     @hookimpl
     def on_progress(self, ctx: Context, record: Record, bytes_in: int,
                     bytes_out: int) -> None:
-        figures = self._figures()
+        pending = self._figures().pending
         if record.method == "CONNECT":
-            figures.up.inc(bytes_in)
-            figures.down.inc(bytes_out)
+            pending.up += bytes_in
+            pending.down += bytes_out
         else:
-            figures.http_up.inc(bytes_in)
-            figures.http_down.inc(bytes_out)
+            pending.http_up += bytes_in
+            pending.http_down += bytes_out
 
     @hookimpl
     def on_close(self, ctx: Context, record: Record) -> None:
         figures = self._figures()
         counted = ctx.stash.pop(STASH, None)
         if counted is not None:
-            counted.in_flight.dec()
-        method = record.method if record.method in METHODS else "OTHER"
-        child = figures.requests_by.get((method, record.status))
-        if child is None:  # bounded: METHODS and OTHER, by the statuses there are
-            child = figures.requests_by[(method, record.status)] = figures.child(
-                figures.requests, method, str(record.status))
-        child.inc()
+            counted.pending.in_flight -= 1
+        pending = figures.pending
+        # Bounded labels: METHODS and OTHER, by the statuses there are.
+        key = ("requests", record.method if record.method in METHODS else "OTHER",
+               record.status)
+        labelled = pending.labelled
+        labelled[key] = labelled.get(key, 0) + 1
         if ctx.dns_cache in DNS_RESULTS:  # this request's lookup went through a cache
-            figures.child(figures.dns_cache, ctx.dns_cache).inc()
+            pending.add(("dns_cache", ctx.dns_cache))
         if ctx.auth_scheme in AUTH_SCHEMES and ctx.auth_result in AUTH_RESULTS:
-            figures.child(figures.auth, ctx.auth_scheme, ctx.auth_result).inc()
+            pending.add(("auth", ctx.auth_scheme, ctx.auth_result))
         if record.error:
-            figures.child(figures.errors, record.error).inc()
+            pending.add(("errors", record.error))
         if record.rule:
-            figures.child(figures.denials, record.rule).inc()
+            pending.add(("denials", record.rule))
         if record.dns_time is not None:
             figures.resolve.observe(record.dns_time)
         if record.connect_time is not None:

@@ -4,18 +4,22 @@ figures."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import gevent
 import pytest
 import requests
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from geproxy.testing import curl, echo, open_tunnel, wait_until
+from geproxy.testing import curl, echo, open_tunnel, wait_for_lines, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -237,3 +241,176 @@ def test_auth_outcomes_are_counted_across_workers(proxy_process, origin, tmp_pat
     assert found["failed"] == 3
     assert found["ok"] + found.get("cached", 0) == 6
     assert 1 <= found["ok"] <= workers
+
+
+# -- counted in plain integers, flushed: before a scrape, every second, at a reload ----------
+
+
+def _logged(path: Path, ini: str = "") -> str:
+    """``ini`` with a JSON access log at ``path``: its line for a request is written just
+    before the metrics plugin counts the request, in the same hook call that never yields,
+    so a scrape that follows the line (served by another greenlet) must count it."""
+    return f"access_log = {path}\nlog_format = json\n" + ini
+
+
+def _records(path, count: int) -> list[dict]:
+    return [json.loads(line) for line in wait_for_lines(path, count)]
+
+
+def _requests_total(samples: Samples) -> dict[tuple[str, str], float]:
+    return {(dict(labels)["method"], dict(labels)["status"]): value
+            for (name, labels), value in samples.items() if name == "geproxy_requests_total"}
+
+
+def _files(directory) -> Samples:
+    """The figures in a master's multiprocess files, read as the master reads them (not
+    through /metrics, which would ask every worker to flush first)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in registry.collect() for sample in family.samples}
+
+
+def _metrics_directory(tmp: Path) -> Path:
+    """The master's multiprocess directory: its temp dir is inside ``tmp`` (TMPDIR)."""
+    found = list(tmp.glob("geproxy-workers-*/metrics"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_scrape_right_after_the_requests_is_exact(proxy_process, origin, raw_origin,
+                                                    tmp_path, workers):
+    """Every counter after known traffic, from ONE scrape as soon as the requests' records
+    are written (no polling of /metrics): the scrape flushes every process's pending counts
+    first. Bytes and upstream timings are checked against the access log's own figures."""
+    server = raw_origin(echo)
+    log_path = tmp_path / "access.log"
+    proxy = _start(proxy_process, workers, _logged(
+        log_path, "[acl]\nconnect_ports = 1-65535\nrules =\n"
+        "    no-port-1: deny dst 127.0.0.1 port 1\n    allow all\n"))
+    for _ in range(6):  # connections of their own: both workers serve some
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    out = curl("-x", proxy.url, origin.url("/"), origin.url("/status/404"), origin.url("/"))
+    assert out.returncode == 0, out.stderr  # three requests on one kept-alive connection
+    assert b"403" in curl("-x", proxy.url, "http://127.0.0.1:1/").stdout
+    assert curl("-X", "PROPFIND", "-x", proxy.url, origin.url("/")).returncode == 0
+    sock, head = open_tunnel(proxy, f"127.0.0.1:{server.port}")
+    with sock:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"x" * 1000)
+        _echoed(sock, 1000)
+    records = _records(log_path, 12)
+
+    samples = _samples(proxy)
+    assert _requests_total(samples) == {("GET", "200"): 8, ("GET", "404"): 1,
+                                        ("GET", "403"): 1, ("OTHER", "200"): 1,
+                                        ("CONNECT", "200"): 1}
+    assert samples[("geproxy_connections_total", ())] == 10
+    assert samples[("geproxy_requests_in_flight", ())] == 0
+    assert samples[("geproxy_errors_total", (("error", "http_request_denied"),))] == 1
+    assert samples[("geproxy_acl_denials_total", (("rule", "no-port-1"),))] == 1
+    for direction, field in (("up", "bytes_in"), ("down", "bytes_out")):
+        labels = (("direction", direction),)
+        assert samples[("geproxy_http_bytes_total", labels)] == sum(
+            r[field] for r in records if r["method"] != "CONNECT")
+        assert samples[("geproxy_tunnel_bytes_total", labels)] == sum(
+            r[field] for r in records if r["method"] == "CONNECT")
+    assert samples[("geproxy_connect_seconds_count", ())] == sum(
+        r["connect_ms"] is not None for r in records)
+    assert samples[("geproxy_resolve_seconds_count", ())] == sum(
+        r["dns_ms"] is not None for r in records)
+    assert wait_until(lambda: _value(proxy, "geproxy_connections_open") == 0)
+
+
+def test_a_workers_counts_reach_the_files_each_second_without_a_scrape(
+        proxy_process, origin, tmp_path, monkeypatch):
+    """The periodic flush: the master's files, read directly (no /metrics, no flush asked),
+    come to count every request within a bounded wait."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))  # where the master makes its directory
+    log_path = tmp_path / "access.log"
+    proxy = _start(proxy_process, 2, _logged(log_path))
+    directory = _metrics_directory(tmp)
+    for _ in range(6):
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    _records(log_path, 6)
+    key = ("geproxy_requests_total", (("method", "GET"), ("status", "200")))
+    assert wait_until(lambda: _files(directory).get(key) == 6, 10)
+    assert _files(directory)[("geproxy_connections_total", ())] == 6
+
+
+def test_a_stopped_or_killed_worker_leaves_its_flushed_counts(proxy_process, origin,
+                                                              tmp_path, monkeypatch):
+    """A worker that does not answer the master's flush (stopped: SIGSTOP) shows with what
+    it last flushed, with a warning, and /metrics still answers; one killed by SIGKILL
+    loses nothing it flushed (its counters stay in the files), and the counting goes on."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    log_path = tmp_path / "access.log"
+    proxy = _start(proxy_process, 2, _logged(log_path))
+    directory = _metrics_directory(tmp)
+    for _ in range(6):
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    _records(log_path, 6)
+    key = ("geproxy_requests_total", (("method", "GET"), ("status", "200")))
+    assert wait_until(lambda: _files(directory).get(key) == 6, 10)  # flushed, each second
+    pids = {int(m.group(2)): int(m.group(1)) for line in proxy.log
+            for m in [re.search(r"worker (\d) started, pid (\d+)", line)] if m}
+    os.kill(max(pids), signal.SIGSTOP)
+    try:
+        assert _samples(proxy)[key] == 6
+        assert wait_until(lambda: any("did not flush its figures" in line
+                                      for line in proxy.log))
+    finally:
+        os.kill(max(pids), signal.SIGCONT)
+    os.kill(min(pids), signal.SIGKILL)
+    assert wait_until(lambda: sum(") serves" in line for line in proxy.log) == 3)
+    assert _samples(proxy)[key] == 6
+    for _ in range(2):
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    _records(log_path, 8)
+    assert _samples(proxy)[key] == 8
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_counts_pending_at_a_reload_are_kept(proxy_process, origin, tmp_path, workers):
+    """Requests counted just before a reload (not flushed yet), and on a connection of the
+    old configuration after it, all show in one scrape after it: the pending counts belong
+    to the figures that every configuration of the server shares."""
+    log_path = tmp_path / "access.log"
+    proxy = _start(proxy_process, workers, _logged(log_path))
+    held = socket.create_connection(proxy.address, timeout=10)
+    with held:
+        request = (f"GET {origin.url('/')} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                   "\r\n").encode()
+        held.sendall(request)
+        assert _answered(held)
+        for _ in range(3):
+            assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+        _records(log_path, 4)
+        proxy.process.send_signal(signal.SIGHUP)
+        # The master and every worker put the new configuration in force.
+        assert wait_until(lambda: sum("reloaded " in line for line in proxy.log)
+                          == (workers + 1 if workers > 1 else 1))
+        held.sendall(request)  # served by the configuration it started with
+        assert _answered(held)
+    assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    _records(log_path, 6)
+    samples = _samples(proxy)
+    assert _requests_total(samples) == {("GET", "200"): 6}
+    assert samples[("geproxy_connections_total", ())] == 5
+    assert samples[("geproxy_reloads_total", (("outcome", "ok"),))] == 1
+
+
+def _answered(sock: socket.socket) -> bool:
+    """Read one ``hello`` answer (the origin's ``/``) from a kept-alive connection."""
+    data = b""
+    while not data.endswith(b"\r\n\r\nhello\n"):
+        piece = sock.recv(65536)
+        if not piece:
+            return False
+        data += piece
+    return data.startswith(b"HTTP/1.1 200 ")

@@ -192,12 +192,15 @@ def test_a_request_only_decided_is_not_counted(tmp_path):
                      for name in ("geproxy_connections_total", "geproxy_connections_open",
                                   "geproxy_requests_in_flight"))
 
-    for decide_only, counted in ((True, (0, 0, 0)), (False, (1, 1, 1))):
-        ctx = Context(client_addr=("127.0.0.1", 1), server_addr=("127.0.0.1", 3128),
-                      config=config, decide_only=decide_only)
-        assert pm.hook.on_connect(ctx=ctx) is None
-        assert pm.hook.on_request(ctx=ctx, request=request) is None
-        assert figures() == counted
+    try:
+        for decide_only, counted in ((True, (0, 0, 0)), (False, (1, 1, 1))):
+            ctx = Context(client_addr=("127.0.0.1", 1), server_addr=("127.0.0.1", 3128),
+                          config=config, decide_only=decide_only)
+            assert pm.hook.on_connect(ctx=ctx) is None
+            assert pm.hook.on_request(ctx=ctx, request=request) is None
+            assert figures() == counted
+    finally:  # its periodic flush, started by the connection counted, stops
+        pm.hook.unconfigure(config=config)
 
 
 def _another_users_samples() -> set[str]:
@@ -233,6 +236,8 @@ def test_prometheus_client_is_left_as_it_was_for_the_rest_of_the_process(tmp_pat
         assert values.ValueClass is values.MutexValue
         assert _another_users_samples() == {"other_events_total", "other_events_created"}
     finally:
+        alone.unconfigure()  # their periodic flushes stop
+        shared.unconfigure()
         shared.figures.value_class.close_all_files()
 
 
@@ -262,3 +267,109 @@ def test_the_dns_cache_outcome_is_each_requests_own(proxy_factory, origin):
     samples = _samples(proxy)
     assert samples[("geproxy_dns_cache_total", (("result", "miss"),))] == 1
     assert samples.get(("geproxy_dns_cache_total", (("result", "hit"),)), 0) == 0
+
+
+def test_counts_wait_in_plain_integers_until_a_flush():
+    """The hooks add to plain integers; the prometheus_client values see nothing until
+    ``flush()``, then every count at once (gauges as their net change), and a second flush
+    adds nothing more."""
+    plugin = Metrics()
+    plugin.configure(Config("a.ini", {}))
+    registry = plugin.figures.registry
+    try:
+        ctx = Context(client_addr=("127.0.0.1", 1), server_addr=("127.0.0.1", 3128),
+                      config=None)
+        plugin.on_connect(ctx)
+        plugin.on_tls_handshake(ctx, "eof")
+        for status in (200, 200, 403):
+            call = plugin.on_request(ctx, None)  # driven as pluggy drives a wrapper
+            next(call)
+            try:
+                call.send(None)
+            except StopIteration:
+                pass
+            plugin.on_progress(ctx, Record(ctx, method="GET"), 10, 100)
+            ctx.dns_cache, ctx.auth_scheme, ctx.auth_result = "hit", "basic", "ok"
+            plugin.on_close(ctx, Record(ctx, method="GET", status=status,
+                                        error="http_request_denied" if status == 403 else None,
+                                        rule="r1" if status == 403 else None))
+        plugin.on_progress(ctx, Record(ctx, method="CONNECT"), 7, 9)
+        held = Context(client_addr=("127.0.0.1", 2), server_addr=("127.0.0.1", 3128),
+                       config=None)
+        plugin.on_connect(held)  # still open at the flush
+        plugin.on_disconnect(ctx)
+
+        def value(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, labels) or 0.0
+
+        assert value("geproxy_connections_total") == 0  # pending only
+        assert value("geproxy_requests_total", method="GET", status="200") == 0
+        plugin.flush()
+        expected = {
+            ("geproxy_connections_total", ()): 2,
+            ("geproxy_connections_open", ()): 1,
+            ("geproxy_requests_in_flight", ()): 0,
+            ("geproxy_requests_total", (("method", "GET"), ("status", "200"))): 2,
+            ("geproxy_requests_total", (("method", "GET"), ("status", "403"))): 1,
+            ("geproxy_http_bytes_total", (("direction", "up"),)): 30,
+            ("geproxy_http_bytes_total", (("direction", "down"),)): 300,
+            ("geproxy_tunnel_bytes_total", (("direction", "up"),)): 7,
+            ("geproxy_tunnel_bytes_total", (("direction", "down"),)): 9,
+            ("geproxy_errors_total", (("error", "http_request_denied"),)): 1,
+            ("geproxy_acl_denials_total", (("rule", "r1"),)): 1,
+            ("geproxy_dns_cache_total", (("result", "hit"),)): 3,
+            ("geproxy_auth_total", (("result", "ok"), ("scheme", "basic"))): 3,
+            ("geproxy_tls_handshakes_total", (("result", "eof"),)): 1,
+        }
+        for _ in range(2):  # the second flush has nothing to add
+            assert {key: value(key[0], **dict(key[1])) for key in expected} == expected
+            plugin.flush()
+    finally:
+        plugin.unconfigure()
+
+
+def test_the_periodic_flush_runs_while_a_server_counts(proxy_factory, origin):
+    """A proxy's counts reach the prometheus_client values each second with no scrape (the
+    values read directly, not through exposition, which flushes); the flush stops with the
+    server."""
+    proxy = proxy_factory(ADMIN)
+    plugin = proxy.server.pm.get_plugin("metrics")
+    figures = plugin.figures
+    for _ in range(3):
+        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
+    wait_for_records(proxy, 3)
+    assert figures.flusher is not None
+    for _ in range(500):  # bounded: 5 s
+        if figures.registry.get_sample_value(
+                "geproxy_requests_total", {"method": "GET", "status": "200"}) == 3:
+            break
+        gevent.sleep(0.01)
+    assert figures.registry.get_sample_value(
+        "geproxy_requests_total", {"method": "GET", "status": "200"}) == 3
+    proxy.server.stop(timeout=1)
+    assert figures.flusher is None and figures.users == 0
+
+
+def test_a_reloads_retired_plugins_flush_what_they_counted():
+    """Two configurations of one server (a reload) count into the same pending figures; the
+    retired one's unconfigure flushes, and the periodic flush goes on for the one in force
+    until it is unconfigured too."""
+    stash: dict = {}
+    old, new = Metrics(), Metrics()
+    old.configure(Config("a.ini", {}, stash))
+    ctx = Context(client_addr=("127.0.0.1", 1), server_addr=("127.0.0.1", 3128), config=None)
+    old.on_connect(ctx)  # a connection of the old configuration, open across the reload
+    new.configure(Config("a.ini", {}, stash))
+    figures = new.figures
+    assert figures is old.figures and figures.flusher is not None
+    old.on_close(ctx, Record(ctx, method="GET", status=200))
+    new.on_close(ctx, Record(ctx, method="GET", status=200))
+    old.unconfigure()
+    assert figures.registry.get_sample_value(
+        "geproxy_requests_total", {"method": "GET", "status": "200"}) == 2
+    assert figures.flusher is not None  # the new one still counts
+    new.on_close(ctx, Record(ctx, method="GET", status=200))
+    new.unconfigure()
+    assert figures.registry.get_sample_value(
+        "geproxy_requests_total", {"method": "GET", "status": "200"}) == 3
+    assert figures.flusher is None

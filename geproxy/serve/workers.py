@@ -74,6 +74,10 @@ FIRST_PAUSE = 0.5
 #: Seconds the workers get to start serving at start; a worker's answer to the master.
 START_TIMEOUT = 30.0
 ASK_TIMEOUT = 5.0
+#: Seconds each worker gets to flush its metrics before the master sums them for /metrics:
+#: less than ASK_TIMEOUT, so that a worker asking the master for /metrics (its proxy port's
+#: ``local_paths``) gets the sum before it stops waiting, whichever worker is slow.
+FLUSH_TIMEOUT = 2.0
 #: Seconds every worker gets to load a configuration on reload.
 PREPARE_TIMEOUT = 60.0
 #: How often the master looks for ended workers and due restarts.
@@ -540,6 +544,16 @@ class _WorkersView:
                              stopping=self.master.stopping)
 
     def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
+        """The sum of every worker's figures, each one's counts flushed into its files
+        first (a worker counts in plain integers between two flushes). A worker that does
+        not answer in time shows with what it last flushed (at most a second old). A
+        worker that asked for this itself (_MasterLink) answers too: its channel serves
+        each request in a greenlet of its own."""
+        answers = self.master._ask_all("flush_metrics", FLUSH_TIMEOUT)
+        for index, answer in sorted(answers.items()):
+            if isinstance(answer, Exception):
+                log.warning("/metrics: worker %d did not flush its figures: %s", index,
+                            answer)
         workers = self.master.workers.values()
         return exposition(self.master.server.pm, {w.index: w.pid for w in workers})
 
@@ -578,6 +592,13 @@ class _WorkerOps:
         if op == "abort":
             self._drop_pending()
             return None
+        if op == "flush_metrics":
+            # The metrics plugin by its name, as geproxy.policy.plugins.exposition finds it;
+            # its figures are the server's, whichever configuration counted into them.
+            flush = getattr(server.pm.get_plugin("metrics"), "flush", None)
+            if flush is not None:
+                flush()
+            return None
         raise RemoteError(f"unknown request {op!r}")
 
     def _drop_pending(self) -> None:
@@ -593,6 +614,8 @@ class _MasterLink:
         self.channel = channel
 
     def metrics_exposition(self) -> Optional[tuple[bytes, str]]:
+        # The master asks this worker to flush too while this greenlet waits: the channel
+        # serves that request in a greenlet of its own (no deadlock).
         try:
             found = self.channel.call("metrics", ASK_TIMEOUT)
         except (ChannelClosed, RemoteError) as exc:
