@@ -279,13 +279,23 @@ def check_parents(pm: pluggy.PluginManager, config: Config) -> None:
 def exposition(pm: pluggy.PluginManager,
                processes: dict[int, int]) -> Optional[tuple[bytes, str]]:
     """The text and content type of the ``metrics`` plugin's ``exposition()``, or None when
-    it is not loaded: the one place the core looks a plugin up by name. ``processes``: the
+    it is not loaded: with ``flush_metrics``, the one place the core looks a plugin up by
+    name. ``processes``: the
     pid of each serving process by worker number, whose figures it reads from /proc."""
     plugin = pm.get_plugin("metrics")
     method = getattr(plugin, "exposition", None)
     if method is None:
         return None
     return method(processes)  # type: ignore[no-any-return]
+
+
+def flush_metrics(pm: pluggy.PluginManager) -> None:
+    """Have the ``metrics`` plugin move the counts it holds in plain integers into its
+    figures (its ``flush()``), when it is loaded: a worker's part of the master's /metrics.
+    Found by name, as ``exposition`` finds it."""
+    method = getattr(pm.get_plugin("metrics"), "flush", None)
+    if method is not None:
+        method()
 
 
 def plugin_names(pm: pluggy.PluginManager) -> list[str]:

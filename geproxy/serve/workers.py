@@ -50,7 +50,7 @@ import gevent.pool
 
 from ..config import ListenAddress, read_text
 from ..errors import ConfigError
-from ..policy.plugins import exposition
+from ..policy.plugins import exposition, flush_metrics
 from .channel import Channel, ChannelClosed, RemoteError
 from .generation import Generation
 from .listeners import describe_address, listening_socket
@@ -593,11 +593,8 @@ class _WorkerOps:
             self._drop_pending()
             return None
         if op == "flush_metrics":
-            # The metrics plugin by its name, as geproxy.policy.plugins.exposition finds it;
-            # its figures are the server's, whichever configuration counted into them.
-            flush = getattr(server.pm.get_plugin("metrics"), "flush", None)
-            if flush is not None:
-                flush()
+            # Its figures are the server's, whichever configuration counted into them.
+            flush_metrics(server.pm)
             return None
         raise RemoteError(f"unknown request {op!r}")
 
