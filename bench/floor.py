@@ -239,7 +239,8 @@ def render(args: argparse.Namespace, found: dict[str, list[dict[str, float]]]) -
 
 def _ratio(found: dict[str, list[dict[str, float]]], name: str, base: str, key: str) -> str:
     """`name`'s `key` over `base`'s, per round: "median (lowest-highest)"."""
-    ratios = [run[key] / floor[key] for run, floor in zip(found[name], found[base], strict=True)
+    ratios = [run[key] / floor[key]
+              for run, floor in zip(found[name], found.get(base, []), strict=False)
               if floor.get(key)]
     if not ratios:
         return "n/a"

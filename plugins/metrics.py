@@ -180,9 +180,11 @@ class _Figures:
         #: The configured plugin instances that count into these figures (a reload's old
         #: and new ones, for a while): the periodic flush runs while there is one.
         self.users = 0
-        #: The greenlet that flushes every FLUSH_INTERVAL, started by the first connection
-        #: counted while configured (in a worker, never in its master: it serves none).
-        self.flusher: Optional[gevent.Greenlet] = None
+        #: The loop's timer that flushes every FLUSH_INTERVAL, started by the first
+        #: connection counted while configured (in a worker, never in its master: it serves
+        #: none). A timer, not a greenlet: it runs ``flush`` in the hub, which never waits,
+        #: and no greenlet stays alive for it.
+        self.flusher: Any = None
 
     def making(self) -> contextlib.AbstractContextManager[None]:
         """The block where a metric or a labelled child of these figures may be made."""
@@ -265,16 +267,14 @@ class _Figures:
     def start_flushing(self) -> None:
         """Flush every FLUSH_INTERVAL from now on, while a configured plugin counts here."""
         if self.flusher is None and self.users > 0:
-            self.flusher = gevent.spawn(self._flush_every, FLUSH_INTERVAL)
-
-    def _flush_every(self, interval: float) -> None:
-        while True:
-            gevent.sleep(interval)
-            self.flush()
+            timer = gevent.get_hub().loop.timer(FLUSH_INTERVAL, FLUSH_INTERVAL, ref=False)
+            timer.start(self.flush)
+            self.flusher = timer
 
     def stop_flushing(self) -> None:
         if self.flusher is not None:
-            self.flusher.kill(block=False)
+            self.flusher.stop()
+            self.flusher.close()
             self.flusher = None
 
     def exposition(self, processes: Mapping[int, int]) -> bytes:

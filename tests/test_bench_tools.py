@@ -82,11 +82,84 @@ def test_the_floor_table_splits_user_and_kernel(floor):
     found = {"floor": [dict(run), dict(run, cycle_user=0.3, cycle_total=0.44)],
              "geproxy-1": [dict(run)]}
     table = floor.render(argparse.Namespace(rounds=2, seconds=5), found)
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
-            if line.startswith("| floor") or line.startswith("| geproxy")}
+    rows: dict[str, list[str]] = {}
+    for line in table.splitlines():  # the first table's rows (the ratios' follow)
+        if line.startswith("| floor") or line.startswith("| geproxy"):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line.split(" | "))
     # floor: cycle user median of 0.1 and 0.3, the total the median of the per-run sums
     assert rows["floor"][1:5] == ["4,000", "0.200", "0.140", "0.340"]
     assert rows["geproxy-1"][5:9] == ["20,000", "0.020", "0.030", "0.050 |"]
+
+
+def test_the_floor_ratios_are_per_round(floor):
+    """The targets' ratios: each round's geproxy over the same round's yardstick, the median
+    and the range of those."""
+    run = {"cycles_s": 4000.0, "cycle_user": 0.1, "cycle_sys": 0.14, "cycle_total": 0.2,
+           "rps": 20000.0, "request_user": 0.02, "request_sys": 0.03, "request_total": 0.05}
+    found = {"floor": [dict(run), dict(run, request_total=0.1), dict(run)],
+             "floor with timeouts": [dict(run), dict(run), dict(run, cycle_total=0.4)],
+             "geproxy-1-audited": [dict(run, request_total=0.1, cycle_total=0.3),
+                                   dict(run, request_total=0.1, cycle_total=0.3),
+                                   dict(run, request_total=0.15, cycle_total=0.3)]}
+    table = floor.render(argparse.Namespace(rounds=3, seconds=5), found)
+    # keep-alive: 2.0, 1.0, 3.0 -> median 2.00; CONNECT: 1.5, 1.5, 0.75 -> median 1.50
+    assert "| geproxy-1-audited | 2.00× (1.00-3.00) | 1.50× (0.75-1.50) |" in table
+
+
+def test_the_audited_config_logs_json_and_walks_a_dst_rule(monkeypatch, tmp_path):
+    """The configuration of the performance targets: every plugin geproxy has, a JSON access
+    log to the file given, and rules whose first reads the destination (so every request
+    is decided by a walk, not at connect)."""
+    from geproxy.policy.plugins import load
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    subjects = importlib.import_module("subjects")
+    config = tmp_path / "audited.ini"
+    config.write_text(subjects.geproxy_config(3128, "1", access_log=tmp_path / "a.log"))
+    _, loaded = load(str(config))
+    assert loaded.core["access_log"] == str(tmp_path / "a.log")
+    assert loaded.core["log_format"] == "json"
+    rules = loaded.section("acl")["rules"]
+    assert [rule.split(":")[0] for rule in rules] == ["blocked", "loopback"]
+    assert " dst " in rules[0]
+    assert "geproxy-1-audited" not in subjects.DEFAULT.split(",")  # floor.py measures it
+
+
+def test_the_core_micro_bench_times_every_step() -> None:
+    """`python bench/core_hot.py` small: a row per step of a request's head handling for
+    both requests, and their sum."""
+    done = subprocess.run([sys.executable, str(BENCH / "core_hot.py"), "--requests", "50",
+                           "--repeat", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ")]
+    names = [row[0].strip("| *") for row in rows[1:]]
+    assert names == ["parse the request head", "its framing and keep-alive",
+                     "the head sent upstream", "parse the response head",
+                     "the answer's head to the client", "all"]
+    for row in rows[1:]:
+        assert all(float(cell.strip(" |*")) > 0 for cell in row[1:])
+
+
+def test_the_profile_table_leaves_the_hubs_wait_out(monkeypatch, tmp_path):
+    """bench/hotspots.py's table, from a real profile: functions by own time per request,
+    the hub's loop (its wait for events) not among them nor in the busy total."""
+    import cProfile
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    hotspots = importlib.import_module("hotspots")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    total = sum(sorted(range(20000), key=lambda n: -n)[:10])
+    profiler.disable()
+    saved = tmp_path / "out.prof"
+    profiler.dump_stats(str(saved))
+    table = hotspots.render(saved, 10.0, 5, "audited")
+    assert total > 0
+    assert table.startswith("# geproxy profile per keep-alive request (audited config, 10 ")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert 0 < len(rows) <= 5
+    assert any("lambda" in row for row in rows)  # 20,000 calls: 2,000 per "request"
+    assert not any("hub.py" in row for row in rows)
 
 
 def test_the_ab_table_gives_b_over_a(monkeypatch):
@@ -96,8 +169,8 @@ def test_the_ab_table_gives_b_over_a(monkeypatch):
                    {"request_total": 0.22, "rps": 4600.0}],
              "B": [{"request_total": 0.15, "rps": 6000.0},
                    {"request_total": 0.17, "rps": 5800.0}]}
-    table = ab.render(argparse.Namespace(base="HEAD~1", rounds=2, seconds=5), ["keepalive"],
-                      found)
+    table = ab.render(argparse.Namespace(base="HEAD~1", rounds=2, seconds=5, audited=False),
+                      ["keepalive"], found)
     assert "| proxy CPU ms per keep-alive request | 0.2100 | 0.1600 | 0.76 |" in table
     assert "| req/s | 4800 | 5900 | 1.23 |" in table
 

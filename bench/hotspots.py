@@ -1,12 +1,14 @@
-"""Where a keep-alive request's time goes in geproxy: a cProfile under wrk's load.
+"""Where a keep-alive request's (or a CONNECT cycle's) time goes in geproxy: a cProfile.
 
-    python bench/profile.py                      # the audited config, 5 s of wrk, top 40
-    python bench/profile.py --plain --seconds 8 --top 60 --save /tmp/ka.prof
+    python bench/hotspots.py                      # the audited config, 5 s of wrk, top 40
+    python bench/hotspots.py --plain --seconds 8 --top 60 --save /tmp/ka.prof
+    python bench/hotspots.py --connect            # CONNECT cycles of bench/loadgen.c instead
 
 geproxy-1 runs under cProfile (`python -m cProfile -o FILE -m geproxy`) with the audited
 configuration of subjects.py (every request logged as JSON to a file, a `dst` rule; or the
 bench's own with `--plain`), in front of the bench's nginx; wrk sends absolute-form GETs on
-50 connections for `--seconds`; SIGINT drains and stops the proxy, which writes the profile.
+50 connections for `--seconds` (with `--connect`, bench/loadgen.c's CONNECT cycles on 50
+connections instead); SIGINT drains and stops the proxy, which writes the profile.
 The table gives each function's own time (tottime) and calls per answered request, and its
 share of all the profiled time but the hub's wait (the loop's `run`: idle, not work).
 
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true",
                         help="the bench's config (no access log, no rules), not the audited one")
     parser.add_argument("--save", type=Path, help="keep the raw profile at this path")
+    parser.add_argument("--connect", action="store_true",
+                        help="CONNECT cycles (bench/loadgen.c), not keep-alive requests")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 60:
         parser.error("--seconds 1-60")
@@ -59,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 target = measure.Target(origins.port, server, origins.pid)
                 # A warm-up, then the profiled run: both are in the profile, both counted.
-                first = measure.wrk_rate(WRK_SCRIPT, target, CLIENTS, 1)
-                reading = measure.wrk_rate(WRK_SCRIPT, target, CLIENTS, args.seconds)
-                answered = (first.values["rps"] * 1 + reading.values["rps"] * args.seconds)
+                answered = sum(_load(target, workdir, args.connect, seconds)
+                               for seconds in (1, args.seconds))
             finally:
                 os.kill(server.pid, signal.SIGINT)  # drains, stops, writes the profile
                 try:
@@ -70,12 +73,26 @@ def main(argv: list[str] | None = None) -> int:
                     procs.stop_server(server)
         finally:
             origins.stop()
-        print(render(out, answered, args.top, "plain" if args.plain else "audited"))
+        print(render(out, answered, args.top, "plain" if args.plain else "audited",
+                     "CONNECT cycle" if args.connect else "keep-alive request"))
     return 0
 
 
-def render(path: Path, requests: float, top: int, config: str) -> str:
-    """The top functions by own time, per request, with their share of the busy time."""
+def _load(target: measure.Target, workdir: Path, connect: bool, seconds: int) -> float:
+    """Drive the load for `seconds`; the requests (or cycles) completed."""
+    if not connect:
+        return measure.wrk_rate(WRK_SCRIPT, target, CLIENTS, seconds).values["rps"] * seconds
+    loadgen = workdir / "loadgen"
+    if not loadgen.exists():
+        loadgen = procs.build_c(Path(__file__).resolve().parent / "loadgen.c", workdir)
+    args = ["-m", "cycles", *target.loadgen_args(), "-c", str(CLIENTS), "-d", str(seconds)]
+    return float(measure.run_loadgen(loadgen, args, seconds + measure.SLACK)["cycles"])
+
+
+def render(path: Path, requests: float, top: int, config: str,
+           item: str = "keep-alive request") -> str:
+    """The top functions by own time, per request (or cycle), with their share of the busy
+    time."""
     stats = pstats.Stats(str(path))
     rows = []
     busy = 0.0
@@ -86,10 +103,10 @@ def render(path: Path, requests: float, top: int, config: str) -> str:
         rows.append((tottime, calls, where))
         busy += tottime
     rows.sort(reverse=True)
-    lines = [f"# geproxy keep-alive profile ({config} config, {requests:,.0f} requests "
-             f"under cProfile)", "",
-             f"busy time {busy / requests * 1e6:.1f} µs per request (cProfile's, inflated)",
-             "", "| function | calls per request | own µs per request | share |",
+    lines = [f"# geproxy profile per {item} ({config} config, {requests:,.0f} under "
+             "cProfile)", "",
+             f"busy time {busy / requests * 1e6:.1f} µs per {item} (cProfile's, inflated)",
+             "", f"| function | calls per {item} | own µs | share |",
              "|---|---:|---:|---:|"]
     for tottime, calls, where in rows[:top]:
         lines.append(f"| `{where}` | {calls / requests:.2f} | {tottime / requests * 1e6:.2f} "
