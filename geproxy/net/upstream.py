@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import gevent
 import gevent.event
-from gevent.socket import wait_write
+from gevent import getcurrent
 
 from ..errors import (
     ConnectionTerminated,
@@ -59,18 +59,20 @@ def _error_for(exc: OSError, address: Sequence[Any]) -> ProxyError:
     return ConnectRefused(f"{where}: {exc.strerror or exc}")
 
 
-def _open(address: tuple[Any, ...]) -> socket.socket:
-    """A connected socket to ``address`` (an IP literal's socket address). The caller bounds
-    the wait. Done by hand rather than by gevent's ``connect``, which checks and resolves the
-    address again and arms a timer on every call: a non-blocking connect, one wait for
-    writability, and the kernel's verdict."""
+def _open(address: tuple[Any, ...], timeout: Optional[float] = None) -> socket.socket:
+    """A connected socket to ``address`` (an IP literal's socket address), within
+    ``timeout`` seconds (ConnectTimeout), or unbounded here when None (the caller bounds
+    the wait). Done by hand rather than by gevent's ``connect``, which checks and resolves
+    the address again and arms a timer on every call: a non-blocking connect, one wait for
+    writability on the socket's own watcher (a new one would cost a watcher and a system
+    call), a timer only when that wait is needed, and the kernel's verdict."""
     sock = socket.socket(_family(address), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw = raw_socket(sock)  # its calls never wait
         error = raw.connect_ex(address)
         if error == errno.EINPROGRESS:
-            wait_write(sock.fileno())
+            _writable(sock, timeout, address)
             error = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))
@@ -78,6 +80,24 @@ def _open(address: tuple[Any, ...]) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _writable(sock: Any, timeout: Optional[float], address: tuple[Any, ...]) -> None:
+    """Wait until ``sock`` (gevent's) is writable, at most ``timeout`` seconds."""
+    hub, watcher = sock.hub, sock._write_event
+    if timeout is None:
+        hub.wait(watcher)
+        return
+    timer = hub.loop.timer(max(timeout, 0.0))
+    timer.start(_expired, getcurrent(), address)
+    try:
+        hub.wait(watcher)
+    finally:
+        timer.close()
+
+
+def _expired(waiting: Any, address: tuple[Any, ...]) -> None:
+    waiting.throw(ConnectTimeout(f"{address[0]}: no answer"))
 
 
 def connect(addresses: Sequence[tuple[Any, ...]], timeout: float,
@@ -92,8 +112,7 @@ def connect(addresses: Sequence[tuple[Any, ...]], timeout: float,
         raise ConnectRefused("no address to connect to")
     if len(addresses) == 1:
         try:
-            with gevent.Timeout(timeout, ConnectTimeout(f"{addresses[0][0]}: no answer")):
-                return _open(addresses[0]), addresses[0]
+            return _open(addresses[0], timeout), addresses[0]
         except OSError as exc:
             raise _error_for(exc, addresses[0]) from None
     return _race(interleave(addresses), timeout, delay)

@@ -30,6 +30,7 @@ import socket
 from collections import deque
 from typing import Any, Callable, Optional
 
+import gevent.socket
 from gevent import get_hub
 from gevent.hub import Waiter
 
@@ -56,6 +57,19 @@ _DETACH = object()
 #: greenlet go (``run(detach_after=...)``): a short exchange ends without the cost of a
 #: second greenlet for its end; a long-lived one stops holding a greenlet's stacks.
 DETACH_AFTER = 0.25
+
+
+def _watcher(sock: Any, name: str, fd: int, events: int, loop: Any) -> tuple[Any, bool]:
+    """The watcher of ``events`` on ``fd`` and whether it is borrowed: the gevent socket's
+    own (``_read_event`` or ``_write_event``, made with the socket: borrowing it spares a
+    watcher and the system call libev makes to check a new one's descriptor), or a new one
+    for any other stream (TLS). Borrowed, it must be free: started by nobody, as gevent's
+    own waits insist; it is stopped, never closed, when the relay lets it go."""
+    if isinstance(sock, gevent.socket.socket):
+        watcher = getattr(sock, name, None)
+        if watcher is not None and watcher.callback is None and watcher.loop is loop:
+            return watcher, True
+    return loop.io(fd, events), False
 
 
 def _raw(sock: socket.socket) -> Any:
@@ -108,7 +122,7 @@ class Direction:
 
     __slots__ = ("src", "dst", "src_fd", "dst_fd", "upward", "name", "dst_name", "reader",
                  "writer", "pending", "moved", "eof", "done", "pipe", "piped", "buffered",
-                 "tls_out", "splices")
+                 "tls_out", "splices", "borrowed")
 
     def __init__(self, src: Optional[socket.socket], dst: socket.socket, upward: bool,
                  loop: Any) -> None:
@@ -117,9 +131,15 @@ class Direction:
         self.src_fd, self.dst_fd = (src.fileno() if src is not None else -1), dst.fileno()
         self.upward = upward
         self.name, self.dst_name = ("client", "upstream") if upward else ("upstream", "client")
-        #: None for a source that pushes (no descriptor to watch).
-        self.reader: Any = loop.io(self.src_fd, _READ) if src is not None else None
-        self.writer = loop.io(self.dst_fd, _WRITE)
+        #: None for a source that pushes (no descriptor to watch). A gevent socket's own
+        #: watchers are borrowed (``_watcher``): nothing else waits on a relayed socket.
+        self.reader: Any = None
+        reader_borrowed = False
+        if src is not None:
+            self.reader, reader_borrowed = _watcher(src, "_read_event", self.src_fd, _READ,
+                                                    loop)
+        self.writer, writer_borrowed = _watcher(dst, "_write_event", self.dst_fd, _WRITE, loop)
+        self.borrowed = (reader_borrowed, writer_borrowed)
         #: Read and not yet written (recv mode), while the writer waits for room.
         self.pending: Any = b""
         self.moved = 0
@@ -136,9 +156,13 @@ class Direction:
         self.splices = _SPLICE and self.buffered is None and not self.tls_out
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-        self.writer.close()
+        for watcher, borrowed in zip((self.reader, self.writer), self.borrowed, strict=True):
+            if watcher is None:
+                continue
+            if borrowed:
+                watcher.stop()  # the socket's again: its close closes it
+            else:
+                watcher.close()
         if self.pipe is not None:
             os.close(self.pipe[0])
             os.close(self.pipe[1])
