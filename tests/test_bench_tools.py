@@ -140,6 +140,40 @@ def test_the_core_micro_bench_times_every_step() -> None:
         assert all(float(cell.strip(" |*")) > 0 for cell in row[1:])
 
 
+def test_the_hooks_micro_bench_loads_every_step(tmp_path: Path) -> None:
+    """`python bench/hooks_hot.py` small: every step of bench/features.py is loaded and
+    configured as the proxy does it, and each of its hook calls gets a figure."""
+    done = subprocess.run([sys.executable, str(BENCH / "hooks_hot.py"), "--requests", "300",
+                           "--repeat", "2"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == ["audited", "no access log", "no rules", "no metrics",
+                              "core only"]
+    assert all(float(cell.strip(" |")) > 0 for row in list(rows.values())[1:]
+               for cell in row[1:])
+
+
+def test_the_features_steps_are_configs_geproxy_takes(monkeypatch, tmp_path):
+    """bench/features.py's steps: each one loads, and each takes off what it says."""
+    from geproxy.policy.plugins import load, plugin_names
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    features = importlib.import_module("features")
+    loaded = {}
+    for step in features.STEPS:
+        path = tmp_path / f"{step.replace(' ', '-')}.ini"
+        path.write_text(features.config(step, 3128, tmp_path))
+        pm, config = load(str(path), configure=False)
+        loaded[step] = (set(plugin_names(pm)), config)
+    assert loaded["audited"][1].core["log_format"] == "json"
+    assert loaded["no access log"][1].core["access_log"] == "off"
+    assert loaded["no access log"][1].section("acl")["rules"]
+    assert "metrics" in loaded["no rules"][0] and "metrics" not in loaded["no metrics"][0]
+    assert loaded["core only"][0] == {"system_resolver"}
+
+
 def test_the_profile_table_leaves_the_hubs_wait_out(monkeypatch, tmp_path):
     """bench/hotspots.py's table, from a real profile: functions by own time per request,
     the hub's loop (its wait for events) not among them nor in the busy total."""
