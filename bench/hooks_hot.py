@@ -27,9 +27,9 @@ import features
 
 from geproxy.models import Context, Record, Response
 from geproxy.policy.plugins import Hooks, load
-from geproxy.serve.generation import unconfigure
 from geproxy.protocol import http11
 from geproxy.protocol.semantics import response_fields
+from geproxy.serve.generation import unconfigure
 
 HOOKS = ("on_request", "route", "on_response", "on_progress", "on_close")
 
