@@ -196,6 +196,22 @@ def test_the_profile_table_leaves_the_hubs_wait_out(monkeypatch, tmp_path):
     assert not any("hub.py" in row for row in rows)
 
 
+def test_the_scaling_table_gives_ratios_and_the_spread(monkeypatch):
+    """bench/scaling.py's table, from made-up readings: each count's medians, its ratio to
+    the first count round by round, and how the CPU went between the workers."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    scaling = importlib.import_module("scaling")
+    found = {1: [{"cycle_total": 0.4, "request_total": 0.2},
+                 {"cycle_total": 0.5, "request_total": 0.2}],
+             2: [{"cycle_total": 0.44, "request_total": 0.19},
+                 {"cycle_total": 0.5, "request_total": 0.22}]}
+    spread = {1: [], 2: [[1.0, 3.0], [2.0, 2.0]]}
+    table = scaling.render(argparse.Namespace(rounds=2, seconds=5, plain=False), [1, 2],
+                           found, spread)
+    assert "| 1 | 0.450 | 1.00 (1.00-1.00) | 0.200 | 1.00 (1.00-1.00) | one process |" in table
+    assert "| 2 | 0.470 | 1.05 (1.00-1.10) | 0.205 | 1.02 (0.95-1.10) | 38% / 62% |" in table
+
+
 def test_the_ab_table_gives_b_over_a(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     ab = importlib.import_module("ab")

@@ -243,3 +243,39 @@ def test_answer_fields_leave_out_what_http2_forbids() -> None:
 def test_status_lines_carry_the_registered_reason(status: int, phrase: str) -> None:
     """An upstream's 201 goes to an HTTP/1.1 client as "201 Created", not "201 Unknown"."""
     assert http11.reason_phrase(status) == phrase
+
+
+def test_headers_keep_their_index_in_step_with_each_change() -> None:
+    """Headers edited after a look-up (as on_response plugins and the core's framing do)
+    answer as if built afresh from their fields: the index follows every add and removal."""
+    headers = Headers([("Content-Length", "5"), ("X-A", "1"), ("connection", "keep-alive"),
+                       ("x-a", "2"), ("Via", "1.1 a")])
+    assert headers.get_all("x-a") == ["1", "2"]  # the index is built here
+    headers.add("X-B", "3")
+    headers.add("X-A", "4")
+    assert headers.get_all("X-A") == ["1", "2", "4"] and headers.get("x-b") == "3"
+    headers.remove("CONTENT-LENGTH", "Connection", "absent")  # several names in one pass
+    assert list(headers) == [("X-A", "1"), ("x-a", "2"), ("Via", "1.1 a"), ("X-B", "3"),
+                             ("X-A", "4")]
+    assert "content-length" not in headers and "connection" not in headers
+    assert headers.tokens("connection") == []
+    headers.set("x-a", "5")
+    assert headers.get_all("X-A") == ["5"] and list(headers)[-1] == ("x-a", "5")
+    fresh = Headers(list(headers))
+    for name in ("x-a", "via", "x-b", "content-length", "connection"):
+        assert headers.get_all(name) == fresh.get_all(name)
+    assert sorted(headers.names()) == sorted(fresh.names()) == ["via", "x-a", "x-b"]
+
+
+def test_frozen_headers_refuse_every_change() -> None:
+    headers = Headers([("Host", "a")], frozen=True)
+    for change in (lambda: headers.add("X", "1"), lambda: headers.remove("Host"),
+                   lambda: headers.remove("absent"), lambda: headers.set("Host", "b")):
+        with pytest.raises(TypeError):
+            change()
+    assert list(headers) == [("Host", "a")]
+
+
+def test_tokens_are_lowered_and_stripped_whatever_the_field_spelling() -> None:
+    headers = Headers([("Connection", " Keep-Alive ,Upgrade"), ("CONNECTION", "TE, ,close")])
+    assert headers.tokens("connection") == ["keep-alive", "upgrade", "te", "close"]

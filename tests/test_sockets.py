@@ -1,4 +1,5 @@
-"""sockets.raw_socket: the one reader of gevent's private ``_sock``, and peek, which uses it.
+"""sockets.raw_socket: the one reader of gevent's private ``_sock``, and peek, which uses it;
+IdleWait, which waits on a gevent socket's own read watcher (``_read_event``).
 
 Real socket pairs (gevent's, as the conftest patched them, and the standard library's):
 no mocks. If gevent moves what raw_socket reads, these fail first.
@@ -12,7 +13,7 @@ import gevent.socket
 import pytest
 from gevent import monkey
 
-from geproxy.net.sockets import peek, raw_socket, still_idle
+from geproxy.net.sockets import IdleWait, peek, raw_socket, still_idle
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -50,3 +51,42 @@ def test_peek_leaves_the_bytes_and_never_waits():
         assert left.recv(3) == b"abc"  # the peek took nothing
         right.close()
         assert peek(left) == b""  # EOF
+
+
+def test_an_idle_wait_reads_waits_and_times_out_leaving_the_socket_as_it_was():
+    """What is there is read at once; else the wait ends with the bytes, or with
+    socket.timeout after the wait's timeout; the socket's own timeout is untouched, and its
+    read watcher is free again after each wait (gevent's own recv can use it)."""
+    left, right = socket.socketpair()
+    wait = IdleWait(0.2)
+    with left, right:
+        left.settimeout(7.0)
+        right.sendall(b"ready")
+        assert wait.recv(left, 100) == b"ready"
+        later = gevent.spawn_later(0.05, right.sendall, b"later")
+        assert wait.recv(left, 100) == b"later"
+        later.join(timeout=5)
+        with pytest.raises(socket.timeout):
+            wait.recv(left, 100)
+        assert left.gettimeout() == 7.0
+        assert left._read_event.callback is None  # nobody waits on it now
+        right.sendall(b"again")
+        assert left.recv(100) == b"again"
+    wait.close()
+
+
+def test_a_second_waiter_on_one_socket_is_refused_as_gevent_refuses_it():
+    left, right = socket.socketpair()
+    wait = IdleWait(5.0)
+    with left, right:
+        first = gevent.spawn(wait.recv, left, 100)
+        for _ in range(100):  # until the first waits (bounded)
+            if left._read_event.callback is not None:
+                break
+            gevent.sleep(0)
+        assert left._read_event.callback is not None
+        with pytest.raises(gevent.exceptions.ConcurrentObjectUseError):
+            IdleWait(5.0).recv(left, 100)
+        right.sendall(b"x")
+        assert first.get(timeout=5) == b"x"
+    wait.close()
