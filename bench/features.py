@@ -33,8 +33,6 @@ import tempfile
 from pathlib import Path
 
 import floor
-import measure
-import origin
 import procs
 import subjects
 
@@ -90,27 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 60:
         parser.error("--rounds 1-20, --seconds 1-60")
     names = [*STEPS, *floor.YARDSTICKS]
-    nofile = procs.raise_nofile()
     started = datetime.datetime.now()
     found: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="geproxy-features-") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)
-        loadgen = procs.build_c(BENCH_DIR / "loadgen.c", workdir)
-        origins = origin.start("auto", workdir, 2**20, nofile)
-        try:
-            for number in range(args.rounds):
-                for name in names:
-                    server = start(name, workdir)
-                    target = measure.Target(origins.port, server, origins.pid)
-                    try:
-                        found[name].append(measure.cpu_apart(loadgen, target, CLIENTS,
-                                                             args.seconds))
-                    finally:
-                        procs.stop_server(server)
-                    print(f"round {number + 1} {name}: {found[name][-1]}", file=sys.stderr)
-        finally:
-            origins.stop()
+        origins = floor.in_rounds(Path(tmp), names, start, args.rounds, args.seconds, found)
     text = "\n".join([
         f"# What geproxy's features cost, {started:%Y-%m-%d %H:%M:%S}", "",
         f"- machine: {os.cpu_count()} cores, Linux {platform.release()}, Python "

@@ -34,7 +34,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import measure
 import origin
@@ -172,27 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     installed = [subject.name for subject in subjects.by_names(list(PEERS))
                  if subject.missing() is None]
     names = [*YARDSTICKS, "geproxy-1", "geproxy-1-audited", *installed]
-    nofile = procs.raise_nofile()
     started = datetime.datetime.now()
     found: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="geproxy-floor-") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)
-        loadgen = procs.build_c(BENCH_DIR / "loadgen.c", workdir)
-        origins = origin.start("auto", workdir, 2**20, nofile)
-        try:
-            for number in range(args.rounds):
-                for name in names:
-                    server = start(name, workdir)
-                    target = measure.Target(origins.port, server, origins.pid)
-                    try:
-                        found[name].append(measure.cpu_apart(loadgen, target, CLIENTS,
-                                                             args.seconds))
-                    finally:
-                        procs.stop_server(server)
-                    print(f"round {number + 1} {name}: {found[name][-1]}", file=sys.stderr)
-        finally:
-            origins.stop()
+        origins = in_rounds(Path(tmp), names, start, args.rounds, args.seconds, found)
         versions = {name: subjects.by_names([name])[0].version() for name in names
                     if name not in YARDSTICKS}
     text = "\n".join([
@@ -208,6 +191,30 @@ def main(argv: list[str] | None = None) -> int:
         saved.write_text(text)
         print(f"saved {saved}", file=sys.stderr)
     return 0
+
+
+def in_rounds(workdir: Path, names: list[str], start: Callable[[str, Path], procs.Server],
+              rounds: int, seconds: int, found: dict[str, list[dict[str, float]]],
+              ) -> origin.Origins:
+    """Measure each of ``names`` (started by ``start(name, workdir)``, stopped after) in
+    turn, round after round, into ``found[name]`` (measure.cpu_apart's figures), against
+    one origin started for all in ``workdir``; returns that origin, stopped."""
+    workdir.chmod(0o755)
+    loadgen = procs.build_c(BENCH_DIR / "loadgen.c", workdir)
+    origins = origin.start("auto", workdir, 2**20, procs.raise_nofile())
+    try:
+        for number in range(rounds):
+            for name in names:
+                server = start(name, workdir)
+                target = measure.Target(origins.port, server, origins.pid)
+                try:
+                    found[name].append(measure.cpu_apart(loadgen, target, CLIENTS, seconds))
+                finally:
+                    procs.stop_server(server)
+                print(f"round {number + 1} {name}: {found[name][-1]}", file=sys.stderr)
+    finally:
+        origins.stop()
+    return origins
 
 
 def render(args: argparse.Namespace, found: dict[str, list[dict[str, float]]]) -> str:

@@ -39,12 +39,7 @@ class Headers:
         if index is None:
             index = {}
             for key, value in self._items:
-                lower = key.lower()
-                found = index.get(lower)
-                if found is None:
-                    index[lower] = [value]
-                else:
-                    found.append(value)
+                _indexed(index, key, value)
             self._index = index
         return index
 
@@ -89,14 +84,8 @@ class Headers:
         if self._frozen:
             raise TypeError("these headers are read-only")
         self._items.append((name, value))
-        index = self._index
-        if index is not None:  # kept in step rather than built again
-            lower = name.lower()
-            found = index.get(lower)
-            if found is None:
-                index[lower] = [value]
-            else:
-                found.append(value)
+        if self._index is not None:  # kept in step rather than built again
+            _indexed(self._index, name, value)
 
     def set(self, name: str, value: str) -> None:
         """Replace every ``name`` field with one field holding ``value``."""
@@ -116,6 +105,16 @@ class Headers:
 
     def copy(self, *, frozen: bool = False) -> "Headers":
         return Headers(self._items, frozen=frozen)
+
+
+def _indexed(index: dict[str, list[str]], name: str, value: str) -> None:
+    """Add a field to a Headers index (its values by lower-case name)."""
+    lower = name.lower()
+    found = index.get(lower)
+    if found is None:
+        index[lower] = [value]
+    else:
+        found.append(value)
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,19 @@ def test_a_moved_file_is_reopened_by_name_within_a_second(proxy_factory, origin,
                                                 for n in range(2, sent + 1)]
 
 
+def _replace_descriptor(path: Path, other: str, flags: int) -> int:
+    """Point the proxy's one descriptor of ``path`` at ``other`` opened with ``flags``: the
+    file as the proxy sees it becomes full (/dev/full) or not writable at all. Returns the
+    descriptor's number."""
+    [fd] = _descriptors_of(path)
+    replacement = os.open(other, flags)
+    try:
+        os.dup2(replacement, fd)
+    finally:
+        os.close(replacement)
+    return fd
+
+
 def test_a_failing_write_loses_its_line_only(proxy_factory, origin, tmp_path, caplog):
     """A full disk (the file's descriptor made /dev/full's): the requests are served, one
     warning says so in the program log, however many lines fail; once the file can be
@@ -287,12 +300,7 @@ def test_a_failing_write_loses_its_line_only(proxy_factory, origin, tmp_path, ca
     proxy = proxy_factory(f"access_log = {path}\n")
     assert curl("-x", proxy.url, origin.url("/before")).stdout == b"hello\n"
     _lines(path, 1)
-    [fd] = _descriptors_of(path)
-    full = os.open("/dev/full", os.O_WRONLY)
-    try:
-        os.dup2(full, fd)
-    finally:
-        os.close(full)
+    _replace_descriptor(path, "/dev/full", os.O_WRONLY)
     for n in range(3):
         assert curl("-x", proxy.url, origin.url(f"/lost/{n}")).stdout == b"hello\n"
     wait_for_records(proxy, 4)
@@ -313,12 +321,7 @@ def test_a_descriptor_gone_bad_is_opened_again(proxy_factory, origin, tmp_path, 
     proxy = proxy_factory(f"access_log = {path}\n")
     assert curl("-x", proxy.url, origin.url("/before")).stdout == b"hello\n"
     _lines(path, 1)
-    [fd] = _descriptors_of(path)
-    readonly = os.open("/dev/null", os.O_RDONLY)
-    try:
-        os.dup2(readonly, fd)
-    finally:
-        os.close(readonly)
+    fd = _replace_descriptor(path, "/dev/null", os.O_RDONLY)
     try:
         assert curl("-x", proxy.url, origin.url("/lost")).stdout == b"hello\n"
         wait_for_records(proxy, 2)

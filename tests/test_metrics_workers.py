@@ -323,10 +323,10 @@ def test_a_scrape_right_after_the_requests_is_exact(proxy_process, origin, raw_o
     assert wait_until(lambda: _value(proxy, "geproxy_connections_open") == 0)
 
 
-def test_a_workers_counts_reach_the_files_each_second_without_a_scrape(
-        proxy_process, origin, tmp_path, monkeypatch):
-    """The periodic flush: the master's files, read directly (no /metrics, no flush asked),
-    come to count every request within a bounded wait."""
+def _six_requests_flushed(proxy_process, origin, tmp_path, monkeypatch):
+    """Two workers whose multiprocess directory is found under tmp_path (TMPDIR), six
+    requests through them, and the master's files counting all six (each worker flushes
+    every second: a bounded wait, no scrape). Returns the proxy and the directory."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))  # where the master makes its directory
@@ -338,6 +338,14 @@ def test_a_workers_counts_reach_the_files_each_second_without_a_scrape(
     _records(log_path, 6)
     key = ("geproxy_requests_total", (("method", "GET"), ("status", "200")))
     assert wait_until(lambda: _files(directory).get(key) == 6, 10)
+    return proxy, directory
+
+
+def test_a_workers_counts_reach_the_files_each_second_without_a_scrape(
+        proxy_process, origin, tmp_path, monkeypatch):
+    """The periodic flush: the master's files, read directly (no /metrics, no flush asked),
+    come to count every request within a bounded wait."""
+    _, directory = _six_requests_flushed(proxy_process, origin, tmp_path, monkeypatch)
     assert _files(directory)[("geproxy_connections_total", ())] == 6
 
 
@@ -346,17 +354,8 @@ def test_a_stopped_or_killed_worker_leaves_its_flushed_counts(proxy_process, ori
     """A worker that does not answer the master's flush (stopped: SIGSTOP) shows with what
     it last flushed, with a warning, and /metrics still answers; one killed by SIGKILL
     loses nothing it flushed (its counters stay in the files), and the counting goes on."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    log_path = tmp_path / "access.log"
-    proxy = _start(proxy_process, 2, _logged(log_path))
-    directory = _metrics_directory(tmp)
-    for _ in range(6):
-        assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
-    _records(log_path, 6)
+    proxy, directory = _six_requests_flushed(proxy_process, origin, tmp_path, monkeypatch)
     key = ("geproxy_requests_total", (("method", "GET"), ("status", "200")))
-    assert wait_until(lambda: _files(directory).get(key) == 6, 10)  # flushed, each second
     pids = {int(m.group(2)): int(m.group(1)) for line in proxy.log
             for m in [re.search(r"worker (\d) started, pid (\d+)", line)] if m}
     os.kill(max(pids), signal.SIGSTOP)
@@ -371,7 +370,7 @@ def test_a_stopped_or_killed_worker_leaves_its_flushed_counts(proxy_process, ori
     assert _samples(proxy)[key] == 6
     for _ in range(2):
         assert curl("-x", proxy.url, origin.url("/")).stdout == b"hello\n"
-    _records(log_path, 8)
+    _records(tmp_path / "access.log", 8)
     assert _samples(proxy)[key] == 8
 
 
