@@ -13,7 +13,7 @@ import gevent.socket
 import pytest
 from gevent import monkey
 
-from geproxy.net.sockets import IdleWait, peek, raw_socket, still_idle
+from geproxy.net.sockets import IdleWait, peek, raw_socket, still_idle, watchers
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -38,6 +38,27 @@ def test_a_socket_gevent_did_not_patch_is_its_own():
     with monkey.get_original("socket", "socket")(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         assert not isinstance(sock, gevent.socket.socket)
         assert raw_socket(sock) is sock
+        assert watchers(sock) is None
+
+
+def test_a_gevent_sockets_watchers_are_the_ones_its_own_waits_use():
+    """``watchers``: the readable and writable watchers of the socket's descriptor that
+    gevent's recv and send wait on (a greenlet waiting in recv holds the first)."""
+    left, right = socket.socketpair()
+    with left, right:
+        readable, writable = watchers(left)
+        assert (readable.fd, writable.fd) == (left.fileno(), left.fileno())
+        assert (readable.events & 3, writable.events & 3) == (1, 2)  # READ, WRITE
+        assert readable.callback is None and writable.callback is None
+        waiting = gevent.spawn(left.recv, 10)
+        for _ in range(100):  # until it waits (bounded)
+            if readable.callback is not None:
+                break
+            gevent.sleep(0)
+        assert readable.callback is not None and writable.callback is None
+        right.sendall(b"x")
+        assert waiting.get(timeout=5) == b"x"
+        assert readable.callback is None
 
 
 def test_peek_leaves_the_bytes_and_never_waits():

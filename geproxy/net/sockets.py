@@ -8,8 +8,11 @@ libev timer for every wait that blocks: about 5 µs each, and a keep-alive reque
 such waits (the client's next request, the upstream's answer). ``IdleWait`` bounds those
 two with one timer per connection, re-armed for each wait.
 
-``raw_socket`` is the one place that reaches under gevent's socket for the operating
-system's.
+``raw_socket`` and ``watchers`` are the one place that reaches under gevent's socket: for the
+operating system's socket, and for the two libev watchers gevent made with it (its own
+waits use them; IdleWait, an upstream connect and the tunnels' relay wait on them too,
+rather than make new ones: a watcher and the system call libev makes to check its
+descriptor, each time).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import gevent.socket
 from gevent import get_hub, getcurrent
 from gevent.exceptions import ConcurrentObjectUseError
 
-__all__ = ["IdleWait", "peek", "raw_socket", "send_all", "still_idle"]
+__all__ = ["IdleWait", "peek", "raw_socket", "send_all", "still_idle", "watchers"]
 
 
 def raw_socket(sock: Any) -> Any:
@@ -36,6 +39,17 @@ def raw_socket(sock: Any) -> Any:
     if isinstance(sock, gevent.socket.socket):
         return sock._sock
     return sock
+
+
+def watchers(sock: Any) -> Optional[tuple[Any, Any]]:
+    """The libev watchers gevent made with ``sock``, (readable, writable), each free to
+    wait on when its ``callback`` is None (gevent's own waits insist on one waiter per
+    watcher); None for any other stream (a TLS one). Whoever borrows one stops it when
+    done, never closes it: the socket's ``close`` does. Read from gevent's private
+    ``_read_event`` and ``_write_event`` (tests/test_sockets.py fails if they move)."""
+    if isinstance(sock, gevent.socket.socket):
+        return sock._read_event, sock._write_event
+    return None
 
 
 class IdleWait:
@@ -58,11 +72,12 @@ class IdleWait:
         timer = self._timer
         if timer is None:
             timer = self._timer = get_hub().loop.timer(self.timeout, self.timeout)
-        if isinstance(sock, gevent.socket.socket):
+        own = watchers(sock)
+        if own is not None:
             # gevent's own socket: read under it and wait on its read watcher, as its recv
             # does, with no timeout of the socket's to set aside (two settimeout calls) and
             # no timer armed when the bytes are there already.
-            raw, watcher = sock._sock, sock._read_event
+            raw, watcher = raw_socket(sock), own[0]
             while True:
                 try:
                     return raw.recv(size)  # type: ignore[no-any-return]
@@ -76,14 +91,14 @@ class IdleWait:
                     sock.hub.wait(watcher)
                 finally:
                     timer.stop()
-        own = sock.gettimeout()  # another stream (TLS): its recv, its timeout set aside
+        timeout = sock.gettimeout()  # another stream (TLS): its recv, its timeout set aside
         sock.settimeout(None)
         timer.again(getcurrent().throw, socket.timeout)
         try:
             return sock.recv(size)  # type: ignore[no-any-return]
         finally:
             timer.stop()
-            sock.settimeout(own)
+            sock.settimeout(timeout)
 
     def set_timeout(self, timeout: float) -> None:
         """Bound the next waits by ``timeout`` (a reload changed idle_timeout)."""

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 import gevent
 import gevent.event
+import gevent.socket
 from gevent import getcurrent
 
 from ..errors import (
@@ -25,7 +26,7 @@ from ..errors import (
 )
 from ..models import Route
 from ..protocol.http11 import ResponseHeadParser, serialize_head
-from .sockets import raw_socket, send_all, still_idle
+from .sockets import raw_socket, send_all, still_idle, watchers
 
 __all__ = ["connect", "interleave", "parent_connect", "UpstreamPool", "HAPPY_EYEBALLS_DELAY"]
 
@@ -84,7 +85,12 @@ def _open(address: tuple[Any, ...], timeout: Optional[float] = None) -> socket.s
 
 def _writable(sock: Any, timeout: Optional[float], address: tuple[Any, ...]) -> None:
     """Wait until ``sock`` (gevent's) is writable, at most ``timeout`` seconds."""
-    hub, watcher = sock.hub, sock._write_event
+    own = watchers(sock)
+    if own is None:  # not gevent's socket (not monkey-patched): a watcher of its own
+        gevent.socket.wait_write(sock.fileno(), timeout, ConnectTimeout(
+            f"{address[0]}: no answer") if timeout is not None else None)
+        return
+    hub, watcher = sock.hub, own[1]
     if timeout is None:
         hub.wait(watcher)
         return

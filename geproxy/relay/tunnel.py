@@ -30,12 +30,11 @@ import socket
 from collections import deque
 from typing import Any, Callable, Optional
 
-import gevent.socket
 from gevent import get_hub
 from gevent.hub import Waiter
 
 from ..models import Record
-from ..net.sockets import raw_socket, send_all
+from ..net.sockets import raw_socket, send_all, watchers
 
 __all__ = ["Relay", "SocketRelay", "Direction", "IdleWatch", "relay", "open_relay", "SPLICE_AFTER",
            "DETACH_AFTER"]
@@ -59,15 +58,15 @@ _DETACH = object()
 DETACH_AFTER = 0.25
 
 
-def _watcher(sock: Any, name: str, fd: int, events: int, loop: Any) -> tuple[Any, bool]:
+def _watcher(sock: Any, which: int, fd: int, events: int, loop: Any) -> tuple[Any, bool]:
     """The watcher of ``events`` on ``fd`` and whether it is borrowed: the gevent socket's
-    own (``_read_event`` or ``_write_event``, made with the socket: borrowing it spares a
-    watcher and the system call libev makes to check a new one's descriptor), or a new one
-    for any other stream (TLS). Borrowed, it must be free: started by nobody, as gevent's
-    own waits insist; it is stopped, never closed, when the relay lets it go."""
-    if isinstance(sock, gevent.socket.socket):
-        watcher = getattr(sock, name, None)
-        if watcher is not None and watcher.callback is None and watcher.loop is loop:
+    own (``sockets.watchers``: ``which`` 0 readable, 1 writable) when it is free, or a new
+    one for any other stream (TLS). A borrowed one is stopped, never closed, when the
+    relay lets it go."""
+    own = watchers(sock)
+    if own is not None:
+        watcher = own[which]
+        if watcher.callback is None and watcher.loop is loop:
             return watcher, True
     return loop.io(fd, events), False
 
@@ -136,9 +135,9 @@ class Direction:
         self.reader: Any = None
         reader_borrowed = False
         if src is not None:
-            self.reader, reader_borrowed = _watcher(src, "_read_event", self.src_fd, _READ,
+            self.reader, reader_borrowed = _watcher(src, 0, self.src_fd, _READ,
                                                     loop)
-        self.writer, writer_borrowed = _watcher(dst, "_write_event", self.dst_fd, _WRITE, loop)
+        self.writer, writer_borrowed = _watcher(dst, 1, self.dst_fd, _WRITE, loop)
         self.borrowed = (reader_borrowed, writer_borrowed)
         #: Read and not yet written (recv mode), while the writer waits for room.
         self.pending: Any = b""
