@@ -83,9 +83,11 @@ from prometheus_client import (
     multiprocess,
     values,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from geproxy import Config, Context, Record, Request, Response, hookimpl
+
+from .metrics_procs import Processes
 
 __all__ = ["Metrics", "MULTIPROC_ENV"]
 
@@ -285,7 +287,7 @@ class _Figures:
         else:
             registry = self.registry
         return generate_latest(_WithoutCreated(registry)) + generate_latest(
-            _Processes(processes))
+            Processes(processes))
 
 
 class _WithoutCreated:
@@ -302,61 +304,6 @@ class _WithoutCreated:
             created = family.name + "_created"
             family.samples = [sample for sample in family.samples if sample.name != created]
             yield family
-
-
-class _Processes:
-    """The serving processes' figures, read from /proc when scraped: a collector for
-    ``generate_latest``. A process gone meanwhile is left out."""
-
-    def __init__(self, processes: Mapping[int, int]) -> None:
-        self.processes = processes
-
-    def collect(self) -> Iterator[Metric]:
-        alive = GaugeMetricFamily("geproxy_workers_alive",
-                                  "Processes serving (1 without workers).")
-        cpu = CounterMetricFamily("geproxy_process_cpu_seconds",
-                                  "CPU time of each serving process, user and system.",
-                                  labels=["worker"])
-        rss = GaugeMetricFamily("geproxy_process_resident_memory_bytes",
-                                "Resident memory of each serving process.", labels=["worker"])
-        fds = GaugeMetricFamily("geproxy_process_open_fds",
-                                "Open descriptors of each serving process.", labels=["worker"])
-        start = GaugeMetricFamily("geproxy_process_start_time_seconds",
-                                  "When each serving process started, in seconds since the "
-                                  "epoch: a worker started again has a later one.",
-                                  labels=["worker"])
-        alive.add_metric([], len(self.processes))
-        for worker, pid in sorted(self.processes.items()):
-            found = _proc_figures(pid)
-            if found is None:
-                continue
-            label = [str(worker)]
-            cpu.add_metric(label, found[0])
-            rss.add_metric(label, found[1])
-            fds.add_metric(label, found[2])
-            start.add_metric(label, found[3])
-        yield from (alive, cpu, rss, fds, start)
-
-
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _proc_figures(pid: int) -> Optional[tuple[float, int, int, float]]:
-    """CPU seconds, resident bytes, open descriptors and start time of ``pid``; None when
-    /proc cannot tell (no /proc, or the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            # The command name (field 2) may hold spaces: count the fields after it.
-            fields = handle.read().rpartition(")")[2].split()
-        descriptors = len(os.listdir(f"/proc/{pid}/fd"))
-        with open("/proc/stat", encoding="ascii") as handle:
-            boot = next(float(line.split()[1]) for line in handle if line.startswith("btime"))
-    except (OSError, StopIteration, ValueError):
-        return None
-    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-    started = boot + int(fields[19]) / _TICKS  # starttime, in ticks after boot
-    return cpu, int(fields[21]) * _PAGE, descriptors, started  # rss, in pages
 
 
 class Metrics:
