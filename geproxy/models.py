@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, KeysView, Optional, Protocol, Sequence, Tuple
+from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence, Tuple
 
 from .errors import BackendUnavailable
 from .hosts import authority
@@ -60,10 +60,6 @@ class Headers:
         for value in values:
             out.extend(t.strip() for t in value.lower().split(",") if t.strip())
         return out
-
-    def names(self) -> KeysView[str]:
-        """The lower-case names present, as a set-like view (``names().isdisjoint(...)``)."""
-        return self._lookup().keys()
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._lookup()

@@ -239,6 +239,43 @@ def test_sigusr1_reopens_a_moved_log(proxy_process, origin, tmp_path, workers):
     assert len((tmp_path / "access.log.1").read_text().splitlines()) == 1
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_worker_reopens_a_moved_file_by_name_without_a_signal(proxy_process, origin,
+                                                                    tmp_path, workers):
+    """logrotate without a signal, with workers: each worker checks the name on its own
+    (at most a second apart), so lines of every worker come to the new file, and between
+    the moved file and the new one no line is lost or written twice."""
+    path, moved = tmp_path / "access.log", tmp_path / "access.log.1"
+    proxy = proxy_process(f"workers = {workers}\naccess_log = {path}\nlog_format = json\n")
+    assert curl("-x", proxy.url, origin.url("/first")).stdout == b"hello\n"
+    _lines(path, 1)
+    path.rename(moved)
+    sent = 1
+    for sent in range(2, 402):  # new connections, paced, until every worker wrote anew
+        assert curl("-x", proxy.url, origin.url(f"/after/{sent}")).stdout == b"hello\n"
+        if sent > 2 and len(_workers_in(path)) == workers:
+            break
+        time.sleep(0.01)
+    assert len(_workers_in(path)) == workers, "not every worker reopened the file"
+    assert wait_until(lambda: len(_complete(moved)) + len(_complete(path)) == sent)
+    targets = sorted(json.loads(line)["target"] for line in _complete(moved) + _complete(path))
+    assert targets == sorted([origin.url("/first")] + [origin.url(f"/after/{n}")
+                                                        for n in range(2, sent + 1)])
+
+
+def _complete(path: Path) -> list[str]:
+    """The whole lines of ``path`` so far (none while it does not exist)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+
+
+def _workers_in(path: Path) -> set[int]:
+    return {json.loads(line)["worker"] for line in _complete(path)}
+
+
 # -- the writer: one write per line, rotation, failures, workers -------------------------------
 
 

@@ -264,7 +264,7 @@ def test_headers_keep_their_index_in_step_with_each_change() -> None:
     fresh = Headers(list(headers))
     for name in ("x-a", "via", "x-b", "content-length", "connection"):
         assert headers.get_all(name) == fresh.get_all(name)
-    assert sorted(headers.names()) == sorted(fresh.names()) == ["via", "x-a", "x-b"]
+        assert (name in headers) == (name in fresh)
 
 
 def test_frozen_headers_refuse_every_change() -> None:

@@ -13,7 +13,6 @@ from typing import Any, Optional, Sequence
 
 import gevent
 import gevent.event
-import gevent.socket
 from gevent import getcurrent
 
 from ..errors import (
@@ -86,10 +85,8 @@ def _open(address: tuple[Any, ...], timeout: Optional[float] = None) -> socket.s
 def _writable(sock: Any, timeout: Optional[float], address: tuple[Any, ...]) -> None:
     """Wait until ``sock`` (gevent's) is writable, at most ``timeout`` seconds."""
     own = watchers(sock)
-    if own is None:  # not gevent's socket (not monkey-patched): a watcher of its own
-        gevent.socket.wait_write(sock.fileno(), timeout, ConnectTimeout(
-            f"{address[0]}: no answer") if timeout is not None else None)
-        return
+    # Only a non-blocking socket answers EINPROGRESS: gevent's, in a patched process.
+    assert own is not None, "connecting with a socket gevent did not make"
     hub, watcher = sock.hub, own[1]
     if timeout is None:
         hub.wait(watcher)

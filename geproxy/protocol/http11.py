@@ -90,7 +90,6 @@ _VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 _AFTER_SPACE = {v: b" " + v.encode() for v in _VERSIONS.values()}
 _BEFORE_SPACE = {v: v.encode() + b" " for v in _VERSIONS.values()}
 _CRLF_BYTES = b"\r\n"
-_CRLF_START = (b"\r", b"\n")
 
 
 def _leading_crlf(buf: Union[bytes, bytearray]) -> int:
@@ -176,12 +175,8 @@ class _HeadParser:
             buf: Union[bytes, bytearray] = self._buf
         else:
             start, buf = 0, data
-        # llhttp is given the head and nothing after it: the bytes after it are ours.
-        head_start = _leading_crlf(buf) if buf[:1] in _CRLF_START else 0
-        end = buf.find(b"\r\n\r\n", max(head_start, start - 3)) + 4
         try:
-            self._parser.feed_data(data if end < 4 or end - start >= len(data)
-                                   else data[: end - start])
+            self._parser.feed_data(data)
         except (httptools.HttpParserCallbackError, httptools.HttpParserUpgrade):
             pass
         except httptools.HttpParserError as exc:
@@ -207,6 +202,8 @@ class _HeadParser:
         self._http_version = _VERSIONS[version]
         # llhttp skips empty lines before the start line and insists on CRLF line endings
         # after it, so the head ends at the first empty line after the start line.
+        head_start = _leading_crlf(buf)
+        end = buf.find(b"\r\n\r\n", max(head_start, start - 3)) + 4
         if end < 4 or end > self.max_size:
             raise self._size_error()
         line_end = buf.find(b"\r\n", head_start)
