@@ -144,8 +144,8 @@ def test_the_proxy_port_serves_no_admin_page(proxy_factory):
 
 
 #: The figures of one process, summed over the workers at the top level.
-FIGURES = {"rss_kib", "open_fds", "greenlets", "threads", "connections", "idle_connections",
-           "in_flight", "tunnels", "detached_tunnels", "upstream_pool"}
+FIGURES = {"rss_kib", "open_fds", "greenlets", "parked_greenlets", "threads", "connections",
+           "idle_connections", "in_flight", "tunnels", "detached_tunnels", "upstream_pool"}
 STATS_KEYS = FIGURES | {"pid", "generation", "stopping", "workers"}
 
 

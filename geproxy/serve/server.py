@@ -22,6 +22,7 @@ from ..relay.tunnel import DETACH_AFTER
 from .accept import serve_connection
 from .client import ClientConnection
 from .generation import Generation, unconfigure
+from .handlers import Handlers
 from .http1 import refuse_over_limit
 from .listeners import Listener, describe_address, is_wildcard, listening_socket
 from .local import addressed_to_proxy, admin_app, check_local_options, local_app, names_proxy
@@ -70,6 +71,9 @@ class ProxyServer:
         #: The proxy port's answers to requests for the proxy itself.
         self.local_app = local_app(self, core["local_paths"])
         self.connections = gevent.pool.Group()
+        #: What the listeners spawn a connection's greenlet with: one parked by a
+        #: connection that ended, when there is one (handlers.py).
+        self.handlers = Handlers(self.connections)
         #: Greenlets of connections waiting for a request: safe to end at once on stop.
         self.waiting: set[gevent.Greenlet] = set()
         self.stopping = False
@@ -136,7 +140,7 @@ class ProxyServer:
                 # kernel; a specific one knows it already.
                 local = None if is_wildcard(host) else bound
                 server = Listener(listener, self._handler(local, tls),
-                                   spawn=self.connections.spawn)
+                                  spawn=self.handlers.spawn)
                 server.tls = tls
                 self.servers.append(server)
                 server.start()
@@ -222,6 +226,7 @@ class ProxyServer:
 
     def _progress_due(self) -> None:
         # In the hub: plugins run in a greenlet, spawned only when anything is in flight.
+        self.handlers.trim()
         if self.active and not self._reporting:
             self._reporting = True
             gevent.spawn(self._report_progress)
@@ -370,6 +375,7 @@ class ProxyServer:
         if self.stopping:
             return
         self.stopping = True
+        self.handlers.close()
         if timeout is None:
             timeout = self.config.core["graceful_timeout"]
         self.close_listeners()

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 import gevent
 
+from .handlers import is_parked
 from .listeners import describe_address
 
 __all__ = ["in_flight", "process_figures", "report_progress", "combine_stats", "SUMMED"]
@@ -62,6 +63,7 @@ def process_figures(server: Any) -> dict[str, Any]:
         "rss_kib": _proc_status_kib("VmRSS"),
         "open_fds": _count_entries("/proc/self/fd"),
         "greenlets": _live_greenlets(),
+        "parked_greenlets": len(server.handlers),
         "threads": _count_entries("/proc/self/task"),
         "connections": server.open_connections(),
         "idle_connections": len(server.waiting),
@@ -75,8 +77,8 @@ def process_figures(server: Any) -> dict[str, Any]:
 
 
 #: The figures of /debug/stats that add up over workers.
-SUMMED = ("rss_kib", "open_fds", "greenlets", "threads", "connections", "idle_connections",
-          "in_flight", "tunnels", "detached_tunnels", "upstream_pool")
+SUMMED = ("rss_kib", "open_fds", "greenlets", "parked_greenlets", "threads", "connections",
+          "idle_connections", "in_flight", "tunnels", "detached_tunnels", "upstream_pool")
 
 
 def combine_stats(workers: Sequence[dict[str, Any]], **top: Any) -> dict[str, Any]:
@@ -113,8 +115,10 @@ def _count_entries(directory: str) -> Optional[int]:
 
 
 def _live_greenlets() -> int:
-    """Spawned greenlets still alive: connections, relays, the pool's sweeper ... The hub
-    and the greenlet asking (the admin request's own) are not counted."""
+    """Spawned greenlets still alive: connections, relays, the pool's sweeper ... The hub,
+    the greenlet asking (the admin request's own) and the greenlets parked for the next
+    connections (``parked_greenlets``) are not counted."""
     current = gevent.getcurrent()
     return sum(1 for obj in gc.get_objects()
-               if isinstance(obj, gevent.Greenlet) and not obj.dead and obj is not current)
+               if isinstance(obj, gevent.Greenlet) and not obj.dead and obj is not current
+               and not is_parked(obj))

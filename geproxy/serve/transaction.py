@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 import gevent
+from gevent import get_hub
 
 from ..errors import (
     ClientError,
@@ -167,6 +169,9 @@ class Transaction:
             self._let_go()
             raise
         finally:
+            # Its greenlet may serve another connection next (serve/handlers.py): a
+            # ``close`` from now on must not reach it.
+            self.greenlet = None
             if self.record is not None and self.detached is None:
                 self.server.untrack(self)
                 self.record = None
@@ -280,7 +285,19 @@ class Transaction:
         if self.detached is not None:
             self.detached.cancel(reason)
         elif self.greenlet is not None:
-            self.greenlet.kill(block=False)
+            # Thrown from the hub, and only if the greenlet still serves this request: by
+            # then it may have ended it and be serving another connection (handlers.py).
+            greenlet = self.greenlet
+            get_hub().loop.run_callback(self._cut, greenlet)
+
+    def _cut(self, greenlet: gevent.Greenlet) -> None:
+        serving = self.greenlet
+        if serving is None or serving is not greenlet or serving.dead:
+            return  # the request ended: its greenlet is another connection's now, or gone
+        try:
+            serving.throw(gevent.GreenletExit)
+        except BaseException:  # as gevent's own kill: the hub reports it
+            get_hub().handle_error(serving, *sys.exc_info())
 
     def recheck(self, gen: Generation, record: Record) -> Optional[str]:
         """Why ``gen`` would refuse this tunnel now, or None. Its request is decided again

@@ -144,13 +144,16 @@ def open_fds() -> int:
 
 
 def live_greenlets() -> int:
-    """Spawned greenlets still alive (the hub and gevent's own thread-pool workers, which
-    come and go with load, are not counted)."""
+    """Spawned greenlets still alive (the hub, gevent's own thread-pool workers, which
+    come and go with load, and a proxy's greenlets parked for its next connections, which
+    it lets go within two seconds of its last, are not counted)."""
     import gc
+
+    from ..serve.handlers import is_parked
 
     return sum(1 for obj in gc.get_objects()
                if isinstance(obj, gevent.Greenlet) and not obj.dead
-               and obj is not gevent.getcurrent())
+               and obj is not gevent.getcurrent() and not is_parked(obj))
 
 
 def settle(baseline_fds: int, baseline_greenlets: int, limit: float = 5.0) -> tuple[int, int]:
