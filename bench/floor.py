@@ -2,6 +2,7 @@
 
     python bench/floor.py                 # 3 rounds of 5 s per measure, ~4 minutes
     python bench/floor.py --rounds 5 --seconds 8 --save
+    python bench/floor.py --work 25,50,100 --only-floors   # what Python work costs in a proxy
 
 The yardstick (`serve` below, started as `python bench/floor.py serve PORT [--timeouts]`) is
 a forward proxy reduced to what the bench's loads need and nothing else: a greenlet per
@@ -22,6 +23,12 @@ after round: CONNECT cycles from bench/loadgen.c and keep-alive requests from wr
 clients each; the table gives medians of the proxy's CPU per item, user space and kernel
 apart. Not a subject of run.py: the yardstick is no proxy anyone could deploy, and it would
 be the best "peer" of every rate.
+
+``--work 25,50`` adds yardsticks that do a fixed amount of plain Python work per request
+and per CONNECT (``floor +25 µs``: as many loop turns as took 25 µs on this machine at their
+start, so a busy moment costs them the same work, not the same wall time). They answer
+what a proxy's own per-request work costs it under this load: each request's work, and the
+waits and wakeups that grow as the rate it allows falls (the table after the ratios).
 """
 
 from __future__ import annotations
@@ -46,8 +53,34 @@ CLIENTS = 50
 IDLE = 600.0  # the yardstick's socket timeout with --timeouts, as the bench's geproxy
 
 
-def serve(port: int, timeouts: bool) -> None:
-    """Run the yardstick on 127.0.0.1:port until killed."""
+def calibrate(microseconds: float) -> int:
+    """Turns of ``work``'s loop that take ``microseconds`` on this machine now (the best of
+    5 tries of 20,000 turns: the least disturbed)."""
+    import time
+
+    best = min(_timed(work, 20_000, time.perf_counter) for _ in range(5))
+    return max(1, round(microseconds * 20_000 / (best * 1e6)))
+
+
+def _timed(func: Callable[[int], int], turns: int, clock: Callable[[], float]) -> float:
+    started = clock()
+    func(turns)
+    return clock() - started
+
+
+def work(turns: int) -> int:
+    """Plain Python work: ``turns`` turns of arithmetic and a dict (a proxy's work is
+    attribute and dict look-ups, calls and small objects, not one long C call)."""
+    state = {"x": 7}
+    for turn in range(turns):
+        state["x"] = (state["x"] * 31 + turn) & 0xFFFF
+    return state["x"]
+
+
+def serve(port: int, timeouts: bool, work_us: float = 0.0) -> None:
+    """Run the yardstick on 127.0.0.1:port until killed; ``work_us``: that much plain
+    Python work per request and per CONNECT."""
+    turns = calibrate(work_us) if work_us else 0
     from gevent import monkey
 
     monkey.patch_all()
@@ -92,6 +125,8 @@ def serve(port: int, timeouts: bool) -> None:
         try:
             while True:
                 head, buf = read_head(client, buf)
+                if turns:
+                    work(turns)
                 lines = head.split(b"\r\n")
                 method, target, _version = lines[0].split(b" ")
                 if method == b"CONNECT":
@@ -135,6 +170,8 @@ def serve(port: int, timeouts: bool) -> None:
 
 
 YARDSTICKS = ("floor", "floor with timeouts")
+#: ``floor +50 µs``: the floor with that much Python work per request (``--work``).
+WORKING = "floor +{} µs"
 PEERS = ("tinyproxy", "privoxy", "squid-1")  # measured too, when installed
 
 
@@ -143,11 +180,14 @@ def start(name: str, workdir: Path) -> procs.Server:
     home = workdir / name.replace(" ", "-")
     home.mkdir(exist_ok=True)
     home.chmod(0o755)  # squid, after dropping root, reaches it
-    if name in YARDSTICKS:
+    if name in YARDSTICKS or name.startswith("floor +"):
         port = procs.free_port()
         argv = [sys.executable, str(Path(__file__).resolve()), "serve", str(port)]
-        return procs.start_server(home.name, argv + ["--timeouts"] * (name != "floor"),
-                                  port, home)
+        if name == "floor with timeouts":
+            argv.append("--timeouts")
+        elif name != "floor":
+            argv += ["--work", name.split()[1].lstrip("+")]
+        return procs.start_server(home.name, argv, port, home)
     subject = subjects.by_names([name])[0]
     assert subject.start is not None
     return subject.start(home)
@@ -159,25 +199,40 @@ def main(argv: list[str] | None = None) -> int:
     serving = sub.add_parser("serve", help="run the yardstick proxy (used by the measure)")
     serving.add_argument("port", type=int)
     serving.add_argument("--timeouts", action="store_true")
+    serving.add_argument("--work", type=float, default=0.0,
+                         help="µs of plain Python work per request and per CONNECT")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--seconds", type=int, default=5, help="per measure (default 5)")
     parser.add_argument("--save", action="store_true",
                         help="also save the table as bench/results/floor-YYYYmmdd-HHMMSS.md")
+    parser.add_argument("--work", default="",
+                        help="comma-separated µs: also the floor with that much Python work "
+                             "per request (floor +N µs)")
+    parser.add_argument("--only-floors", action="store_true",
+                        help="the yardsticks alone: no geproxy, no peers")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.port, args.timeouts)
+        serve(args.port, args.timeouts, args.work)
         return 0
     if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 60:
         parser.error("--rounds 1-20, --seconds 1-60")
-    installed = [subject.name for subject in subjects.by_names(list(PEERS))
-                 if subject.missing() is None]
-    names = [*YARDSTICKS, "geproxy-1", "geproxy-1-audited", *installed]
+    try:
+        amounts = [int(text) for text in args.work.split(",") if text.strip()]
+    except ValueError:
+        parser.error("--work: whole microseconds, comma-separated (25,50,100)")
+    if not all(1 <= amount <= 10_000 for amount in amounts):
+        parser.error("--work: 1-10000 µs each")
+    names = [*YARDSTICKS, *(WORKING.format(amount) for amount in amounts)]
+    if not args.only_floors:
+        names += ["geproxy-1", "geproxy-1-audited",
+                  *(subject.name for subject in subjects.by_names(list(PEERS))
+                    if subject.missing() is None)]
     started = datetime.datetime.now()
     found: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="geproxy-floor-") as tmp:
         origins = in_rounds(Path(tmp), names, start, args.rounds, args.seconds, found)
         versions = {name: subjects.by_names([name])[0].version() for name in names
-                    if name not in YARDSTICKS}
+                    if not name.startswith("floor")}
     text = "\n".join([
         f"# geproxy's gevent floor, {started:%Y-%m-%d %H:%M:%S}", "",
         f"- machine: {os.cpu_count()} cores, Linux {platform.release()}, Python "
@@ -233,14 +288,30 @@ def render(args: argparse.Namespace, found: dict[str, list[dict[str, float]]]) -
                  *(f"{medians[key]:.3f}"
                    for key in ("request_user", "request_sys", "request_total"))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "The targets' ratios, round by round (each round measures every subject in "
-              "turn): the median of the rounds' ratios and their range", "",
-              "| subject | keep-alive request ÷ floor | CONNECT cycle ÷ floor with timeouts |",
-              "|---|---:|---:|"]
-    for name in (name for name in found if name.startswith("geproxy")):
+    measured = [name for name in found if name.startswith("geproxy")]
+    if measured:
+        lines += ["", "The targets' ratios, round by round (each round measures every subject "
+                  "in turn): the median of the rounds' ratios and their range", "",
+                  "| subject | keep-alive request ÷ floor | CONNECT cycle ÷ floor with "
+                  "timeouts |", "|---|---:|---:|"]
+    for name in measured:
         cells = [_ratio(found, name, "floor", "request_total"),
                  _ratio(found, name, "floor with timeouts", "cycle_total")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    working = [name for name in found if name.startswith("floor +")]
+    if working and found.get("floor"):
+        lines += ["", "What Python work per request costs a gevent proxy under this load: "
+                  "each working floor's CPU per keep-alive request above the floor's, "
+                  "round by round (median and range), and that over the work added", "",
+                  "| subject | work added, µs | above the floor, µs | ÷ the work added |",
+                  "|---|---:|---:|---:|"]
+        for name in working:
+            added = float(name.split()[1].lstrip("+"))
+            above = sorted((run["request_total"] - floor["request_total"]) * 1000
+                           for run, floor in zip(found[name], found["floor"], strict=False))
+            middle = statistics.median(above)
+            lines.append(f"| {name} | {added:.0f} | {middle:.1f} ({above[0]:.1f}-"
+                         f"{above[-1]:.1f}) | {middle / added:.2f} |")
     return "\n".join(lines)
 
 

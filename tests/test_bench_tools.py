@@ -106,6 +106,38 @@ def test_the_floor_ratios_are_per_round(floor):
     assert "| geproxy-1-audited | 2.00× (1.00-3.00) | 1.50× (0.75-1.50) |" in table
 
 
+def test_the_working_floors_table_gives_the_cost_above_the_floor_per_round(floor):
+    """``--work``: each working floor's CPU per request above the same round's floor, in µs,
+    and that over the work it adds."""
+    run = {"cycles_s": 4000.0, "cycle_user": 0.1, "cycle_sys": 0.14, "cycle_total": 0.2,
+           "rps": 20000.0, "request_user": 0.02, "request_sys": 0.03, "request_total": 0.05}
+    found = {"floor": [dict(run), dict(run, request_total=0.06)],
+             "floor +50 µs": [dict(run, request_total=0.12), dict(run, request_total=0.14)]}
+    table = floor.render(argparse.Namespace(rounds=2, seconds=5), found)
+    # above: 70 and 80 µs -> median 75.0, over 50 µs of work: 1.50
+    assert "| floor +50 µs | 50 | 75.0 (70.0-80.0) | 1.50 |" in table
+
+
+def test_the_work_of_a_working_floor_is_calibrated(floor):
+    turns = floor.calibrate(50)
+    assert turns >= 1
+    assert floor.work(turns) == floor.work(turns)  # the same work each time
+    assert floor.calibrate(200) > turns
+
+
+def test_a_working_floor_still_forwards(monkeypatch, tmp_path, origin):
+    monkeypatch.syspath_prepend(str(BENCH))
+    procs = importlib.import_module("procs")
+    port = procs.free_port()
+    server = procs.start_server("floor", [sys.executable, str(BENCH / "floor.py"), "serve",
+                                          str(port), "--work", "30"], port, tmp_path)
+    try:
+        out = curl("-sS", "-x", f"http://127.0.0.1:{port}", origin.url("/"))
+        assert out.stdout == b"hello\n", out.stderr
+    finally:
+        assert procs.stop_server(server) == []
+
+
 def test_the_audited_config_logs_json_and_walks_a_dst_rule(monkeypatch, tmp_path):
     """The configuration of the performance targets: every plugin geproxy has, a JSON access
     log to the file given, and rules whose first reads the destination (so every request

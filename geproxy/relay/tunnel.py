@@ -74,9 +74,12 @@ def _watcher(sock: Any, which: int, fd: int, events: int, loop: Any) -> tuple[An
 def _raw(sock: socket.socket) -> Any:
     """What the hub's callbacks call: the non-blocking socket under gevent's wrapper, or a
     TLS stream's calls that never wait (``TLSStream.nowait``)."""
-    nowait = getattr(sock, "nowait", None)
-    if nowait is not None:
-        return nowait
+    if watchers(sock) is None:  # not gevent's socket: a TLS stream has calls that never wait
+        nowait = getattr(sock, "nowait", None)
+        if nowait is not None:
+            return nowait
+    # (Asked of gevent's socket, getattr would look in the socket under it and raise
+    # AttributeError inside: four exceptions per tunnel.)
     return raw_socket(sock)
 
 
