@@ -5,10 +5,11 @@ every metric and every label value that a dashboard query or a rule names is one
 proxy exposes, with ``workers = 1`` and ``workers = 2``.
 
 The names are checked against the samples of a real scrape, not against the ``# HELP``
-lines: a labelled counter shows no sample until it is first counted, so the proxy is first driven through every case the queries look at (a GET,
-CONNECTs by name through the DNS server, a denial by an [acl] rule, a name that does not
-resolve, one whose nameserver does not answer, a parent that refuses). A name that only
-the ``# HELP`` line carried would let a query stay empty forever unnoticed.
+lines: a labelled counter shows no sample until it is first counted, so the proxy is first
+driven through every case the queries look at (a GET, CONNECTs by name through the DNS
+server, a denial by an [acl] rule, a name that does not resolve, nameservers that stop
+answering, a parent that refuses). A name that only the ``# HELP`` line carried would let a
+query stay empty forever unnoticed.
 """
 
 from __future__ import annotations
