@@ -61,6 +61,8 @@ setup(
             "mypy~=2.4.1",
             # The layers contract of the package layout, checked in CI.
             "import-linter~=2.17.0",
+            # The alert rules and their unit tests (etc/prometheus/), read by the tests.
+            "pyyaml>=6",
         ],
     },
     entry_points={

@@ -19,6 +19,8 @@ Metrics, all with the ``geproxy_`` prefix:
   proxy's own answers, WebSocket upgrades).
 - ``errors_total{error}``: requests that ended with a Proxy-Status error type.
 - ``acl_denials_total{rule}``: denials by a policy plugin, by the rule id that denied.
+- ``parent_failures_total{parent}``: failed attempts through a parent proxy (``route_failed``:
+  refused, timed out, closed, answered CONNECT with no 2xx), by the parent's ``host:port``.
 - ``dns_cache_total{result}``: requests whose lookup went through a DNS cache, by what it
   made of it (``ctx.dns_cache``: ``hit``, ``miss``, ``stale``).
 - ``auth_total{scheme,result}``: requests whose credentials were checked, by scheme
@@ -34,8 +36,9 @@ Metrics, all with the ``geproxy_`` prefix:
 - ``reloads_total{outcome}``: reloads (SIGHUP), ``ok`` or ``refused``;
   ``reload_last_success_timestamp_seconds``: when the configuration in force was loaded.
 - ``workers_alive``: the processes serving; ``process_cpu_seconds_total{worker}``,
-  ``process_resident_memory_bytes{worker}``, ``process_open_fds{worker}`` and
-  ``process_start_time_seconds{worker}``: each one's figures, read from /proc when scraped
+  ``process_resident_memory_bytes{worker}``, ``process_open_fds{worker}``,
+  ``process_max_fds{worker}`` (its RLIMIT_NOFILE) and ``process_start_time_seconds{worker}``:
+  each one's figures, read from /proc when scraped
   (prometheus_client's own process collector knows no workers).
 
 The figures belong to a server: they live in ``config.stash`` (a ``CollectorRegistry`` of
@@ -85,7 +88,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import Metric
 
-from geproxy import Config, Context, Record, Request, Response, hookimpl
+from geproxy import Config, Context, ProxyError, Record, Request, Response, Route, hookimpl
 
 from .metrics_procs import Processes
 
@@ -214,6 +217,9 @@ class _Figures:
                               "error.", ["error"], registry=registry)
         self.denials = Counter("geproxy_acl_denials", "Requests or connections denied by a "
                                "policy rule.", ["rule"], registry=registry)
+        self.parent_failures = Counter("geproxy_parent_failures", "Failed attempts through "
+                                       "a parent proxy, by its host:port.", ["parent"],
+                                       registry=registry)
         self.dns_cache = Counter("geproxy_dns_cache", "Lookups answered by the dnscache "
                                  "plugin, by outcome.", ["result"], registry=registry)
         self.auth = Counter("geproxy_auth", "Requests whose credentials were checked, by "
@@ -412,6 +418,12 @@ class Metrics:
         figures.child(figures.reloads, "refused" if error else "ok").inc()
         if not error:
             figures.last_reload.set(time.time())
+
+    @hookimpl
+    def route_failed(self, ctx: Context, request: Request, route: Route,
+                     error: ProxyError) -> None:
+        # Bounded labels: the configured parents.
+        self._figures().pending.add(("parent_failures", route.authority))
 
     @hookimpl(wrapper=True)
     def on_request(self, ctx: Context, request: Request) -> Generator[None, Any,

@@ -1,7 +1,9 @@
 """The serving processes' own figures for the ``metrics`` plugin's exposition: read from
 /proc when /metrics is scraped (prometheus_client's process collector knows no workers):
 ``workers_alive``, and per worker ``process_cpu_seconds_total``,
-``process_resident_memory_bytes``, ``process_open_fds``, ``process_start_time_seconds``."""
+``process_resident_memory_bytes``, ``process_open_fds``, ``process_max_fds`` (the soft
+RLIMIT_NOFILE, from /proc/PID/limits: a worker's own, whatever the master's is now),
+``process_start_time_seconds``."""
 
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ class Processes:
                                 "Resident memory of each serving process.", labels=["worker"])
         fds = GaugeMetricFamily("geproxy_process_open_fds",
                                 "Open descriptors of each serving process.", labels=["worker"])
+        limit = GaugeMetricFamily("geproxy_process_max_fds",
+                                  "Descriptors each serving process may open (its soft "
+                                  "RLIMIT_NOFILE).", labels=["worker"])
         start = GaugeMetricFamily("geproxy_process_start_time_seconds",
                                   "When each serving process started, in seconds since the "
                                   "epoch: a worker started again has a later one.",
@@ -44,7 +49,10 @@ class Processes:
             rss.add_metric(label, found[1])
             fds.add_metric(label, found[2])
             start.add_metric(label, found[3])
-        yield from (alive, cpu, rss, fds, start)
+            max_fds = _max_fds(pid)
+            if max_fds is not None:  # "unlimited", or gone meanwhile
+                limit.add_metric(label, max_fds)
+        yield from (alive, cpu, rss, fds, limit, start)
 
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -66,3 +74,15 @@ def _proc_figures(pid: int) -> Optional[tuple[float, int, int, float]]:
     cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
     started = boot + int(fields[19]) / _TICKS  # starttime, in ticks after boot
     return cpu, int(fields[21]) * _PAGE, descriptors, started  # rss, in pages
+
+
+def _max_fds(pid: int) -> Optional[int]:
+    """The soft limit of open files of ``pid`` (its "Max open files" line of
+    /proc/PID/limits); None when unlimited or when /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/limits", encoding="ascii") as handle:
+            line = next(line for line in handle if line.startswith("Max open files"))
+    except (OSError, StopIteration):
+        return None
+    soft = line[len("Max open files"):].split()[0]
+    return int(soft) if soft.isdigit() else None

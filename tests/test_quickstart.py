@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(30)
 ROOT = Path(__file__).resolve().parent.parent
 VENV = "python3 -m venv .venv && . .venv/bin/activate && "
 #: What the project's own development adds to the kit's needs, which plugin authors skip.
-DEVELOPMENT_ONLY = {"hypothesis", "atheris", "ruff", "mypy", "import-linter"}
+DEVELOPMENT_ONLY = {"hypothesis", "atheris", "ruff", "mypy", "import-linter", "pyyaml"}
 #: The static checks .ci/run runs between the install and the tests.
 STATIC_CHECKS = ["python -m ruff check .", "python -m mypy geproxy plugins", "lint-imports"]
 
