@@ -172,6 +172,19 @@ def test_the_core_micro_bench_times_every_step() -> None:
         assert all(float(cell.strip(" |*")) > 0 for cell in row[1:])
 
 
+def test_the_greenlets_micro_bench_serves_every_connection_both_ways() -> None:
+    """`python bench/greenlets.py` small: a figure for spawned greenlets and for parked
+    ones, every stand-in connection served (it exits 1 otherwise)."""
+    done = subprocess.run([sys.executable, str(BENCH / "greenlets.py"), "--connections",
+                           "500", "--repeat", "1"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1].strip(" |")
+            for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == ["spawn", "parked"]
+    assert all(float(rows[mode]) > 0 for mode in ("spawn", "parked"))
+
+
 def test_the_hooks_micro_bench_loads_every_step(tmp_path: Path) -> None:
     """`python bench/hooks_hot.py` small: every step of bench/features.py is loaded and
     configured as the proxy does it, and each of its hook calls gets a figure."""

@@ -1,10 +1,11 @@
 """Greenlets for client connections, kept for the next connection when one ends.
 
-Spawning a greenlet costs 13-20 µs on the bench machine (a new Greenlet, its start scheduled,
-its first switch growing a stack, its links run at its death), the largest single item of a
-short CONNECT cycle above the gevent floor (docs/performance.md). A greenlet that served a
-connection to its end parks instead, waiting in the hub; the listener hands the next
-accepted connection to a parked one, which costs one switch (about 1 µs).
+Spawning a greenlet costs more than a connection's other set-up (a new Greenlet, its start
+scheduled, its first switch growing a stack, its links run at its death): with one wait in
+the hub, a stand-in connection takes 15.6 µs on a new greenlet and 3.8 µs on a parked one
+(``bench/greenlets.py``; docs/performance.md). A greenlet that served a connection to its
+end parks instead, waiting in the hub; the listener hands the next accepted connection to a
+parked one, which costs one switch.
 
 What a parked greenlet is not:
 
