@@ -2,6 +2,7 @@
 
     python bench/scaling.py                       # workers 1 and 2, 4 rounds of 5 s, audited
     python bench/scaling.py --workers 1,2 --rounds 6 --plain
+    python bench/scaling.py --save                # and bench/results/scaling-*.md
 
 Several workers are one proxy only if each item costs what it costs with one: no shared
 lock, no shared cache line, a balanced SO_REUSEPORT. Rates cannot show that on a machine
@@ -17,6 +18,9 @@ of the CPU, from /proc, over both measures).
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -44,12 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds (default 4)")
     parser.add_argument("--seconds", type=int, default=5, help="per measure (default 5)")
     parser.add_argument("--plain", action="store_true", help="the bench's config")
+    parser.add_argument("--save", action="store_true",
+                        help="also save the table as bench/results/scaling-YYYYmmdd-HHMMSS.md")
     args = parser.parse_args(argv)
     counts = [int(text) for text in args.workers.split(",") if text.strip()]
     if not counts or not all(1 <= count <= 64 for count in counts):
         parser.error("--workers: counts from 1 to 64")
     if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 60:
         parser.error("--rounds 1-20, --seconds 1-60")
+    started = datetime.datetime.now()
     found: dict[int, list[dict[str, float]]] = {count: [] for count in counts}
     spread: dict[int, list[list[float]]] = {count: [] for count in counts}  # per round
     nofile = procs.raise_nofile()
@@ -81,8 +88,23 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
         finally:
             origins.stop()
-    print(render(args, counts, found, spread))
+    text = document(started, render(args, counts, found, spread))
+    print(text)
+    if args.save:
+        saved = BENCH_DIR / "results" / f"scaling-{started:%Y%m%d-%H%M%S}.md"
+        saved.write_text(text)
+        print(f"saved {saved}", file=sys.stderr)
     return 0
+
+
+def document(started: datetime.datetime, table: str) -> str:
+    """The saved report: when, on what, which geproxy, then the table."""
+    version = subjects.by_names(["geproxy-1"])[0].version()
+    return "\n".join([
+        f"# geproxy with 1 and more workers, {started:%Y-%m-%d %H:%M:%S}", "",
+        f"- machine: {os.cpu_count()} cores, Linux {platform.release()}, Python "
+        f"{platform.python_version()}; load generator, origin and proxy share the cores",
+        f"- version: {version}", "", table, ""])
 
 
 def render(args: argparse.Namespace, counts: list[int],

@@ -241,6 +241,18 @@ def test_the_profile_table_leaves_the_hubs_wait_out(monkeypatch, tmp_path):
     assert not any("hub.py" in row for row in rows)
 
 
+def test_a_saved_scaling_report_says_when_and_which_geproxy(monkeypatch):
+    import datetime
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    scaling = importlib.import_module("scaling")
+    text = scaling.document(datetime.datetime(2026, 12, 8, 2, 29, 43), "| the table |")
+    lines = text.splitlines()
+    assert lines[0] == "# geproxy with 1 and more workers, 2026-12-08 02:29:43"
+    assert lines[3].startswith("- version: geproxy ")
+    assert "| the table |" in lines
+
+
 def test_the_scaling_table_gives_ratios_and_the_spread(monkeypatch):
     """bench/scaling.py's table, from made-up readings: each count's medians, its ratio to
     the first count round by round, and how the CPU went between the workers."""
