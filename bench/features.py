@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -94,14 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         origins = floor.in_rounds(Path(tmp), names, start, args.rounds, args.seconds, found)
     text = "\n".join([
         f"# What geproxy's features cost, {started:%Y-%m-%d %H:%M:%S}", "",
-        f"- machine: {os.cpu_count()} cores, Linux {platform.release()}, Python "
-        f"{platform.python_version()}; {subjects._geproxy_version()}; origin "
+        f"- machine: {procs.machine()}; {subjects._geproxy_version()}; origin "
         f"{origins.version}", "", render(args, found), ""])
-    print(text)
-    if args.save:
-        saved = BENCH_DIR / "results" / f"features-{started:%Y%m%d-%H%M%S}.md"
-        saved.write_text(text)
-        print(f"saved {saved}", file=sys.stderr)
+    procs.publish(text, "features", started, args.save)
     return 0
 
 

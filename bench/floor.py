@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -235,16 +233,11 @@ def main(argv: list[str] | None = None) -> int:
                     if not name.startswith("floor")}
     text = "\n".join([
         f"# geproxy's gevent floor, {started:%Y-%m-%d %H:%M:%S}", "",
-        f"- machine: {os.cpu_count()} cores, Linux {platform.release()}, Python "
-        f"{platform.python_version()}; load generator, origin ({origins.version}) and "
+        f"- machine: {procs.machine()}; load generator, origin ({origins.version}) and "
         "proxy share the cores",
         "- versions: " + "; ".join(f"{name}: {version}" for name, version in versions.items()),
         "", render(args, found), ""])
-    print(text)
-    if args.save:
-        saved = BENCH_DIR / "results" / f"floor-{started:%Y%m%d-%H%M%S}.md"
-        saved.write_text(text)
-        print(f"saved {saved}", file=sys.stderr)
+    procs.publish(text, "floor", started, args.save)
     return 0
 
 

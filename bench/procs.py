@@ -7,13 +7,16 @@ without checking.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import glob
 import os
+import platform
 import resource
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,3 +248,18 @@ def build_c(source: Path, workdir: Path, libs: tuple[str, ...] = ()) -> Path:
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source), *libs], check=True,
                    timeout=120)
     return binary
+
+
+def machine() -> str:
+    """The machine a report was measured on: cores, kernel, Python."""
+    return (f"{os.cpu_count()} cores, Linux {platform.release()}, Python "
+            f"{platform.python_version()}")
+
+
+def publish(text: str, kind: str, started: datetime.datetime, save: bool) -> None:
+    """Print a report, and with ``save`` keep it as bench/results/KIND-YYYYmmdd-HHMMSS.md."""
+    print(text)
+    if save:
+        saved = Path(__file__).resolve().parent / "results" / f"{kind}-{started:%Y%m%d-%H%M%S}.md"
+        saved.write_text(text)
+        print(f"saved {saved}", file=sys.stderr)

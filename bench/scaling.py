@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -89,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             origins.stop()
     text = document(started, render(args, counts, found, spread))
-    print(text)
-    if args.save:
-        saved = BENCH_DIR / "results" / f"scaling-{started:%Y%m%d-%H%M%S}.md"
-        saved.write_text(text)
-        print(f"saved {saved}", file=sys.stderr)
+    procs.publish(text, "scaling", started, args.save)
     return 0
 
 
@@ -102,8 +96,7 @@ def document(started: datetime.datetime, table: str) -> str:
     version = subjects.by_names(["geproxy-1"])[0].version()
     return "\n".join([
         f"# geproxy with 1 and more workers, {started:%Y-%m-%d %H:%M:%S}", "",
-        f"- machine: {os.cpu_count()} cores, Linux {platform.release()}, Python "
-        f"{platform.python_version()}; load generator, origin and proxy share the cores",
+        f"- machine: {procs.machine()}; load generator, origin and proxy share the cores",
         f"- version: {version}", "", table, ""])
 
 

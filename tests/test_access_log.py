@@ -258,9 +258,11 @@ def test_every_worker_reopens_a_moved_file_by_name_without_a_signal(proxy_proces
         time.sleep(0.01)
     assert len(_workers_in(path)) == workers, "not every worker reopened the file"
     assert wait_until(lambda: len(_complete(moved)) + len(_complete(path)) == sent)
-    targets = sorted(json.loads(line)["target"] for line in _complete(moved) + _complete(path))
-    assert targets == sorted([origin.url("/first")] + [origin.url(f"/after/{n}")
-                                                        for n in range(2, sent + 1)])
+    targets = [json.loads(line)["target"] for line in _complete(moved) + _complete(path)]
+    expected = [origin.url("/first")] + [origin.url(f"/after/{n}") for n in range(2, sent + 1)]
+    # One process writes in order, across the two files; several interleave.
+    assert (targets if workers == 1 else sorted(targets)) == (
+        expected if workers == 1 else sorted(expected))
 
 
 def _complete(path: Path) -> list[str]:
@@ -289,30 +291,6 @@ def _descriptors_of(path) -> list[int]:
         except OSError:
             pass  # the listing's own descriptor, closed since
     return found
-
-
-def test_a_moved_file_is_reopened_by_name_within_a_second(proxy_factory, origin, tmp_path):
-    """logrotate without a signal: the file is moved away, and the lines that follow go to a
-    new file by the old name from the next check of the name on (at most a second later);
-    those written before it went to the moved file. None is lost."""
-    path, moved = tmp_path / "access.log", tmp_path / "access.log.1"
-    proxy = proxy_factory(f"access_log = {path}\nlog_format = json\n")
-    assert curl("-x", proxy.url, origin.url("/first")).stdout == b"hello\n"
-    _lines(path, 1)
-    path.rename(moved)
-    sent = 1
-    for sent in range(2, 302):  # a request every 10 ms, until the new file appears (bounded)
-        assert curl("-x", proxy.url, origin.url(f"/after/{sent}")).stdout == b"hello\n"
-        if path.exists():
-            break
-        gevent.sleep(0.01)
-    assert path.exists(), "the moved file was not reopened by name"
-    wait_for_records(proxy, sent)
-    old, new = moved.read_text().splitlines(), path.read_text().splitlines()
-    assert len(old) + len(new) == sent and new
-    targets = [json.loads(line)["target"] for line in old + new]
-    assert targets == [origin.url("/first")] + [origin.url(f"/after/{n}")
-                                                for n in range(2, sent + 1)]
 
 
 def _replace_descriptor(path: Path, other: str, flags: int) -> int:
